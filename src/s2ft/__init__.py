@@ -1,0 +1,16 @@
+"""s2ft: spectral parameter-efficient fine-tuning (FourierFT and S2FT) for PyTorch and Hugging Face models."""
+
+from s2ft.config import FourierFTConfig, S2FTConfig, load_config
+from s2ft.layer import SpectralLinear
+from s2ft.model import SpectralModel, get_spectral_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FourierFTConfig",
+    "S2FTConfig",
+    "SpectralLinear",
+    "SpectralModel",
+    "get_spectral_model",
+    "load_config",
+]

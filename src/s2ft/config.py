@@ -1,0 +1,177 @@
+"""Adapter configurations: dataclasses validated on creation that round-trip through JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from s2ft.io import atomic_write_text
+from s2ft.permutation import SEARCHES
+
+CONFIG_NAME = "adapter_config.json"
+INITS = ("zeros", "normal")
+FORWARD_PATHS = ("auto", "dense", "fft")
+
+
+@dataclass
+class FourierFTConfig:
+    """FourierFT: train ``n_frequency`` real spectrum coefficients per targeted layer at seeded random locations.
+
+    ``ΔW = scaling * Re(ifft2(F))`` with ``F`` zero but for the coefficients.
+    """
+
+    method: ClassVar[str] = "fourierft"
+
+    # Modules to adapt. A list: each entry matches a module name exactly or as a ".suffix" ("query" matches
+    # "encoder.layer.0.attention.self.query"). A string: a regular expression that must match the whole name.
+    target_modules: list[str] | str | None = None
+    # Modules trained fully and saved with the adapter, e.g. a new classifier head: ["classifier"].
+    modules_to_save: list[str] | None = None
+    # Trainable coefficients per adapted matrix.
+    n_frequency: int = 1000
+    # α in ΔW = α · Re(IDFT2(F)); under Adam it trades almost one for one with the learning rate.
+    scaling: float = 150.0
+    # Seed of the location draw (FourierFT) and of the permutation starts and location sampling (S2FT).
+    seed: int = 777
+    # "zeros": the adapted model equals the base model before training. "normal": N(0, 1), as Hugging Face PEFT.
+    init: str = "zeros"
+    # How training forwards apply ΔW: "dense" builds it, "fft" never does, "auto" picks per layer and input.
+    forward_path: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first invalid field and what to use instead."""
+        if self.target_modules is None:
+            raise ValueError("target_modules is required, e.g. target_modules=['query', 'value']")
+        if isinstance(self.target_modules, (list, tuple)):
+            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+                raise ValueError(
+                    f"target_modules must be a non-empty list of names, got {self.target_modules!r}"
+                )
+            self.target_modules = list(self.target_modules)
+        elif not isinstance(self.target_modules, str) or not self.target_modules:
+            raise ValueError(
+                f"target_modules must be a list of names or a regex string, got {self.target_modules!r}"
+            )
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, str) or not all(
+                isinstance(m, str) and m for m in self.modules_to_save
+            ):
+                raise ValueError(f"modules_to_save must be a list of names, got {self.modules_to_save!r}")
+            self.modules_to_save = list(self.modules_to_save)
+        if (
+            not isinstance(self.n_frequency, int)
+            or isinstance(self.n_frequency, bool)
+            or self.n_frequency <= 0
+        ):
+            raise ValueError(f"n_frequency must be a positive integer, got {self.n_frequency!r}")
+        if not isinstance(self.scaling, (int, float)) or not math.isfinite(self.scaling) or self.scaling == 0:
+            raise ValueError(f"scaling must be a finite non-zero number, got {self.scaling!r}")
+        self.scaling = float(self.scaling)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.forward_path not in FORWARD_PATHS:
+            raise ValueError(f"forward_path must be one of {FORWARD_PATHS}, got {self.forward_path!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FourierFTConfig:
+        """Build the config of ``data["method"]``; called on a subclass, the method must be that subclass's."""
+        data = dict(data)
+        method = data.pop("method", None)
+        if method is None:
+            hint = (
+                f" (it looks like a Hugging Face PEFT {data['peft_type']} config)"
+                if "peft_type" in data
+                else ""
+            )
+            raise ValueError(f"not an s2ft adapter config: no 'method' field{hint}")
+        if method not in CONFIGS:
+            raise ValueError(f"unknown adapter method {method!r}; s2ft knows {sorted(CONFIGS)}")
+        target = CONFIGS[method]
+        if cls is not FourierFTConfig and target is not cls:
+            raise ValueError(
+                f"this is a {method!r} adapter config, not a {cls.method!r} one; use {target.__name__}"
+            )
+        names = {f.name for f in dataclasses.fields(target)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown fields for a {method!r} config: {unknown}")
+        return target(**data)
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> FourierFTConfig:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no adapter config at {path}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"adapter config {path} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"adapter config {path} must hold a JSON object")
+        return cls.from_dict(data)
+
+
+@dataclass
+class S2FTConfig(FourierFTConfig):
+    """S2FT: FourierFT in a row- and column-permuted domain, with locations sampled from a gradient prior.
+
+    Call :meth:`s2ft.SpectralModel.calibrate` once before training: it estimates ``ΔŴ`` from gradients, orders its
+    rows and columns by a short path, and samples locations ``∝ |DFT2(permuted ΔŴ)|^gamma``.
+    """
+
+    method: ClassVar[str] = "s2ft"
+
+    # Exponent of the power spectrum in the location sampling (the paper's ablation: 0.5 < 1.5 > 5).
+    gamma: float = 1.5
+    # Calibration uses at most this many batches of what it is given (None: all of them).
+    calibration_batches: int | None = None
+    # The row/column ordering search: "greedy" nearest-neighbour path, as in the paper.
+    permutation: str = "greedy"
+    # Ablations: "prior" samples locations from the prior's spectrum; "uniform" draws them as FourierFT does.
+    locations: str = "prior"
+    # Ablation: False keeps identity permutations (locations still sampled from the prior's spectrum).
+    permute: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.gamma, (int, float)) or not math.isfinite(self.gamma) or self.gamma <= 0:
+            raise ValueError(f"gamma must be a finite number > 0, got {self.gamma!r}")
+        self.gamma = float(self.gamma)
+        if self.calibration_batches is not None and (
+            not isinstance(self.calibration_batches, int) or self.calibration_batches <= 0
+        ):
+            raise ValueError(
+                f"calibration_batches must be a positive integer or None, got {self.calibration_batches!r}"
+            )
+        if self.permutation not in SEARCHES:
+            raise ValueError(f"permutation must be one of {SEARCHES}, got {self.permutation!r}")
+        if self.locations not in ("prior", "uniform"):
+            raise ValueError(f"locations must be 'prior' or 'uniform', got {self.locations!r}")
+        if not isinstance(self.permute, bool):
+            raise ValueError(f"permute must be True or False, got {self.permute!r}")
+
+
+CONFIGS: dict[str, type[FourierFTConfig]] = {"fourierft": FourierFTConfig, "s2ft": S2FTConfig}
+
+
+def load_config(path: str | os.PathLike) -> FourierFTConfig:
+    """Read an ``adapter_config.json`` (or the folder holding it) of either method."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, CONFIG_NAME)
+    return FourierFTConfig.from_json_file(path)

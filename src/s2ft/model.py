@@ -1,0 +1,401 @@
+"""Injection and the adapter lifecycle: wrap, calibrate, train, merge, save and load."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save, save_file
+from torch import nn
+
+from s2ft.calibration import LossFn, gradient_prior, plan_layer
+from s2ft.config import CONFIG_NAME, FourierFTConfig, load_config
+from s2ft.io import atomic_write
+from s2ft.layer import SUPPORTED_LAYERS, SpectralLinear, TrainedCopy, layer_shape
+from s2ft.permutation import is_permutation
+from s2ft.spectral import check_n_frequency, fourierft_locations, smallest_int_dtype
+
+logger = logging.getLogger("s2ft")
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+_SAVE_PREFIX = "modules_to_save."
+
+
+def matches(name: str, targets: list[str] | str) -> bool:
+    """PEFT's rule: a string is a regex that must match the whole name; a list entry matches exactly or as a suffix."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _resolve(
+    model: nn.Module, config: FourierFTConfig
+) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]]]:
+    """The modules to adapt and to train fully, after checking every one of them. Changes nothing."""
+    for name, module in model.named_modules():
+        if isinstance(module, (SpectralLinear, TrainedCopy)):
+            raise ValueError(f"the model already holds s2ft adapters (at {name!r}); wrap an unwrapped model")
+    targets, saves, unsupported = [], [], []
+    linear_names = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        if isinstance(module, SUPPORTED_LAYERS):
+            linear_names.append(name)
+        if matches(name, config.target_modules):
+            if isinstance(module, SUPPORTED_LAYERS):
+                targets.append((name, module))
+            else:
+                unsupported.append(f"{name} ({type(module).__name__})")
+        elif (
+            config.modules_to_save
+            and matches(name, config.modules_to_save)
+            and not any(name.startswith(s + ".") for s, _ in saves)
+        ):
+            saves.append((name, module))
+    if unsupported:
+        raise TypeError(
+            f"target_modules matched modules s2ft cannot adapt: {', '.join(unsupported[:5])}; "
+            "only torch.nn.Linear and transformers' Conv1D are supported: narrow target_modules to those layers"
+        )
+    if not targets:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
+        raise ValueError(
+            f"target_modules={config.target_modules!r} matched no module of the model; "
+            f"its linear layers are named (by suffix): {suffixes[:20]}"
+        )
+    if config.modules_to_save and not saves:
+        raise ValueError(f"modules_to_save={config.modules_to_save!r} matched no module of the model")
+    for name, module in targets:
+        try:
+            check_n_frequency(config.n_frequency, *layer_shape(module))
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+    return targets, saves
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+class _BaseSignatureForward:
+    """``SpectralModel.forward`` with the wrapped model's signature, so tools that inspect it (the Trainer's
+    column pruning and loss-kwargs detection) see the real argument names."""
+
+    def __get__(self, instance: SpectralModel | None, owner: type) -> Any:
+        if instance is None:
+            return self
+        bound = functools.partial(owner._forward, instance)
+        bound.__wrapped__ = instance.base_model.forward  # type: ignore[attr-defined]
+        return bound
+
+
+class SpectralModel(nn.Module):
+    """A model whose targeted linear layers carry FourierFT or S2FT adapters.
+
+    It calls, and otherwise behaves like, the wrapped model (``forward``, ``generate``, attributes such as ``config``)
+    and works with the transformers Trainer and Accelerate. Build it with :func:`get_spectral_model` or
+    :meth:`from_pretrained`.
+    """
+
+    forward = _BaseSignatureForward()
+
+    def __init__(self, model: nn.Module, config: FourierFTConfig) -> None:
+        super().__init__()
+        targets, saves = _resolve(model, config)
+        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        model.requires_grad_(False)
+        fourierft = config.method == "fourierft"
+        locations: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        for name, module in targets:
+            layer = SpectralLinear(
+                module, config.n_frequency, config.scaling, config.init, config.forward_path, config.method
+            )
+            if fourierft:
+                shape = (layer.d_out, layer.d_in)
+                if shape not in locations:
+                    locations[shape] = fourierft_locations(*shape, config.n_frequency, config.seed)
+                layer.set_locations(*locations[shape])
+            _set_submodule(model, name, layer)
+        for name, module in saves:
+            _set_submodule(model, name, TrainedCopy(module))
+        self.base_model = model
+        self.spectral_config = config
+        logger.info(
+            "s2ft: %s on %d modules (%s); %s",
+            config.method,
+            len(targets),
+            ", ".join(n for n, _ in targets[:4]) + (", ..." if len(targets) > 4 else ""),
+            self.trainable_parameters_summary(),
+        )
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # ------------------------------------------------------------------ inspection
+    def spectral_layers(self) -> dict[str, SpectralLinear]:
+        """The adapters by the name of the module they wrap, in module order."""
+        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, SpectralLinear)}
+
+    def _trained_copies(self) -> dict[str, TrainedCopy]:
+        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, TrainedCopy)}
+
+    @property
+    def adapted_modules(self) -> list[str]:
+        return list(self.spectral_layers())
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def trainable_parameters_summary(self) -> str:
+        total = sum(p.numel() for n, p in self.named_parameters() if ".original_module." not in n)
+        trainable = self.num_trainable_parameters()
+        return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+
+    def print_trainable_parameters(self) -> None:
+        print(self.trainable_parameters_summary())
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """The dense float32 ``ΔW`` ``(d_out, d_in)`` of the adapter on module ``name``."""
+        layers = self.spectral_layers()
+        if name not in layers:
+            raise KeyError(f"no adapter on {name!r}; adapted modules: {list(layers)}")
+        return layers[name].delta_weight()
+
+    # ------------------------------------------------------------------ S2FT calibration
+    def calibrate(
+        self, batches: Iterable[Any], loss_fn: LossFn | None = None, progress: bool = False
+    ) -> dict[str, dict[str, float]]:
+        """S2FT's one-time setup: gradient prior, row/column permutations and locations for every adapter.
+
+        ``batches`` yields what the model takes: mappings of keyword arguments (with ``labels`` for the model's own
+        loss), tensors, or ``(inputs, targets)`` pairs; ``loss_fn(outputs, batch)`` gives the loss otherwise. At most
+        ``config.calibration_batches`` are used. No weight changes. Deterministic for a seed; under
+        ``torch.distributed`` every rank must call it and gets the same result. Returns per-layer path lengths.
+        """
+        config = self.spectral_config
+        if config.method != "s2ft":
+            raise ValueError(f"calibrate() is for S2FT; this model's adapters are {config.method!r}")
+        layers = self.spectral_layers()
+        if any(layer.merged for layer in layers.values()):
+            raise RuntimeError("unmerge() the adapters before calibrating")
+        priors = gradient_prior(
+            self.base_model, layers, batches, loss_fn, config.calibration_batches, progress
+        )
+        generator = torch.Generator().manual_seed(config.seed)
+        plans = {}
+        for name, prior in priors.items():
+            plans[name] = plan_layer(
+                prior,
+                config.n_frequency,
+                config.gamma,
+                generator,
+                search=config.permutation,
+                permute=config.permute,
+                locations=config.locations,
+                seed=config.seed,
+            )
+        for name, plan in plans.items():
+            layers[name].set_locations(plan.rows, plan.cols, plan.perm_rows, plan.perm_cols)
+        return {
+            name: {"path_length_before": p.path_length_before, "path_length_after": p.path_length_after}
+            for name, p in plans.items()
+        }
+
+    # ------------------------------------------------------------------ merge
+    def merge(self) -> None:
+        """Add every ``ΔW`` into its base weight (``unmerge`` undoes it)."""
+        for layer in self.spectral_layers().values():
+            layer.merge()
+
+    def unmerge(self) -> None:
+        for layer in self.spectral_layers().values():
+            layer.unmerge()
+
+    @contextlib.contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        """Inside, the model computes what the base model computed before wrapping (original ``modules_to_save`` too)."""
+        layers, copies = self.spectral_layers(), self._trained_copies()
+        merged = [layer for layer in layers.values() if layer.merged]
+        for layer in merged:
+            layer.unmerge()
+        for module in [*layers.values(), *copies.values()]:
+            module.disabled = True
+        try:
+            yield
+        finally:
+            for module in [*layers.values(), *copies.values()]:
+                module.disabled = False
+            for layer in merged:
+                layer.merge()
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge, take every adapter out, and return the original model class with merged weights."""
+        self.merge()
+        return self._unload()
+
+    def _unload(self) -> nn.Module:
+        model = self.base_model
+        for name, layer in self.spectral_layers().items():
+            _set_submodule(model, name, layer.base_layer)
+        for name, module in self._trained_copies().items():
+            _set_submodule(model, name, module.trained_module)
+        for name, param in model.named_parameters():
+            param.requires_grad_(self._requires_grad.get(name, True))
+        return model
+
+    # ------------------------------------------------------------------ save and load
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """What the adapter file stores: float32 coefficients, locations and permutations in the smallest integer
+        dtype that fits, and the ``modules_to_save``'s trained weights. Nothing of the base model."""
+        state: dict[str, torch.Tensor] = {}
+        for name, layer in self.spectral_layers().items():
+            layer._require_ready()
+            rows_dtype, cols_dtype = smallest_int_dtype(layer.d_out - 1), smallest_int_dtype(layer.d_in - 1)
+            state[f"{name}.coeffs"] = layer.coeffs.detach().float()
+            state[f"{name}.rows"] = layer.rows.to(rows_dtype)
+            state[f"{name}.cols"] = layer.cols.to(cols_dtype)
+            if layer.perm_rows is not None:
+                state[f"{name}.perm_rows"] = layer.perm_rows.to(rows_dtype)
+                state[f"{name}.perm_cols"] = layer.perm_cols.to(cols_dtype)
+        for name, module in self._trained_copies().items():
+            for key, value in module.trained_module.state_dict().items():
+                state[f"{_SAVE_PREFIX}{name}.{key}"] = value.detach()
+        return {k: v.contiguous().cpu() for k, v in state.items()}
+
+    def _metadata(self) -> dict[str, str]:
+        shapes = {name: [layer.d_out, layer.d_in] for name, layer in self.spectral_layers().items()}
+        return {"format": "pt", "s2ft_layers": json.dumps(shapes)}
+
+    def adapter_nbytes(self) -> int:
+        """Size in bytes of the adapter file ``save_pretrained`` writes (header included; the JSON config aside)."""
+        return len(save(self.adapter_state_dict(), metadata=self._metadata()))
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors``, each atomically."""
+        state, metadata = self.adapter_state_dict(), self._metadata()
+        os.makedirs(save_directory, exist_ok=True)
+        atomic_write(
+            os.path.join(save_directory, WEIGHTS_NAME), lambda tmp: save_file(state, tmp, metadata=metadata)
+        )
+        self.spectral_config.to_json_file(os.path.join(save_directory, CONFIG_NAME))
+
+    @classmethod
+    def from_pretrained(
+        cls, model: nn.Module, adapter_directory: str | os.PathLike, is_trainable: bool = False
+    ) -> SpectralModel:
+        """Wrap ``model`` and load a saved adapter into it. Everything is checked before the model is touched.
+
+        With ``is_trainable=False`` (the default, as in PEFT) the adapter is frozen, for inference.
+        """
+        config = load_config(adapter_directory)
+        state, shapes = _read_adapter(os.path.join(adapter_directory, WEIGHTS_NAME))
+        targets, saves = _resolve(model, config)
+        _check_adapter(state, shapes, config, targets, saves)
+        spectral = cls(model, config)
+        try:
+            with torch.no_grad():
+                for name, layer in spectral.spectral_layers().items():
+                    layer.coeffs.copy_(state[f"{name}.coeffs"])
+                    perms = [state.get(f"{name}.perm_rows"), state.get(f"{name}.perm_cols")]
+                    layer.set_locations(state[f"{name}.rows"], state[f"{name}.cols"], *perms)
+                for name, module in spectral._trained_copies().items():
+                    prefix = f"{_SAVE_PREFIX}{name}."
+                    sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+                    module.trained_module.load_state_dict(sub, strict=True)
+        except Exception:
+            spectral._unload()
+            raise
+        if not is_trainable:
+            spectral.requires_grad_(False)
+        return spectral
+
+
+def get_spectral_model(model: nn.Module, config: FourierFTConfig) -> SpectralModel:
+    """Wrap every module of ``model`` that ``config.target_modules`` names with an adapter, in place.
+
+    Everything else is frozen but ``config.modules_to_save``. FourierFT adapters are ready to train; S2FT ones
+    need :meth:`SpectralModel.calibrate` first. Raises, leaving the model as it was, if a target is missing or
+    unsupported.
+    """
+    return SpectralModel(model, config)
+
+
+def _read_adapter(path: str) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no adapter weights at {path}")
+    try:
+        state = load_file(path)
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+        shapes = json.loads(metadata["s2ft_layers"])
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise ValueError(
+            f"adapter file {path} is truncated or corrupt ({type(e).__name__}: {e}); save the adapter again"
+        ) from None
+    return state, shapes
+
+
+def _check_adapter(
+    state: dict[str, torch.Tensor],
+    shapes: dict[str, list[int]],
+    config: FourierFTConfig,
+    targets: list[tuple[str, nn.Module]],
+    saves: list[tuple[str, nn.Module]],
+) -> None:
+    """Raise a ``ValueError`` naming the first mismatch between the adapter file and the model."""
+    model_shapes = {name: list(layer_shape(module)) for name, module in targets}
+    if set(model_shapes) != set(shapes):
+        missing, extra = sorted(set(shapes) - set(model_shapes)), sorted(set(model_shapes) - set(shapes))
+        raise ValueError(
+            "the adapter does not fit this model: "
+            f"adapted in the file but not found in the model: {missing[:5]}; targeted in the model but not in the file: {extra[:5]}"
+        )
+    n = config.n_frequency
+    for name, shape in model_shapes.items():
+        if shapes[name] != shape:
+            raise ValueError(
+                f"the adapter does not fit this model: {name} is {shapes[name]} in the file, {shape} in the model"
+            )
+        d_out, d_in = shape
+        for key, size in (("coeffs", n), ("rows", n), ("cols", n)):
+            t = state.get(f"{name}.{key}")
+            if t is None or tuple(t.shape) != (size,):
+                raise ValueError(f"adapter file: {name}.{key} is missing or not of shape ({size},)")
+        rows, cols = state[f"{name}.rows"].long(), state[f"{name}.cols"].long()
+        if rows.min() < 0 or rows.max() >= d_out or cols.min() < 0 or cols.max() >= d_in:
+            raise ValueError(f"adapter file: locations of {name} fall outside its {d_out}x{d_in} spectrum")
+        if (f"{name}.perm_rows" in state) != (f"{name}.perm_cols" in state):
+            raise ValueError(f"adapter file: {name} has only one of its two permutations")
+        if f"{name}.perm_rows" in state and not (
+            is_permutation(state[f"{name}.perm_rows"], d_out)
+            and is_permutation(state[f"{name}.perm_cols"], d_in)
+        ):
+            raise ValueError(
+                f"adapter file: the permutations of {name} are not permutations of its rows and columns"
+            )
+    for name, module in saves:
+        prefix = f"{_SAVE_PREFIX}{name}."
+        expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        found = {k[len(prefix) :]: tuple(v.shape) for k, v in state.items() if k.startswith(prefix)}
+        if expected != found:
+            raise ValueError(f"adapter file: the saved weights of {name} do not fit that module of the model")

@@ -1,0 +1,77 @@
+"""Spectrum locations: FourierFT's seeded uniform draw and S2FT's power-spectrum sampling.
+
+Pure functions on tensors. A location is a pair ``(rows[k], cols[k])`` of the ``d_out x d_in`` 2-D spectrum;
+the coefficient ``c[k]`` sits there and ``ΔW̄ = scaling * Re(ifft2(F))`` (see :mod:`s2ft.factorized`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def fourierft_locations(d_out: int, d_in: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """FourierFT's ``n`` uniformly random distinct locations, identical to Hugging Face PEFT's for a seed.
+
+    ``flat = randperm(d_out * d_in, generator=seeded)[:n]``; ``rows = flat // d_in``, ``cols = flat % d_in``.
+    Returns two int64 tensors of shape ``(n,)`` on the CPU.
+    """
+    check_n_frequency(n, d_out, d_in)
+    flat = torch.randperm(d_out * d_in, generator=torch.Generator().manual_seed(seed))[:n]
+    return flat // d_in, flat % d_in
+
+
+def power_spectrum(matrix: torch.Tensor) -> torch.Tensor:
+    """``|DFT2(matrix)|``, the magnitude of the 2-D spectrum, in float32 (or float64 for float64 input)."""
+    dtype = torch.float64 if matrix.dtype == torch.float64 else torch.float32
+    return torch.fft.fft2(matrix.to(dtype)).abs()
+
+
+def sample_locations(
+    power: torch.Tensor, n: int, gamma: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample ``n`` distinct locations without replacement with probability ``∝ power ** gamma``.
+
+    ``power`` is a non-negative ``(d_out, d_in)`` matrix, typically :func:`power_spectrum` of the permuted prior.
+    Uses exponential keys (Efraimidis-Spirakis): location ``i`` gets ``log(U_i) / w_i`` with ``U_i ~ U(0, 1)`` and
+    the ``n`` largest keys win. This is exact sampling without replacement and, unlike ``torch.multinomial``, has no
+    limit of 2**24 categories. Locations of zero weight are only taken when fewer than ``n`` have positive weight.
+    The draw runs on the CPU with ``generator``, so it is identical on every device. Returns int64 ``(rows, cols)``
+    on the device of ``power``, ordered by decreasing sampling priority.
+    """
+    if power.dim() != 2:
+        raise ValueError(f"power must be a 2-D matrix, got shape {tuple(power.shape)}")
+    d_out, d_in = power.shape
+    check_n_frequency(n, d_out, d_in)
+    if not gamma > 0:
+        raise ValueError(f"gamma must be > 0, got {gamma}")
+    flat_power = power.detach().to("cpu", torch.float32).flatten()
+    if not torch.isfinite(flat_power).all() or (flat_power < 0).any():
+        raise ValueError("power must be finite and non-negative")
+    # key_i = log(U_i) / w_i = -E_i / w_i with w = (p / max p) ** gamma; the n largest keys win. Zero weight
+    # gives -inf: drawn only after every positive weight.
+    inverse_weight = (flat_power / flat_power.max().clamp_min(torch.finfo(torch.float32).tiny)).pow_(-gamma)
+    keys = torch.rand(flat_power.shape, generator=generator).log_().mul_(inverse_weight)
+    flat = torch.topk(keys, n, sorted=True).indices
+    return (flat // d_in).to(power.device), (flat % d_in).to(power.device)
+
+
+def check_n_frequency(n: int, d_out: int, d_in: int) -> None:
+    """Raise a clear error unless ``0 < n <= d_out * d_in``."""
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise ValueError(f"n_frequency must be a positive integer, got {n!r}")
+    if n > d_out * d_in:
+        raise ValueError(
+            f"n_frequency={n} is larger than the {d_out}x{d_in} spectrum ({d_out * d_in} entries); "
+            "lower n_frequency or exclude this layer from target_modules"
+        )
+
+
+def smallest_int_dtype(max_value: int) -> torch.dtype:
+    """The smallest integer dtype safetensors stores that holds ``0..max_value``."""
+    if max_value <= torch.iinfo(torch.uint8).max:
+        return torch.uint8
+    if max_value <= torch.iinfo(torch.int16).max:
+        return torch.int16
+    if max_value <= torch.iinfo(torch.int32).max:
+        return torch.int32
+    return torch.int64

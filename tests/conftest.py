@@ -1,0 +1,124 @@
+"""Tiny models built in the tests (no downloads) and batches for them."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+class MLP(nn.Module):
+    """y = fc2(relu(fc1(x))) with a separate head; non-square layers."""
+
+    def __init__(self, d_in: int = 12, hidden: int = 20, d_out: int = 6, classes: int = 3) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.fc2 = nn.Linear(hidden, d_out)
+        self.head = nn.Linear(d_out, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def tiny_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return MLP()
+
+
+def tiny_bert(num_labels: int = 3) -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=32,
+        num_labels=num_labels,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return BertForSequenceClassification(config).eval()
+
+
+def tiny_gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=64,
+        n_positions=32,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # k_proj and v_proj are 16x32: non-square
+        max_position_embeddings=32,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+# name -> (factory, target_modules, modules_to_save)
+MODELS = {
+    "mlp": (tiny_mlp, ["fc1", "fc2"], ["head"]),
+    "bert": (tiny_bert, ["query", "value"], ["classifier"]),
+    "gpt2": (tiny_gpt2, ["c_attn", "c_proj"], None),
+    "llama": (tiny_llama, ["q_proj", "k_proj", "v_proj"], None),
+}
+
+
+def make_batches(kind: str, count: int = 3, batch_size: int = 4, seed: int = 0) -> list:
+    """Batches with labels, so the model computes its own loss (MLP: (x, y) pairs)."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        if kind == "mlp":
+            batches.append(
+                (torch.randn(batch_size, 12, generator=g), torch.randint(3, (batch_size,), generator=g))
+            )
+        else:
+            ids = torch.randint(64, (batch_size, 10), generator=g)
+            labels = torch.randint(3, (batch_size,), generator=g) if kind == "bert" else ids
+            batches.append({"input_ids": ids, "labels": labels})
+    return batches
+
+
+def mlp_loss(outputs: torch.Tensor, batch) -> torch.Tensor:
+    return nn.functional.cross_entropy(outputs, batch[1])
+
+
+def forward(model: nn.Module, batch) -> torch.Tensor:
+    """The model's main output tensor for a batch."""
+    if isinstance(batch, tuple):
+        return model(batch[0])
+    return model(input_ids=batch["input_ids"]).logits
+
+
+@pytest.fixture(params=sorted(MODELS))
+def model_kind(request) -> str:
+    return request.param

@@ -1,0 +1,109 @@
+"""ΔW against a naive float64 reference, and the location draws."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from s2ft.layer import SpectralLinear
+from s2ft.spectral import fourierft_locations, power_spectrum, sample_locations, smallest_int_dtype
+
+
+def naive_delta(coeffs, rows, cols, d_out, d_in, scaling, perm_rows=None, perm_cols=None):
+    """ΔW̄[p, q] = α/(MN) Σ_k c_k Re(exp(2πi(u_k p/M + v_k q/N))), then ΔW[π_r[i], π_c[j]] = ΔW̄[i, j], by loops."""
+    bar = [[0.0] * d_in for _ in range(d_out)]
+    for c, u, v in zip(coeffs.tolist(), rows.tolist(), cols.tolist()):
+        for p in range(d_out):
+            for q in range(d_in):
+                bar[p][q] += (
+                    scaling / (d_out * d_in) * c * math.cos(2 * math.pi * (u * p / d_out + v * q / d_in))
+                )
+    perm_rows = list(range(d_out)) if perm_rows is None else perm_rows.tolist()
+    perm_cols = list(range(d_in)) if perm_cols is None else perm_cols.tolist()
+    delta = torch.zeros(d_out, d_in, dtype=torch.float64)
+    for i in range(d_out):
+        for j in range(d_in):
+            delta[perm_rows[i], perm_cols[j]] = bar[i][j]
+    return delta
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (6, 10), (12, 5)])
+@pytest.mark.parametrize("permuted", [False, True])
+def test_delta_weight_matches_naive_dft(shape, permuted):
+    d_out, d_in = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    layer = SpectralLinear(nn.Linear(d_in, d_out), n_frequency=7, scaling=3.0, method="s2ft")
+    rows, cols = fourierft_locations(d_out, d_in, 7, seed=1)
+    perms = (
+        (torch.randperm(d_out, generator=g), torch.randperm(d_in, generator=g)) if permuted else (None, None)
+    )
+    layer.set_locations(rows, cols, *perms)
+    with torch.no_grad():
+        layer.coeffs.copy_(torch.randn(7, generator=g))
+    expected = naive_delta(layer.coeffs.detach().double(), rows, cols, d_out, d_in, 3.0, *perms)
+    torch.testing.assert_close(layer.delta_weight().double(), expected, atol=1e-6, rtol=1e-5)
+    x = torch.randn(4, d_in, generator=g)
+    torch.testing.assert_close(layer(x), layer.base_layer(x) + x @ expected.float().T, atol=1e-5, rtol=1e-5)
+
+
+def test_fourierft_locations_are_pefts_recipe_and_distinct():
+    rows, cols = fourierft_locations(24, 40, 100, seed=777)
+    flat = torch.randperm(24 * 40, generator=torch.Generator().manual_seed(777))[:100]
+    assert torch.equal(rows, flat // 40) and torch.equal(cols, flat % 40)
+    assert len(set(zip(rows.tolist(), cols.tolist()))) == 100
+
+
+def test_sample_locations_distinct_deterministic_and_weighted():
+    power = torch.zeros(16, 20)
+    power[3, 4] = 100.0
+    power[:8, :5] = torch.rand(8, 5) + 0.1  # 40 positive entries, the rest zero
+    power[3, 4] = 100.0
+    r1, c1 = sample_locations(power, 30, 1.5, torch.Generator().manual_seed(0))
+    r2, c2 = sample_locations(power, 30, 1.5, torch.Generator().manual_seed(0))
+    assert torch.equal(r1, r2) and torch.equal(c1, c2)
+    pairs = set(zip(r1.tolist(), c1.tolist()))
+    assert len(pairs) == 30
+    assert all(power[r, c] > 0 for r, c in pairs)  # zero weight is never drawn while positive weight remains
+    # the dominant entry is drawn first: its key E/w is smaller than any other's with overwhelming probability
+    assert (int(r1[0]), int(c1[0])) == (3, 4)
+    # with n larger than the positive support, the zero-weight entries fill the rest
+    rows, cols = sample_locations(power, 50, 1.5, torch.Generator().manual_seed(0))
+    assert len(set(zip(rows.tolist(), cols.tolist()))) == 50
+
+
+def test_sample_locations_frequencies_follow_power_to_gamma():
+    power = torch.tensor([[1.0, 2.0, 4.0, 8.0]])
+    counts = torch.zeros(4)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4000):
+        _, cols = sample_locations(power, 1, 1.0, g)
+        counts[cols] += 1
+    torch.testing.assert_close(counts / counts.sum(), power[0] / power.sum(), atol=0.025, rtol=0)
+
+
+def test_sample_locations_rejects_bad_input():
+    with pytest.raises(ValueError, match="gamma"):
+        sample_locations(torch.ones(4, 4), 3, 0.0)
+    with pytest.raises(ValueError, match="n_frequency"):
+        sample_locations(torch.ones(4, 4), 17, 1.0)
+    with pytest.raises(ValueError, match="non-negative"):
+        sample_locations(-torch.ones(4, 4), 3, 1.0)
+
+
+def test_power_spectrum_is_dft_magnitude():
+    m = torch.randn(5, 7, dtype=torch.float64)
+    k = torch.arange(5.0, dtype=torch.float64)
+    l_ = torch.arange(7.0, dtype=torch.float64)
+    a = torch.exp(-2j * math.pi * torch.outer(k, k) / 5)
+    b = torch.exp(-2j * math.pi * torch.outer(l_, l_) / 7)
+    torch.testing.assert_close(power_spectrum(m), (a @ m.to(a.dtype) @ b.T).abs())
+
+
+def test_smallest_int_dtype():
+    assert smallest_int_dtype(255) == torch.uint8
+    assert smallest_int_dtype(256) == torch.int16
+    assert smallest_int_dtype(4095) == torch.int16
+    assert smallest_int_dtype(40000) == torch.int32
