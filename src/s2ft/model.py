@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import functools
+import inspect
 import json
 import logging
 import os
@@ -87,16 +87,26 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-class _BaseSignatureForward:
-    """``SpectralModel.forward`` with the wrapped model's signature, so tools that inspect it (the Trainer's
-    column pruning and loss-kwargs detection) see the real argument names."""
+_SPECIALIZED: dict[type, type] = {}
 
-    def __get__(self, instance: SpectralModel | None, owner: type) -> Any:
-        if instance is None:
-            return self
-        bound = functools.partial(owner._forward, instance)
-        bound.__wrapped__ = instance.base_model.forward  # type: ignore[attr-defined]
-        return bound
+
+def _specialized(model_class: type) -> type[SpectralModel]:
+    """A ``SpectralModel`` subclass whose ``forward`` has ``model_class.forward``'s signature, so tools that inspect
+    it (the Trainer's label detection and column pruning) see the wrapped model's real argument names."""
+    if model_class not in _SPECIALIZED:
+        try:
+            signature = inspect.signature(model_class.forward)
+        except (TypeError, ValueError):
+            return SpectralModel
+
+        def forward(self: SpectralModel, *args: Any, **kwargs: Any) -> Any:
+            return self.base_model(*args, **kwargs)
+
+        forward.__signature__ = signature  # type: ignore[attr-defined]
+        forward.__doc__ = model_class.forward.__doc__
+        namespace = {"forward": forward, "__module__": __name__, "__qualname__": "SpectralModel"}
+        _SPECIALIZED[model_class] = type("SpectralModel", (SpectralModel,), namespace)
+    return _SPECIALIZED[model_class]
 
 
 class SpectralModel(nn.Module):
@@ -106,8 +116,6 @@ class SpectralModel(nn.Module):
     and works with the transformers Trainer and Accelerate. Build it with :func:`get_spectral_model` or
     :meth:`from_pretrained`.
     """
-
-    forward = _BaseSignatureForward()
 
     def __init__(self, model: nn.Module, config: FourierFTConfig) -> None:
         super().__init__()
@@ -130,6 +138,8 @@ class SpectralModel(nn.Module):
             _set_submodule(model, name, TrainedCopy(module))
         self.base_model = model
         self.spectral_config = config
+        if type(self) is SpectralModel:
+            self.__class__ = _specialized(type(model))
         logger.info(
             "s2ft: %s on %d modules (%s); %s",
             config.method,
@@ -138,7 +148,7 @@ class SpectralModel(nn.Module):
             self.trainable_parameters_summary(),
         )
 
-    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.base_model(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
