@@ -5,9 +5,9 @@ from __future__ import annotations
 import copy
 
 import torch
-from conftest import MODELS
 from datasets import Dataset
 
+from conftest import MODELS
 from s2ft import S2FTConfig, get_spectral_model
 
 

@@ -1,0 +1,224 @@
+"""``s2ft finetune / evaluate / merge`` end to end on a tiny local model and a tiny dataset file."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from s2ft.cli import main
+
+WORDS = {
+    "sea": ["wave", "ship", "salt", "tide", "harbour", "sail", "anchor", "gull"],
+    "land": ["hill", "field", "stone", "road", "farm", "wheat", "fence", "barn"],
+    "sky": ["cloud", "star", "moon", "wind", "rain", "storm", "sun", "dawn"],
+}
+
+
+def write_tiny_model(folder, dropout: float = 0.1) -> str:
+    """A 2-layer random BERT with a word-level tokenizer, saved like any local model folder."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "of"]
+    vocab += sorted(w for words in WORDS.values() for w in words)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.txt"), "w") as f:
+        f.write("\n".join(vocab) + "\n")
+    BertTokenizerFast(os.path.join(folder, "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=3,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
+    BertForSequenceClassification(config).save_pretrained(folder)
+    return str(folder)
+
+
+def write_dataset(path, count: int = 240, labels=tuple(WORDS)) -> str:
+    rng = random.Random(0)
+    rows = []
+    for i in range(count):
+        topic = labels[i % len(labels)]
+        words = [rng.choice(WORDS[topic]) for _ in range(rng.randint(4, 9))]
+        rows.append({"text": " ".join(["the", *words]) + f" {i}", "label": topic})
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return write_tiny_model(root / "model"), write_dataset(root / "data.jsonl")
+
+
+def finetune(tiny, output, *extra) -> int:
+    model, data = tiny
+    argv = ["finetune", "--model", model, "--dataset", data, "--output", str(output), "--quiet"]
+    argv += ["--n-frequency", "64", "--calibration-batches", "4", "--epochs", "2", "--batch-size", "8"]
+    return main([*argv, *extra])
+
+
+@pytest.mark.parametrize("method", ["s2ft", "fourierft", "lora", "full"])
+def test_finetune_writes_a_complete_run(tiny, tmp_path, method):
+    out = tmp_path / "run"
+    assert finetune(tiny, out, "--method", method) == 0
+    assert sorted(os.listdir(out)) == ["adapter", "log.txt", "metrics.json", "run.json"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in (
+        "method",
+        "model",
+        "dataset",
+        "trainable_params",
+        "adapter_bytes",
+        "calibration_seconds",
+        "train_seconds",
+        "peak_memory_mb",
+        "val_accuracy",
+        "test_accuracy",
+        "seed",
+    ):
+        assert key in metrics, key
+    assert metrics["method"] == method
+    assert (metrics["calibration_seconds"] > 0) == (method == "s2ft")
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    if method in ("s2ft", "fourierft"):
+        assert metrics["adapter_bytes"] == os.path.getsize(out / "adapter" / "adapter_model.safetensors")
+        # 4 matrices x 64 coefficients + the 3-class head (3x32 + 3)
+        assert metrics["trainable_params"] == 4 * 64 + 99
+    assert "train" in (out / "log.txt").read_text()
+
+
+def test_evaluate_and_merge_reproduce_the_run(tiny, tmp_path):
+    out, merged = tmp_path / "run", tmp_path / "merged"
+    assert finetune(tiny, out, "--method", "s2ft", "--lr", "0.2") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    from s2ft.train import run_evaluate
+
+    assert run_evaluate(str(out), "test", quiet=True)["accuracy"] == pytest.approx(metrics["test_accuracy"])
+    assert run_evaluate(str(out / "adapter"), "validation", quiet=True)["accuracy"] == pytest.approx(
+        metrics["val_accuracy"]
+    )
+    assert main(["merge", "--adapter", str(out), "--output", str(merged)]) == 0
+    # The merged model loads and predicts with transformers alone: s2ft is made unimportable in that process.
+    script = f"""
+import sys, json, torch
+sys.modules["s2ft"] = None
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+model = AutoModelForSequenceClassification.from_pretrained({str(merged)!r}).eval()
+tok = AutoTokenizer.from_pretrained({str(merged)!r})
+batch = tok(["the wave ship salt", "the cloud star moon rain"], return_tensors="pt", padding=True)
+with torch.no_grad():
+    print(json.dumps(model(**batch).logits.tolist()))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    logits = torch.tensor(json.loads(result.stdout.strip().splitlines()[-1]))
+    from s2ft.train import load_trained
+
+    model, tok, _ = load_trained(str(out))
+    batch = tok(["the wave ship salt", "the cloud star moon rain"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = model.eval()(**batch).logits
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_existing_output_is_refused_without_overwrite(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    assert finetune(tiny, out, "--method", "fourierft", "--max-steps", "1") == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert os.listdir(out) == ["metrics.json"]
+    assert finetune(tiny, out, "--method", "fourierft", "--max-steps", "1", "--overwrite") == 0
+    assert "adapter" in os.listdir(out)
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([{"sentence": "a", "label": "x"}], "text"),
+        ([{"text": "a", "topic": "x"}], "label"),
+        ([], "empty|no examples"),
+    ],
+)
+def test_bad_datasets_are_refused(tiny, tmp_path, capsys, rows, message):
+    data = tmp_path / "bad.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    assert finetune((tiny[0], str(data)), out) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not out.exists() and not (tmp_path / "run.partial").exists()
+
+
+def test_unknown_method_and_unmatched_targets(tiny, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        finetune(tiny, tmp_path / "a", "--method", "adalora")
+    assert "invalid choice" in capsys.readouterr().err
+    assert finetune(tiny, tmp_path / "b", "--targets", "q_proj") == 2
+    assert "matched no module" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+def test_interrupt_leaves_no_half_written_adapter(tiny, tmp_path, monkeypatch, capsys):
+    import transformers
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(transformers.Trainer, "train", interrupted)
+    out = tmp_path / "run"
+    assert finetune(tiny, out, "--method", "s2ft") == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "run.partial").exists()
+
+
+def test_compare_end_to_end(tiny, tmp_path, monkeypatch):
+    from s2ft.compare import VARIANTS
+
+    model, data = tiny
+    out = tmp_path / "compare"
+    argv = [
+        "compare",
+        "--model",
+        model,
+        "--dataset",
+        data,
+        "--output",
+        str(out),
+        "--quiet",
+        "--seeds",
+        "0",
+        "1",
+    ]
+    argv += ["--n-frequency", "64", "--calibration-batches", "2", "--max-steps", "3", "--batch-size", "8"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r["variant"] for r in results["summary"]] == list(VARIANTS)
+    assert len(results["runs"]) == 2 * len(VARIANTS)
+    by = {r["variant"]: r for r in results["summary"]}
+    assert by["s2ft-half"]["trainable_params"] == by["s2ft"]["trainable_params"] - 4 * 32
+    assert by["s2ft"]["adapter_bytes"] > by["fourierft"]["adapter_bytes"]  # the permutations are stored too
+    assert by["full"]["trainable_params"] > by["lora"]["trainable_params"] > by["s2ft"]["trainable_params"]
+    table = (out / "results.md").read_text()
+    assert all(label in table for label, _ in VARIANTS.values())
+    png = (out / "accuracy_vs_size.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    # a second invocation reuses the finished runs
+    monkeypatch.setattr(
+        "s2ft.compare.run_finetune", lambda args: (_ for _ in ()).throw(AssertionError("reran"))
+    )
+    assert main(argv) == 0
