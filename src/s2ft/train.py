@@ -118,7 +118,11 @@ def load_classifier(model_name: str, label_names: list[str]) -> tuple[torch.nn.M
     head = sorted({key.rsplit(".", 1)[0] for key in fresh})
     head = [h for h in head if not any(h.startswith(other + ".") for other in head if other != h)]
     if not head:  # the checkpoint has its own head of the right size: train it too, as PEFT's SEQ_CLS does
-        head = [name for name in ("classifier", "score") if isinstance(getattr(model, name, None), torch.nn.Module)]
+        head = [
+            name
+            for name in ("classifier", "score")
+            if isinstance(getattr(model, name, None), torch.nn.Module)
+        ]
     return model, tokenizer, head
 
 
