@@ -47,7 +47,7 @@ class FinetuneArgs:
     scaling: float = 150.0
     gamma: float = 1.5
     permutation: str = "greedy"
-    calibration_batches: int = 32
+    calibration_batches: int = 16
     lora_r: int = 8
     epochs: float = 1.0
     max_steps: int = -1
@@ -55,7 +55,7 @@ class FinetuneArgs:
     head_lr: float = 2e-3
     batch_size: int = 16
     max_length: int = 64
-    max_train_samples: int | None = 8000
+    max_train_samples: int | None = 4000
     seed: int = 0
     output: str = "runs/default"
     overwrite: bool = False
@@ -127,13 +127,19 @@ def load_classifier(model_name: str, label_names: list[str]) -> tuple[torch.nn.M
     return model, tokenizer, head
 
 
-def tokenize(dataset: Any, tokenizer: Any, max_length: int) -> Any:
+def tokenize(dataset: Any, tokenizer: Any, max_length: int, sort_by_length: bool = False) -> Any:
+    """Token ids and ``labels``; ``sort_by_length`` orders examples by length (for evaluation: less padding)."""
+
     def encode(batch: dict[str, list]) -> dict[str, list]:
         encoded = tokenizer(batch["text"], truncation=True, max_length=max_length)
         encoded["labels"] = batch["label"]
         return encoded
 
-    return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="tokenizing")
+    encoded = dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="tokenizing")
+    if sort_by_length:
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
+        encoded = encoded.select(order)
+    return encoded
 
 
 def load_task(args: FinetuneArgs) -> Any:
@@ -366,7 +372,7 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
         model, tokenizer, head = load_classifier(args.model, task.label_names)
         model = wrap_model(model, args, head)
         splits = {
-            name: tokenize(ds, tokenizer, args.max_length)
+            name: tokenize(ds, tokenizer, args.max_length, sort_by_length=name != "train")
             for name, ds in (("train", train), ("validation", task.validation), ("test", task.test))
         }
         trainer = make_trainer(model, tokenizer, args, work_dir, splits["train"])
@@ -485,7 +491,7 @@ def run_evaluate(
     task = load_task(args)
     if split not in ("train", "validation", "test"):
         raise RunError(f"unknown split {split!r}; choose train, validation or test")
-    data = tokenize(getattr(task, split), tokenizer, run["max_length"])
+    data = tokenize(getattr(task, split), tokenizer, run["max_length"], sort_by_length=True)
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
