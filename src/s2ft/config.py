@@ -140,7 +140,8 @@ class S2FTConfig(FourierFTConfig):
     gamma: float = 1.5
     # Calibration uses at most this many batches of what it is given (None: all of them).
     calibration_batches: int | None = None
-    # The row/column ordering search: "greedy" nearest-neighbour path, as in the paper.
+    # The row/column ordering search (s2ft.permutation.SEARCHES): "greedy" nearest-neighbour path, as in the
+    # paper; "multistart", "2opt", "2opt-cyclic" (shorter paths, more compaction) and "svd" (spectral ordering).
     permutation: str = "greedy"
     # Ablations: "prior" samples locations from the prior's spectrum; "uniform" draws them as FourierFT does.
     locations: str = "prior"
