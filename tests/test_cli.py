@@ -222,3 +222,31 @@ def test_compare_end_to_end(tiny, tmp_path, monkeypatch):
         "s2ft.compare.run_finetune", lambda args: (_ for _ in ()).throw(AssertionError("reran"))
     )
     assert main(argv) == 0
+
+
+def test_analyze_end_to_end(tiny, tmp_path):
+    model, data = tiny
+    out = tmp_path / "analysis"
+    argv = ["analyze", "--model", model, "--dataset", data, "--output", str(out), "--quiet"]
+    argv += [
+        "--n-frequency",
+        "64",
+        "--calibration-batches",
+        "2",
+        "--batch-size",
+        "8",
+        "--full-finetune-steps",
+        "2",
+    ]
+    assert main(argv) == 0
+    analysis = json.loads((out / "analysis.json").read_text())
+    assert set(analysis["prior"]) == {
+        f"bert.encoder.layer.{i}.attention.self.{m}" for i in (0, 1) for m in ("query", "value")
+    }
+    assert "full_finetune" in analysis
+    report = (out / "report.md").read_text()
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs and all(name in report for name in pngs)
+    for name in pngs:
+        data_bytes = (out / name).read_bytes()
+        assert data_bytes[:8] == b"\x89PNG\r\n\x1a\n" and len(data_bytes) > 5_000

@@ -113,6 +113,29 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     plt.close(fig)
 
 
+def write_results(
+    base: FinetuneArgs,
+    variants: list[str],
+    seeds: list[int],
+    runs: list[dict[str, Any]],
+    output: str,
+    seconds: float,
+) -> dict[str, Any]:
+    rows = summarize(runs, variants)
+    majority = runs[0].get("majority_rate") if runs else None
+    results = {
+        "task": {"model": base.model, "dataset": base.dataset, "n_frequency": base.n_frequency},
+        "seeds": seeds,
+        "summary": rows,
+        "runs": [{k: v for k, v in r.items() if k != "args"} for r in runs],
+        "wall_seconds_this_invocation": round(seconds, 1),
+    }
+    atomic_write_text(os.path.join(output, "results.json"), json.dumps(results, indent=2) + "\n")
+    atomic_write_text(os.path.join(output, "results.md"), markdown_table(rows, majority))
+    plot(rows, os.path.join(output, "accuracy_vs_size.png"))
+    return results
+
+
 def run_compare(
     base: FinetuneArgs, variants: list[str], seeds: list[int], output: str, progress: bool = True
 ) -> dict[str, Any]:
@@ -121,6 +144,7 @@ def run_compare(
         variant_args(base, variant, 0, output)  # validate every name before the first long run
     os.makedirs(output, exist_ok=True)
     runs, start = [], time.perf_counter()
+    results: dict[str, Any] = {}
     for seed in seeds:
         for variant in variants:
             run_dir = os.path.join(output, "runs", f"{variant}-seed{seed}")
@@ -131,16 +155,6 @@ def run_compare(
                 run_finetune(variant_args(base, variant, seed, run_dir))
             with open(metrics_file, encoding="utf-8") as f:
                 runs.append({"variant": variant, **json.load(f)})
-    rows = summarize(runs, variants)
-    majority = runs[0].get("majority_rate") if runs else None
-    results = {
-        "task": {"model": base.model, "dataset": base.dataset, "n_frequency": base.n_frequency},
-        "seeds": seeds,
-        "summary": rows,
-        "runs": [{k: v for k, v in r.items() if k != "args"} for r in runs],
-        "wall_seconds_this_invocation": round(time.perf_counter() - start, 1),
-    }
-    atomic_write_text(os.path.join(output, "results.json"), json.dumps(results, indent=2) + "\n")
-    atomic_write_text(os.path.join(output, "results.md"), markdown_table(rows, majority))
-    plot(rows, os.path.join(output, "accuracy_vs_size.png"))
+            # written after every run, so an interrupted comparison still reports what it finished
+            results = write_results(base, variants, seeds, runs, output, time.perf_counter() - start)
     return results

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import PrinterCallback, TrainerCallback
 
 from s2ft.io import atomic_write_text
 
@@ -270,10 +271,24 @@ def log_to(path: str | None, quiet: bool) -> Iterator[None]:
         for lg in loggers:
             lg.addHandler(handler)
     logger.setLevel(logging.INFO)
-    transformers.logging.set_verbosity_warning()
+    verbosity = transformers.logging.get_verbosity()
+    if quiet:  # no load reports or progress bars on the console
+        import datasets
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+    else:
+        transformers.logging.set_verbosity_warning()
     try:
         yield
     finally:
+        transformers.logging.set_verbosity(verbosity)
+        if quiet:
+            import datasets
+
+            transformers.utils.logging.enable_progress_bar()
+            datasets.enable_progress_bars()
         for handler in handlers:
             for lg in loggers:
                 lg.removeHandler(handler)
@@ -302,6 +317,14 @@ def accuracy(trainer: Any, dataset: Any) -> float:
     output = trainer.predict(dataset)
     logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
     return float((logits.argmax(-1) == output.label_ids).mean())
+
+
+class _LogToFile(TrainerCallback):
+    """The Trainer's periodic logs (loss, learning rate) into the run's log."""
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if logs and state.is_world_process_zero:
+            logger.info("step %d/%d: %s", state.global_step, state.max_steps, json.dumps(logs))
 
 
 def make_trainer(
@@ -337,13 +360,17 @@ def make_trainer(
         average_tokens_across_devices=False,
     )
     optimizer = torch.optim.AdamW(parameter_groups(model, args), weight_decay=0.0)
-    return Trainer(
+    trainer = Trainer(
         model=model,
         args=training_args,
         train_dataset=train,
         data_collator=DataCollatorWithPadding(tokenizer),
         optimizers=(optimizer, None),
+        callbacks=[_LogToFile()],
     )
+    if args.quiet:
+        trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
@@ -515,3 +542,84 @@ def run_merge(path: str, output: str, overwrite: bool = False) -> str:
         model.save_pretrained(work_dir)
         tokenizer.save_pretrained(work_dir)
     return output
+
+
+# ---------------------------------------------------------------------------------------------- analyze
+def full_finetune_delta(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    args: FinetuneArgs,
+    train: Any,
+    names: list[str],
+    steps: int,
+    work_dir: str,
+) -> dict[str, torch.Tensor]:
+    """``ΔW`` of a short full fine-tune (``steps`` optimizer steps) of a copy of ``model``, for the named layers."""
+    import copy
+
+    from s2ft.layer import layer_shape
+
+    tuned = copy.deepcopy(model).requires_grad_(True)
+    before = {name: tuned.get_submodule(name).weight.detach().clone() for name in names}
+    full_args = dataclasses.replace(args, method="full", max_steps=steps, quiet=True)
+    make_trainer(tuned, tokenizer, full_args, work_dir, train).train()
+    deltas = {}
+    for name in names:
+        layer = tuned.get_submodule(name)
+        delta = (layer.weight.detach() - before[name]).float()
+        deltas[name] = delta if tuple(delta.shape) == layer_shape(layer) else delta.T
+    return deltas
+
+
+def run_analyze(
+    args: FinetuneArgs, output: str, full_finetune_steps: int = 0, layers_per_pass: int | None = None
+) -> dict[str, Any]:
+    """``s2ft analyze``: spectra of the gradient prior (and of a short full fine-tune's ΔW) before and after S2FT's
+    permutations, for every targeted matrix of the job's model; writes analysis.json, figures and report.md."""
+    import tempfile
+
+    from transformers import DataCollatorWithPadding, set_seed
+
+    from s2ft import S2FTConfig, get_spectral_model
+    from s2ft.analysis import analyze_model
+
+    args.validate()
+    set_seed(args.seed)
+    task = load_task(args)
+    model, tokenizer, head = load_classifier(args.model, task.label_names)
+    train = task.train
+    if args.max_train_samples is not None and len(train) > args.max_train_samples:
+        train = train.shuffle(seed=args.seed).select(range(args.max_train_samples))
+    train = tokenize(train, tokenizer, args.max_length)
+    deltas = None
+    if full_finetune_steps > 0:
+        names = [n for n, m in model.named_modules() if m is not model and _targeted(n, args.targets)]
+        with tempfile.TemporaryDirectory() as tmp:
+            deltas = full_finetune_delta(model, tokenizer, args, train, names, full_finetune_steps, tmp)
+    config = S2FTConfig(
+        target_modules=args.targets,
+        modules_to_save=head or None,
+        n_frequency=args.n_frequency,
+        gamma=args.gamma,
+        seed=args.seed,
+        permutation=args.permutation,
+    )
+    try:
+        spectral = get_spectral_model(model, config)
+    except (ValueError, TypeError) as e:
+        raise RunError(str(e)) from None
+    batches = calibration_batches(train, DataCollatorWithPadding(tokenizer), args, 0, 1)
+    return analyze_model(
+        spectral,
+        batches,
+        full_finetune_delta=deltas,
+        output_dir=output,
+        layers_per_pass=layers_per_pass,
+        progress=not args.quiet,
+    )
+
+
+def _targeted(name: str, targets: list[str]) -> bool:
+    from s2ft.model import matches
+
+    return matches(name, targets)
