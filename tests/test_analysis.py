@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 import pytest
 import torch
@@ -23,7 +22,6 @@ from s2ft.analysis import (
     fraction_for_error,
     spectrum_image,
 )
-from s2ft.plots import require_matplotlib
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -204,9 +202,3 @@ def test_analyze_model_one_layer_per_pass_gives_the_same_priors(tmp_path):
         )
     with pytest.raises(ValueError, match="re-iterable"):
         analyze_model(model, iter(batches), output_dir=tmp_path / "c", layers_per_pass=1)
-
-
-def test_missing_matplotlib_names_the_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(ImportError, match=r'pip install "s2ft\[plot\]"'):
-        require_matplotlib()

@@ -251,11 +251,9 @@ def analyze_model(
 
     Writes into ``output_dir``: ``analysis.json`` (the returned dict), ``spectrum_<source>.png`` (log-power
     heatmaps before and after the permutation for ``heatmaps`` representative matrices),
-    ``energy_curve_<source>.png`` and ``report.md`` (needs matplotlib: ``pip install "s2ft[plot]"``).
+    ``energy_curve_<source>.png`` and ``report.md``.
     """
-    from s2ft import plots
 
-    plots.require_matplotlib()  # fail before the expensive part
     settings = _settings(spectral_model.spectral_config, n, gamma, seed, search, rel_error)
     options = (
         settings["n"],

@@ -10,7 +10,7 @@ import statistics
 import time
 from typing import Any
 
-from s2ft.io import atomic_write, atomic_write_text
+from s2ft.io import atomic_write_text
 from s2ft.train import FinetuneArgs, RunError, run_finetune
 
 # variant -> (label, overrides of FinetuneArgs; "n_frequency": "half" means n // 2)
@@ -81,14 +81,10 @@ def markdown_table(rows: list[dict[str, Any]], majority: float | None) -> str:
 
 def plot(rows: list[dict[str, Any]], path: str) -> None:
     """Accuracy against trainable parameters and against adapter bytes (log x), one point per method."""
-    try:
-        import matplotlib
+    from s2ft.plots import new_figure, save_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise RunError('plots need matplotlib: pip install "s2ft[plot]"') from None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    figure = new_figure(11, 4.2)
+    axes = figure.subplots(1, 2, sharey=True)
     for ax, key, xlabel in (
         (axes[0], "trainable_params", "trainable parameters (log)"),
         (axes[1], "adapter_bytes", "adapter file bytes (log)"),
@@ -107,10 +103,8 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy (mean ± sd over seeds)")
     axes[1].legend(fontsize=8, loc="lower right")
-    fig.suptitle("Accuracy against adapter size")
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
+    figure.suptitle("Accuracy against adapter size")
+    save_figure(figure, path)
 
 
 def write_results(

@@ -1,8 +1,8 @@
 """Figures of :mod:`s2ft.analysis`: log-power spectra before and after the permutation, and energy curves.
 
-matplotlib is an optional dependency (``pip install "s2ft[plot]"``), imported only when a figure is drawn. Figures
-are drawn on matplotlib's Agg canvas directly (no pyplot, no global backend switch), so this works headless and
-does not disturb an interactive session.
+matplotlib is imported only when a figure is drawn. Figures are drawn on matplotlib's Agg canvas directly (no pyplot,
+no global backend switch), so this works headless and does not disturb an interactive session. Files are written
+atomically.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from s2ft.io import atomic_write
+
 CURVE_STYLES = {  # kind -> (label, colour, line style); "{search}" is filled in. Drawn in this order.
     "random": ("random permutation", "tab:orange", "-"),
     "before": ("before permutation", "tab:grey", "--"),
@@ -22,17 +24,8 @@ CURVE_STYLES = {  # kind -> (label, colour, line style); "{search}" is filled in
 }
 
 
-def require_matplotlib() -> Any:
-    """Import matplotlib, or raise an ImportError that says how to install it."""
-    try:
-        import matplotlib
-    except ImportError as e:
-        raise ImportError('the analysis figures need matplotlib: pip install "s2ft[plot]"') from e
-    return matplotlib
-
-
-def _figure(width: float, height: float) -> Any:
-    require_matplotlib()
+def new_figure(width: float, height: float) -> Any:
+    """A matplotlib Figure on an Agg canvas (inches)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -48,7 +41,7 @@ def plot_spectra(
     matrix ``(name, before, after)``: before and after the permutation side by side, on one colour scale per row
     (the 8 decades below the row's maximum)."""
     rows = max(len(images), 1)
-    figure = _figure(9.0, 3.6 * rows + 0.4)
+    figure = new_figure(9.0, 3.6 * rows + 0.4)
     figure.suptitle(title)
     axes = np.atleast_2d(figure.subplots(rows, 2, squeeze=False))
     if not images:
@@ -71,7 +64,7 @@ def plot_spectra(
             axis.set_xlabel("column frequency v / d_in (centred)")
             axis.set_ylabel("row frequency u / d_out (centred)")
         figure.colorbar(shown, ax=list(row), label="log10 |DFT2|²", shrink=0.9)
-    figure.savefig(os.fspath(path))
+    save_figure(figure, path)
 
 
 def plot_energy_curves(
@@ -85,7 +78,7 @@ def plot_energy_curves(
     """Energy kept against the fraction of coefficients kept (log scale): for each kind of ``curves``
     (:data:`CURVE_STYLES`' keys; one curve per matrix) the mean line and a min–max band. ``marks`` draws dotted
     vertical lines, e.g. at ``n / (d_out · d_in)``."""
-    figure = _figure(7.5, 4.8)
+    figure = new_figure(7.5, 4.8)
     axis = figure.subplots()
     x = np.asarray(fractions, dtype=np.float64)
     for kind, (label, colour, style) in CURVE_STYLES.items():
@@ -108,4 +101,9 @@ def plot_energy_curves(
     axis.legend(
         loc="upper left", fontsize=8, title="lines: mean, bands: min–max over matrices", title_fontsize=8
     )
-    figure.savefig(os.fspath(path))
+    save_figure(figure, path)
+
+
+def save_figure(figure: Any, path: str | os.PathLike) -> None:
+    """Write ``figure`` as a PNG at ``path``, atomically."""
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
