@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import cmath
-
 import pytest
 import torch
 
 import s2ft.factorized as factorized
 from s2ft.factorized import PATHS, choose_path, delta_weight, spectral_apply
+from test_spectral import naive_delta
 
 SHAPES = [(8, 8), (6, 10), (12, 5), (7, 9)]
 
@@ -20,23 +19,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def naive_delta(coeffs, rows, cols, d_out, d_in, scaling, perm_rows=None, perm_cols=None) -> torch.Tensor:
-    """``ΔW̄[p, q] = scaling * Re(Σ_k c_k e^{2πi(u_k p/M + v_k q/N)} / (MN))``, permuted by explicit loops."""
-    bar = [[0.0] * d_in for _ in range(d_out)]
-    for c, u, v in zip(coeffs.tolist(), rows.tolist(), cols.tolist()):
-        for p in range(d_out):
-            for q in range(d_in):
-                phase = cmath.exp(2j * cmath.pi * (u * p / d_out + v * q / d_in))
-                bar[p][q] += scaling * (c * phase / (d_out * d_in)).real
-    perm_rows = list(range(d_out)) if perm_rows is None else perm_rows.tolist()
-    perm_cols = list(range(d_in)) if perm_cols is None else perm_cols.tolist()
-    delta = torch.zeros(d_out, d_in, dtype=torch.float64)
-    for i in range(d_out):
-        for j in range(d_in):
-            delta[perm_rows[i], perm_cols[j]] = bar[i][j]
-    return delta
 
 
 def problem(d_out, d_in, n, permuted, seed=0, dtype=torch.float64):

@@ -65,7 +65,7 @@ def choose_path(d_out: int, d_in: int, n: int, num_tokens: int, device) -> str:
     """The path ``"auto"`` takes for a layer of shape ``(d_out, d_in)`` with ``n`` coefficients.
 
     CPU: ``"fft"`` when ``d_out * d_in > 64 * (d_out + d_in) + 25 * n``, else ``"dense"``. Measured with
-    ``benchmarks/factorized_sweep.py`` (one MKL thread, float32, forward+backward): per token, the dense path
+    a sweep of layer sizes (one MKL thread, float32, forward+backward): per token, the dense path
     costs about ``0.24 ns * d_out * d_in`` (three GEMMs) and the FFT path about ``30 ns`` per feature (five real
     FFTs with their copies) plus ``6 ns`` per coefficient (two sparse products and a sampled one, memory-bound);
     the rule is that model with rounded constants. The number of tokens (8 to 4096) barely moved the crossover.
