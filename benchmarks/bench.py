@@ -17,6 +17,8 @@ Three parts, each written to ``bench.json`` and ``bench.md`` in ``--output``:
    location sampling) of one 4096 x 4096 layer; and of the default job's model with its 16 batches, against
    the default job's training time estimated as its number of steps times the measured S2FT step.
 
+4. **Profile.** The operators of one step of the S2FT branch on the FFT path at the largest size.
+
 Variants run round-robin, so that load from other processes hits them alike, and medians are reported.
 
 Usage: python benchmarks/bench.py [--device cpu|cuda] [--output DIR] [--quick]
@@ -344,6 +346,29 @@ def bench_calibration(args, device: torch.device) -> dict:
     return result
 
 
+# ------------------------------------------------------------------------------------------ 4. profile
+def bench_profile(args, device: torch.device) -> dict:
+    """Where the S2FT FFT path's time goes: operators of one branch step at the largest width and token count."""
+    width, tokens, n = max(args.widths), max(args.tokens), min(args.n)
+    branch = Branch(width, n, "fft").to(device)
+    x = torch.randn(tokens, width, device=device, requires_grad=True)
+    grad = torch.randn(tokens, width, device=device)
+    for _ in range(2):
+        train_step(branch, x, grad)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        train_step(branch, x, grad)
+        synchronize(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events)
+    top = [
+        {"op": e.key, "calls": e.count, "ms": getattr(e, key) / 1e3, "share": getattr(e, key) / total}
+        for e in events[:12]
+    ]
+    return {"width": width, "tokens": tokens, "n": n, "total_ms": total / 1e3, "top": top}
+
+
 # ------------------------------------------------------------------------------------------ report
 def mib(nbytes: float) -> str:
     return f"{nbytes / 2**20:.1f}"
@@ -360,14 +385,14 @@ def markdown(report: dict) -> str:
         "## 1. One layer, forward + backward",
         "",
         "Overhead = step time minus the frozen layer's. Ratios: S2FT (`auto` path) overhead over LoRA's; PEFT "
-        "FourierFT's step over S2FT's; S2FT's peak memory over PEFT FourierFT's and over LoRA's. "
+        "FourierFT's step and overhead over S2FT's; S2FT's peak memory over PEFT FourierFT's and over LoRA's. "
         "*Branch* = the adapter branch alone, whose ratio to LoRA's branch measures the overhead without the base "
         "matmul's noise.",
         "",
         "| width | n | tokens | auto | base ms | LoRA ovh ms | PEFT FourierFT ovh ms | S2FT fft ovh ms "
         "| S2FT dense ovh ms | S2FT auto ovh ms | ovh S2FT/LoRA | branch S2FT-fft/LoRA | PEFT-FFT/S2FT step "
-        "| peak MiB LoRA / PEFT-FFT / S2FT | peak S2FT/PEFT-FFT | peak S2FT/LoRA |",
-        "|" + "---|" * 16,
+        "| PEFT-FFT/S2FT ovh | peak MiB LoRA / PEFT-FFT / S2FT | peak S2FT/PEFT-FFT | peak S2FT/LoRA |",
+        "|" + "---|" * 17,
     ]
     for r in report["layers"]:
         o, s, b, p = r["overhead_ms"], r["step_ms"], r["branch_ms"], r["peak_bytes"]
@@ -375,7 +400,7 @@ def markdown(report: dict) -> str:
             f"| {r['width']} | {r['n']} | {r['tokens']} | {r['auto_path']} | {s['base']:.2f} | {o['lora_r8']:.2f} "
             f"| {o['peft_fourierft']:.2f} | {o['s2ft_fft']:.2f} | {o['s2ft_dense']:.2f} | {o['s2ft_auto']:.2f} "
             f"| {o['s2ft_auto'] / o['lora_r8']:.2f} | {b['s2ft_fft'] / b['lora_r8']:.2f} "
-            f"| {s['peft_fourierft'] / s['s2ft_auto']:.1f} "
+            f"| {s['peft_fourierft'] / s['s2ft_auto']:.1f} | {o['peft_fourierft'] / o['s2ft_auto']:.1f} "
             f"| {mib(p['lora_r8'])} / {mib(p['peft_fourierft'])} / {mib(p['s2ft_auto'])} "
             f"| {p['s2ft_auto'] / p['peft_fourierft']:.2f} | {p['s2ft_auto'] / p['lora_r8']:.2f} |"
         )
@@ -414,6 +439,21 @@ def markdown(report: dict) -> str:
         f"{c['plan_seconds']:.2f} s.",
         "",
     ]
+    prof = report.get("profile")
+    if prof:
+        out += [
+            "## 4. Where the FFT path's time goes",
+            "",
+            f"One forward + backward of the S2FT branch alone (`fft` path), width {prof['width']}, "
+            f"{prof['tokens']} tokens, n = {prof['n']}: {prof['total_ms']:.1f} ms of operator self time.",
+            "",
+            "| operator | calls | ms | share |",
+            "|---|---|---|---|",
+        ]
+        out += [
+            f"| `{t['op']}` | {t['calls']} | {t['ms']:.1f} | {100 * t['share']:.0f}% |" for t in prof["top"]
+        ]
+        out.append("")
     return "\n".join(out)
 
 
@@ -453,7 +493,13 @@ def main() -> None:
     parser.add_argument("--default-job-steps", type=int, default=None, help="default: the finetune default's")
     parser.add_argument("--calibration-size", type=int, default=4096)
     parser.add_argument("--quick", action="store_true", help="small sizes, to check that it runs")
+    parser.add_argument("--report", metavar="BENCH_JSON", help="only rewrite bench.md beside this bench.json")
     args = parser.parse_args()
+    if args.report:
+        with open(args.report) as f:
+            report = json.load(f)
+        atomic_write_text(os.path.join(os.path.dirname(args.report), "bench.md"), markdown(report))
+        return
     if args.quick:
         args.widths, args.tokens, args.n, args.repeats = [256], [128], [200], 2
         args.e2e_repeats, args.calibration_size = 2, 512
@@ -475,6 +521,7 @@ def main() -> None:
     report["calibration"] = bench_calibration(args, device)
     report["end_to_end"] = bench_end_to_end(args, device)
     report["layers"] = bench_layers(args, device)
+    report["profile"] = bench_profile(args, device)
     report["wall_seconds"] = round(time.perf_counter() - start, 1)
     os.makedirs(output, exist_ok=True)
     atomic_write_text(os.path.join(output, "bench.json"), json.dumps(report, indent=2) + "\n")

@@ -20,6 +20,7 @@ from s2ft.analysis import (
     energy_compaction,
     energy_curve,
     fraction_for_error,
+    mirrored_share,
     spectrum_image,
 )
 
@@ -128,6 +129,9 @@ def test_planted_shuffled_smooth_matrix_is_compacted_by_the_search_and_not_by_ch
     assert result["random"]["fraction_for_error"] > 0.5
     assert result["path_length"]["after"] < 0.5 * result["path_length"]["before"]
     assert result["location_energy"]["s2ft"] > 10 * result["location_energy"]["fourierft"]
+    # a compacted spectrum is peaked, so the whole-spectrum draw takes mirror pairs; uniform draws rarely do
+    assert result["mirrored_locations"]["s2ft"] > 0.2
+    assert result["mirrored_locations"]["fourierft"] < 0.1
     cyclic = analyze_matrix(shuffled, n=30, seed=0, search="2opt-cyclic")
     assert cyclic["after"]["energy_compaction"] > 0.95
 
@@ -147,11 +151,18 @@ def test_analyze_matrix_is_deterministic_and_json_ready():
         "random",
         "path_length",
         "location_energy",
+        "mirrored_locations",
     }
     with pytest.raises(ValueError, match="2-D"):
         analyze_matrix(torch.randn(3, 4, 5), 4)
     with pytest.raises(ValueError, match="n_frequency"):
         analyze_matrix(torch.randn(3, 4), 13)
+
+
+def test_mirrored_share_counts_pairs_not_self_mirrors():
+    # 6x4: (1, 1) and (5, 3) are mirrors; (0, 0) and (3, 2) are their own mirrors; (2, 1) stands alone
+    rows, cols = torch.tensor([1, 5, 0, 3, 2]), torch.tensor([1, 3, 0, 2, 1])
+    assert mirrored_share(rows, cols, 6, 4) == pytest.approx(2 / 5)
 
 
 # ---------------------------------------------------------------------------------------------- a model

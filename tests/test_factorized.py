@@ -169,6 +169,10 @@ def test_empty_batch_auto_path_and_errors():
     assert choose_path(4096, 4096, 1000, 4096, "cpu") == "fft"
     assert choose_path(384, 384, 3000, 8, torch.device("cpu")) == "fft"
     assert choose_path(128, 128, 100, 4096, "cpu") == "dense"
+    torch.set_num_threads(2)  # the GEMMs of the dense path gain from threads, the FFT path hardly
+    assert choose_path(384, 384, 1000, 512, "cpu") == "dense"
+    assert choose_path(1024, 1024, 3000, 512, "cpu") == "fft"
+    torch.set_num_threads(1)
     assert choose_path(384, 384, 1000, 512, "cuda") == "dense"
     assert choose_path(4096, 4096, 1000, 4096, "cuda") == "fft"
     with pytest.raises(ValueError, match="unknown path"):

@@ -9,7 +9,13 @@ import torch
 from torch import nn
 
 from s2ft.layer import SpectralLinear
-from s2ft.spectral import fourierft_locations, power_spectrum, sample_locations, smallest_int_dtype
+from s2ft.spectral import (
+    fourierft_locations,
+    mirror_of,
+    power_spectrum,
+    sample_locations,
+    smallest_int_dtype,
+)
 
 
 def naive_delta(coeffs, rows, cols, d_out, d_in, scaling, perm_rows=None, perm_cols=None):
@@ -82,6 +88,42 @@ def test_sample_locations_frequencies_follow_power_to_gamma():
         _, cols = sample_locations(power, 1, 1.0, g)
         counts[cols] += 1
     torch.testing.assert_close(counts / counts.sum(), power[0] / power.sum(), atol=0.025, rtol=0)
+
+
+def test_mirror_locations_carry_the_same_basis_function():
+    d_out, d_in = 6, 5
+    mirror = mirror_of(d_out, d_in)
+    assert torch.equal(mirror[mirror], torch.arange(d_out * d_in))  # an involution
+    for flat in range(d_out * d_in):
+        spectrum = torch.zeros(d_out * d_in, dtype=torch.complex128)
+        spectrum[flat] = 1.0
+        other = torch.zeros_like(spectrum)
+        other[mirror[flat]] = 1.0
+        torch.testing.assert_close(
+            torch.fft.ifft2(spectrum.view(d_out, d_in)).real, torch.fft.ifft2(other.view(d_out, d_in)).real
+        )
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (7, 10)])
+def test_sample_locations_half_takes_one_of_each_mirror_pair(shape):
+    d_out, d_in = shape
+    prior = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(0))
+    power = power_spectrum(prior)  # symmetric: the mirror pairs have equal weight
+    mirror = mirror_of(d_out, d_in)
+    canonical = int((mirror >= torch.arange(d_out * d_in)).sum())
+    for n in (canonical // 2, canonical):
+        rows, cols = sample_locations(power, n, 1.5, torch.Generator().manual_seed(1), half=True)
+        flat = rows * d_in + cols
+        assert len(set(flat.tolist())) == n
+        assert bool((mirror[flat] >= flat).all())  # canonical members only: no pair twice
+    # beyond the canonical half, the mirrored locations fill the rest, all distinct
+    rows, cols = sample_locations(power, canonical + 3, 1.5, torch.Generator().manual_seed(1), half=True)
+    assert len(set((rows * d_in + cols).tolist())) == canonical + 3
+    # the whole-spectrum draw of a strongly peaked spectrum takes both members of the top pair
+    peaked = power.pow(8)
+    rows, cols = sample_locations(peaked, 4, 1.5, torch.Generator().manual_seed(1))
+    flat = set((rows * d_in + cols).tolist())
+    assert any(int(mirror[f]) in flat and int(mirror[f]) != f for f in flat)
 
 
 def test_sample_locations_rejects_bad_input():

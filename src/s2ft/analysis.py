@@ -25,7 +25,7 @@ import torch
 from s2ft.calibration import LayerPlan, LossFn, gradient_prior, plan_layer
 from s2ft.io import atomic_write_text
 from s2ft.permutation import path_length
-from s2ft.spectral import fourierft_locations
+from s2ft.spectral import fourierft_locations, mirror_of
 
 # Fractions of the coefficients at which energy curves are sampled: 10^-5 .. 1, 10 per decade.
 CURVE_FRACTIONS: tuple[float, ...] = tuple(10 ** (k / 10) for k in range(-50, 1))
@@ -68,6 +68,14 @@ def energy_at(matrix: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> f
     total = float(energy.sum(dtype=torch.float64))
     held = float(energy[rows.long().cpu(), cols.long().cpu()].sum(dtype=torch.float64))
     return held / total if total > 0 else 0.0
+
+
+def mirrored_share(rows: torch.Tensor, cols: torch.Tensor, d_out: int, d_in: int) -> float:
+    """Share of the locations whose mirror ``(-u, -v)`` is also among them (itself excluded): with real
+    coefficients each such pair is one basis function, so half of this share is wasted coefficients."""
+    flat = (rows.cpu() * d_in + cols.cpu()).long()
+    mirror = mirror_of(d_out, d_in)[flat]
+    return float((torch.isin(mirror, flat) & (mirror != flat)).sum()) / max(1, flat.numel())
 
 
 def fraction_for_error(matrix: torch.Tensor, rel_error: float = 0.1) -> float:
@@ -119,6 +127,7 @@ def analyze_matrix(
       (for ``rel_error``), ``"curve"`` (energy kept at ``fractions``)``}``;
     - ``path_length``: row plus column open-path lengths, ``before`` / ``after`` / ``random``;
     - ``location_energy``: the share at FourierFT's locations (unpermuted) and at S2FT's (permuted);
+    - ``mirrored_locations``: :func:`mirrored_share` of FourierFT's and of S2FT's locations;
     - ``shape``, ``n``, ``search``, and ``plan_seconds`` (the search and the location sampling).
     """
     return _analyze(matrix, n, gamma, seed, search, rel_error, fractions)[0]
@@ -153,6 +162,10 @@ def _analyze(
     permuted = x[plan.perm_rows][:, plan.perm_cols]
     result["after"] = _summary(permuted, n, rel_error, fractions)
     result["location_energy"] = {"fourierft": fourierft, "s2ft": energy_at(permuted, plan.rows, plan.cols)}
+    result["mirrored_locations"] = {
+        "fourierft": mirrored_share(*fourierft_locations(d_out, d_in, n, seed), d_out, d_in),
+        "s2ft": mirrored_share(plan.rows, plan.cols, d_out, d_in),
+    }
     if image_size:
         images["after"] = spectrum_image(permuted, image_size)
     del permuted
@@ -438,6 +451,10 @@ def _summary_table(summary: dict[str, dict[str, float]], rel_error: float) -> li
     lines.append(
         f"| energy at FourierFT's / S2FT's n locations | {_cell(summary.get('location_energy.fourierft'))} | "
         f"{_cell(summary.get('location_energy.s2ft'))} | |"
+    )
+    lines.append(
+        "| FourierFT's / S2FT's locations whose mirror (-u, -v) is also drawn | "
+        f"{_cell(summary.get('mirrored_locations.fourierft'))} | {_cell(summary.get('mirrored_locations.s2ft'))} | |"
     )
     if "prior_plan.energy_compaction" in summary:
         lines.append(

@@ -178,7 +178,9 @@ def plan_layer(
 ) -> LayerPlan:
     """Order the prior's rows and columns, then sample ``n`` locations ``∝ |DFT2(permuted prior)|^gamma``.
 
-    ``permute=False`` keeps identity orders; ``locations="uniform"`` draws FourierFT's seeded locations instead.
+    ``permute=False`` keeps identity orders. ``locations``: ``"prior"`` samples from the whole spectrum (the paper),
+    ``"prior-half"`` from one location of each mirror pair (no two coefficients on the same basis function; see
+    :func:`s2ft.spectral.sample_locations`), ``"uniform"`` takes FourierFT's seeded locations.
     """
     before = path_length(prior) + path_length(prior.T)
     perm_rows = perm_cols = None
@@ -191,5 +193,6 @@ def plan_layer(
     if locations == "uniform":
         rows, cols = fourierft_locations(prior.shape[0], prior.shape[1], n, seed)
     else:
-        rows, cols = sample_locations(power_spectrum(permuted), n, gamma, generator)
+        half = locations == "prior-half"
+        rows, cols = sample_locations(power_spectrum(permuted), n, gamma, generator, half=half)
     return LayerPlan(rows, cols, perm_rows, perm_cols, before, after)

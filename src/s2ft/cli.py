@@ -7,6 +7,7 @@ import dataclasses
 import json
 import sys
 
+from s2ft.config import LOCATIONS
 from s2ft.permutation import SEARCHES
 from s2ft.train import DEFAULT_LR, METHODS, FinetuneArgs, RunError
 
@@ -33,6 +34,12 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
         default=d.permutation,
         choices=SEARCHES,
         help="S2FT: the row/column ordering search (default: %(default)s)",
+    )
+    p.add_argument(
+        "--locations",
+        default=d.locations,
+        choices=LOCATIONS,
+        help="S2FT: where the coefficients go (default: %(default)s); see S2FTConfig.locations",
     )
     p.add_argument(
         "--calibration-batches", type=int, default=d.calibration_batches, help="S2FT: batches for the prior"

@@ -13,15 +13,17 @@ from typing import Any
 from s2ft.io import atomic_write_text
 from s2ft.train import FinetuneArgs, RunError, run_finetune
 
-# variant -> (label, overrides of FinetuneArgs; "n_frequency": "half" means n // 2)
+# variant -> (label, overrides of FinetuneArgs; "n_frequency": "half" means n // 2). The S2FT variants name their
+# location sampling, so that each differs from "s2ft" (the paper's recipe) in one thing only.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "fourierft": ("FourierFT, n", {"method": "fourierft"}),
-    "s2ft": ("S2FT, n", {"method": "s2ft"}),
-    "s2ft-half": ("S2FT, n/2", {"method": "s2ft", "n_frequency": "half"}),
+    "s2ft": ("S2FT, n", {"method": "s2ft", "locations": "prior"}),
+    "s2ft-half": ("S2FT, n/2", {"method": "s2ft", "n_frequency": "half", "locations": "prior"}),
     "lora": ("LoRA (PEFT)", {"method": "lora"}),
     "full": ("full fine-tuning", {"method": "full"}),
-    "s2ft-noperm": ("S2FT without permutations", {"method": "s2ft", "permute": False}),
+    "s2ft-noperm": ("S2FT without permutations", {"method": "s2ft", "permute": False, "locations": "prior"}),
     "s2ft-uniform": ("S2FT with random locations", {"method": "s2ft", "locations": "uniform"}),
+    "s2ft-prior-half": ("S2FT, one location per mirror pair", {"method": "s2ft", "locations": "prior-half"}),
 }
 
 

@@ -12,6 +12,8 @@ from typing import Any, ClassVar
 from s2ft.io import atomic_write_text
 from s2ft.permutation import SEARCHES
 
+LOCATIONS = ("prior", "prior-half", "uniform")
+
 CONFIG_NAME = "adapter_config.json"
 INITS = ("zeros", "normal")
 FORWARD_PATHS = ("auto", "dense", "fft")
@@ -143,7 +145,9 @@ class S2FTConfig(FourierFTConfig):
     # The row/column ordering search (s2ft.permutation.SEARCHES): "greedy" nearest-neighbour path, as in the
     # paper; "multistart", "2opt", "2opt-cyclic" (shorter paths, more compaction) and "svd" (spectral ordering).
     permutation: str = "greedy"
-    # Ablations: "prior" samples locations from the prior's spectrum; "uniform" draws them as FourierFT does.
+    # "prior" samples locations ∝ |DFT2|^gamma over the whole spectrum (the paper); "prior-half" over one location of
+    # each mirror pair (u, v), (-u, -v), which carry the same real basis function; "uniform" (an ablation) draws
+    # them as FourierFT does.
     locations: str = "prior"
     # Ablation: False keeps identity permutations (locations still sampled from the prior's spectrum).
     permute: bool = True
@@ -161,8 +165,8 @@ class S2FTConfig(FourierFTConfig):
             )
         if self.permutation not in SEARCHES:
             raise ValueError(f"permutation must be one of {SEARCHES}, got {self.permutation!r}")
-        if self.locations not in ("prior", "uniform"):
-            raise ValueError(f"locations must be 'prior' or 'uniform', got {self.locations!r}")
+        if self.locations not in LOCATIONS:
+            raise ValueError(f"locations must be one of {LOCATIONS}, got {self.locations!r}")
         if not isinstance(self.permute, bool):
             raise ValueError(f"permute must be True or False, got {self.permute!r}")
 

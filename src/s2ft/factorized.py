@@ -64,13 +64,14 @@ def delta_weight(coeffs, rows, cols, d_out, d_in, scaling, perm_rows=None, perm_
 def choose_path(d_out: int, d_in: int, n: int, num_tokens: int, device) -> str:
     """The path ``"auto"`` takes for a layer of shape ``(d_out, d_in)`` with ``n`` coefficients.
 
-    CPU: ``"fft"`` when ``d_out * d_in > 64 * (d_out + d_in) + 25 * n``, else ``"dense"``. Measured with
-    a sweep of layer sizes (one MKL thread, float32, forward+backward): per token, the dense path
-    costs about ``0.24 ns * d_out * d_in`` (three GEMMs) and the FFT path about ``30 ns`` per feature (five real
-    FFTs with their copies) plus ``6 ns`` per coefficient (two sparse products and a sampled one, memory-bound);
-    the rule is that model with rounded constants. The number of tokens (8 to 4096) barely moved the crossover.
-    So the FFT path wins at every width from 384 up (2x at 384, 8-20x at 2048-4096 with n = 1000-3000) and loses
-    at 128 and below; at 192-256 it depends on ``n``.
+    CPU: ``"fft"`` when ``d_out * d_in > threads * (64 * (d_out + d_in) + 25 * n)``, else ``"dense"``, with
+    ``threads = torch.get_num_threads()``. Model, from a sweep of layer sizes at one thread (float32,
+    forward+backward): per token, the dense path costs about ``0.24 ns * d_out * d_in`` (three GEMMs) and the FFT
+    path about ``30 ns`` per feature (five real FFTs with their copies) plus ``6 ns`` per coefficient (two sparse
+    products and a sampled one, memory-bound). The GEMMs speed up with threads, the memory-bound FFT path hardly:
+    at two threads ``benchmarks/bench.py`` found the two paths level at width 384 with n = 1000, dense ahead
+    at n = 3000, and the FFT path 4x ahead at 1024 and 4-30x at 2048-4096. The number of tokens (8 to 4096)
+    barely moves the crossover.
 
     CUDA (not measured: no GPU was available): the dense path is a few fp32 GEMMs, fast on a GPU, while the FFT
     path is some twenty small memory-bound kernels per chunk, whose launch cost dominates small problems. Our
@@ -79,7 +80,8 @@ def choose_path(d_out: int, d_in: int, n: int, num_tokens: int, device) -> str:
     """
     if torch.device(device).type == "cuda":
         return "dense" if num_tokens * d_out * d_in < 2**28 else "fft"
-    return "fft" if d_out * d_in > 64 * (d_out + d_in) + 25 * n else "dense"
+    threads = torch.get_num_threads()
+    return "fft" if d_out * d_in > threads * (64 * (d_out + d_in) + 25 * n) else "dense"
 
 
 def spectral_apply(
@@ -235,11 +237,17 @@ def _plan(rows, cols, d_out, d_in, perm_rows, perm_cols) -> _Plan:
     return plan
 
 
+def _gather_columns(signal: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``signal[:, perm]``. ``gather`` with a broadcast index copies rows 2-3x faster than ``index_select`` on
+    dimension 1 on the CPU (the ``benchmarks/bench.py`` profile had the gathers at 39% of the FFT path)."""
+    return torch.gather(signal, 1, perm.expand(signal.shape))
+
+
 def _half_spectrum(signal: torch.Tensor, perm: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """``rfft`` of ``signal[:, perm]`` in ``dtype``, as interleaved reals ``(T, 2 (L/2+1))`` (a view)."""
     signal = signal.to(dtype)
     if perm is not None:
-        signal = signal.index_select(1, perm)
+        signal = _gather_columns(signal, perm)
     spectrum = torch.fft.rfft(signal, dim=1)
     return torch.view_as_real(spectrum).reshape(signal.shape[0], -1)
 
@@ -263,9 +271,9 @@ def _synthesize(half: torch.Tensor, inv_perm: torch.Tensor | None, out: torch.Te
     if inv_perm is None:
         out.copy_(signal)
     elif out.dtype == half.dtype:
-        torch.index_select(signal, 1, inv_perm, out=out)
+        torch.gather(signal, 1, inv_perm.expand(signal.shape), out=out)
     else:
-        out.copy_(signal.index_select(1, inv_perm))
+        out.copy_(_gather_columns(signal, inv_perm))
 
 
 class _SpectralFFT(torch.autograd.Function):

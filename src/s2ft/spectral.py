@@ -26,8 +26,23 @@ def power_spectrum(matrix: torch.Tensor) -> torch.Tensor:
     return torch.fft.fft2(matrix.to(dtype)).abs()
 
 
+def mirror_of(d_out: int, d_in: int) -> torch.Tensor:
+    """Flat index of the mirror location ``(-u mod d_out, -v mod d_in)`` of every flat location ``u * d_in + v``.
+
+    With a real coefficient, a location and its mirror give the same basis function
+    ``cos(2π(u p / d_out + v q / d_in))`` of ``Re(ifft2(F))``: a coefficient on both is one degree of freedom.
+    """
+    rows = (-torch.arange(d_out)) % d_out
+    cols = (-torch.arange(d_in)) % d_in
+    return (rows[:, None] * d_in + cols[None, :]).flatten()
+
+
 def sample_locations(
-    power: torch.Tensor, n: int, gamma: float, generator: torch.Generator | None = None
+    power: torch.Tensor,
+    n: int,
+    gamma: float,
+    generator: torch.Generator | None = None,
+    half: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample ``n`` distinct locations without replacement with probability ``∝ power ** gamma``.
 
@@ -37,6 +52,10 @@ def sample_locations(
     limit of 2**24 categories. Locations of zero weight are only taken when fewer than ``n`` have positive weight.
     The draw runs on the CPU with ``generator``, so it is identical on every device. Returns int64 ``(rows, cols)``
     on the device of ``power``, ordered by decreasing sampling priority.
+
+    ``half=True`` samples from one location of each mirror pair ``(u, v)``, ``(-u, -v)`` (the one with the smaller
+    flat index; :func:`mirror_of`), so that no two coefficients share a basis function: about half the spectrum,
+    ``power`` being symmetric for a real matrix. The other half is drawn from only when ``n`` exceeds it.
     """
     if power.dim() != 2:
         raise ValueError(f"power must be a 2-D matrix, got shape {tuple(power.shape)}")
@@ -51,7 +70,18 @@ def sample_locations(
     # gives -inf: drawn only after every positive weight.
     inverse_weight = (flat_power / flat_power.max().clamp_min(torch.finfo(torch.float32).tiny)).pow_(-gamma)
     keys = torch.rand(flat_power.shape, generator=generator).log_().mul_(inverse_weight)
-    flat = torch.topk(keys, n, sorted=True).indices
+    if half:  # canonical locations first; mirrored ones only once those run out
+        index = torch.arange(keys.numel())
+        mirrored = mirror_of(d_out, d_in) < index
+        groups = (index[~mirrored], index[mirrored])
+        picked, left = [], n
+        for group in groups:
+            take = min(left, group.numel())
+            picked.append(group[torch.topk(keys[group], take, sorted=True).indices])
+            left -= take
+        flat = torch.cat(picked)
+    else:
+        flat = torch.topk(keys, n, sorted=True).indices
     return (flat // d_in).to(power.device), (flat % d_in).to(power.device)
 
 

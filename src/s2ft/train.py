@@ -155,30 +155,35 @@ def load_task(args: FinetuneArgs) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- methods
+def spectral_config(args: FinetuneArgs, head: list[str]) -> Any:
+    """The s2ft config (S2FT or FourierFT, by ``args.method``) of a job."""
+    from s2ft import FourierFTConfig, S2FTConfig
+
+    common = dict(
+        target_modules=args.targets,
+        modules_to_save=head or None,
+        n_frequency=args.n_frequency,
+        scaling=args.scaling,
+        seed=args.seed,
+    )
+    if args.method == "fourierft":
+        return FourierFTConfig(**common)
+    return S2FTConfig(
+        **common,
+        gamma=args.gamma,
+        permutation=args.permutation,
+        permute=args.permute,
+        locations=args.locations,
+    )
+
+
 def wrap_model(model: torch.nn.Module, args: FinetuneArgs, head: list[str]) -> torch.nn.Module:
     """Apply the method: an s2ft adapter, PEFT's LoRA, or nothing (full fine-tuning)."""
     if args.method in ("s2ft", "fourierft"):
-        from s2ft import FourierFTConfig, S2FTConfig, get_spectral_model
+        from s2ft import get_spectral_model
 
-        common = dict(
-            target_modules=args.targets,
-            modules_to_save=head or None,
-            n_frequency=args.n_frequency,
-            scaling=args.scaling,
-            seed=args.seed,
-        )
-        if args.method == "s2ft":
-            config = S2FTConfig(
-                **common,
-                gamma=args.gamma,
-                permutation=args.permutation,
-                permute=args.permute,
-                locations=args.locations,
-            )
-        else:
-            config = FourierFTConfig(**common)
         try:
-            return get_spectral_model(model, config)
+            return get_spectral_model(model, spectral_config(args, head))
         except (ValueError, TypeError) as e:
             raise RunError(str(e)) from None
     if args.method == "lora":
@@ -580,7 +585,7 @@ def run_analyze(
 
     from transformers import DataCollatorWithPadding, set_seed
 
-    from s2ft import S2FTConfig, get_spectral_model
+    from s2ft import get_spectral_model
     from s2ft.analysis import analyze_model
 
     args.validate()
@@ -596,14 +601,7 @@ def run_analyze(
         names = [n for n, m in model.named_modules() if m is not model and _targeted(n, args.targets)]
         with tempfile.TemporaryDirectory() as tmp:
             deltas = full_finetune_delta(model, tokenizer, args, train, names, full_finetune_steps, tmp)
-    config = S2FTConfig(
-        target_modules=args.targets,
-        modules_to_save=head or None,
-        n_frequency=args.n_frequency,
-        gamma=args.gamma,
-        seed=args.seed,
-        permutation=args.permutation,
-    )
+    config = spectral_config(dataclasses.replace(args, method="s2ft"), head)
     try:
         spectral = get_spectral_model(model, config)
     except (ValueError, TypeError) as e:
