@@ -113,10 +113,11 @@ class SpectralLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
         if self.disabled or self.merged:
-            return result
+            return self.base_layer(x)
         self._require_ready()
+        # The branch runs before the base layer, so that backward runs it after (reverse order): the base layer's
+        # input gradient arrives first and autograd adds the branch's into it in place, not into a new tensor.
         delta = spectral_apply(
             x,
             self.coeffs.float(),
@@ -129,6 +130,7 @@ class SpectralLinear(nn.Module):
             self.perm_cols,
             path=self.forward_path,
         )
+        result = self.base_layer(x)
         return result + delta.to(result.dtype)
 
     def _add_to_weight(self, sign: float) -> None:
