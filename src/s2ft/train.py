@@ -218,12 +218,14 @@ def parameter_groups(model: torch.nn.Module, args: FinetuneArgs) -> list[dict[st
 
 def calibration_batches(train: Any, collator: Any, args: FinetuneArgs, rank: int, world: int) -> list[dict]:
     """This process's share of the calibration subset: global batches ``rank, rank + world, ...`` of a seeded
-    shuffle. Summed over processes, the prior equals one process's over all ``calibration_batches`` batches."""
+    sample, batched by length (the prior sums batch-mean gradients, so with full batches it does not depend on
+    how the examples are grouped, and short batches pad less). Summed over processes, the prior equals one
+    process's over all ``calibration_batches`` batches."""
     count = min(len(train), args.calibration_batches * args.batch_size)
     subset = train.shuffle(seed=args.seed).select(range(count))
+    examples = sorted((subset[i] for i in range(count)), key=lambda example: len(example["input_ids"]))
     batches = [
-        collator([subset[i] for i in range(start, min(start + args.batch_size, count))])
-        for start in range(0, count, args.batch_size)
+        collator(examples[start : start + args.batch_size]) for start in range(0, count, args.batch_size)
     ]
     return batches[rank::world]
 
