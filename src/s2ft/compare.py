@@ -24,6 +24,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "s2ft-noperm": ("S2FT without permutations", {"method": "s2ft", "permute": False, "locations": "prior"}),
     "s2ft-uniform": ("S2FT with random locations", {"method": "s2ft", "locations": "uniform"}),
     "s2ft-prior-half": ("S2FT, one location per mirror pair", {"method": "s2ft", "locations": "prior-half"}),
+    "s2ft-2opt-cyclic": (
+        "S2FT, cyclic 2-opt search",
+        {"method": "s2ft", "locations": "prior", "permutation": "2opt-cyclic"},
+    ),
 }
 
 
