@@ -171,6 +171,9 @@ def test_unknown_method_and_unmatched_targets(tiny, tmp_path, capsys):
     assert finetune(tiny, tmp_path / "b", "--targets", "q_proj") == 2
     assert "matched no module" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+    assert finetune(tiny, tmp_path / "c", "--lr", "-0.1") == 2
+    assert "--lr must be a finite number >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
 
 
 def test_interrupt_leaves_no_half_written_adapter(tiny, tmp_path, monkeypatch, capsys):

@@ -8,6 +8,7 @@ import dataclasses
 import inspect
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -75,6 +76,10 @@ class FinetuneArgs:
                 raise RunError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise RunError("give --epochs > 0 or --max-steps > 0")
+        for name in ("lr", "head_lr", "scaling", "gamma"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise RunError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
 
     @property
     def learning_rate(self) -> float:
