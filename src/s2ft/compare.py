@@ -67,7 +67,8 @@ def summarize(runs: list[dict[str, Any]], variants: list[str]) -> list[dict[str,
     return rows
 
 
-def markdown_table(rows: list[dict[str, Any]], majority: float | None) -> str:
+def markdown_table(rows: list[dict[str, Any]], majority: dict[int, float]) -> str:
+    """The summary rows as a markdown table; ``majority``: the test split's majority-class rate per seed."""
     lines = [
         "| method | test accuracy | validation accuracy | trainable params | adapter bytes | train s | calibration s |",
         "|---|---|---|---|---|---|---|",
@@ -79,8 +80,9 @@ def markdown_table(rows: list[dict[str, Any]], majority: float | None) -> str:
             f"| {r['adapter_bytes']:,} | {r['train_seconds_mean']:.0f} | {r['calibration_seconds_mean']:.1f} |"
         )
     note = f"\nMean ± standard deviation over {rows[0]['seeds']} seeds." if rows else ""
-    if majority is not None:
-        note += f" Majority-class rate on the test split: {majority:.4f}."
+    if majority:
+        rates = ", ".join(f"{rate:.4f} (seed {seed})" for seed, rate in sorted(majority.items()))
+        note += f" Majority-class rate on the test split: {rates}."
     note += " Trainable parameters include the classifier head."
     return "\n".join(lines) + "\n" + note + "\n"
 
@@ -122,7 +124,7 @@ def write_results(
     seconds: float,
 ) -> dict[str, Any]:
     rows = summarize(runs, variants)
-    majority = runs[0].get("majority_rate") if runs else None
+    majority = {r["seed"]: r["majority_rate"] for r in runs if r.get("majority_rate") is not None}
     results = {
         "task": {"model": base.model, "dataset": base.dataset, "n_frequency": base.n_frequency},
         "seeds": seeds,
