@@ -218,6 +218,7 @@ def test_compare_end_to_end(tiny, tmp_path, monkeypatch):
     assert by["full"]["trainable_params"] > by["lora"]["trainable_params"] > by["s2ft"]["trainable_params"]
     table = (out / "results.md").read_text()
     assert all(label in table for label, _ in VARIANTS.values())
+    assert "(seed 0)" in table and "(seed 1)" in table  # each seed has its own split
     png = (out / "accuracy_vs_size.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     # a second invocation reuses the finished runs

@@ -121,16 +121,10 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 
 
 def _compare(ns: argparse.Namespace) -> None:
-    from s2ft.compare import run_compare
+    from s2ft.compare import majority_rates, markdown_table, run_compare
 
     results = run_compare(_job_args(ns), ns.variants, ns.seeds, ns.output, progress=not ns.quiet)
-    from s2ft.compare import markdown_table
-
-    print(
-        markdown_table(
-            results["summary"], results["runs"][0].get("majority_rate") if results["runs"] else None
-        )
-    )
+    print(markdown_table(results["summary"], majority_rates(results["runs"])))
     print(f"results in {ns.output}")
 
 

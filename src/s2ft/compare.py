@@ -67,6 +67,11 @@ def summarize(runs: list[dict[str, Any]], variants: list[str]) -> list[dict[str,
     return rows
 
 
+def majority_rates(runs: list[dict[str, Any]]) -> dict[int, float]:
+    """The test split's majority-class rate per seed (the seed chooses the split)."""
+    return {r["seed"]: r["majority_rate"] for r in runs if r.get("majority_rate") is not None}
+
+
 def markdown_table(rows: list[dict[str, Any]], majority: dict[int, float]) -> str:
     """The summary rows as a markdown table; ``majority``: the test split's majority-class rate per seed."""
     lines = [
@@ -124,7 +129,7 @@ def write_results(
     seconds: float,
 ) -> dict[str, Any]:
     rows = summarize(runs, variants)
-    majority = {r["seed"]: r["majority_rate"] for r in runs if r.get("majority_rate") is not None}
+    majority = majority_rates(runs)
     results = {
         "task": {"model": base.model, "dataset": base.dataset, "n_frequency": base.n_frequency},
         "seeds": seeds,
