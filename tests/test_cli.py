@@ -254,3 +254,26 @@ def test_analyze_end_to_end(tiny, tmp_path):
     for name in pngs:
         data_bytes = (out / name).read_bytes()
         assert data_bytes[:8] == b"\x89PNG\r\n\x1a\n" and len(data_bytes) > 5_000
+
+
+def test_head_warmup_trains_only_the_head(tiny, tmp_path):
+    from s2ft.train import FinetuneArgs, load_classifier, load_task, tokenize, warm_up_head
+
+    model_dir, data = tiny
+    model, tokenizer, head = load_classifier(model_dir, list(WORDS))
+    assert head == ["classifier"]
+    model.requires_grad_(True)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    args = FinetuneArgs(model=model_dir, dataset=data, head_warmup_steps=3, batch_size=8, quiet=True)
+    train = tokenize(load_task(args).train, tokenizer, 64)
+    warm_up_head(model, tokenizer, args, str(tmp_path), train, head)
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])}
+    assert changed == {"classifier.weight", "classifier.bias"}
+    assert all(p.requires_grad for p in model.parameters())  # flags restored
+
+
+def test_finetune_with_head_warmup(tiny, tmp_path):
+    assert finetune(tiny, tmp_path / "run", "--head-warmup-steps", "2") == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["head_warmup_seconds"] > 0 and metrics["args"]["head_warmup_steps"] == 2
+    assert finetune(tiny, tmp_path / "bad", "--head-warmup-steps", "-1") == 2

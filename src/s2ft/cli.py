@@ -44,6 +44,12 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--calibration-batches", type=int, default=d.calibration_batches, help="S2FT: batches for the prior"
     )
+    p.add_argument(
+        "--head-warmup-steps",
+        type=int,
+        default=d.head_warmup_steps,
+        help="train the new classifier head alone this many steps before calibration and training",
+    )
     p.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank (--method lora)")
     p.add_argument("--epochs", type=float, default=d.epochs)
     p.add_argument("--max-steps", type=int, default=d.max_steps, help="overrides --epochs when > 0")

@@ -50,6 +50,7 @@ class FinetuneArgs:
     gamma: float = 1.5
     permutation: str = "greedy"
     calibration_batches: int = 16
+    head_warmup_steps: int = 0  # train the new head alone this many steps first (before S2FT's calibration)
     lora_r: int = 8
     epochs: float = 1.0
     max_steps: int = -1
@@ -74,6 +75,8 @@ class FinetuneArgs:
         for name in ("batch_size", "calibration_batches", "n_frequency", "lora_r", "max_length"):
             if getattr(self, name) <= 0:
                 raise RunError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.head_warmup_steps < 0:
+            raise RunError(f"--head-warmup-steps must be >= 0, got {self.head_warmup_steps}")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise RunError("give --epochs > 0 or --max-steps > 0")
         for name in ("lr", "head_lr", "scaling", "gamma"):
@@ -385,6 +388,24 @@ def make_trainer(
     return trainer
 
 
+def warm_up_head(
+    model: torch.nn.Module, tokenizer: Any, args: FinetuneArgs, work_dir: str, train: Any, head: list[str]
+) -> None:
+    """Train only the ``head`` modules of the unwrapped ``model`` for ``args.head_warmup_steps`` steps at
+    ``head_lr``, the rest frozen. S2FT's gradient prior is then taken through a head that already reads the task,
+    not through a random one. ``requires_grad`` flags are restored."""
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.requires_grad_(False)
+    for name in head:
+        model.get_submodule(name).requires_grad_(True)
+    warm = dataclasses.replace(args, method="full", lr=args.head_lr, max_steps=args.head_warmup_steps)
+    try:
+        make_trainer(model, tokenizer, warm, work_dir, train).train()
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
+
+
 def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
     """Run the whole job; returns the metrics also written to ``OUTPUT/metrics.json``."""
     from accelerate import PartialState
@@ -409,11 +430,17 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
             len(task.test),
         )
         model, tokenizer, head = load_classifier(args.model, task.label_names)
-        model = wrap_model(model, args, head)
         splits = {
             name: tokenize(ds, tokenizer, args.max_length, sort_by_length=name != "train")
             for name, ds in (("train", train), ("validation", task.validation), ("test", task.test))
         }
+        warmup_seconds = 0.0
+        if args.head_warmup_steps > 0 and head:
+            start = time.perf_counter()
+            warm_up_head(model, tokenizer, args, work_dir, splits["train"], head)
+            warmup_seconds = time.perf_counter() - start
+            logger.info("head warm-up: %d steps, %.1f s", args.head_warmup_steps, warmup_seconds)
+        model = wrap_model(model, args, head)
         trainer = make_trainer(model, tokenizer, args, work_dir, splits["train"])
         calibration_seconds = 0.0
         if args.method == "s2ft":
@@ -439,6 +466,7 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
             "seed": args.seed,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "calibration_seconds": round(calibration_seconds, 3),
+            "head_warmup_seconds": round(warmup_seconds, 3),
             "train_seconds": round(train_seconds, 3),
             "val_accuracy": accuracy(trainer, splits["validation"]),
             "test_accuracy": accuracy(trainer, splits["test"]),
