@@ -48,6 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from s2ft.io import atomic_write_text
+
 AUSTEN_NOVELS = (
     "emma",
     "mansfieldpark",
@@ -270,19 +272,6 @@ def _austen_sentences_from(rdata_dir: Path) -> list[dict[str, str]]:
     return [row for row in rows if counts[row["text"]] == 1]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is readable like any other file
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def austen_sentences(
     cache_dir: str | os.PathLike | None = None, source_dir: str | os.PathLike | None = None
 ) -> list[dict[str, str]]:
@@ -299,7 +288,7 @@ def austen_sentences(
                 workdir = Path(tmp)
                 _extract_deb(_download_deb(workdir), workdir)
                 rows = _austen_sentences_from(_find_rdata_dir(workdir))
-        _write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f]
 

@@ -98,11 +98,12 @@ class SpectralLinear(nn.Module):
                 "or load a trained adapter with SpectralModel.from_pretrained"
             )
 
-    def delta_weight(self) -> torch.Tensor:
-        """The dense ``ΔW``, ``(d_out, d_in)`` in float32 (``nn.Linear``'s convention, also for Conv1D)."""
+    def _spectrum(self) -> tuple:
+        """The arguments :func:`delta_weight` and :func:`spectral_apply` take after ``x``."""
         self._require_ready()
-        return delta_weight(
-            self.coeffs.float(),
+        coeffs = self.coeffs.float()
+        return (
+            coeffs,
             self.rows,
             self.cols,
             self.d_out,
@@ -112,24 +113,16 @@ class SpectralLinear(nn.Module):
             self.perm_cols,
         )
 
+    def delta_weight(self) -> torch.Tensor:
+        """The dense ``ΔW``, ``(d_out, d_in)`` in float32 (``nn.Linear``'s convention, also for Conv1D)."""
+        return delta_weight(*self._spectrum())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled or self.merged:
             return self.base_layer(x)
-        self._require_ready()
         # The branch runs before the base layer, so that backward runs it after (reverse order): the base layer's
         # input gradient arrives first and autograd adds the branch's into it in place, not into a new tensor.
-        delta = spectral_apply(
-            x,
-            self.coeffs.float(),
-            self.rows,
-            self.cols,
-            self.d_out,
-            self.d_in,
-            self.scaling,
-            self.perm_rows,
-            self.perm_cols,
-            path=self.forward_path,
-        )
+        delta = spectral_apply(x, *self._spectrum(), path=self.forward_path)
         result = self.base_layer(x)
         return result + delta.to(result.dtype)
 
