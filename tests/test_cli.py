@@ -254,6 +254,12 @@ def test_analyze_end_to_end(tiny, tmp_path):
     for name in pngs:
         data_bytes = (out / name).read_bytes()
         assert data_bytes[:8] == b"\x89PNG\r\n\x1a\n" and len(data_bytes) > 5_000
+    # a warmed-up head changes the gradient the prior is made of
+    warm = tmp_path / "warm"
+    assert main([*argv[:6], str(warm), *argv[7:], "--head-warmup-steps", "3"]) == 0
+    warmed = json.loads((warm / "analysis.json").read_text())
+    name = "bert.encoder.layer.0.attention.self.query"
+    assert warmed["prior"][name]["before"] != analysis["prior"][name]["before"]
 
 
 def test_head_warmup_trains_only_the_head(tiny, tmp_path):

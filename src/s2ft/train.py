@@ -631,6 +631,9 @@ def run_analyze(
     if args.max_train_samples is not None and len(train) > args.max_train_samples:
         train = train.shuffle(seed=args.seed).select(range(args.max_train_samples))
     train = tokenize(train, tokenizer, args.max_length)
+    if args.head_warmup_steps > 0 and head:  # as finetune does: the prior (and ΔW) start from a warm head
+        with tempfile.TemporaryDirectory() as tmp:
+            warm_up_head(model, tokenizer, dataclasses.replace(args, quiet=True), tmp, train, head)
     deltas = None
     if full_finetune_steps > 0:
         names = [n for n, m in model.named_modules() if m is not model and _targeted(n, args.targets)]
