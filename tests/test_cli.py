@@ -70,6 +70,7 @@ def finetune(tiny, output, *extra) -> int:
     model, data = tiny
     argv = ["finetune", "--model", model, "--dataset", data, "--output", str(output), "--quiet"]
     argv += ["--n-frequency", "64", "--calibration-batches", "4", "--epochs", "2", "--batch-size", "8"]
+    argv += ["--head-warmup-steps", "2"]  # the default, 100, is sized for the real task
     return main([*argv, *extra])
 
 
@@ -208,6 +209,7 @@ def test_compare_end_to_end(tiny, tmp_path, monkeypatch):
         "1",
     ]
     argv += ["--n-frequency", "64", "--calibration-batches", "2", "--max-steps", "3", "--batch-size", "8"]
+    argv += ["--head-warmup-steps", "2"]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert [r["variant"] for r in results["summary"]] == list(VARIANTS)

@@ -80,6 +80,9 @@ def test_two_processes_match_one(tmp_path):
             max_steps=6,
             quiet=True,
             lr=0.05,
+            # No head warm-up: its float rounding differs between 1 and 2 processes, and the test compares
+            # the permutations that calibration picks after it exactly.
+            head_warmup_steps=0,
         )
     )
     fresh = lambda: AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=3)  # noqa: E731

@@ -50,7 +50,7 @@ class FinetuneArgs:
     gamma: float = 1.5
     permutation: str = "greedy"
     calibration_batches: int = 16
-    head_warmup_steps: int = 0  # train the new head alone this many steps first (before S2FT's calibration)
+    head_warmup_steps: int = 100  # train the new head alone this many steps first (before S2FT's calibration)
     lora_r: int = 8
     epochs: float = 1.0
     max_steps: int = -1
