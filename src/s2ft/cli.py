@@ -197,10 +197,13 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
 
 
 def _analyze(ns: argparse.Namespace) -> None:
-    from s2ft.train import run_analyze
+    from s2ft.train import log_to, run_analyze
 
-    analysis = run_analyze(_job_args(ns), ns.output, ns.full_finetune_steps, ns.layers_per_pass)
-    print(json.dumps(analysis["summary"], indent=2))
+    args = _job_args(ns)
+    with log_to(None, args.quiet):  # --quiet: no load reports or progress bars
+        analysis = run_analyze(args, ns.output, ns.full_finetune_steps, ns.layers_per_pass)
+    if not args.quiet:
+        print(json.dumps(analysis["summary"], indent=2))
     print(f"report: {ns.output}/report.md")
 
 
