@@ -151,6 +151,13 @@ def tokenize(dataset: Any, tokenizer: Any, max_length: int, sort_by_length: bool
     return encoded
 
 
+def training_subset(train: Any, args: FinetuneArgs) -> Any:
+    """At most ``max_train_samples`` of the training split, a seeded sample."""
+    if args.max_train_samples is not None and len(train) > args.max_train_samples:
+        return train.shuffle(seed=args.seed).select(range(args.max_train_samples))
+    return train
+
+
 def load_task(args: FinetuneArgs) -> Any:
     from s2ft.data import DataError, load_dataset_spec
 
@@ -419,9 +426,7 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
     ):
         set_seed(args.seed)
         task = load_task(args)
-        train = task.train
-        if args.max_train_samples is not None and len(train) > args.max_train_samples:
-            train = train.shuffle(seed=args.seed).select(range(args.max_train_samples))
+        train = training_subset(task.train, args)
         logger.info(
             "task %s: %d train, %d validation, %d test",
             task.name,
@@ -622,21 +627,19 @@ def run_analyze(
 
     from s2ft import get_spectral_model
     from s2ft.analysis import analyze_model
+    from s2ft.model import matches
 
     args.validate()
     set_seed(args.seed)
     task = load_task(args)
     model, tokenizer, head = load_classifier(args.model, task.label_names)
-    train = task.train
-    if args.max_train_samples is not None and len(train) > args.max_train_samples:
-        train = train.shuffle(seed=args.seed).select(range(args.max_train_samples))
-    train = tokenize(train, tokenizer, args.max_length)
+    train = tokenize(training_subset(task.train, args), tokenizer, args.max_length)
     if args.head_warmup_steps > 0 and head:  # as finetune does: the prior (and ΔW) start from a warm head
         with tempfile.TemporaryDirectory() as tmp:
             warm_up_head(model, tokenizer, dataclasses.replace(args, quiet=True), tmp, train, head)
     deltas = None
     if full_finetune_steps > 0:
-        names = [n for n, m in model.named_modules() if m is not model and _targeted(n, args.targets)]
+        names = [n for n, m in model.named_modules() if m is not model and matches(n, args.targets)]
         with tempfile.TemporaryDirectory() as tmp:
             deltas = full_finetune_delta(model, tokenizer, args, train, names, full_finetune_steps, tmp)
     config = spectral_config(dataclasses.replace(args, method="s2ft"), head)
@@ -653,9 +656,3 @@ def run_analyze(
         layers_per_pass=layers_per_pass,
         progress=not args.quiet,
     )
-
-
-def _targeted(name: str, targets: list[str]) -> bool:
-    from s2ft.model import matches
-
-    return matches(name, targets)
