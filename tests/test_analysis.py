@@ -11,7 +11,7 @@ import torch
 
 from conftest import make_batches, tiny_bert
 from s2ft import S2FTConfig, get_spectral_model
-from s2ft.analysis import (
+from s2ft.analysis.measures import (
     CURVE_FRACTIONS,
     analyze_matrix,
     analyze_model,

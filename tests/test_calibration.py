@@ -9,8 +9,8 @@ import torch
 
 from conftest import MODELS, forward, make_batches, mlp_loss
 from s2ft import S2FTConfig, get_spectral_model
-from s2ft.calibration import gradient_prior
-from s2ft.permutation import is_permutation
+from s2ft.ops.permutation import is_permutation
+from s2ft.tuner.calibration import gradient_prior
 
 
 def wrap(kind: str = "bert", **overrides):
@@ -84,7 +84,7 @@ def test_calibration_with_loss_fn_and_batch_limit():
 
 
 def test_ablations_identity_permutations_and_uniform_locations():
-    from s2ft.spectral import fourierft_locations
+    from s2ft.ops.locations import fourierft_locations
 
     batches = make_batches("bert")
     _, plain = wrap("bert", permute=False)

@@ -21,15 +21,18 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from s2ft import data  # noqa: E402
 from s2ft.data import (  # noqa: E402
+    DataError,
+    debian,  # noqa: E402
+    load_dataset_spec,
+)
+from s2ft.data import austen as data  # noqa: E402
+from s2ft.data.austen import (  # noqa: E402
     AUSTEN_NOVELS,
     AUSTEN_SENTENCES,
     AUSTEN_TEST_SIZE,
     AUSTEN_VALIDATION_SIZE,
-    DataError,
     load_austen,
-    load_dataset_spec,
     novel_sentences,
     split_sentences,
 )
@@ -196,10 +199,10 @@ def test_deb_extracted_without_dpkg(tmp_path, monkeypatch):
         {f"{prefix}/{name}": (rdata_dir / name).read_bytes() for name in ("Rdata.rdx", "Rdata.rdb")}
         | {"./usr/share/doc/r-cran-janeaustenr/copyright": b"GPL-2"},
     )
-    monkeypatch.setattr(data.shutil, "which", lambda name: None)
+    monkeypatch.setattr(debian.shutil, "which", lambda name: None)
     monkeypatch.setattr(subprocess, "run", no_subprocess)
-    data._extract_deb(deb, tmp_path / "out")
-    assert data.read_austen_novels(data._find_rdata_dir(tmp_path / "out")) == fake_novels()
+    debian.extract_deb(deb, tmp_path / "out", data.RDATA_FILES, "")
+    assert data.read_austen_novels(data.find_rdata_dir(tmp_path / "out")) == fake_novels()
     assert not (tmp_path / "out" / "usr" / "share").exists()  # only the data is written
 
 

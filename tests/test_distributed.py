@@ -52,7 +52,7 @@ def test_two_processes_match_one(tmp_path):
 
     from ddp_worker import calibration_batches
     from s2ft import S2FTConfig, get_spectral_model
-    from s2ft.calibration import gradient_prior
+    from s2ft.tuner.calibration import gradient_prior
 
     ranks = [torch.load(tmp_path / f"calibration-rank{r}.pt") for r in (0, 1)]
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=3).eval()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import s2ft.factorized as factorized
-from s2ft.factorized import PATHS, choose_path, delta_weight, spectral_apply
+import s2ft.ops.apply as factorized
+from s2ft.ops.apply import PATHS, choose_path, delta_weight, spectral_apply
 from test_spectral import naive_delta
 
 SHAPES = [(8, 8), (6, 10), (12, 5), (7, 9)]

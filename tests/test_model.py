@@ -11,7 +11,7 @@ import torch
 
 from conftest import MODELS, forward, make_batches, mlp_loss
 from s2ft import FourierFTConfig, S2FTConfig, SpectralLinear, SpectralModel, get_spectral_model
-from s2ft.layer import TrainedCopy
+from s2ft.tuner.layers import TrainedCopy
 
 METHODS = ["fourierft", "s2ft"]
 
@@ -43,7 +43,7 @@ def randomize(model: SpectralModel, seed: int = 0) -> None:
 
 
 def train_steps(model, batches, loss_fn, steps: int = 3, lr: float = 0.05) -> None:
-    from s2ft.calibration import batch_loss
+    from s2ft.tuner.calibration import batch_loss
 
     model.train()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from s2ft.permutation import (
+from s2ft.ops.permutation import (
     SEARCHES,
     cyclic_energy,
     cyclic_tour,

@@ -8,14 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from s2ft.layer import SpectralLinear
-from s2ft.spectral import (
+from s2ft.ops.locations import (
     fourierft_locations,
     mirror_of,
     power_spectrum,
     sample_locations,
     smallest_int_dtype,
 )
+from s2ft.tuner.layers import SpectralLinear
 
 
 def naive_delta(coeffs, rows, cols, d_out, d_in, scaling, perm_rows=None, perm_cols=None):

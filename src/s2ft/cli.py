@@ -8,7 +8,7 @@ import json
 import sys
 
 from s2ft.config import LOCATIONS
-from s2ft.permutation import SEARCHES
+from s2ft.ops.permutation import SEARCHES
 from s2ft.train import DEFAULT_LR, METHODS, FinetuneArgs, RunError
 
 _DEFAULTS = FinetuneArgs()

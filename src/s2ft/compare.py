@@ -94,7 +94,7 @@ def markdown_table(rows: list[dict[str, Any]], majority: dict[int, float]) -> st
 
 def plot(rows: list[dict[str, Any]], path: str) -> None:
     """Accuracy against trainable parameters and against adapter bytes (log x), one point per method."""
-    from s2ft.plots import new_figure, save_figure
+    from s2ft.analysis.plots import new_figure, save_figure
 
     figure = new_figure(11, 4.2)
     axes = figure.subplots(1, 2, sharey=True)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from s2ft.io import atomic_write_text
-from s2ft.permutation import SEARCHES
+from s2ft.ops.permutation import SEARCHES
 
 LOCATIONS = ("prior", "prior-half", "uniform")
 
@@ -142,7 +142,7 @@ class S2FTConfig(FourierFTConfig):
     gamma: float = 1.5
     # Calibration uses at most this many batches of what it is given (None: all of them).
     calibration_batches: int | None = None
-    # The row/column ordering search (s2ft.permutation.SEARCHES): "greedy" nearest-neighbour path, as in the
+    # The row/column ordering search (s2ft.ops.permutation.SEARCHES): "greedy" nearest-neighbour path, as in the
     # paper; "multistart", "2opt", "2opt-cyclic" (shorter paths, more compaction) and "svd" (spectral ordering).
     permutation: str = "greedy"
     # "prior" samples locations ∝ |DFT2|^gamma over the whole spectrum (the paper); "prior-half" over one location of

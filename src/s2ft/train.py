@@ -602,7 +602,7 @@ def full_finetune_delta(
     """``ΔW`` of a short full fine-tune (``steps`` optimizer steps) of a copy of ``model``, for the named layers."""
     import copy
 
-    from s2ft.layer import layer_shape
+    from s2ft.tuner.layers import layer_shape
 
     tuned = copy.deepcopy(model).requires_grad_(True)
     before = {name: tuned.get_submodule(name).weight.detach().clone() for name in names}
@@ -626,8 +626,8 @@ def run_analyze(
     from transformers import DataCollatorWithPadding, set_seed
 
     from s2ft import get_spectral_model
-    from s2ft.analysis import analyze_model
-    from s2ft.model import matches
+    from s2ft.analysis.measures import analyze_model
+    from s2ft.tuner.model import matches
 
     args.validate()
     set_seed(args.seed)

@@ -1,4 +1,4 @@
-"""Figures of :mod:`s2ft.analysis`: log-power spectra before and after the permutation, and energy curves.
+"""Figures of :mod:`s2ft.analysis.measures`: log-power spectra before and after the permutation, and energy curves.
 
 matplotlib is imported only when a figure is drawn. Figures are drawn on matplotlib's Agg canvas directly (no pyplot,
 no global backend switch), so this works headless and does not disturb an interactive session. Files are written
@@ -37,7 +37,7 @@ def new_figure(width: float, height: float) -> Any:
 def plot_spectra(
     images: Sequence[tuple[str, torch.Tensor, torch.Tensor]], path: str | os.PathLike, title: str, search: str
 ) -> None:
-    """Heatmaps of ``log10 |DFT2|²`` (fftshifted, as :func:`s2ft.analysis.spectrum_image` gives), one row per
+    """Heatmaps of ``log10 |DFT2|²`` (fftshifted, as :func:`s2ft.analysis.measures.spectrum_image` gives), one row per
     matrix ``(name, before, after)``: before and after the permutation side by side, on one colour scale per row
     (the 8 decades below the row's maximum)."""
     rows = max(len(images), 1)

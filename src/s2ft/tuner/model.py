@@ -16,12 +16,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save, save_file
 from torch import nn
 
-from s2ft.calibration import LossFn, gradient_prior, plan_layer
 from s2ft.config import CONFIG_NAME, FourierFTConfig, load_config
 from s2ft.io import atomic_write
-from s2ft.layer import SUPPORTED_LAYERS, SpectralLinear, TrainedCopy, layer_shape
-from s2ft.permutation import is_permutation
-from s2ft.spectral import check_n_frequency, fourierft_locations, smallest_int_dtype
+from s2ft.ops.locations import check_n_frequency, fourierft_locations, smallest_int_dtype
+from s2ft.ops.permutation import is_permutation
+from s2ft.tuner.calibration import LossFn, gradient_prior, plan_layer
+from s2ft.tuner.layers import SUPPORTED_LAYERS, SpectralLinear, TrainedCopy, layer_shape
 
 logger = logging.getLogger("s2ft")
 

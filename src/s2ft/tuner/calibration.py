@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from s2ft.layer import _is_conv1d
-from s2ft.permutation import path_length, search_order
-from s2ft.spectral import fourierft_locations, power_spectrum, sample_locations
+from s2ft.ops.locations import fourierft_locations, power_spectrum, sample_locations
+from s2ft.ops.permutation import path_length, search_order
+from s2ft.tuner.layers import _is_conv1d
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -93,7 +93,7 @@ def gradient_prior(
 ) -> dict[str, torch.Tensor]:
     """``ΔŴ = -Σ_batches ∇_W L`` at the current weights, for each layer's ``base_layer.weight``.
 
-    ``layers`` maps names to adapters (:class:`s2ft.layer.SpectralLinear`), whose ΔW is switched off meanwhile.
+    ``layers`` maps names to adapters (:class:`s2ft.tuner.layers.SpectralLinear`), whose ΔW is switched off meanwhile.
     The model runs in eval mode (no dropout, so the prior is deterministic) and nothing of it changes: no weight,
     flag or gradient. Under ``torch.distributed`` each process passes its own batches and the priors are summed
     across processes, so every rank gets the same prior, equal to one process's over all the batches.
@@ -180,7 +180,7 @@ def plan_layer(
 
     ``permute=False`` keeps identity orders. ``locations``: ``"prior"`` samples from the whole spectrum (the paper),
     ``"prior-half"`` from one location of each mirror pair (no two coefficients on the same basis function; see
-    :func:`s2ft.spectral.sample_locations`), ``"uniform"`` takes FourierFT's seeded locations.
+    :func:`s2ft.ops.locations.sample_locations`), ``"uniform"`` takes FourierFT's seeded locations.
     """
     before = path_length(prior) + path_length(prior.T)
     perm_rows = perm_cols = None

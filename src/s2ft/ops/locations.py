@@ -1,7 +1,7 @@
 """Spectrum locations: FourierFT's seeded uniform draw and S2FT's power-spectrum sampling.
 
 Pure functions on tensors. A location is a pair ``(rows[k], cols[k])`` of the ``d_out x d_in`` 2-D spectrum;
-the coefficient ``c[k]`` sits there and ``ΔW̄ = scaling * Re(ifft2(F))`` (see :mod:`s2ft.factorized`).
+the coefficient ``c[k]`` sits there and ``ΔW̄ = scaling * Re(ifft2(F))`` (see :mod:`s2ft.ops.apply`).
 """
 
 from __future__ import annotations

@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from s2ft.calibration import LayerPlan, LossFn, gradient_prior, plan_layer
 from s2ft.io import atomic_write_text
-from s2ft.permutation import path_length
-from s2ft.spectral import fourierft_locations, mirror_of
+from s2ft.ops.locations import fourierft_locations, mirror_of
+from s2ft.ops.permutation import path_length
+from s2ft.tuner.calibration import LayerPlan, LossFn, gradient_prior, plan_layer
 
 # Fractions of the coefficients at which energy curves are sampled: 10^-5 .. 1, 10 per decade.
 CURVE_FRACTIONS: tuple[float, ...] = tuple(10 ** (k / 10) for k in range(-50, 1))
@@ -119,7 +119,7 @@ def analyze_matrix(
 ) -> dict[str, Any]:
     """Spectral sparsity of ``matrix`` ``(d_out, d_in)`` before and after S2FT's permutation, against a random one.
 
-    The permutation and the S2FT locations come from :func:`s2ft.calibration.plan_layer` (``search``, ``gamma``,
+    The permutation and the S2FT locations come from :func:`s2ft.tuner.calibration.plan_layer` (``search``, ``gamma``,
     a generator seeded with ``seed``), as calibration computes them; FourierFT's locations are its seeded uniform
     draw. Returns a JSON-ready dict:
 
@@ -254,7 +254,7 @@ def analyze_model(
 
     ``spectral_model`` is a :class:`s2ft.SpectralModel` (either method); ``n``, ``gamma``, ``seed`` and ``search``
     default to its config's (``n_frequency``, ``gamma``, ``seed``, ``permutation``; 1.5 and "greedy" for
-    FourierFT). The prior is :func:`s2ft.calibration.gradient_prior` over ``batches`` (at most ``max_batches``).
+    FourierFT). The prior is :func:`s2ft.tuner.calibration.gradient_prior` over ``batches`` (at most ``max_batches``).
     ``full_finetune_delta`` maps names to real ``ΔW`` ``(d_out, d_in)`` (``nn.Linear``'s convention), e.g. from a
     short full fine-tune; a name that is also an adapted module's is, in addition, permuted by its prior's plan
     (``prior_plan``: how much of the real update S2FT's prior-chosen locations catch).
@@ -389,7 +389,7 @@ def _write(
     images: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]],
     output_dir: str | os.PathLike,
 ) -> None:
-    from s2ft import plots
+    from s2ft.analysis import plots
 
     os.makedirs(output_dir, exist_ok=True)
     search = analysis["settings"]["search"]

@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import nn
 
-from s2ft.factorized import delta_weight, spectral_apply
+from s2ft.ops.apply import delta_weight, spectral_apply
 
 try:  # transformers' GPT-2 style layer: y = x @ W + b with W stored (d_in, d_out)
     from transformers.pytorch_utils import Conv1D

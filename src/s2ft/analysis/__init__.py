@@ -1,0 +1,1 @@
+"""How spectrally sparse a matrix is, before and after the S2FT permutations: measures, figures, report."""
