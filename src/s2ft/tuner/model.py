@@ -12,21 +12,17 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import save, save_file
 from torch import nn
 
 from s2ft.config import CONFIG_NAME, FourierFTConfig, load_config
 from s2ft.io import atomic_write
 from s2ft.ops.locations import check_n_frequency, fourierft_locations, smallest_int_dtype
-from s2ft.ops.permutation import is_permutation
+from s2ft.tuner.adapter_io import SAVE_PREFIX, WEIGHTS_NAME, check_adapter, read_adapter
 from s2ft.tuner.calibration import LossFn, gradient_prior, plan_layer
 from s2ft.tuner.layers import SUPPORTED_LAYERS, SpectralLinear, TrainedCopy, layer_shape
 
 logger = logging.getLogger("s2ft")
-
-WEIGHTS_NAME = "adapter_model.safetensors"
-_SAVE_PREFIX = "modules_to_save."
 
 
 def matches(name: str, targets: list[str] | str) -> bool:
@@ -287,7 +283,7 @@ class SpectralModel(nn.Module):
                 state[f"{name}.perm_cols"] = layer.perm_cols.to(cols_dtype)
         for name, module in self._trained_copies().items():
             for key, value in module.trained_module.state_dict().items():
-                state[f"{_SAVE_PREFIX}{name}.{key}"] = value.detach()
+                state[f"{SAVE_PREFIX}{name}.{key}"] = value.detach()
         return {k: v.contiguous().cpu() for k, v in state.items()}
 
     def _metadata(self) -> dict[str, str]:
@@ -316,9 +312,9 @@ class SpectralModel(nn.Module):
         With ``is_trainable=False`` (the default, as in PEFT) the adapter is frozen, for inference.
         """
         config = load_config(adapter_directory)
-        state, shapes = _read_adapter(os.path.join(adapter_directory, WEIGHTS_NAME))
+        state, shapes = read_adapter(os.path.join(adapter_directory, WEIGHTS_NAME))
         targets, saves = _resolve(model, config)
-        _check_adapter(state, shapes, config, targets, saves)
+        check_adapter(state, shapes, config, targets, saves)
         spectral = cls(model, config)
         try:
             with torch.no_grad():
@@ -327,7 +323,7 @@ class SpectralModel(nn.Module):
                     perms = [state.get(f"{name}.perm_rows"), state.get(f"{name}.perm_cols")]
                     layer.set_locations(state[f"{name}.rows"], state[f"{name}.cols"], *perms)
                 for name, module in spectral._trained_copies().items():
-                    prefix = f"{_SAVE_PREFIX}{name}."
+                    prefix = f"{SAVE_PREFIX}{name}."
                     sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
                     module.trained_module.load_state_dict(sub, strict=True)
         except Exception:
@@ -346,66 +342,3 @@ def get_spectral_model(model: nn.Module, config: FourierFTConfig) -> SpectralMod
     unsupported.
     """
     return SpectralModel(model, config)
-
-
-def _read_adapter(path: str) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no adapter weights at {path}")
-    try:
-        state = load_file(path)
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-        shapes = json.loads(metadata["s2ft_layers"])
-    except (SafetensorError, OSError, ValueError, KeyError) as e:
-        raise ValueError(
-            f"adapter file {path} is truncated or corrupt ({type(e).__name__}: {e}); save the adapter again"
-        ) from None
-    return state, shapes
-
-
-def _check_adapter(
-    state: dict[str, torch.Tensor],
-    shapes: dict[str, list[int]],
-    config: FourierFTConfig,
-    targets: list[tuple[str, nn.Module]],
-    saves: list[tuple[str, nn.Module]],
-) -> None:
-    """Raise a ``ValueError`` naming the first mismatch between the adapter file and the model."""
-    model_shapes = {name: list(layer_shape(module)) for name, module in targets}
-    if set(model_shapes) != set(shapes):
-        missing, extra = sorted(set(shapes) - set(model_shapes)), sorted(set(model_shapes) - set(shapes))
-        raise ValueError(
-            "the adapter does not fit this model: "
-            f"adapted in the file but not found in the model: {missing[:5]}; targeted in the model but not in the file: {extra[:5]}"
-        )
-    n = config.n_frequency
-    for name, shape in model_shapes.items():
-        if shapes[name] != shape:
-            raise ValueError(
-                f"the adapter does not fit this model: {name} is {shapes[name]} in the file, {shape} in the model"
-            )
-        d_out, d_in = shape
-        for key, size in (("coeffs", n), ("rows", n), ("cols", n)):
-            t = state.get(f"{name}.{key}")
-            if t is None or tuple(t.shape) != (size,):
-                raise ValueError(f"adapter file: {name}.{key} is missing or not of shape ({size},)")
-        rows, cols = state[f"{name}.rows"].long(), state[f"{name}.cols"].long()
-        if rows.min() < 0 or rows.max() >= d_out or cols.min() < 0 or cols.max() >= d_in:
-            raise ValueError(f"adapter file: locations of {name} fall outside its {d_out}x{d_in} spectrum")
-        if (f"{name}.perm_rows" in state) != (f"{name}.perm_cols" in state):
-            raise ValueError(f"adapter file: {name} has only one of its two permutations")
-        if f"{name}.perm_rows" in state and not (
-            is_permutation(state[f"{name}.perm_rows"], d_out)
-            and is_permutation(state[f"{name}.perm_cols"], d_in)
-        ):
-            raise ValueError(
-                f"adapter file: the permutations of {name} are not permutations of its rows and columns"
-            )
-    for name, module in saves:
-        prefix = f"{_SAVE_PREFIX}{name}."
-        expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-        found = {k[len(prefix) :]: tuple(v.shape) for k, v in state.items() if k.startswith(prefix)}
-        if expected != found:
-            raise ValueError(f"adapter file: the saved weights of {name} do not fit that module of the model")

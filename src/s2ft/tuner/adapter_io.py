@@ -1,0 +1,84 @@
+"""The adapter folder: ``adapter_config.json`` and ``adapter_model.safetensors``, read and checked against a model.
+
+The weights file holds float32 coefficients, locations and permutations in the smallest integer dtype that fits,
+and the trained ``modules_to_save``; its metadata ``s2ft_layers`` maps each adapted module to its ``[d_out, d_in]``.
+Everything is checked before the model is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+from s2ft.config import FourierFTConfig
+from s2ft.ops.permutation import is_permutation
+from s2ft.tuner.layers import layer_shape
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+SAVE_PREFIX = "modules_to_save."
+
+
+def read_adapter(path: str) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no adapter weights at {path}")
+    try:
+        state = load_file(path)
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+        shapes = json.loads(metadata["s2ft_layers"])
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise ValueError(
+            f"adapter file {path} is truncated or corrupt ({type(e).__name__}: {e}); save the adapter again"
+        ) from None
+    return state, shapes
+
+
+def check_adapter(
+    state: dict[str, torch.Tensor],
+    shapes: dict[str, list[int]],
+    config: FourierFTConfig,
+    targets: list[tuple[str, nn.Module]],
+    saves: list[tuple[str, nn.Module]],
+) -> None:
+    """Raise a ``ValueError`` naming the first mismatch between the adapter file and the model."""
+    model_shapes = {name: list(layer_shape(module)) for name, module in targets}
+    if set(model_shapes) != set(shapes):
+        missing, extra = sorted(set(shapes) - set(model_shapes)), sorted(set(model_shapes) - set(shapes))
+        raise ValueError(
+            "the adapter does not fit this model: "
+            f"adapted in the file but not found in the model: {missing[:5]}; targeted in the model but not in the file: {extra[:5]}"
+        )
+    n = config.n_frequency
+    for name, shape in model_shapes.items():
+        if shapes[name] != shape:
+            raise ValueError(
+                f"the adapter does not fit this model: {name} is {shapes[name]} in the file, {shape} in the model"
+            )
+        d_out, d_in = shape
+        for key, size in (("coeffs", n), ("rows", n), ("cols", n)):
+            t = state.get(f"{name}.{key}")
+            if t is None or tuple(t.shape) != (size,):
+                raise ValueError(f"adapter file: {name}.{key} is missing or not of shape ({size},)")
+        rows, cols = state[f"{name}.rows"].long(), state[f"{name}.cols"].long()
+        if rows.min() < 0 or rows.max() >= d_out or cols.min() < 0 or cols.max() >= d_in:
+            raise ValueError(f"adapter file: locations of {name} fall outside its {d_out}x{d_in} spectrum")
+        if (f"{name}.perm_rows" in state) != (f"{name}.perm_cols" in state):
+            raise ValueError(f"adapter file: {name} has only one of its two permutations")
+        if f"{name}.perm_rows" in state and not (
+            is_permutation(state[f"{name}.perm_rows"], d_out)
+            and is_permutation(state[f"{name}.perm_cols"], d_in)
+        ):
+            raise ValueError(
+                f"adapter file: the permutations of {name} are not permutations of its rows and columns"
+            )
+    for name, module in saves:
+        prefix = f"{SAVE_PREFIX}{name}."
+        expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        found = {k[len(prefix) :]: tuple(v.shape) for k, v in state.items() if k.startswith(prefix)}
+        if expected != found:
+            raise ValueError(f"adapter file: the saved weights of {name} do not fit that module of the model")
