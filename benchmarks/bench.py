@@ -226,14 +226,16 @@ def layer_line(r: dict) -> str:
 
 # ------------------------------------------------------------------------------------------ 2. end to end
 def default_model(model_name: str):
-    from s2ft.train import RunError, load_classifier
+    from s2ft.tasks import RunError, get_task
 
     try:
-        model, _, head = load_classifier(model_name, [str(i) for i in range(6)])
+        loaded = get_task("text-classification").load_model(
+            model_name, {"label_names": [str(i) for i in range(6)]}
+        )
     except RunError as e:
         print(f"end-to-end part skipped: {e}", file=sys.stderr)
         return None, None
-    return model, head
+    return loaded.model, loaded.head
 
 
 def method_models(base: nn.Module, head: list[str], n: int) -> dict[str, nn.Module]:
@@ -504,9 +506,9 @@ def main() -> None:
         args.widths, args.tokens, args.n, args.repeats = [256], [128], [200], 2
         args.e2e_repeats, args.calibration_size = 2, 512
     if args.default_job_steps is None:
-        from s2ft.train import FinetuneArgs
+        from s2ft.jobs.args import FinetuneArgs
 
-        defaults = FinetuneArgs()
+        defaults = FinetuneArgs().resolved()
         args.default_job_steps = -(-defaults.max_train_samples // defaults.batch_size)
     device = torch.device(args.device)
     output = args.output or os.path.join("benchmarks", "results", device.type)

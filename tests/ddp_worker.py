@@ -10,7 +10,8 @@ from accelerate import PartialState
 from transformers import AutoModelForSequenceClassification
 
 from s2ft import S2FTConfig, get_spectral_model
-from s2ft.train import FinetuneArgs, run_finetune
+from s2ft.jobs.args import FinetuneArgs
+from s2ft.jobs.finetune import run_finetune
 from s2ft.tuner.calibration import gradient_prior
 
 

@@ -108,7 +108,7 @@ def test_evaluate_and_merge_reproduce_the_run(tiny, tmp_path):
     out, merged = tmp_path / "run", tmp_path / "merged"
     assert finetune(tiny, out, "--method", "s2ft", "--lr", "0.2") == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    from s2ft.train import run_evaluate
+    from s2ft.jobs.evaluate import run_evaluate
 
     assert run_evaluate(str(out), "test", quiet=True)["accuracy"] == pytest.approx(metrics["test_accuracy"])
     assert run_evaluate(str(out / "adapter"), "validation", quiet=True)["accuracy"] == pytest.approx(
@@ -128,7 +128,7 @@ with torch.no_grad():
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     logits = torch.tensor(json.loads(result.stdout.strip().splitlines()[-1]))
-    from s2ft.train import load_trained
+    from s2ft.jobs.common import load_trained
 
     model, tok, _ = load_trained(str(out))
     batch = tok(["the wave ship salt", "the cloud star moon rain"], return_tensors="pt", padding=True)
@@ -191,7 +191,7 @@ def test_interrupt_leaves_no_half_written_adapter(tiny, tmp_path, monkeypatch, c
 
 
 def test_compare_end_to_end(tiny, tmp_path, monkeypatch):
-    from s2ft.compare import VARIANTS
+    from s2ft.jobs.compare import VARIANTS
 
     model, data = tiny
     out = tmp_path / "compare"
@@ -219,13 +219,14 @@ def test_compare_end_to_end(tiny, tmp_path, monkeypatch):
     assert by["s2ft"]["adapter_bytes"] > by["fourierft"]["adapter_bytes"]  # the permutations are stored too
     assert by["full"]["trainable_params"] > by["lora"]["trainable_params"] > by["s2ft"]["trainable_params"]
     table = (out / "results.md").read_text()
-    assert all(label in table for label, _ in VARIANTS.values())
+    assert all(r["label"] in table for r in results["summary"])
+    assert "S2FT, n = 32" in table and "LoRA r = 8" in table  # labels name their budget
     assert "(seed 0)" in table and "(seed 1)" in table  # each seed has its own split
     png = (out / "accuracy_vs_size.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     # a second invocation reuses the finished runs
     monkeypatch.setattr(
-        "s2ft.compare.run_finetune", lambda args: (_ for _ in ()).throw(AssertionError("reran"))
+        "s2ft.jobs.compare.run_finetune", lambda args: (_ for _ in ()).throw(AssertionError("reran"))
     )
     assert main(argv) == 0
 
@@ -265,16 +266,22 @@ def test_analyze_end_to_end(tiny, tmp_path):
 
 
 def test_head_warmup_trains_only_the_head(tiny, tmp_path):
-    from s2ft.train import FinetuneArgs, load_classifier, load_task, tokenize, warm_up_head
+    from s2ft.jobs.args import FinetuneArgs
+    from s2ft.jobs.common import warm_up_head
+    from s2ft.tasks import get_task
 
     model_dir, data = tiny
-    model, tokenizer, head = load_classifier(model_dir, list(WORDS))
+    task = get_task("text-classification")
+    loaded = task.load_model(model_dir, {"label_names": list(WORDS)})
+    model, tokenizer, head = loaded.model, loaded.processor, loaded.head
     assert head == ["classifier"]
     model.requires_grad_(True)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    args = FinetuneArgs(model=model_dir, dataset=data, head_warmup_steps=3, batch_size=8, quiet=True)
-    train = tokenize(load_task(args).train, tokenizer, 64)
-    warm_up_head(model, tokenizer, args, str(tmp_path), train, head)
+    args = FinetuneArgs(
+        model=model_dir, dataset=data, head_warmup_steps=3, batch_size=8, quiet=True
+    ).resolved()
+    train = task.prepare(task.load_data(args).train, tokenizer, args, "train")
+    warm_up_head(model, task.collator(tokenizer), args, str(tmp_path), train, head)
     changed = {name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])}
     assert changed == {"classifier.weight", "classifier.bias"}
     assert all(p.requires_grad for p in model.parameters())  # flags restored

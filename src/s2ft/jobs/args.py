@@ -1,0 +1,103 @@
+"""The options of a job (``s2ft finetune``, and the runs of ``compare`` and ``analyze``).
+
+Fields left ``None`` take the task's default (:attr:`s2ft.tasks.Task.defaults`), then :data:`COMMON_DEFAULTS`,
+when :meth:`FinetuneArgs.resolved` is called at the start of a job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from s2ft.tasks import DEFAULT_TASK, RunError, get_task
+
+# Defaults of the task-dependent fields that a task does not set.
+COMMON_DEFAULTS: dict[str, Any] = {
+    "n_frequency": 1000,
+    "scaling": 150.0,
+    "max_length": 64,
+    "batch_size": 16,
+    "max_train_samples": 0,
+    "head_warmup_steps": 0,
+    "head_lr": 2e-3,
+    "epochs": 1.0,
+    "calibration_batches": 16,
+}
+
+
+@dataclass
+class FinetuneArgs:
+    """Options of ``s2ft finetune``; ``None`` means the task's default."""
+
+    task: str = DEFAULT_TASK
+    model: str | None = None  # a local folder, a hub id, or the task's built-in default
+    dataset: str | None = None  # a built-in data set, a local file or folder, or a datasets name
+    method: str = "s2ft"
+    targets: list[str] | None = None
+    n_frequency: int | None = None
+    scaling: float | None = None
+    gamma: float = 1.5
+    permutation: str = "greedy"
+    calibration_batches: int | None = None
+    head_warmup_steps: int | None = None  # train the new head alone this many steps first
+    lora_r: int = 8
+    epochs: float | None = None
+    max_steps: int = -1
+    lr: float | None = None  # None: the method's default learning rate
+    head_lr: float | None = None
+    batch_size: int | None = None
+    max_length: int | None = None
+    max_train_samples: int | None = None  # 0: the whole training split
+    seed: int = 0
+    output: str = "runs/default"
+    overwrite: bool = False
+    quiet: bool = False
+    text_column: str = "text"
+    label_column: str = "label"
+    # S2FT ablations (used by ``s2ft compare``)
+    permute: bool = True
+    locations: str = "prior"
+
+    def resolved(self) -> FinetuneArgs:
+        """A copy with every ``None`` filled from the task's defaults, then :data:`COMMON_DEFAULTS`; validated."""
+        task = get_task(self.task)
+        filled = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.name != "lr":
+                value = task.defaults.get(f.name, COMMON_DEFAULTS.get(f.name))
+            filled[f.name] = value
+        args = FinetuneArgs(**filled)
+        args.validate()
+        return args
+
+    def validate(self) -> None:
+        from s2ft.methods import get_method
+
+        get_method(self.method)
+        for name in ("batch_size", "calibration_batches", "n_frequency", "lora_r", "max_length"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise RunError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        for name in ("head_warmup_steps", "max_train_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise RunError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+        if self.seed < 0:
+            raise RunError(f"--seed must be >= 0, got {self.seed}")
+        if (self.epochs is not None and self.epochs <= 0) and self.max_steps <= 0:
+            raise RunError("give --epochs > 0 or --max-steps > 0")
+        for name in ("lr", "head_lr", "scaling", "gamma"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise RunError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+        if self.targets is not None and not self.targets:
+            raise RunError("--targets needs at least one module name")
+
+    @property
+    def learning_rate(self) -> float:
+        from s2ft.methods import get_method
+
+        return self.lr if self.lr is not None else get_method(self.method).default_lr

@@ -1,0 +1,18 @@
+"""Task families: one module each, one line each in :data:`TASKS`."""
+
+from __future__ import annotations
+
+from s2ft.tasks.base import Loaded, RunError, Task, TaskData
+from s2ft.tasks.text_classification import TextClassification
+
+TASKS: dict[str, Task] = {task.name: task for task in (TextClassification(),)}
+DEFAULT_TASK = TextClassification.name
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise RunError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+__all__ = ["DEFAULT_TASK", "TASKS", "Loaded", "RunError", "Task", "TaskData", "get_task"]

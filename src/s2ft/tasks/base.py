@@ -1,0 +1,104 @@
+"""What a task family supplies to the jobs: data, model loading, preprocessing, collator, metric, new heads.
+
+A job (``s2ft.jobs``) calls these steps and never asks which task it runs. A task is a small object with no state
+of its own; everything a run needs later (label names, ...) goes into ``TaskData.info``, which is saved in the
+run's ``run.json`` and handed back to :meth:`Task.load_model` by ``evaluate`` and ``merge``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+
+class RunError(ValueError):
+    """A problem with the job's input that the user must fix; the message says what to do."""
+
+
+@dataclass
+class TaskData:
+    """The three splits of a task (``datasets.Dataset`` objects in the task's raw format), its display name, and
+    ``info``: what the model must know (label names, ...), saved with the run."""
+
+    name: str
+    train: Any
+    validation: Any
+    test: Any
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Loaded:
+    """A loaded model, its processor (tokenizer or image processor) and the names of its new (freshly initialised)
+    head modules, which every method trains fully."""
+
+    model: torch.nn.Module
+    processor: Any
+    head: list[str]
+
+
+class Task:
+    """One task family. Subclasses set the class attributes and implement the methods."""
+
+    name: ClassVar[str]
+    metric: ClassVar[str]  # the headline metric's key in metrics.json, without the split prefix
+    higher_is_better: ClassVar[bool] = True
+    # FinetuneArgs fields whose default depends on the task (model, dataset, targets, n_frequency, ...).
+    defaults: ClassVar[dict[str, Any]] = {}
+    # metrics.json keys of reference numbers that need no training (majority rate, base model's perplexity).
+    reference_keys: ClassVar[tuple[str, ...]] = ()
+    # Help text of --model and --dataset for this task.
+    model_help: ClassVar[str] = ""
+    dataset_help: ClassVar[str] = ""
+
+    def load_data(self, args: Any) -> TaskData:
+        raise NotImplementedError
+
+    def load_model(self, model: str, info: dict[str, Any]) -> Loaded:
+        """The pretrained model named ``model`` (a local folder, a hub id or a built-in name) set up for the task."""
+        raise NotImplementedError
+
+    def prepare(self, dataset: Any, processor: Any, args: Any, split: str) -> Any:
+        """The split as model inputs (token ids, pixel values) with ``labels``."""
+        raise NotImplementedError
+
+    def collator(self, processor: Any) -> Callable[[list[dict]], dict]:
+        raise NotImplementedError
+
+    def evaluate(self, trainer: Any, dataset: Any) -> dict[str, float]:
+        """Metrics of the trainer's model on a prepared split, keyed without split prefix (``accuracy``, ...)."""
+        raise NotImplementedError
+
+    def baseline(self, data: TaskData) -> dict[str, float]:
+        """Reference numbers a result must beat that need no model (e.g. the majority-class rate)."""
+        return {}
+
+    def length(self, example: dict[str, Any]) -> int:
+        """An example's size, for batching by length (tokens; 1 for fixed-size inputs)."""
+        return len(example["input_ids"]) if "input_ids" in example else 1
+
+    def before_training(
+        self, trainer: Any, processor: Any, splits: dict[str, Any], work_dir: str
+    ) -> dict[str, Any]:
+        """Metrics of the model before any training (e.g. the base model's perplexity), and any outputs to keep
+        from it (written into ``work_dir``); none by default."""
+        return {}
+
+    def after_training(self, trainer: Any, processor: Any, splits: dict[str, Any], work_dir: str) -> None:
+        """Extra outputs written into the run folder after training (e.g. sample generations)."""
+
+    def align(self, data: TaskData, trained: dict[str, Any]) -> TaskData:
+        """``data`` made to match a model trained with info ``trained`` (label ids by name, ...), or a
+        :class:`RunError` when it cannot be scored by that model; unchanged by default."""
+        return data
+
+    def save_model(self, model: torch.nn.Module, directory: str) -> None:
+        """Save a plain (merged) model so that its library loads it without s2ft."""
+        model.save_pretrained(directory)
+
+    def save_processor(self, processor: Any, directory: str) -> None:
+        if processor is not None and hasattr(processor, "save_pretrained"):
+            processor.save_pretrained(directory)
