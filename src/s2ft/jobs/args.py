@@ -66,7 +66,9 @@ class FinetuneArgs:
         filled = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if value is None and f.name != "lr":
+            if value is None and f.name == "lr":  # the task's learning rate for this method, else the method's
+                value = task.defaults.get("lr", {}).get(self.method)
+            elif value is None:
                 value = task.defaults.get(f.name, COMMON_DEFAULTS.get(f.name))
             filled[f.name] = value
         args = FinetuneArgs(**filled)

@@ -46,7 +46,8 @@ class Task:
     name: ClassVar[str]
     metric: ClassVar[str]  # the headline metric's key in metrics.json, without the split prefix
     higher_is_better: ClassVar[bool] = True
-    # FinetuneArgs fields whose default depends on the task (model, dataset, targets, n_frequency, ...).
+    # FinetuneArgs fields whose default depends on the task (model, dataset, targets, n_frequency, ...);
+    # "lr" maps method names to learning rates (a method not named takes its own default_lr).
     defaults: ClassVar[dict[str, Any]] = {}
     # metrics.json keys of reference numbers that need no training (majority rate, base model's perplexity).
     reference_keys: ClassVar[tuple[str, ...]] = ()
