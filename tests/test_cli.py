@@ -78,7 +78,7 @@ def finetune(tiny, output, *extra) -> int:
 def test_finetune_writes_a_complete_run(tiny, tmp_path, method):
     out = tmp_path / "run"
     assert finetune(tiny, out, "--method", method) == 0
-    assert sorted(os.listdir(out)) == ["adapter", "log.txt", "metrics.json", "run.json"]
+    assert sorted(os.listdir(out)) == [".s2ft-output", "adapter", "log.txt", "metrics.json", "run.json"]
     metrics = json.loads((out / "metrics.json").read_text())
     for key in (
         "method",
@@ -139,13 +139,14 @@ with torch.no_grad():
 
 def test_existing_output_is_refused_without_overwrite(tiny, tmp_path, capsys):
     out = tmp_path / "run"
-    out.mkdir()
-    (out / "metrics.json").write_text("{}")
+    assert finetune(tiny, out, "--method", "fourierft", "--max-steps", "1") == 0
+    before = sorted(os.listdir(out))
     assert finetune(tiny, out, "--method", "fourierft", "--max-steps", "1") == 2
-    assert "already holds a run" in capsys.readouterr().err
-    assert os.listdir(out) == ["metrics.json"]
-    assert finetune(tiny, out, "--method", "fourierft", "--max-steps", "1", "--overwrite") == 0
-    assert "adapter" in os.listdir(out)
+    assert "already holds an s2ft output" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == before
+    assert finetune(tiny, out, "--method", "fourierft", "--max-steps", "2", "--overwrite") == 0
+    assert json.loads((out / "metrics.json").read_text())["args"]["max_steps"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["run"]  # no staging or set-aside folder left behind
 
 
 @pytest.mark.parametrize(
@@ -162,7 +163,7 @@ def test_bad_datasets_are_refused(tiny, tmp_path, capsys, rows, message):
     out = tmp_path / "run"
     assert finetune((tiny[0], str(data)), out) == 2
     assert re.search(message, capsys.readouterr().err)
-    assert not out.exists() and not (tmp_path / "run.partial").exists()
+    assert not out.exists() and [p for p in os.listdir(tmp_path) if "s2ft" in p] == []
 
 
 def test_unknown_method_and_unmatched_targets(tiny, tmp_path, capsys):
@@ -187,7 +188,7 @@ def test_interrupt_leaves_no_half_written_adapter(tiny, tmp_path, monkeypatch, c
     out = tmp_path / "run"
     assert finetune(tiny, out, "--method", "s2ft") == 130
     assert "interrupted" in capsys.readouterr().err
-    assert not out.exists() and not (tmp_path / "run.partial").exists()
+    assert not out.exists() and [p for p in os.listdir(tmp_path) if "s2ft" in p] == []
 
 
 def test_compare_end_to_end(tiny, tmp_path, monkeypatch):

@@ -193,6 +193,11 @@ def to_task(name: str, splits: dict[str, _Split]) -> TaskData:
         built[split] = datasets.Dataset.from_dict(
             {"text": texts, "label": [ids[label] for label in labels]}, features=features
         )
+    if len(label_names) < 2:
+        raise DataError(
+            f"{name}: the training split has only one label ({label_names[0]!r}); a classifier needs at least "
+            "two (check --label-column)"
+        )
     return TaskData(name=name, label_names=label_names, **built)
 
 

@@ -66,7 +66,8 @@ class FinetuneArgs:
         filled = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if value is None and f.name == "lr":  # the task's learning rate for this method, else the method's
+            # lr: the task's learning rate for this method, else (None) the method's own default
+            if value is None and f.name == "lr":
                 value = task.defaults.get("lr", {}).get(self.method)
             elif value is None:
                 value = task.defaults.get(f.name, COMMON_DEFAULTS.get(f.name))

