@@ -228,3 +228,64 @@ def test_interrupted_compare_says_what_was_kept(tiny, tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     assert "nothing was written" not in err and "kept in" in err
     assert (tmp_path / "cmp" / "results.md").is_file()
+
+
+def test_compare_sweeps_budgets_and_shares_the_warmup(tiny, tmp_path):
+    model, data = tiny
+    out = tmp_path / "sweep"
+    argv = ["compare", "--model", model, "--dataset", data, "--output", str(out), "--quiet", "--seeds", "0"]
+    argv += ["--variants", "fourierft", "lora", "--budgets", "8", "32", "--lora-ranks", "1", "2"]
+    argv += ["--max-steps", "1", "--batch-size", "8", "--head-warmup-steps", "2"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    labels = [r["label"] for r in results["summary"]]
+    assert labels == ["FourierFT, n = 8", "FourierFT, n = 32", "LoRA r = 1 (PEFT)", "LoRA r = 2 (PEFT)"]
+    params = [r["trainable_params"] for r in results["summary"]]
+    assert params[1] - params[0] == 4 * (32 - 8)  # four adapted matrices
+    reused = [r["head_warmup_reused"] for r in results["runs"]]
+    assert reused == [False, True, True, True]  # one warm-up for the seed, shared by every variant
+    heads = list((out / "warmup").iterdir())
+    assert len(heads) == 1 and heads[0].suffix == ".safetensors"
+
+
+def test_two_compare_processes_share_a_folder(tiny, tmp_path, monkeypatch):
+    """A run another process holds is skipped at first, then waited for, and run once it is released."""
+    import threading
+
+    import s2ft.jobs.compare as compare
+
+    model, data = tiny
+    out = tmp_path / "shared"
+    base_argv = [
+        "compare",
+        "--model",
+        model,
+        "--dataset",
+        data,
+        "--output",
+        str(out),
+        "--quiet",
+        "--seeds",
+        "0",
+    ]
+    base_argv += ["--variants", "fourierft", "s2ft", "--n-frequency", "16", "--max-steps", "1"]
+    base_argv += ["--batch-size", "8", "--head-warmup-steps", "0", "--calibration-batches", "2"]
+    order = []
+    real = compare.run_finetune
+
+    def record(args):
+        order.append(args.method)
+        return real(args)
+
+    monkeypatch.setattr(compare, "run_finetune", record)
+    codes = []
+    worker = threading.Thread(target=lambda: codes.append(main(base_argv)))
+    # another process holds fourierft: this one runs s2ft first, then waits for fourierft until it is released
+    with compare.claimed(str(out / "runs" / "fourierft-seed0"), wait=True):
+        worker.start()
+        worker.join(timeout=20)
+        assert worker.is_alive() and order == ["s2ft"]
+    worker.join(timeout=120)
+    assert not worker.is_alive() and codes == [0]
+    assert order == ["s2ft", "fourierft"]
+    assert (out / "runs" / "fourierft-seed0" / "metrics.json").is_file()

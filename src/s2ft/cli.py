@@ -158,7 +158,28 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         help=f"among: {', '.join(VARIANTS)} (default: all)",
     )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--output", default="runs/compare", help="results folder; finished runs in it are reused")
+    p.add_argument(
+        "--budgets",
+        nargs="+",
+        type=int,
+        default=None,
+        metavar="N",
+        help="sweep n_frequency of the s2ft, fourierft and waveft variants (e.g. 100 300 1000 3000)",
+    )
+    p.add_argument(
+        "--lora-ranks",
+        nargs="+",
+        type=int,
+        default=None,
+        metavar="R",
+        help="sweep LoRA's rank (e.g. 1 2 4 8)",
+    )
+    p.add_argument(
+        "--output",
+        default="runs/compare",
+        help="results folder; finished runs with the same options are reused, and several compare processes "
+        "may share it (each run is claimed with a lock file)",
+    )
     _add_job_options(p)
     p.set_defaults(handler=_compare)
 
@@ -169,7 +190,15 @@ def _compare(ns: argparse.Namespace) -> None:
 
     task = get_task(ns.task)
     try:
-        results = run_compare(_job_args(ns), ns.variants, ns.seeds, ns.output, progress=not ns.quiet)
+        results = run_compare(
+            _job_args(ns),
+            ns.variants,
+            ns.seeds,
+            ns.output,
+            progress=not ns.quiet,
+            budgets=ns.budgets,
+            lora_ranks=ns.lora_ranks,
+        )
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"finished runs and their tables are kept in {ns.output}") from None
     print(markdown_table(results["summary"], references(results["runs"], task), task.metric))

@@ -56,6 +56,8 @@ class FinetuneArgs:
     quiet: bool = False
     text_column: str = "text"
     label_column: str = "label"
+    # A folder of warmed heads to reuse across runs that share every warm-up option (``s2ft compare``).
+    head_warmup_cache: str | None = None
     # S2FT ablations (used by ``s2ft compare``)
     permute: bool = True
     locations: str = "prior"

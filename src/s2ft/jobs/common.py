@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import inspect
 import json
 import logging
@@ -284,6 +285,68 @@ def warm_up_head(
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(flags[name])
+
+
+# Options that do not change a warmed head (only what comes after the warm-up).
+_AFTER_WARMUP = {
+    "method",
+    "targets",
+    "n_frequency",
+    "scaling",
+    "gamma",
+    "permutation",
+    "calibration_batches",
+    "lora_r",
+    "epochs",
+    "max_steps",
+    "lr",
+    "output",
+    "overwrite",
+    "quiet",
+    "permute",
+    "locations",
+    "head_warmup_cache",
+}
+
+
+def warm_head(
+    model: torch.nn.Module,
+    collator: Any,
+    args: FinetuneArgs,
+    work_dir: str,
+    train: Any,
+    head: list[str],
+    is_main: bool = True,
+) -> bool:
+    """:func:`warm_up_head`, or, when ``args.head_warmup_cache`` holds the head warmed with the same options (a
+    hash of every option the warm-up depends on), that head loaded instead. Returns whether it was reused.
+    ``s2ft compare`` shares one warm-up across all variants of a seed this way."""
+    from safetensors.torch import load_file, save_file
+
+    from s2ft.io import atomic_write
+
+    cache = None
+    if args.head_warmup_cache:
+        options = {k: v for k, v in dataclasses.asdict(args).items() if k not in _AFTER_WARMUP}
+        key = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:16]
+        cache = os.path.join(args.head_warmup_cache, f"head-{key}.safetensors")
+    if cache and os.path.isfile(cache):
+        state = load_file(cache)
+        for name in head:
+            prefix = f"{name}."
+            sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            model.get_submodule(name).load_state_dict(sub, strict=True)
+        return True
+    warm_up_head(model, collator, args, work_dir, train, head)
+    if cache and is_main:
+        state = {
+            f"{name}.{k}": v.detach().cpu().contiguous()
+            for name in head
+            for k, v in model.get_submodule(name).state_dict().items()
+        }
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        atomic_write(cache, lambda tmp: save_file(state, tmp))
+    return False
 
 
 # ---------------------------------------------------------------------------------------------- the run record

@@ -1,13 +1,21 @@
 """``s2ft compare``: several methods on the same task, split and seeds; a table and a plot of the task's metric
 against trainable parameters and adapter bytes.
 
-Each run lives in ``OUTPUT/runs/<variant>-seed<seed>`` and is reused by a later invocation only when it finished
-(``metrics.json``) with the very same options; otherwise it is run again.
+Each run lives in ``OUTPUT/runs/<variant>[-n<n>|-r<rank>]-seed<seed>`` and is reused by a later invocation only
+when it finished (``metrics.json``) with the very same options; otherwise it is run again. A run is claimed with a
+lock file first, so several ``compare`` processes (or machines on a shared folder) can work through one results
+folder together: each takes the runs nobody holds, then waits for the others'. The head warm-up, identical for
+every variant of a seed, runs once per seed (``OUTPUT/warmup``).
+
+``budgets`` sweeps the number of coefficients of the spectral and WaveFT variants, ``lora_ranks`` LoRA's rank:
+one curve per variant in the plots of the metric against trainable parameters and against adapter bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import statistics
@@ -26,6 +34,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "s2ft": {"method": "s2ft", "locations": "prior"},
     "s2ft-half": {"method": "s2ft", "n_frequency": "half", "locations": "prior"},
     "lora": {"method": "lora"},
+    "waveft": {"method": "waveft"},
     "full": {"method": "full"},
     "s2ft-noperm": {"method": "s2ft", "permute": False, "locations": "prior"},
     "s2ft-uniform": {"method": "s2ft", "locations": "uniform"},
@@ -33,24 +42,49 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "s2ft-2opt-cyclic": {"method": "s2ft", "locations": "prior", "permutation": "2opt-cyclic"},
 }
 # Options that do not change a run's result; a finished run is reused whatever they were.
-_NOT_COMPARED = ("output", "overwrite", "quiet")
+_NOT_COMPARED = ("output", "overwrite", "quiet", "head_warmup_cache")
+BUDGETED = ("s2ft", "fourierft", "waveft")  # methods whose size is n_frequency
 
 
-def variant_args(base: FinetuneArgs, variant: str, seed: int, output: str) -> FinetuneArgs:
-    """The resolved options of one run of ``variant``."""
+def variant_args(
+    base: FinetuneArgs, variant: str, seed: int, output: str, budget: int | None = None
+) -> FinetuneArgs:
+    """The resolved options of one run of ``variant``; ``budget`` is its n (its rank for LoRA), or the base's."""
     if variant not in VARIANTS:
         raise RunError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
     base = base.resolved()
     overrides = dict(VARIANTS[variant])
+    if budget is not None:
+        key = "lora_r" if overrides["method"] == "lora" else "n_frequency"
+        base = dataclasses.replace(base, **{key: budget})
     if overrides.get("n_frequency") == "half":
         overrides["n_frequency"] = max(1, base.n_frequency // 2)
     return dataclasses.replace(base, **overrides, seed=seed, output=output, overwrite=True)
+
+
+def budgets_of(variant: str, budgets: list[int] | None, lora_ranks: list[int] | None) -> list[int | None]:
+    """The sweep of one variant: its ``budgets`` (n) or ``lora_ranks``; ``[None]`` (the base options) if none."""
+    method = VARIANTS[variant]["method"]
+    if method == "lora" and lora_ranks:
+        return list(lora_ranks)
+    if method in BUDGETED and budgets:
+        return list(budgets)
+    return [None]
+
+
+def run_name(variant: str, budget: int | None, seed: int) -> str:
+    if budget is None:
+        return f"{variant}-seed{seed}"
+    prefix = "r" if VARIANTS[variant]["method"] == "lora" else "n"
+    return f"{variant}-{prefix}{budget}-seed{seed}"
 
 
 def variant_label(args: FinetuneArgs, variant: str) -> str:
     """A table and legend label that names the variant's budget (``S2FT, n = 500``, ``LoRA r = 8``)."""
     if args.method == "lora":
         return f"LoRA r = {args.lora_r} (PEFT)"
+    if args.method == "waveft":
+        return f"WaveFT, n = {args.n_frequency} (PEFT)"
     if args.method == "full":
         return "full fine-tuning"
     name = "FourierFT" if args.method == "fourierft" else "S2FT"
@@ -89,28 +123,31 @@ def summarize(runs: list[dict[str, Any]], variants: list[str], task: Task) -> li
     """Mean and spread (sample standard deviation) over seeds of the task's metric, per variant."""
     rows = []
     for variant in variants:
-        mine = [r for r in runs if r["variant"] == variant]
-        if not mine:
-            continue
-        test_mean, test_std = _stats([r[f"test_{task.metric}"] for r in mine])
-        val_mean, val_std = _stats([r[f"val_{task.metric}"] for r in mine])
-        rows.append(
-            {
-                "variant": variant,
-                "label": mine[0]["label"],
-                "seeds": len(mine),
-                "metric": task.metric,
-                "test_mean": test_mean,
-                "test_std": test_std,
-                "val_mean": val_mean,
-                "val_std": val_std,
-                "trainable_params": mine[0]["trainable_params"],
-                "adapter_bytes": mine[0]["adapter_bytes"],
-                "train_seconds_mean": statistics.fmean(r["train_seconds"] for r in mine),
-                "calibration_seconds_mean": statistics.fmean(r["calibration_seconds"] for r in mine),
-            }
-        )
+        labels = list(dict.fromkeys(r["label"] for r in runs if r["variant"] == variant))
+        for label in labels:
+            mine = [r for r in runs if r["variant"] == variant and r["label"] == label]
+            rows.append(_row(variant, label, mine, task))
     return rows
+
+
+def _row(variant: str, label: str, mine: list[dict[str, Any]], task: Task) -> dict[str, Any]:
+    """One summary row: the runs of one variant at one budget, over seeds."""
+    test_mean, test_std = _stats([r[f"test_{task.metric}"] for r in mine])
+    val_mean, val_std = _stats([r[f"val_{task.metric}"] for r in mine])
+    return {
+        "variant": variant,
+        "label": label,
+        "seeds": len(mine),
+        "metric": task.metric,
+        "test_mean": test_mean,
+        "test_std": test_std,
+        "val_mean": val_mean,
+        "val_std": val_std,
+        "trainable_params": mine[0]["trainable_params"],
+        "adapter_bytes": mine[0]["adapter_bytes"],
+        "train_seconds_mean": statistics.fmean(r["train_seconds"] for r in mine),
+        "calibration_seconds_mean": statistics.fmean(r["calibration_seconds"] for r in mine),
+    }
 
 
 def references(runs: list[dict[str, Any]], task: Task) -> dict[str, dict[int, float]]:
@@ -146,17 +183,30 @@ def markdown_table(rows: list[dict[str, Any]], refs: dict[str, dict[int, float]]
 
 
 def plot(rows: list[dict[str, Any]], path: str, metric: str, higher_is_better: bool) -> None:
-    """The metric against trainable parameters and against adapter bytes (log x), one point per variant."""
+    """The metric against trainable parameters and against adapter bytes (log x): one curve per variant through
+    its budgets (a point when it has one), mean ± sd over seeds."""
     from s2ft.analysis.plots import new_figure, save_figure
 
-    figure = new_figure(11, 4.2)
+    figure = new_figure(11, 4.4)
     axes = figure.subplots(1, 2, sharey=True)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(r["variant"], []).append(r)
     for ax, key, xlabel in (
         (axes[0], "trainable_params", "trainable parameters (log)"),
         (axes[1], "adapter_bytes", "adapter file bytes (log)"),
     ):
-        for r in rows:
-            ax.errorbar(r[key], r["test_mean"], yerr=r["test_std"], fmt="o", capsize=4, label=r["label"])
+        for mine in groups.values():
+            mine = sorted(mine, key=lambda r: r[key])
+            label = mine[0]["label"] if len(mine) == 1 else variant_family(mine[0]["label"])
+            ax.errorbar(
+                [r[key] for r in mine],
+                [r["test_mean"] for r in mine],
+                yerr=[r["test_std"] for r in mine],
+                fmt="o-" if len(mine) > 1 else "o",
+                capsize=3,
+                label=label,
+            )
         ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
@@ -165,6 +215,12 @@ def plot(rows: list[dict[str, Any]], path: str, metric: str, higher_is_better: b
     axes[1].legend(fontsize=8, loc="best")
     figure.suptitle(f"Test {metric} against adapter size")
     save_figure(figure, path)
+
+
+def variant_family(label: str) -> str:
+    """A curve's legend: the label without its budget (``S2FT, n = 300`` -> ``S2FT``, ``LoRA r = 8`` -> ``LoRA``)."""
+    parts = [p for p in label.replace(" r = ", ", r = ").split(", ") if not p.startswith(("n = ", "r = "))]
+    return ", ".join(parts)
 
 
 def write_results(
@@ -198,26 +254,61 @@ def write_results(
     return results
 
 
+@contextlib.contextmanager
+def claimed(run_dir: str, wait: bool):
+    """Hold ``run_dir``'s lock file (``<run_dir>.lock``) while the block runs; yields False, without waiting,
+    when ``wait`` is False and another process holds it."""
+    os.makedirs(os.path.dirname(run_dir), exist_ok=True)
+    with open(run_dir + ".lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def run_compare(
-    base: FinetuneArgs, variants: list[str], seeds: list[int], output: str, progress: bool = True
+    base: FinetuneArgs,
+    variants: list[str],
+    seeds: list[int],
+    output: str,
+    progress: bool = True,
+    budgets: list[int] | None = None,
+    lora_ranks: list[int] | None = None,
 ) -> dict[str, Any]:
-    """Run every variant for every seed (a finished run with the same options is reused), then summarize."""
+    """Run every variant at every budget for every seed (a finished run with the same options is reused), then
+    summarize. Runs another process holds are taken last, after waiting for it."""
     base = base.resolved()
-    for variant in variants:
-        variant_args(base, variant, 0, output)  # validate every name before the first long run
-    os.makedirs(output, exist_ok=True)
-    runs, start = [], time.perf_counter()
-    results: dict[str, Any] = {}
+    if base.head_warmup_cache is None:
+        base = dataclasses.replace(base, head_warmup_cache=os.path.join(output, "warmup"))
+    planned = []
     for seed in seeds:
         for variant in variants:
-            run_dir = os.path.join(output, "runs", f"{variant}-seed{seed}")
-            args = variant_args(base, variant, seed, run_dir)
-            metrics = finished_run(run_dir, args)
-            if metrics is None:
-                if progress:
-                    print(f"[compare] {variant} seed {seed} -> {run_dir}", flush=True)
-                metrics = run_finetune(args)
-            runs.append({"variant": variant, "label": variant_label(args, variant), **metrics})
+            for budget in budgets_of(variant, budgets, lora_ranks):
+                run_dir = os.path.join(output, "runs", run_name(variant, budget, seed))
+                planned.append((variant, run_dir, variant_args(base, variant, seed, run_dir, budget)))
+    os.makedirs(output, exist_ok=True)
+    done: dict[str, dict[str, Any]] = {}
+    start = time.perf_counter()
+    results: dict[str, Any] = {}
+    for wait in (False, True):  # first the runs nobody holds, then those another process was running
+        for variant, run_dir, args in planned:
+            if run_dir in done:
+                continue
+            with claimed(run_dir, wait) as mine:
+                if not mine:
+                    continue
+                metrics = finished_run(run_dir, args)
+                if metrics is None:
+                    if progress:
+                        print(f"[compare] {os.path.basename(run_dir)} -> {run_dir}", flush=True)
+                    metrics = run_finetune(args)
+            done[run_dir] = {"variant": variant, "label": variant_label(args, variant), **metrics}
             # written after every run, so an interrupted comparison still reports what it finished
+            runs = [done[d] for _, d, _ in planned if d in done]
             results = write_results(base, variants, seeds, runs, output, time.perf_counter() - start)
     return results

@@ -26,7 +26,7 @@ from s2ft.jobs.common import (
     peak_memory_mb,
     staged_output,
     training_subset,
-    warm_up_head,
+    warm_head,
 )
 from s2ft.methods import get_method
 from s2ft.tasks import get_task
@@ -80,12 +80,18 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
         )
         metrics.update(before)
         # head warm-up
-        warmup_seconds = 0.0
+        warmup_seconds, reused = 0.0, False
         if args.head_warmup_steps > 0 and head:
             start = time.perf_counter()
-            warm_up_head(model, collator, args, work_dir, splits["train"], head)
+            reused = warm_head(model, collator, args, work_dir, splits["train"], head, state.is_main_process)
             warmup_seconds = time.perf_counter() - start
-            logger.info("head warm-up: %d steps, %.1f s", args.head_warmup_steps, warmup_seconds)
+            logger.info(
+                "head warm-up: %d steps, %.1f s%s",
+                args.head_warmup_steps,
+                warmup_seconds,
+                " (reused from the cache)" if reused else "",
+            )
+            set_seed(args.seed)  # what follows draws the same numbers whether the warm-up ran or was reused
         # wrap and plan
         model = method.wrap(model, args, head)
         trainer = make_trainer(model, collator, args, work_dir, splits["train"])
@@ -111,6 +117,7 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
                 "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                 "calibration_seconds": round(calibration_seconds, 3),
                 "head_warmup_seconds": round(warmup_seconds, 3),
+                "head_warmup_reused": reused,
                 "train_seconds": round(train_seconds, 3),
             }
         )

@@ -1,0 +1,34 @@
+"""WaveFT through Hugging Face PEFT, as a baseline: ``n`` random sparse coefficients in the wavelet domain."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from s2ft.methods.lora import LoRA
+from s2ft.tasks.base import RunError
+
+
+class WaveFT(LoRA):
+    """PEFT's ``WaveFTConfig`` with the job's ``n_frequency`` per matrix and its seed; loaded and merged through
+    PEFT like LoRA. Its ``scaling`` is PEFT's default (25), not the spectral methods' (a different basis)."""
+
+    name = "waveft"
+    label = "WaveFT (PEFT)"
+    default_lr = 1e-2
+
+    def wrap(self, model: torch.nn.Module, args: Any, head: Sequence[str]) -> torch.nn.Module:
+        import peft
+
+        config = peft.WaveFTConfig(
+            n_frequency=args.n_frequency,
+            random_loc_seed=args.seed,
+            target_modules=list(args.targets),
+            modules_to_save=list(head) or None,
+        )
+        try:
+            return peft.get_peft_model(model, config)
+        except (ValueError, TypeError) as e:
+            raise RunError(f"WaveFT: {e}") from None
