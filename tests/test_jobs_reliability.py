@@ -289,3 +289,28 @@ def test_two_compare_processes_share_a_folder(tiny, tmp_path, monkeypatch):
     assert not worker.is_alive() and codes == [0]
     assert order == ["s2ft", "fourierft"]
     assert (out / "runs" / "fourierft-seed0" / "metrics.json").is_file()
+
+
+def test_export_lora_cli(trained, tmp_path, capsys):
+    import peft
+    import torch
+
+    from s2ft.jobs.common import load_trained
+
+    out = tmp_path / "lora"
+    assert main(["export-lora", "--adapter", str(trained), "--rank", "32", "--output", str(out)]) == 0
+    report = json.loads((out / "lora_export.json").read_text())
+    assert report["max_relative_error"] < 1e-5  # rank 32 = full rank of the 32x32 matrices
+    spectral, tokenizer, run = load_trained(str(trained))
+    task_model = type(spectral.base_model).from_pretrained(run["model"], num_labels=3)
+    lora = peft.PeftModel.from_pretrained(task_model, out).eval()
+    batch = tokenizer(["the wave ship salt", "the cloud star"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            lora(**batch).logits, spectral.eval()(**batch).logits, atol=1e-4, rtol=1e-4
+        )
+    assert (
+        main(["export-lora", "--adapter", str(trained), "--rank", "1.5", "--output", str(tmp_path / "x")])
+        == 2
+    )
+    assert "positive integer or a share" in capsys.readouterr().err

@@ -236,6 +236,30 @@ def _merge(ns: argparse.Namespace) -> None:
     print(f"merged model saved to {run_merge(ns.adapter, ns.output, ns.overwrite)}")
 
 
+def _add_export_lora(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export-lora",
+        help="an s2ft/fourierft run's adapter as a PEFT LoRA adapter (SVD of each ΔW), for LoRA-only serving",
+    )
+    p.add_argument("--adapter", required=True, help="a finetune --output folder (or its adapter/ folder)")
+    p.add_argument(
+        "--rank",
+        required=True,
+        help="the LoRA rank (e.g. 8), or the share of each ΔW's energy to keep (e.g. 0.9)",
+    )
+    p.add_argument("--output", required=True, help="folder for the PEFT LoRA adapter and lora_export.json")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(handler=_export_lora)
+
+
+def _export_lora(ns: argparse.Namespace) -> None:
+    from s2ft.jobs.export_lora import parse_rank, run_export_lora
+
+    report = run_export_lora(ns.adapter, parse_rank(ns.rank), ns.output, ns.overwrite)
+    print(json.dumps({k: v for k, v in report.items() if k != "layers"}, indent=2))
+    print(f"LoRA adapter saved to {ns.output} (load it with peft.PeftModel.from_pretrained)")
+
+
 def _add_analyze(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "analyze",
@@ -279,7 +303,7 @@ def _analyze(ns: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="s2ft", description="Spectral parameter-efficient fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_finetune, _add_evaluate, _add_merge, _add_compare, _add_analyze):
+    for add in (_add_finetune, _add_evaluate, _add_merge, _add_export_lora, _add_compare, _add_analyze):
         add(sub)
     return parser
 
