@@ -45,8 +45,8 @@ from s2ft import S2FTConfig, get_spectral_model
 from s2ft.io import atomic_write_text
 from s2ft.ops.apply import PATHS, choose_path, spectral_apply
 from s2ft.ops.locations import fourierft_locations
-from s2ft.tuner.calibration import plan_layer
 from s2ft.tuner.layers import SpectralLinear
+from s2ft.tuner.planner import plan_layer
 
 SCALING = 150.0
 

@@ -13,7 +13,7 @@ import torch
 
 from s2ft.ops.locations import power_spectrum, sample_locations
 from s2ft.ops.permutation import search_order
-from s2ft.tuner.calibration import plan_layer
+from s2ft.tuner.planner import plan_layer
 
 
 def main() -> None:

@@ -187,7 +187,15 @@ def test_analyze_model_writes_json_figures_and_report(tmp_path):
     saved = json.loads((tmp_path / "analysis.json").read_text())
     assert saved == json.loads(json.dumps(analysis))
     assert set(saved) == {"settings", "fractions", "prior", "full_finetune", "summary"}
-    assert saved["settings"] == {"n": 40, "gamma": 1.5, "seed": 777, "search": "greedy", "rel_error": 0.1}
+    assert saved["settings"] == {
+        "n": 40,
+        "gamma": 1.5,
+        "seed": 777,
+        "search": "greedy",
+        "permute": True,
+        "locations": "prior",
+        "rel_error": 0.1,
+    }
     assert list(saved["prior"]) == names and list(saved["full_finetune"]) == names
     assert "prior_plan" in saved["full_finetune"][names[0]]
     summary = saved["summary"]["prior"]

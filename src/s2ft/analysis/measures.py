@@ -25,7 +25,8 @@ import torch
 from s2ft.io import atomic_write_text
 from s2ft.ops.locations import fourierft_locations, mirror_of
 from s2ft.ops.permutation import path_length
-from s2ft.tuner.calibration import LayerPlan, LossFn, gradient_prior, plan_layer
+from s2ft.tuner.calibration import LossFn, gradient_prior
+from s2ft.tuner.planner import LayerPlan, layer_generator, plan_for
 
 # Fractions of the coefficients at which energy curves are sampled: 10^-5 .. 1, 10 per decade.
 CURVE_FRACTIONS: tuple[float, ...] = tuple(10 ** (k / 10) for k in range(-50, 1))
@@ -119,8 +120,8 @@ def analyze_matrix(
 ) -> dict[str, Any]:
     """Spectral sparsity of ``matrix`` ``(d_out, d_in)`` before and after S2FT's permutation, against a random one.
 
-    The permutation and the S2FT locations come from :func:`s2ft.tuner.calibration.plan_layer` (``search``, ``gamma``,
-    a generator seeded with ``seed``), as calibration computes them; FourierFT's locations are its seeded uniform
+    The permutation and the S2FT locations come from :func:`s2ft.tuner.planner.plan_for` (``search``, ``gamma``,
+    ``seed``), as calibration computes them; FourierFT's locations are its seeded uniform
     draw. Returns a JSON-ready dict:
 
     - ``before`` / ``after`` / ``random``: each ``{"energy_compaction"`` (top-``n`` share), ``"fraction_for_error"``
@@ -130,36 +131,53 @@ def analyze_matrix(
     - ``mirrored_locations``: :func:`mirrored_share` of FourierFT's and of S2FT's locations;
     - ``shape``, ``n``, ``search``, and ``plan_seconds`` (the search and the location sampling).
     """
-    return _analyze(matrix, n, gamma, seed, search, rel_error, fractions)[0]
+    return _analyze(matrix, "", _plan_config(n, gamma, seed, search), rel_error, fractions)[0]
+
+
+def _plan_config(
+    n: int, gamma: float, seed: int, search: str, permute: bool = True, locations: str = "prior"
+) -> Any:
+    """The S2FT config that plans a matrix with these settings (its target_modules are never used)."""
+    from s2ft.config import S2FTConfig
+
+    return S2FTConfig(
+        target_modules=["_"],
+        n_frequency=n,
+        gamma=gamma,
+        seed=seed,
+        permutation=search,
+        permute=permute,
+        locations=locations,
+    )
 
 
 def _analyze(
     matrix: torch.Tensor,
-    n: int,
-    gamma: float,
-    seed: int,
-    search: str,
+    name: str,
+    config: Any,
     rel_error: float,
     fractions: Sequence[float],
     image_size: int | None = None,
     prior_plan: LayerPlan | None = None,
 ) -> tuple[dict[str, Any], LayerPlan, dict[str, torch.Tensor]]:
-    """:func:`analyze_matrix`, plus the plan, the before/after :func:`spectrum_image` when ``image_size`` is set,
-    and, given the ``prior_plan`` of a prior, how much of ``matrix`` that plan's permutation and locations catch."""
+    """:func:`analyze_matrix` of module ``name``'s matrix under the S2FT ``config`` (its plan is the one
+    :func:`s2ft.tuner.planner.plan_for` gives, the one calibration installs), plus the plan, the before/after
+    :func:`spectrum_image` when ``image_size`` is set, and, given the ``prior_plan`` of a prior, how much of
+    ``matrix`` that plan's permutation and locations catch."""
     if matrix.dim() != 2:
         raise ValueError(f"expected a 2-D matrix, got shape {tuple(matrix.shape)}")
     x = matrix.detach().to("cpu", torch.float64 if matrix.dtype == torch.float64 else torch.float32)
     d_out, d_in = x.shape
-    generator = torch.Generator().manual_seed(seed)
+    n, seed, search = config.n_frequency, config.seed, config.permutation
     start = time.perf_counter()
-    plan = plan_layer(x, n, gamma, generator, search=search)
+    plan = plan_for(x, name, config)
     result: dict[str, Any] = {"shape": [d_out, d_in], "n": n, "search": search}
     result["plan_seconds"] = time.perf_counter() - start
     images = {"before": spectrum_image(x, image_size)} if image_size else {}
     result["before"] = _summary(x, n, rel_error, fractions)
     fourierft = energy_at(x, *fourierft_locations(d_out, d_in, n, seed))
 
-    permuted = x[plan.perm_rows][:, plan.perm_cols]
+    permuted = x if plan.perm_rows is None else x[plan.perm_rows][:, plan.perm_cols]
     result["after"] = _summary(permuted, n, rel_error, fractions)
     result["location_energy"] = {"fourierft": fourierft, "s2ft": energy_at(permuted, plan.rows, plan.cols)}
     result["mirrored_locations"] = {
@@ -170,6 +188,7 @@ def _analyze(
         images["after"] = spectrum_image(permuted, image_size)
     del permuted
 
+    generator = layer_generator(seed + 1, name)  # the random baseline's own draws
     result["random"], random_length = _random_baseline(x, generator, n, rel_error, fractions)
     result["path_length"] = {
         "before": plan.path_length_before,
@@ -196,9 +215,11 @@ def _under_plan(
 ) -> dict[str, Any]:
     """``x`` permuted by another matrix's plan (a real ΔW by its prior's): the usual summary, plus the share of its
     energy at that plan's locations, the ones S2FT would train."""
-    if plan.perm_rows is None or plan.perm_rows.numel() != x.shape[0] or plan.perm_cols.numel() != x.shape[1]:
+    if plan.perm_rows is not None and (
+        plan.perm_rows.numel() != x.shape[0] or plan.perm_cols.numel() != x.shape[1]
+    ):
         raise ValueError(f"the prior's plan does not fit a {tuple(x.shape)} matrix")
-    permuted = x[plan.perm_rows][:, plan.perm_cols]
+    permuted = x if plan.perm_rows is None else x[plan.perm_rows][:, plan.perm_cols]
     summary = _summary(permuted, n, rel_error, fractions)
     summary["s2ft_location_energy"] = energy_at(permuted, plan.rows, plan.cols)
     return summary
@@ -268,13 +289,13 @@ def analyze_model(
     """
 
     settings = _settings(spectral_model.spectral_config, n, gamma, seed, search, rel_error)
-    options = (
+    config = _plan_config(
         settings["n"],
         settings["gamma"],
         settings["seed"],
         settings["search"],
-        rel_error,
-        CURVE_FRACTIONS,
+        settings["permute"],
+        settings["locations"],
     )
     layers = spectral_model.spectral_layers()
     shown = set(_representatives(list(layers), heatmaps))
@@ -285,7 +306,9 @@ def analyze_model(
         spectral_model, layers, batches, loss_fn, max_batches, layers_per_pass, progress
     ):
         size = 256 if name in shown else None
-        analysis["prior"][name], plans[name], image = _analyze(prior, *options, image_size=size)
+        analysis["prior"][name], plans[name], image = _analyze(
+            prior, name, config, rel_error, CURVE_FRACTIONS, image_size=size
+        )
         if image:
             images["prior"].append((name, image["before"], image["after"]))
     if full_finetune_delta:
@@ -294,7 +317,7 @@ def analyze_model(
         for name, delta in full_finetune_delta.items():
             size = 256 if name in shown_deltas else None
             analysis["full_finetune"][name], _, image = _analyze(
-                delta, *options, image_size=size, prior_plan=plans.get(name)
+                delta, name, config, rel_error, CURVE_FRACTIONS, image_size=size, prior_plan=plans.get(name)
             )
             if image:
                 images["full_finetune"].append((name, image["before"], image["after"]))
@@ -311,6 +334,8 @@ def _settings(
         "gamma": gamma if gamma is not None else getattr(config, "gamma", 1.5),
         "seed": seed if seed is not None else config.seed,
         "search": search if search is not None else getattr(config, "permutation", "greedy"),
+        "permute": getattr(config, "permute", True),
+        "locations": getattr(config, "locations", "prior"),
         "rel_error": rel_error,
     }
 

@@ -1,33 +1,17 @@
-"""S2FT calibration: a gradient prior ``ΔŴ`` per adapted matrix, then permutations and locations from it."""
+"""S2FT calibration: the gradient prior ``ΔŴ`` of every adapted matrix (the plan from it: :mod:`s2ft.tuner.planner`)."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from s2ft.ops.locations import fourierft_locations, power_spectrum, sample_locations
-from s2ft.ops.permutation import path_length, search_order
 from s2ft.tuner.layers import _is_conv1d
 
 LossFn = Callable[[Any, Any], torch.Tensor]
-
-
-@dataclass
-class LayerPlan:
-    """What calibration decides for one matrix: ``perm_rows`` ``(d_out,)``, ``perm_cols`` ``(d_in,)`` (None: identity),
-    ``rows``/``cols`` ``(n,)``, and the path lengths before and after ordering (for reports)."""
-
-    rows: torch.Tensor
-    cols: torch.Tensor
-    perm_rows: torch.Tensor | None
-    perm_cols: torch.Tensor | None
-    path_length_before: float
-    path_length_after: float
 
 
 def _move(batch: Any, device: torch.device) -> Any:
@@ -164,35 +148,3 @@ def _check_priors(priors: Mapping[str, torch.Tensor], seen: int) -> None:
                 f"no gradient reached {name!r} during calibration: is the layer used by the model's forward, "
                 "and does the loss depend on its output?"
             )
-
-
-def plan_layer(
-    prior: torch.Tensor,
-    n: int,
-    gamma: float,
-    generator: torch.Generator,
-    search: str = "greedy",
-    permute: bool = True,
-    locations: str = "prior",
-    seed: int = 0,
-) -> LayerPlan:
-    """Order the prior's rows and columns, then sample ``n`` locations ``∝ |DFT2(permuted prior)|^gamma``.
-
-    ``permute=False`` keeps identity orders. ``locations``: ``"prior"`` samples from the whole spectrum (the paper),
-    ``"prior-half"`` from one location of each mirror pair (no two coefficients on the same basis function; see
-    :func:`s2ft.ops.locations.sample_locations`), ``"uniform"`` takes FourierFT's seeded locations.
-    """
-    before = path_length(prior) + path_length(prior.T)
-    perm_rows = perm_cols = None
-    permuted = prior
-    if permute:
-        perm_rows = search_order(prior, search, generator)
-        perm_cols = search_order(prior.T, search, generator)
-        permuted = prior[perm_rows][:, perm_cols]
-    after = path_length(permuted) + path_length(permuted.T)
-    if locations == "uniform":
-        rows, cols = fourierft_locations(prior.shape[0], prior.shape[1], n, seed)
-    else:
-        half = locations == "prior-half"
-        rows, cols = sample_locations(power_spectrum(permuted), n, gamma, generator, half=half)
-    return LayerPlan(rows, cols, perm_rows, perm_cols, before, after)

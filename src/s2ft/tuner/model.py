@@ -19,8 +19,9 @@ from s2ft.config import CONFIG_NAME, FourierFTConfig, load_config
 from s2ft.io import atomic_write
 from s2ft.ops.locations import check_n_frequency, fourierft_locations, smallest_int_dtype
 from s2ft.tuner.adapter_io import SAVE_PREFIX, WEIGHTS_NAME, check_adapter, read_adapter
-from s2ft.tuner.calibration import LossFn, gradient_prior, plan_layer
+from s2ft.tuner.calibration import LossFn, gradient_prior
 from s2ft.tuner.layers import SUPPORTED_LAYERS, SpectralLinear, TrainedCopy, layer_shape
+from s2ft.tuner.planner import plan_for
 
 logger = logging.getLogger("s2ft")
 
@@ -205,19 +206,7 @@ class SpectralModel(nn.Module):
         priors = gradient_prior(
             self.base_model, layers, batches, loss_fn, config.calibration_batches, progress
         )
-        generator = torch.Generator().manual_seed(config.seed)
-        plans = {}
-        for name, prior in priors.items():
-            plans[name] = plan_layer(
-                prior,
-                config.n_frequency,
-                config.gamma,
-                generator,
-                search=config.permutation,
-                permute=config.permute,
-                locations=config.locations,
-                seed=config.seed,
-            )
+        plans = {name: plan_for(prior, name, config) for name, prior in priors.items()}
         for name, plan in plans.items():
             layers[name].set_locations(plan.rows, plan.cols, plan.perm_rows, plan.perm_cols)
         return {
