@@ -83,12 +83,55 @@ def tiny_llama() -> nn.Module:
     return LlamaForCausalLM(config).eval()
 
 
+class ConvNet(nn.Module):
+    """Every Conv2d form: a 3x3 stem, a pointwise conv, a grouped 3x3 and a strided depthwise 3x3; a linear head."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.pointwise = nn.Conv2d(8, 12, 1)
+        self.grouped = nn.Conv2d(12, 12, 3, padding=1, groups=3)
+        self.depthwise = nn.Conv2d(12, 12, 3, stride=2, groups=12)
+        self.head = nn.Linear(12, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in (self.stem, self.pointwise, self.grouped, self.depthwise):
+            x = torch.relu(conv(x))
+        return self.head(x.mean(dim=(-2, -1)))
+
+
+def tiny_convnet() -> nn.Module:
+    torch.manual_seed(0)
+    return ConvNet()
+
+
+def tiny_resnet() -> nn.Module:
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    config = ResNetConfig(
+        num_channels=3,
+        embedding_size=8,
+        hidden_sizes=[8, 16],
+        depths=[1, 1],
+        num_labels=3,
+        layer_type="basic",
+    )
+    model = ResNetForImageClassification(config).eval()
+    for module in model.modules():  # frozen running statistics: a training step changes only trained weights
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = 0.0
+    return model
+
+
 # name -> (factory, target_modules, modules_to_save)
 MODELS = {
     "mlp": (tiny_mlp, ["fc1", "fc2"], ["head"]),
     "bert": (tiny_bert, ["query", "value"], ["classifier"]),
     "gpt2": (tiny_gpt2, ["c_attn", "c_proj"], None),
     "llama": (tiny_llama, ["q_proj", "k_proj", "v_proj"], None),
+    "convnet": (tiny_convnet, ["stem", "pointwise", "grouped", "depthwise"], ["head"]),
+    "resnet": (tiny_resnet, r".*\.convolution", ["classifier"]),
 }
 
 
@@ -97,10 +140,12 @@ def make_batches(kind: str, count: int = 3, batch_size: int = 4, seed: int = 0) 
     g = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(count):
-        if kind == "mlp":
-            batches.append(
-                (torch.randn(batch_size, 12, generator=g), torch.randint(3, (batch_size,), generator=g))
-            )
+        if kind in ("mlp", "convnet"):
+            shape = (batch_size, 12) if kind == "mlp" else (batch_size, 3, 9, 9)
+            batches.append((torch.randn(shape, generator=g), torch.randint(3, (batch_size,), generator=g)))
+        elif kind == "resnet":
+            pixels = torch.randn(batch_size, 3, 16, 16, generator=g)
+            batches.append({"pixel_values": pixels, "labels": torch.randint(3, (batch_size,), generator=g)})
         else:
             ids = torch.randint(64, (batch_size, 10), generator=g)
             labels = torch.randint(3, (batch_size,), generator=g) if kind == "bert" else ids
@@ -116,6 +161,8 @@ def forward(model: nn.Module, batch) -> torch.Tensor:
     """The model's main output tensor for a batch."""
     if isinstance(batch, tuple):
         return model(batch[0])
+    if "pixel_values" in batch:
+        return model(pixel_values=batch["pixel_values"]).logits
     return model(input_ids=batch["input_ids"]).logits
 
 

@@ -29,7 +29,7 @@ def build(kind: str, method: str, **overrides):
     )
     model = get_spectral_model(copy.deepcopy(base), config)
     batches = make_batches(kind)
-    loss_fn = mlp_loss if kind == "mlp" else None
+    loss_fn = mlp_loss if kind in ("mlp", "convnet") else None
     if method == "s2ft":
         model.calibrate(batches, loss_fn)
     return base, model, batches, loss_fn

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from s2ft.tuner.layers import _is_conv1d
+from s2ft.tuner.layers import weight_matrix
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -108,11 +108,9 @@ def gradient_prior(
                     )
                 loss.backward()
                 for name, layer in layers.items():
-                    grad = layer.base_layer.weight.grad
-                    if grad is None:
+                    if layer.base_layer.weight.grad is None:
                         continue
-                    grad = grad.float()
-                    priors[name] -= grad.T if _is_conv1d(layer.base_layer) else grad
+                    priors[name] -= weight_matrix(layer.base_layer, grad=True).float()
                     layer.base_layer.weight.grad = None
                 seen += 1
     finally:

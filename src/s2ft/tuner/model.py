@@ -20,7 +20,7 @@ from s2ft.io import atomic_write
 from s2ft.ops.locations import check_n_frequency, fourierft_locations, smallest_int_dtype
 from s2ft.tuner.adapter_io import SAVE_PREFIX, WEIGHTS_NAME, check_adapter, read_adapter
 from s2ft.tuner.calibration import LossFn, gradient_prior
-from s2ft.tuner.layers import SUPPORTED_LAYERS, SpectralLinear, TrainedCopy, layer_shape
+from s2ft.tuner.layers import SUPPORTED_LAYERS, SUPPORTED_NAMES, SpectralLinear, TrainedCopy, layer_shape
 from s2ft.tuner.planner import plan_for
 
 logger = logging.getLogger("s2ft")
@@ -61,7 +61,7 @@ def _resolve(
     if unsupported:
         raise TypeError(
             f"target_modules matched modules s2ft cannot adapt: {', '.join(unsupported[:5])}; "
-            "only torch.nn.Linear and transformers' Conv1D are supported: narrow target_modules to those layers"
+            f"only {SUPPORTED_NAMES} are supported: narrow target_modules to those layers"
         )
     if not targets:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear_names})

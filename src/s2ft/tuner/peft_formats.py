@@ -151,7 +151,7 @@ def export_lora(model: Any, directory: str | os.PathLike, rank: float) -> dict[s
         state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.contiguous().cpu()
         state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.contiguous().cpu()
         report[name] = {"rank": a.shape[0], "relative_error": error}
-        fan_in_fan_out = fan_in_fan_out or type(layer.base_layer).__name__ == "Conv1D"
+        fan_in_fan_out = fan_in_fan_out or layer.kind.name == "conv1d"
     state.update(_saved_modules(model))
     ranks = {name: int(r["rank"]) for name, r in report.items()}
     top = max(ranks.values())
