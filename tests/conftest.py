@@ -29,7 +29,7 @@ class MLP(nn.Module):
 
 def tiny_mlp() -> nn.Module:
     torch.manual_seed(0)
-    return MLP()
+    return MLP().eval()
 
 
 def tiny_bert(num_labels: int = 3) -> nn.Module:
@@ -102,7 +102,7 @@ class ConvNet(nn.Module):
 
 def tiny_convnet() -> nn.Module:
     torch.manual_seed(0)
-    return ConvNet()
+    return ConvNet().eval()
 
 
 def tiny_resnet() -> nn.Module:

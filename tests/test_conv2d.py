@@ -57,7 +57,7 @@ def test_conv_adapter_matches_float64_reference(form, path, permuted):
     )
     n = min(20, d_out * d_in)
     model = get_spectral_model(
-        One(conv), FourierFTConfig(target_modules=["conv"], n_frequency=n, scaling=3.0, forward_path=path)
+        One(conv).eval(), FourierFTConfig(target_modules=["conv"], n_frequency=n, scaling=3.0, forward_path=path)
     )
     layer = model.spectral_layers()["conv"]
     with torch.no_grad():
@@ -161,7 +161,7 @@ def test_square_conv1d_is_seen_transposed():
     x = torch.randn(3, 6)
     torch.testing.assert_close(conv(x), x @ weight_matrix(conv).T + conv.bias)
     model = get_spectral_model(
-        One(conv), FourierFTConfig(target_modules=["conv"], n_frequency=10, init="normal")
+        One(conv).eval(), FourierFTConfig(target_modules=["conv"], n_frequency=10, init="normal")
     )
     expected = model.conv(x)
     delta = model.spectral_layers()["conv"].delta_weight().detach()

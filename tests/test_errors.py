@@ -186,7 +186,7 @@ def test_failed_save_leaves_the_previous_adapter(tmp_path, monkeypatch):
             f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr("s2ft.tuner.model.save_file", broken_save)
+    monkeypatch.setattr("s2ft.tuner.adapter_io.save_file", broken_save)
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(tmp_path)
     assert {

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -15,8 +16,24 @@ from s2ft.ops.permutation import SEARCHES
 LOCATIONS = ("prior", "prior-half", "uniform")
 
 CONFIG_NAME = "adapter_config.json"
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 INITS = ("zeros", "normal")
 FORWARD_PATHS = ("auto", "dense", "fft")
+
+
+def _is_number(value: Any) -> bool:
+    """A real number, and not a bool (``True`` is an ``int`` to Python, never a sensible scaling or gamma)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_regex(field: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(
+            f"{field}={pattern!r} is not a valid regular expression ({e}); a string is matched as a regex "
+            "against the whole module name, a list as exact names or .suffixes"
+        ) from None
 
 
 @dataclass
@@ -61,6 +78,8 @@ class FourierFTConfig:
             raise ValueError(
                 f"target_modules must be a list of names or a regex string, got {self.target_modules!r}"
             )
+        else:
+            _check_regex("target_modules", self.target_modules)
         if self.modules_to_save is not None:
             if isinstance(self.modules_to_save, str) or not all(
                 isinstance(m, str) and m for m in self.modules_to_save
@@ -73,11 +92,18 @@ class FourierFTConfig:
             or self.n_frequency <= 0
         ):
             raise ValueError(f"n_frequency must be a positive integer, got {self.n_frequency!r}")
-        if not isinstance(self.scaling, (int, float)) or not math.isfinite(self.scaling) or self.scaling == 0:
+        if not _is_number(self.scaling) or not math.isfinite(self.scaling) or self.scaling == 0:
             raise ValueError(f"scaling must be a finite non-zero number, got {self.scaling!r}")
         self.scaling = float(self.scaling)
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if (
+            not isinstance(self.seed, int)
+            or isinstance(self.seed, bool)
+            or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]
+        ):
+            raise ValueError(
+                f"seed must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]} (what torch's generator takes), "
+                f"got {self.seed!r}"
+            )
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.forward_path not in FORWARD_PATHS:
@@ -123,6 +149,10 @@ class FourierFTConfig:
             raise FileNotFoundError(f"no adapter config at {path}") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"adapter config {path} is not valid JSON: {e}") from None
+        except UnicodeDecodeError:
+            raise ValueError(
+                f"adapter config {path} is not UTF-8 text; is it an adapter_config.json?"
+            ) from None
         if not isinstance(data, dict):
             raise ValueError(f"adapter config {path} must hold a JSON object")
         return cls.from_dict(data)
@@ -154,11 +184,13 @@ class S2FTConfig(FourierFTConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not isinstance(self.gamma, (int, float)) or not math.isfinite(self.gamma) or self.gamma <= 0:
+        if not _is_number(self.gamma) or not math.isfinite(self.gamma) or self.gamma <= 0:
             raise ValueError(f"gamma must be a finite number > 0, got {self.gamma!r}")
         self.gamma = float(self.gamma)
         if self.calibration_batches is not None and (
-            not isinstance(self.calibration_batches, int) or self.calibration_batches <= 0
+            not isinstance(self.calibration_batches, int)
+            or isinstance(self.calibration_batches, bool)
+            or self.calibration_batches <= 0
         ):
             raise ValueError(
                 f"calibration_batches must be a positive integer or None, got {self.calibration_batches!r}"

@@ -167,6 +167,17 @@ class SpectralLinear(nn.Module):
         self.register_buffer("perm_cols", None)
         self.merged = False
         self.disabled = False
+        # While merged: the coefficients that were merged (and their version), and, for a weight in a dtype coarser
+        # than float32, the weight as it was, so that unmerge restores it bit for bit.
+        self._merged: tuple[torch.Tensor, int, torch.Tensor | None] | None = None
+        self.train(base_layer.training)  # in the mode of the layer it replaces
+
+    def _apply(self, fn, recurse=True):
+        """``.to(dtype)``, ``.half()``, ``.bfloat16()`` cast the base layer; the coefficients stay float32."""
+        super()._apply(fn, recurse)
+        if self.coeffs.dtype != torch.float32:
+            self.coeffs.data = self.coeffs.data.float()
+        return self
 
     @property
     def is_ready(self) -> bool:
@@ -216,6 +227,14 @@ class SpectralLinear(nn.Module):
         return delta_weight(*self._spectrum())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            self._check_merged_unchanged()
+            if self.training and torch.is_grad_enabled() and self.coeffs.requires_grad:
+                raise RuntimeError(
+                    "this adapter is merged into the base weight, so a training step would train nothing: "
+                    "unmerge() before training (for inference while merged, call model.eval() or use "
+                    "torch.no_grad())"
+                )
         if self.disabled or self.merged:
             return self.base_layer(x)
         # The branch runs before the base layer, so that backward runs it after (reverse order): the base layer's
@@ -224,23 +243,50 @@ class SpectralLinear(nn.Module):
         result = self.base_layer(x)
         return result + delta.to(result.dtype)
 
-    def _add_to_weight(self, sign: float) -> None:
-        weight = self.base_layer.weight
-        delta = self.kind.to_weight(self.base_layer, self.delta_weight())
-        with torch.no_grad():
-            weight.copy_((weight.float() + sign * delta).to(weight.dtype))
+    def _check_merged_unchanged(self) -> None:
+        if self._merged is not None and self.coeffs._version != self._merged[1]:
+            raise RuntimeError(
+                "the coefficients of a merged adapter were changed; the base weight holds the ΔW of the merged "
+                "ones: unmerge() (it restores the base weight from the merged coefficients), then change them"
+            )
 
     def merge(self) -> None:
-        """Add ``ΔW`` into the base weight; the forward then costs what the base layer costs."""
-        if not self.merged:
-            self._add_to_weight(1.0)
-            self.merged = True
+        """Add ``ΔW`` into the base weight; the forward then costs what the base layer costs.
+
+        A weight in float16 or bfloat16 is kept as it was (a copy of it, until :meth:`unmerge`), so that unmerge
+        restores it bit for bit; a float32 weight is restored by subtraction (within float32 rounding).
+        """
+        if self.merged:
+            return
+        weight = self.base_layer.weight
+        coeffs = self.coeffs.detach().clone()
+        kept = weight.detach().clone() if torch.finfo(weight.dtype).bits < 32 else None
+        delta = self.kind.to_weight(self.base_layer, self.delta_weight().detach())
+        with torch.no_grad():
+            weight.copy_((weight.float() + delta).to(weight.dtype))
+        self._merged = (coeffs, self.coeffs._version, kept)
+        self.merged = True
 
     def unmerge(self) -> None:
-        """Subtract ``ΔW`` from the base weight again (exact up to the weight dtype's rounding)."""
-        if self.merged:
-            self._add_to_weight(-1.0)
-            self.merged = False
+        """Take ``ΔW`` out of the base weight again: the weight as it was (float16/bfloat16), or the weight less
+        the merged ``ΔW`` (float32). Coefficients changed while merged are an error, raised after the weight is
+        restored from the merged ones."""
+        if not self.merged:
+            return
+        coeffs, version, kept = self._merged
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            if kept is not None:
+                weight.copy_(kept)
+            else:
+                merged = delta_weight(coeffs, *self._spectrum()[1:])
+                weight.copy_((weight.float() - self.kind.to_weight(self.base_layer, merged)).to(weight.dtype))
+        self.merged, self._merged = False, None
+        if self.coeffs._version != version:
+            raise RuntimeError(
+                "the coefficients were changed while the adapter was merged; the base weight was restored from "
+                "the merged coefficients, and the changes were never applied: change coefficients only unmerged"
+            )
 
     def extra_repr(self) -> str:
         return f"method={self.method}, kind={self.kind.name}, d_out={self.d_out}, d_in={self.d_in}, n={self.n_frequency}, scaling={self.scaling}"
@@ -259,6 +305,7 @@ class TrainedCopy(nn.Module):
         self.original_module.requires_grad_(False)
         self.trained_module.requires_grad_(True)
         self.disabled = False
+        self.train(module.training)
 
     def forward(self, *args, **kwargs):
         module = self.original_module if self.disabled else self.trained_module

@@ -12,13 +12,19 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
-from safetensors.torch import save, save_file
+from safetensors.torch import save
 from torch import nn
 
-from s2ft.config import CONFIG_NAME, FourierFTConfig, load_config
-from s2ft.io import atomic_write
+from s2ft.config import FourierFTConfig, load_config
 from s2ft.ops.locations import check_n_frequency, fourierft_locations, smallest_int_dtype
-from s2ft.tuner.adapter_io import SAVE_PREFIX, WEIGHTS_NAME, check_adapter, read_adapter
+from s2ft.tuner.adapter_io import (
+    SAVE_PREFIX,
+    WEIGHTS_NAME,
+    check_adapter,
+    check_adapter_folder,
+    read_adapter,
+    write_adapter_folder,
+)
 from s2ft.tuner.calibration import LossFn, gradient_prior
 from s2ft.tuner.layers import SUPPORTED_LAYERS, SUPPORTED_NAMES, SpectralLinear, TrainedCopy, layer_shape
 from s2ft.tuner.planner import plan_for
@@ -69,8 +75,21 @@ def _resolve(
             f"target_modules={config.target_modules!r} matched no module of the model; "
             f"its linear layers are named (by suffix): {suffixes[:20]}"
         )
+    both = [t for t, _ in targets if config.modules_to_save and matches(t, config.modules_to_save)]
+    if both:
+        raise ValueError(
+            f"{', '.join(both[:3])} matched both target_modules and modules_to_save; a module is either adapted "
+            "or trained fully: take it out of one of them"
+        )
     if config.modules_to_save and not saves:
         raise ValueError(f"modules_to_save={config.modules_to_save!r} matched no module of the model")
+    for kept, _ in saves:
+        inside = [t for t, _ in targets if t.startswith(kept + ".")]
+        if inside:
+            raise ValueError(
+                f"modules_to_save names {kept!r}, which holds adapted modules ({', '.join(inside[:3])}): a module "
+                "is either trained fully or adapted, not both; name only new heads in modules_to_save"
+            )
     for name, module in targets:
         try:
             check_n_frequency(config.n_frequency, *layer_shape(module))
@@ -106,6 +125,12 @@ def _specialized(model_class: type) -> type[SpectralModel]:
     return _SPECIALIZED[model_class]
 
 
+def _new_spectral_model(model_class: type) -> SpectralModel:
+    """An empty :class:`SpectralModel` of the class specialized to ``model_class``, for unpickling."""
+    cls = _specialized(model_class)
+    return cls.__new__(cls)
+
+
 class SpectralModel(nn.Module):
     """A model whose targeted linear layers carry FourierFT or S2FT adapters.
 
@@ -118,21 +143,36 @@ class SpectralModel(nn.Module):
         super().__init__()
         targets, saves = _resolve(model, config)
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-        model.requires_grad_(False)
-        fourierft = config.method == "fourierft"
         locations: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        for name, module in targets:
-            layer = SpectralLinear(
-                module, config.n_frequency, config.scaling, config.init, config.forward_path, config.method
-            )
-            if fourierft:
-                shape = (layer.d_out, layer.d_in)
-                if shape not in locations:
-                    locations[shape] = fourierft_locations(*shape, config.n_frequency, config.seed)
-                layer.set_locations(*locations[shape])
-            _set_submodule(model, name, layer)
-        for name, module in saves:
-            _set_submodule(model, name, TrainedCopy(module))
+        wrapped: list[tuple[str, nn.Module]] = []
+        try:
+            model.requires_grad_(False)
+            for name, module in targets:
+                layer = SpectralLinear(
+                    module,
+                    config.n_frequency,
+                    config.scaling,
+                    config.init,
+                    config.forward_path,
+                    config.method,
+                )
+                if config.method == "fourierft":
+                    shape = (layer.d_out, layer.d_in)
+                    if shape not in locations:  # the same draw for every layer of a shape, as PEFT's
+                        locations[shape] = fourierft_locations(*shape, config.n_frequency, config.seed)
+                    # each layer its own tensors: shared ones break safetensors checkpoints ("share memory")
+                    layer.set_locations(*(t.clone() for t in locations[shape]))
+                _set_submodule(model, name, layer)
+                wrapped.append((name, module))
+            for name, module in saves:
+                _set_submodule(model, name, TrainedCopy(module))
+                wrapped.append((name, module))
+        except BaseException:  # leave the model as it was
+            for name, module in reversed(wrapped):
+                _set_submodule(model, name, module)
+            for name, param in model.named_parameters():
+                param.requires_grad_(self._requires_grad.get(name, param.requires_grad))
+            raise
         self.base_model = model
         self.spectral_config = config
         if type(self) is SpectralModel:
@@ -147,6 +187,12 @@ class SpectralModel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.base_model(*args, **kwargs)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Pickling (``torch.save(model)``, ``copy.deepcopy``): the class is rebuilt by :func:`_specialized` from
+        the wrapped model's class, since the specialized class itself is made at run time."""
+        reduced = super().__reduce_ex__(protocol)
+        return (_new_spectral_model, (type(self.base_model),), *reduced[2:])
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -188,7 +234,11 @@ class SpectralModel(nn.Module):
 
     # ------------------------------------------------------------------ S2FT calibration
     def calibrate(
-        self, batches: Iterable[Any], loss_fn: LossFn | None = None, progress: bool = False
+        self,
+        batches: Iterable[Any],
+        loss_fn: LossFn | None = None,
+        progress: bool = False,
+        force: bool = False,
     ) -> dict[str, dict[str, float]]:
         """S2FT's one-time setup: gradient prior, row/column permutations and locations for every adapter.
 
@@ -196,6 +246,10 @@ class SpectralModel(nn.Module):
         loss), tensors, or ``(inputs, targets)`` pairs; ``loss_fn(outputs, batch)`` gives the loss otherwise. At most
         ``config.calibration_batches`` are used. No weight changes. Deterministic for a seed; under
         ``torch.distributed`` every rank must call it and gets the same result. Returns per-layer path lengths.
+
+        An adapter that was trained or loaded (coefficients not all zero) is not calibrated again: its
+        coefficients belong to its locations. ``force=True`` does it anyway and resets the coefficients to zero,
+        so the model again computes what the base model computes.
         """
         config = self.spectral_config
         if config.method != "s2ft":
@@ -203,12 +257,22 @@ class SpectralModel(nn.Module):
         layers = self.spectral_layers()
         if any(layer.merged for layer in layers.values()):
             raise RuntimeError("unmerge() the adapters before calibrating")
+        trained = [n for n, layer in layers.items() if layer.is_ready and bool(layer.coeffs.detach().any())]
+        if trained and not force:
+            raise RuntimeError(
+                f"{len(trained)} adapters already hold trained coefficients (e.g. {trained[0]}); calibrating again "
+                "would move them to new locations, where they mean nothing. Pass force=True to re-plan and reset "
+                "the coefficients to zero"
+            )
         priors = gradient_prior(
             self.base_model, layers, batches, loss_fn, config.calibration_batches, progress
         )
         plans = {name: plan_for(prior, name, config) for name, prior in priors.items()}
         for name, plan in plans.items():
             layers[name].set_locations(plan.rows, plan.cols, plan.perm_rows, plan.perm_cols)
+            if force:
+                with torch.no_grad():
+                    layers[name].coeffs.zero_()
         return {
             name: {"path_length_before": p.path_length_before, "path_length_after": p.path_length_after}
             for name, p in plans.items()
@@ -258,15 +322,17 @@ class SpectralModel(nn.Module):
 
     # ------------------------------------------------------------------ save and load
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """What the adapter file stores: float32 coefficients, locations and permutations in the smallest integer
-        dtype that fits, and the ``modules_to_save``'s trained weights. Nothing of the base model."""
+        """What the adapter file stores: float32 coefficients, S2FT's locations and permutations in the smallest
+        integer dtype that fits (FourierFT's follow from the seed, as in PEFT), and the ``modules_to_save``'s
+        trained weights. Nothing of the base model."""
         state: dict[str, torch.Tensor] = {}
         for name, layer in self.spectral_layers().items():
             layer._require_ready()
             rows_dtype, cols_dtype = smallest_int_dtype(layer.d_out - 1), smallest_int_dtype(layer.d_in - 1)
             state[f"{name}.coeffs"] = layer.coeffs.detach().float()
-            state[f"{name}.rows"] = layer.rows.to(rows_dtype)
-            state[f"{name}.cols"] = layer.cols.to(cols_dtype)
+            if self.spectral_config.method != "fourierft":  # FourierFT's locations follow from its seed
+                state[f"{name}.rows"] = layer.rows.to(rows_dtype)
+                state[f"{name}.cols"] = layer.cols.to(cols_dtype)
             if layer.perm_rows is not None:
                 state[f"{name}.perm_rows"] = layer.perm_rows.to(rows_dtype)
                 state[f"{name}.perm_cols"] = layer.perm_cols.to(cols_dtype)
@@ -276,21 +342,35 @@ class SpectralModel(nn.Module):
         return {k: v.contiguous().cpu() for k, v in state.items()}
 
     def _metadata(self) -> dict[str, str]:
-        shapes = {name: [layer.d_out, layer.d_in] for name, layer in self.spectral_layers().items()}
-        return {"format": "pt", "s2ft_layers": json.dumps(shapes)}
+        """The shapes ``[d_out, d_in]`` of the adapted modules, in the sorted order of their names."""
+        layers = self.spectral_layers()
+        shapes = [[layers[name].d_out, layers[name].d_in] for name in sorted(layers)]
+        return {"format": "pt", "s2ft_shapes": json.dumps(shapes, separators=(",", ":"))}
 
     def adapter_nbytes(self) -> int:
         """Size in bytes of the adapter file ``save_pretrained`` writes (header included; the JSON config aside)."""
         return len(save(self.adapter_state_dict(), metadata=self._metadata()))
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write ``adapter_config.json`` and ``adapter_model.safetensors``, each atomically."""
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``save_directory``, as a pair: both
+        are written to temporary files first, and the old pair is restored if replacing them fails, so the folder
+        holds either the old adapter or the new one, never a mix. Other files in the folder are left alone.
+
+        PEFT's keyword arguments (``safe_serialization``, ``selected_adapters``, ...) are accepted; s2ft always
+        writes safetensors.
+        """
+        if kwargs.get("safe_serialization") is False:
+            logger.warning("s2ft writes safetensors only; safe_serialization=False is ignored")
+        if not self.spectral_layers():
+            raise RuntimeError(
+                "this model holds no adapter any more (merge_and_unload() folded it into the base weights), so there "
+                "is nothing to save as an adapter: save before merge_and_unload(), or save the merged model with its "
+                "own save_pretrained"
+            )
         state, metadata = self.adapter_state_dict(), self._metadata()
+        config_text = json.dumps(self.spectral_config.to_dict(), indent=2) + "\n"
         os.makedirs(save_directory, exist_ok=True)
-        atomic_write(
-            os.path.join(save_directory, WEIGHTS_NAME), lambda tmp: save_file(state, tmp, metadata=metadata)
-        )
-        self.spectral_config.to_json_file(os.path.join(save_directory, CONFIG_NAME))
+        write_adapter_folder(save_directory, state, metadata, config_text)
 
     @classmethod
     def from_pretrained(
@@ -300,6 +380,7 @@ class SpectralModel(nn.Module):
 
         With ``is_trainable=False`` (the default, as in PEFT) the adapter is frozen, for inference.
         """
+        adapter_directory = check_adapter_folder(adapter_directory)
         config = load_config(adapter_directory)
         state, shapes = read_adapter(os.path.join(adapter_directory, WEIGHTS_NAME))
         targets, saves = _resolve(model, config)
@@ -309,8 +390,9 @@ class SpectralModel(nn.Module):
             with torch.no_grad():
                 for name, layer in spectral.spectral_layers().items():
                     layer.coeffs.copy_(state[f"{name}.coeffs"])
-                    perms = [state.get(f"{name}.perm_rows"), state.get(f"{name}.perm_cols")]
-                    layer.set_locations(state[f"{name}.rows"], state[f"{name}.cols"], *perms)
+                    if f"{name}.rows" in state:  # else FourierFT's, from the seed, are in place
+                        perms = [state.get(f"{name}.perm_rows"), state.get(f"{name}.perm_cols")]
+                        layer.set_locations(state[f"{name}.rows"], state[f"{name}.cols"], *perms)
                 for name, module in spectral._trained_copies().items():
                     prefix = f"{SAVE_PREFIX}{name}."
                     sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
