@@ -44,6 +44,7 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--text-column", default=d.text_column)
     p.add_argument("--label-column", default=d.label_column)
+    p.add_argument("--image-column", default=d.image_column, help="image-classification: the image column")
     p.add_argument(
         "--targets",
         nargs="+",
@@ -94,6 +95,12 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help=f"0: the whole training split; {_per_task('max_train_samples')}",
+    )
+    p.add_argument(
+        "--eval-samples",
+        type=int,
+        default=None,
+        help=f"validation/test examples scored, 0: all; {_per_task('eval_samples')}",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars or console log")
 

@@ -31,7 +31,7 @@ import re
 import tempfile
 import zlib
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,8 @@ MAX_WORDS = 40
 # Where the lazy-load database sits inside the package (and so inside an extracted tree).
 RDATA_SUBDIR = Path("usr/lib/R/site-library/janeaustenr/data")
 _SENTENCES_FILE = Path("austen/sentences.v1.jsonl")  # bump the version when the sentence rules change
+_PASSAGES_FILE = Path("austen/passages.v1.jsonl")
+PASSAGE_WORDS = (60, 120)
 
 _HEADING = re.compile(r"^\s*(chapter|volume)\s+([ivxlc]+|\d+)\.?\s*$", re.IGNORECASE)
 _BOUNDARY = re.compile(r"""[.!?]["')\]]*(?=\s+["'(\[]*[A-Z])""")
@@ -161,25 +163,79 @@ def _austen_sentences_from(rdata_dir: Path) -> list[dict[str, str]]:
     return [row for row in rows if counts[row["text"]] == 1]
 
 
-def austen_sentences(
-    cache_dir: str | os.PathLike | None = None, source_dir: str | os.PathLike | None = None
+def _cached_rows(
+    cache_file: Path,
+    build: Callable[[Path], list[dict[str, str]]],
+    cache_dir: str | os.PathLike | None,
+    source_dir: str | os.PathLike | None,
 ) -> list[dict[str, str]]:
-    """The prepared ``{"text", "novel"}`` sentences, from the cache when it has them. Otherwise they are made from
-    ``source_dir`` (or ``$S2FT_AUSTEN_DIR``), an extracted package tree or the folder holding ``Rdata.rdx``, or from
-    the package fetched with apt-get, and then cached."""
-    path = Path(cache_dir or default_cache_dir()) / _SENTENCES_FILE
+    """Rows of a cache file under ``cache_dir``, made once by ``build(rdata_dir)`` from ``source_dir`` (or
+    ``$S2FT_AUSTEN_DIR``), an extracted package tree or the folder holding ``Rdata.rdx``, or from the package
+    fetched with apt-get, then written atomically."""
+    path = Path(cache_dir or default_cache_dir()) / cache_file
     if not path.is_file():
         source_dir = source_dir or os.environ.get("S2FT_AUSTEN_DIR")
         if source_dir:
-            rows = _austen_sentences_from(find_rdata_dir(Path(source_dir)))
+            rows = build(find_rdata_dir(Path(source_dir)))
         else:
             with tempfile.TemporaryDirectory(prefix="s2ft-austen-") as tmp:
                 workdir = Path(tmp)
                 fetch_package(AUSTEN_PACKAGE, workdir, RDATA_FILES, _MANUAL)
-                rows = _austen_sentences_from(find_rdata_dir(workdir))
+                rows = build(find_rdata_dir(workdir))
         atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f]
+
+
+def austen_sentences(
+    cache_dir: str | os.PathLike | None = None, source_dir: str | os.PathLike | None = None
+) -> list[dict[str, str]]:
+    """The prepared ``{"text", "novel"}`` sentences (cached; see :func:`_cached_rows`)."""
+    return _cached_rows(_SENTENCES_FILE, _austen_sentences_from, cache_dir, source_dir)
+
+
+def novel_passages(
+    lines: Sequence[str], min_words: int = PASSAGE_WORDS[0], max_words: int = PASSAGE_WORDS[1]
+) -> list[str]:
+    """A novel's text as passages: consecutive paragraphs joined until a passage holds ``min_words`` words; a
+    paragraph longer than ``max_words`` is cut at sentence ends into pieces of at most that many (a longer sentence
+    stays whole). Reading order."""
+    pieces: list[str] = []
+    for paragraph in _paragraphs(lines):
+        chunk: list[str] = []
+        for sentence in split_sentences(paragraph):
+            if chunk and len(" ".join([*chunk, sentence]).split()) > max_words:
+                pieces.append(" ".join(chunk))
+                chunk = []
+            chunk.append(sentence)
+        if chunk:
+            pieces.append(" ".join(chunk))
+    passages, current = [], []
+    for piece in pieces:
+        current.append(piece)
+        if len(" ".join(current).split()) >= min_words:
+            passages.append(" ".join(current))
+            current = []
+    if current:
+        passages.append(" ".join(current))
+    return passages
+
+
+def _austen_passages_from(rdata_dir: Path) -> list[dict[str, str]]:
+    rows = [
+        {"text": passage, "novel": novel}
+        for novel, lines in read_austen_novels(rdata_dir).items()
+        for passage in novel_passages(lines)
+    ]
+    counts = Counter(row["text"] for row in rows)
+    return [row for row in rows if counts[row["text"]] == 1]
+
+
+def austen_passages(
+    cache_dir: str | os.PathLike | None = None, source_dir: str | os.PathLike | None = None
+) -> list[dict[str, str]]:
+    """The novels as ``{"text", "novel"}`` passages of about 60 to 120 words, for language modelling (cached)."""
+    return _cached_rows(_PASSAGES_FILE, _austen_passages_from, cache_dir, source_dir)
 
 
 def load_austen(

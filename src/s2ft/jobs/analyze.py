@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from s2ft.jobs.args import FinetuneArgs
-from s2ft.jobs.common import calibration_batches, make_trainer, training_subset, warm_up_head
+from s2ft.jobs.common import calibration_batches, make_trainer, training_subset, warm_up_head, with_targets
 from s2ft.methods import get_method
 from s2ft.tasks import get_task
 
@@ -45,6 +45,7 @@ def run_analyze(
     data = task.load_data(args)
     loaded = task.load_model(args.model, data.info)
     model, processor, head = loaded.model, loaded.processor, loaded.head
+    args = with_targets(task, args, model)
     train = task.prepare(training_subset(data.train, args), processor, args, "train")
     collator = task.collator(processor)
     if args.head_warmup_steps > 0 and head:  # as finetune does: the prior (and ΔW) start from a warm head

@@ -24,6 +24,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "head_lr": 2e-3,
     "epochs": 1.0,
     "calibration_batches": 16,
+    "eval_samples": 0,
 }
 
 
@@ -50,12 +51,14 @@ class FinetuneArgs:
     batch_size: int | None = None
     max_length: int | None = None
     max_train_samples: int | None = None  # 0: the whole training split
+    eval_samples: int | None = None  # examples of validation and test scored (0: all)
     seed: int = 0
     output: str = "runs/default"
     overwrite: bool = False
     quiet: bool = False
     text_column: str = "text"
     label_column: str = "label"
+    image_column: str = "image"
     # A folder of warmed heads to reuse across runs that share every warm-up option (``s2ft compare``).
     head_warmup_cache: str | None = None
     # S2FT ablations (used by ``s2ft compare``)
@@ -86,7 +89,7 @@ class FinetuneArgs:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise RunError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        for name in ("head_warmup_steps", "max_train_samples"):
+        for name in ("head_warmup_steps", "max_train_samples", "eval_samples"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise RunError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
@@ -98,7 +101,7 @@ class FinetuneArgs:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise RunError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
-        if self.targets is not None and not self.targets:
+        if self.targets is not None and not self.targets and not isinstance(self.targets, str):
             raise RunError("--targets needs at least one module name")
 
     @property

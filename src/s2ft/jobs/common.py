@@ -178,6 +178,20 @@ def training_subset(train: Any, args: FinetuneArgs) -> Any:
     return train
 
 
+def with_targets(task: Task, args: FinetuneArgs, model: torch.nn.Module) -> FinetuneArgs:
+    """``args`` with the task's default targets for ``model`` when ``--targets`` was not given."""
+    if args.targets is not None:
+        return args
+    return dataclasses.replace(args, targets=task.default_targets(model))
+
+
+def held_out(split: Any, args: FinetuneArgs) -> Any:
+    """The first ``eval_samples`` examples of a validation or test split (0: all); splits are already seeded."""
+    if args.eval_samples and len(split) > args.eval_samples:
+        return split.select(range(args.eval_samples))
+    return split
+
+
 def calibration_batches(
     train: Any, collator: Any, task: Task, args: FinetuneArgs, rank: int, world: int
 ) -> list[dict]:

@@ -7,7 +7,7 @@ import tempfile
 from typing import Any
 
 from s2ft.jobs.args import FinetuneArgs
-from s2ft.jobs.common import load_trained, make_trainer
+from s2ft.jobs.common import held_out, load_trained, make_trainer
 from s2ft.tasks import RunError, get_task
 
 SPLITS = ("train", "validation", "test")
@@ -28,7 +28,8 @@ def run_evaluate(
     args = dataclasses.replace(FinetuneArgs(**saved), dataset=dataset or run["dataset"], quiet=quiet)
     args = args.resolved()
     data = task.align(task.load_data(args), run.get("info", {}))
-    prepared = task.prepare(getattr(data, split), processor, args, split)
+    chosen = getattr(data, split) if split == "train" else held_out(getattr(data, split), args)
+    prepared = task.prepare(chosen, processor, args, split)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = make_trainer(model, task.collator(processor), args, tmp)
         metrics = task.evaluate(trainer, prepared)

@@ -19,6 +19,7 @@ from s2ft.jobs.common import (
     ADAPTER_DIR,
     RUN_FILE,
     calibration_batches,
+    held_out,
     log_to,
     logger,
     make_trainer,
@@ -27,6 +28,7 @@ from s2ft.jobs.common import (
     staged_output,
     training_subset,
     warm_head,
+    with_targets,
 )
 from s2ft.methods import get_method
 from s2ft.tasks import get_task
@@ -68,9 +70,15 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
         )
         loaded = task.load_model(args.model, data.info)
         model, processor, head = loaded.model, loaded.processor, loaded.head
+        given, args = args, with_targets(task, args, model)  # ``given`` is what compare matches runs by
+        task.check_args(args, model)
         splits = {
             name: task.prepare(split, processor, args, name)
-            for name, split in (("train", train_raw), ("validation", data.validation), ("test", data.test))
+            for name, split in (
+                ("train", train_raw),
+                ("validation", held_out(data.validation, args)),
+                ("test", held_out(data.test, args)),
+            )
         }
         collator = task.collator(processor)
         metrics: dict[str, Any] = {"task": task.name, "method": args.method, "model": args.model}
@@ -135,11 +143,12 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
         if state.is_main_process:
             task.after_training(trainer, processor, splits, work_dir)
             adapter_dir = os.path.join(work_dir, ADAPTER_DIR)
-            method.save(model, adapter_dir)
+            method.save(model, adapter_dir, task)
             if method.saves_whole_model:
                 task.save_processor(processor, adapter_dir)
             metrics["adapter_bytes"] = method.stored_bytes(model, adapter_dir)
-            metrics["args"] = dataclasses.asdict(args)
+            metrics["args"] = dataclasses.asdict(given)
+            metrics["targets"] = args.targets
             run = {
                 "task": task.name,
                 "model": resolve_source(args.model),

@@ -36,7 +36,8 @@ class Method:
         """Whether a trainable parameter belongs to a new head (trained at ``head_lr``)."""
         return "trained_module" in parameter_name or "modules_to_save" in parameter_name
 
-    def save(self, model: torch.nn.Module, directory: str) -> None:
+    def save(self, model: torch.nn.Module, directory: str, task: Any) -> None:
+        """Save what the run keeps: the adapter (or, for full fine-tuning, the model through ``task``)."""
         model.save_pretrained(directory)
 
     def stored_bytes(self, model: torch.nn.Module, directory: str) -> int:

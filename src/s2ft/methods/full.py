@@ -22,6 +22,9 @@ class Full(Method):
     def is_head(self, parameter_name: str) -> bool:
         return False
 
+    def save(self, model: torch.nn.Module, directory: str, task: Any) -> None:
+        task.save_model(model, directory)
+
     def load(self, base: torch.nn.Module, directory: str) -> torch.nn.Module:
         return base  # ``base`` was loaded from the saved folder itself (saves_whole_model)
 

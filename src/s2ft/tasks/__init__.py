@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from s2ft.tasks.base import Loaded, RunError, Task, TaskData
+from s2ft.tasks.causal_lm import CausalLM
+from s2ft.tasks.image_classification import ImageClassification
 from s2ft.tasks.text_classification import TextClassification
 
-TASKS: dict[str, Task] = {task.name: task for task in (TextClassification(),)}
+TASKS: dict[str, Task] = {
+    task.name: task for task in (TextClassification(), CausalLM(), ImageClassification())
+}
 DEFAULT_TASK = TextClassification.name
 
 

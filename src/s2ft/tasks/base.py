@@ -73,6 +73,13 @@ class Task:
         """The pretrained model named ``model`` (a local folder, a hub id or a built-in name) set up for the task."""
         raise NotImplementedError
 
+    def default_targets(self, model: torch.nn.Module) -> list[str] | str:
+        """The modules to adapt when ``--targets`` is not given and the task has no fixed default."""
+        raise RunError("this task has no default targets for this model: name them with --targets")
+
+    def check_args(self, args: Any, model: torch.nn.Module) -> None:
+        """Raise a :class:`RunError` for options the loaded model cannot take (e.g. a context too long)."""
+
     def prepare(self, dataset: Any, processor: Any, args: Any, split: str) -> Any:
         """The split as model inputs (token ids, pixel values) with ``labels``."""
         raise NotImplementedError

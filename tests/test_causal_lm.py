@@ -1,0 +1,263 @@
+"""``--task causal-lm`` end to end on a tiny random Llama with a word-level tokenizer, and its data and errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from s2ft.cli import main
+
+WORDS = [
+    "the",
+    "a",
+    "of",
+    "and",
+    "to",
+    "in",
+    "was",
+    "she",
+    "he",
+    "her",
+    "his",
+    "it",
+    "that",
+    "had",
+    "not",
+    "be",
+    "with",
+    "for",
+    "as",
+    "you",
+]
+WORDS += [
+    "emma",
+    "harriet",
+    "elton",
+    "knightley",
+    "weston",
+    "woodhouse",
+    "frank",
+    "jane",
+    "churchill",
+    "fairfax",
+]
+CHAT = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+def write_tiny_llama(folder) -> str:
+    """A 2-layer random Llama and a word-level tokenizer with a chat template, saved like any model folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>"]
+    vocab = {w: i for i, w in enumerate(specials + WORDS + [".", ","])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    tokenizer.chat_template = CHAT
+    os.makedirs(folder, exist_ok=True)
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return str(folder)
+
+
+def write_text(path, count: int = 120) -> str:
+    rng = random.Random(0)
+    paragraphs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14))) + " ." for _ in range(count)]
+    path.write_text("\n\n".join(paragraphs) + "\n")
+    return str(path)
+
+
+def write_instructions(path, count: int = 80) -> str:
+    rng = random.Random(1)
+    rows = []
+    for i in range(count):
+        prompt = " ".join(rng.choice(WORDS) for _ in range(5))
+        rows.append(
+            {"prompt": prompt, "response": "emma and harriet ."}
+            if i % 2
+            else {"prompt": prompt, "response": "he was not ."}
+        )
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm")
+    return (
+        write_tiny_llama(root / "model"),
+        write_text(root / "corpus.txt"),
+        write_instructions(root / "chat.jsonl"),
+    )
+
+
+def finetune(model, data, output, *extra) -> int:
+    argv = ["finetune", "--task", "causal-lm", "--model", model, "--dataset", data, "--output", str(output)]
+    argv += ["--quiet", "--n-frequency", "32", "--max-length", "32", "--batch-size", "8", "--epochs", "2"]
+    argv += ["--calibration-batches", "2", "--lr", "0.05", "--scaling", "150", "--eval-samples", "0"]
+    return main([*argv, *extra])
+
+
+@pytest.mark.parametrize("method", ["s2ft", "fourierft", "lora"])
+def test_causal_lm_end_to_end(tiny, tmp_path, method):
+    model, corpus, _ = tiny
+    out = tmp_path / "run"
+    lr = ["--lr", "0.01"] if method == "lora" else []
+    assert finetune(model, corpus, out, "--method", method, *lr) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "causal-lm"
+    for key in ("val_perplexity", "test_perplexity", "base_val_perplexity", "base_test_perplexity"):
+        assert metrics[key] > 1.0
+    assert metrics["test_perplexity"] < metrics["base_test_perplexity"]  # it learns the corpus's words
+    samples = (out / "samples.md").read_text()
+    assert samples.count("- before:") == 3 and samples.count("- after:") == 3
+    assert not (out / ".samples_before.json").exists()
+
+
+def test_evaluate_and_merge_reproduce_the_run(tiny, tmp_path):
+    from s2ft.jobs.common import load_trained
+    from s2ft.jobs.evaluate import run_evaluate
+
+    model, corpus, _ = tiny
+    out, merged = tmp_path / "run", tmp_path / "merged"
+    assert finetune(model, corpus, out) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert run_evaluate(str(out), "test", quiet=True)["perplexity"] == pytest.approx(
+        metrics["test_perplexity"], rel=1e-5
+    )
+    assert main(["merge", "--adapter", str(out), "--output", str(merged)]) == 0
+    prompt = "emma and harriet"
+    script = f"""
+import sys, json
+sys.modules["s2ft"] = None
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained({str(merged)!r}).eval()
+tok = AutoTokenizer.from_pretrained({str(merged)!r})
+ids = tok({prompt!r}, return_tensors="pt")
+print(json.dumps(model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=0)[0].tolist()))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    plain = json.loads(result.stdout.strip().splitlines()[-1])
+    adapted, tokenizer, _ = load_trained(str(out))
+    ids = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        expected = (
+            adapted.eval().generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=0)[0].tolist()
+        )
+    assert plain == expected
+
+
+def test_instruction_data_trains_on_the_response_only(tiny):
+    from s2ft.jobs.args import FinetuneArgs
+    from s2ft.tasks import get_task
+
+    model, _, chat = tiny
+    task = get_task("causal-lm")
+    loaded = task.load_model(model, {})
+    args = FinetuneArgs(task="causal-lm", model=model, dataset=chat, max_length=40).resolved()
+    data = task.load_data(args)
+    prepared = task.prepare(data.train, loaded.processor, args, "train")
+    tokenizer = loaded.processor
+    for example, raw in zip(prepared, data.train):
+        prompt_ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": raw["prompt"]}], add_generation_prompt=True, tokenize=True
+        )
+        prompt_ids = (
+            prompt_ids["input_ids"]
+            if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "input_ids")
+            else prompt_ids
+        )
+        n = len(prompt_ids)
+        assert example["input_ids"][:n] == list(prompt_ids)
+        assert example["labels"][:n] == [-100] * n
+        response = tokenizer(raw["response"], add_special_tokens=False)["input_ids"] + [
+            tokenizer.eos_token_id
+        ]
+        assert example["labels"][n:] == response == example["input_ids"][n:]
+
+
+def test_instruction_run(tiny, tmp_path):
+    model, _, chat = tiny
+    assert finetune(model, chat, tmp_path / "run", "--method", "fourierft") == 0
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ("", "no text in it"),
+        (json.dumps({"prompt": "a b"}) + "\n", "non-empty 'response'"),
+        (json.dumps({"title": "x"}) + "\n", "needs 'text', or 'prompt' and 'response'"),
+    ],
+)
+def test_bad_causal_lm_data(tiny, tmp_path, capsys, rows, message):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(rows)
+    assert finetune(tiny[0], str(data), tmp_path / "run") == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_context_too_long_and_encoder_models_are_refused(tiny, tmp_path, capsys):
+    from test_cli import write_tiny_model
+
+    model, corpus, _ = tiny
+    assert finetune(model, corpus, tmp_path / "a", "--max-length", "100") == 2
+    assert "longer than the model's context of 64" in capsys.readouterr().err
+    encoder = write_tiny_model(tmp_path / "bert")
+    assert finetune(encoder, corpus, tmp_path / "b") == 2
+    assert "not a causal language model" in capsys.readouterr().err
+
+
+def test_compare_and_analyze_on_causal_lm(tiny, tmp_path):
+    model, corpus, _ = tiny
+    common = ["--task", "causal-lm", "--model", model, "--dataset", corpus, "--quiet", "--n-frequency", "16"]
+    common += ["--max-length", "32", "--batch-size", "8", "--max-steps", "2", "--calibration-batches", "2"]
+    assert (
+        main(
+            [
+                "compare",
+                *common,
+                "--output",
+                str(tmp_path / "cmp"),
+                "--variants",
+                "fourierft",
+                "s2ft",
+                "--seeds",
+                "0",
+            ]
+        )
+        == 0
+    )
+    results = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    assert results["task"]["metric"] == "perplexity" and results["task"]["higher_is_better"] is False
+    table = (tmp_path / "cmp" / "results.md").read_text()
+    assert "test perplexity" in table and "Base test perplexity" in table
+    assert (tmp_path / "cmp" / "perplexity_vs_size.png").is_file()
+    assert main(["analyze", *common, "--output", str(tmp_path / "an")]) == 0
+    analysis = json.loads((tmp_path / "an" / "analysis.json").read_text())
+    assert len(analysis["prior"]) == 4  # q_proj and v_proj of two layers
