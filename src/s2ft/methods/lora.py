@@ -22,7 +22,7 @@ class LoRA(Method):
         config = peft.LoraConfig(
             r=args.lora_r,
             lora_alpha=2 * args.lora_r,
-            target_modules=list(args.targets),
+            target_modules=args.targets if isinstance(args.targets, str) else list(args.targets),
             modules_to_save=list(head) or None,
         )
         try:

@@ -21,7 +21,7 @@ class Spectral(Method):
     def config(self, args: Any, head: Sequence[str]) -> FourierFTConfig:
         """The adapter config of a job."""
         common = dict(
-            target_modules=list(args.targets),
+            target_modules=args.targets if isinstance(args.targets, str) else list(args.targets),
             modules_to_save=list(head) or None,
             n_frequency=args.n_frequency,
             scaling=args.scaling,

@@ -25,7 +25,7 @@ class WaveFT(LoRA):
         config = peft.WaveFTConfig(
             n_frequency=args.n_frequency,
             random_loc_seed=args.seed,
-            target_modules=list(args.targets),
+            target_modules=args.targets if isinstance(args.targets, str) else list(args.targets),
             modules_to_save=list(head) or None,
         )
         try:

@@ -90,7 +90,10 @@ class Conv2dKind(LayerKind):
             channels_last = x.movedim(-3, -1)  # (..., H, W, C_in)
             return super().apply(adapter, channels_last).movedim(-1, -3)
         delta = self.to_weight(layer, delta_weight(*adapter._spectrum()))
-        return layer._conv_forward(x.float(), delta, None)
+        # The layer's own forward with ΔW as its weight and no bias: subclasses that pad in their forward
+        # (TensorFlow-style "same" padding, as EfficientNet's) are applied as they apply themselves.
+        zero_bias = None if layer.bias is None else torch.zeros_like(delta[:, 0, 0, 0])
+        return torch.func.functional_call(layer, {"weight": delta, "bias": zero_bias}, (x.float(),))
 
 
 def _padding(layer: nn.Conv2d) -> tuple[int, ...]:
