@@ -123,7 +123,9 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=None, help=f"learning rate of the trained weights ({lrs})")
     p.add_argument("--seed", type=int, default=_DEFAULTS.seed)
     p.add_argument(
-        "--output", default=_DEFAULTS.output, help="run folder: metrics.json, run.json, log.txt, adapter/"
+        "--output",
+        default=None,
+        help=f"run folder: metrics.json, run.json, log.txt, adapter/; {_per_task('output')}",
     )
     p.add_argument("--overwrite", action="store_true", help="replace a run s2ft wrote earlier in --output")
     _add_job_options(p)
@@ -146,7 +148,7 @@ def _finetune(ns: argparse.Namespace) -> None:
         )
         scores = [k for k in metrics if k.startswith(("val_", "test_", "base_"))]
         print(json.dumps({k: metrics.get(k) for k in (*shown, *scores)}, indent=2))
-        print(f"saved to {args.output}")
+        print(f"saved to {args.resolved().output}")
 
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:
@@ -183,9 +185,9 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--output",
-        default="runs/compare",
-        help="results folder; finished runs with the same options are reused, and several compare processes "
-        "may share it (each run is claimed with a lock file)",
+        default=None,
+        help="results folder (default: runs/compare-TASK); finished runs with the same options are reused, and "
+        "several compare processes may share it (each run is claimed with a lock file)",
     )
     _add_job_options(p)
     p.set_defaults(handler=_compare)
@@ -196,6 +198,7 @@ def _compare(ns: argparse.Namespace) -> None:
     from s2ft.tasks import get_task
 
     task = get_task(ns.task)
+    ns.output = ns.output or f"runs/compare-{task.name}"
     try:
         results = run_compare(
             _job_args(ns),

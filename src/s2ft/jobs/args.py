@@ -25,6 +25,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "epochs": 1.0,
     "calibration_batches": 16,
     "eval_samples": 0,
+    "output": "runs/default",
 }
 
 
@@ -53,7 +54,7 @@ class FinetuneArgs:
     max_train_samples: int | None = None  # 0: the whole training split
     eval_samples: int | None = None  # examples of validation and test scored (0: all)
     seed: int = 0
-    output: str = "runs/default"
+    output: str | None = None  # the task's default run folder
     overwrite: bool = False
     quiet: bool = False
     text_column: str = "text"

@@ -67,6 +67,7 @@ class CausalLM(Task):
     higher_is_better = False
     reference_keys = ("base_test_perplexity",)
     defaults = {
+        "output": "runs/causal-lm",
         "model": SMOLLM2,
         "dataset": "austen",
         "targets": ["q_proj", "v_proj"],

@@ -116,6 +116,7 @@ class ImageClassification(Task):
     metric = "accuracy"
     reference_keys = ("majority_rate",)
     defaults = {
+        "output": "runs/image-classification",
         "model": EFFICIENTNET,
         "dataset": "fashion-mnist",
         "targets": None,  # per model: default_targets
@@ -124,7 +125,7 @@ class ImageClassification(Task):
         "lr": {"s2ft": 5e-2, "fourierft": 5e-2, "lora": 5e-4, "waveft": 1e-2, "full": 1e-4},
         "head_lr": 5e-3,
         "batch_size": 32,
-        "max_train_samples": 3000,
+        "max_train_samples": 8000,
         "eval_samples": 2000,
         "head_warmup_steps": 50,
         "calibration_batches": 8,
