@@ -57,7 +57,8 @@ def test_conv_adapter_matches_float64_reference(form, path, permuted):
     )
     n = min(20, d_out * d_in)
     model = get_spectral_model(
-        One(conv).eval(), FourierFTConfig(target_modules=["conv"], n_frequency=n, scaling=3.0, forward_path=path)
+        One(conv).eval(),
+        FourierFTConfig(target_modules=["conv"], n_frequency=n, scaling=3.0, forward_path=path),
     )
     layer = model.spectral_layers()["conv"]
     with torch.no_grad():
