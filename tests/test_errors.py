@@ -120,7 +120,7 @@ def test_loading_a_config_of_another_method(tmp_path):
     peft.LoraConfig(target_modules=["fc1"]).save_pretrained(tmp_path)
     model = MLP()
     snap = snapshot(model)
-    with pytest.raises(ValueError, match="PEFT LORA config"):
+    with pytest.raises(ValueError, match="PEFT LORA adapter"):
         SpectralModel.from_pretrained(model, tmp_path)
     assert_same(model, snap)
 

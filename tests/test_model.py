@@ -71,10 +71,10 @@ def test_training_changes_only_adapter_and_saved_modules(model_kind, method):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert changed, "training changed nothing"
     assert changed <= trainable
-    assert all(n.endswith(".coeffs") or ".trained_module." in n for n in trainable)
+    assert all(n.endswith(".coeffs") or ".copies." in n for n in trainable)
     assert any(n.endswith(".coeffs") for n in changed)
     if MODELS[model_kind][2]:
-        assert any(".trained_module." in n for n in changed)
+        assert any(".copies." in n for n in changed)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -40,7 +40,7 @@ def test_trainer_with_default_arguments(tmp_path):
     result = trainer.train()
     assert result.global_step == 4
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert changed and all(n.endswith("coeffs") or ".trained_module." in n for n in changed)
+    assert changed and all(n.endswith("coeffs") or ".copies." in n for n in changed)
     assert (tmp_path / "checkpoint-4").is_dir()
     # resuming from the checkpoint restores the adapter exactly
     resumed = get_spectral_model(

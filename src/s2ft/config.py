@@ -16,6 +16,7 @@ from s2ft.ops.permutation import SEARCHES
 LOCATIONS = ("prior", "prior-half", "uniform")
 
 CONFIG_NAME = "adapter_config.json"
+ALL_LINEAR = "all-linear"  # target_modules: every Linear/Conv1D but the output layer, as in PEFT
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 INITS = ("zeros", "normal")
 FORWARD_PATHS = ("auto", "dense", "fft")
@@ -78,7 +79,7 @@ class FourierFTConfig:
             raise ValueError(
                 f"target_modules must be a list of names or a regex string, got {self.target_modules!r}"
             )
-        else:
+        elif self.target_modules != ALL_LINEAR:
             _check_regex("target_modules", self.target_modules)
         if self.modules_to_save is not None:
             if isinstance(self.modules_to_save, str) or not all(

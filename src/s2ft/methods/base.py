@@ -34,7 +34,7 @@ class Method:
 
     def is_head(self, parameter_name: str) -> bool:
         """Whether a trainable parameter belongs to a new head (trained at ``head_lr``)."""
-        return "trained_module" in parameter_name or "modules_to_save" in parameter_name
+        return ".copies." in parameter_name or "modules_to_save" in parameter_name
 
     def save(self, model: torch.nn.Module, directory: str, task: Any) -> None:
         """Save what the run keeps: the adapter (or, for full fine-tuning, the model through ``task``)."""

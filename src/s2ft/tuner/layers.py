@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -35,8 +38,8 @@ class LayerKind:
     def shape(self, layer: nn.Module) -> tuple[int, int]:
         return tuple(self.matrix(layer, layer.weight).shape)
 
-    def apply(self, adapter: SpectralLinear, x: torch.Tensor) -> torch.Tensor:
-        """``ΔW`` applied to the layer's input ``x`` ``(..., d_in)``: ``(..., d_out)``, float32."""
+    def apply(self, layer: SpectralLinear, adapter: SpectralAdapter, x: torch.Tensor) -> torch.Tensor:
+        """``adapter``'s ``ΔW`` applied to the layer's input ``x`` ``(..., d_in)``: ``(..., d_out)``, float32."""
         return spectral_apply(x, *adapter._spectrum(), path=adapter.forward_path)
 
 
@@ -83,12 +86,12 @@ class Conv2dKind(LayerKind):
             and all(p == 0 for p in _padding(layer))
         )
 
-    def apply(self, adapter: SpectralLinear, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, layer: SpectralLinear, adapter: SpectralAdapter, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``(N, C_in, H, W)`` (or unbatched ``(C_in, H, W)``) -> ``(N, C_out, H', W')``, float32."""
-        layer = adapter.base_layer
+        layer = layer.base_layer
         if adapter.forward_path == "fft" and self.pointwise(layer):
             channels_last = x.movedim(-3, -1)  # (..., H, W, C_in)
-            return super().apply(adapter, channels_last).movedim(-1, -3)
+            return super().apply(layer, adapter, channels_last).movedim(-1, -3)
         delta = self.to_weight(layer, delta_weight(*adapter._spectrum()))
         # The layer's own forward with ΔW as its weight and no bias: subclasses that pad in their forward
         # (TensorFlow-style "same" padding, as EfficientNet's) are applied as they apply themselves.
@@ -129,35 +132,48 @@ def weight_matrix(layer: nn.Module, grad: bool = False) -> torch.Tensor:
     return kind_of(layer).matrix(layer, tensor)
 
 
-class SpectralLinear(nn.Module):
-    """``y = base_layer(x) + ΔW x`` with ``ΔW[perm_rows[i], perm_cols[j]] = scaling * Re(ifft2(F))[i, j]``.
+BASE = "__base__"  # the reserved adapter name of a mixed batch's examples that run on the base model alone
+_EXAMPLE_ADAPTERS: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "s2ft_adapter_names", default=None
+)
 
-    ``F`` is zero but at ``(rows[k], cols[k])``, where it holds the trainable ``coeffs[k]``. FourierFT has no
-    permutations (``perm_rows``/``perm_cols`` are None); S2FT sets them, and the locations, in calibration.
-    The coefficients stay float32 and the spectral math runs in float32 whatever the base layer's dtype.
 
-    Shapes: ``x`` ``(..., d_in)`` -> ``(..., d_out)``; ``coeffs``, ``rows``, ``cols`` ``(n,)``;
-    ``perm_rows`` ``(d_out,)``, ``perm_cols`` ``(d_in,)``.
-    """
+@contextlib.contextmanager
+def example_adapters(names: list[str] | None) -> Iterator[None]:
+    """Inside, every adapted layer applies to example ``i`` of its input only the adapter ``names[i]`` (or none,
+    for :data:`BASE`): a mixed batch, served without merging."""
+    token = _EXAMPLE_ADAPTERS.set(list(names) if names is not None else None)
+    try:
+        yield
+    finally:
+        _EXAMPLE_ADAPTERS.reset(token)
+
+
+class SpectralAdapter(nn.Module):
+    """One named adapter on one layer: ``n`` trainable coefficients ``coeffs`` at spectrum locations
+    ``(rows[k], cols[k])``, and, for S2FT, the permutations ``perm_rows`` ``(d_out,)`` and ``perm_cols``
+    ``(d_in,)``: ``ΔW[perm_rows[i], perm_cols[j]] = scaling * Re(ifft2(F))[i, j]``, ``F`` zero but for the
+    coefficients. The coefficients stay float32 whatever the base layer's dtype."""
 
     def __init__(
         self,
-        base_layer: nn.Module,
+        d_out: int,
+        d_in: int,
         n_frequency: int,
         scaling: float,
         init: str = "zeros",
         forward_path: str = "auto",
         method: str = "fourierft",
+        device: torch.device | None = None,
     ) -> None:
         super().__init__()
-        self.kind = kind_of(base_layer)
-        self.base_layer = base_layer
-        self.d_out, self.d_in = self.kind.shape(base_layer)
-        self.n_frequency = n_frequency
-        self.scaling = scaling
-        self.forward_path = forward_path
-        self.method = method
-        device = base_layer.weight.device
+        self.d_out, self.d_in = d_out, d_in
+        self.n_frequency, self.scaling, self.forward_path, self.method = (
+            n_frequency,
+            scaling,
+            forward_path,
+            method,
+        )
         coeffs = (
             torch.zeros(n_frequency, device=device)
             if init == "zeros"
@@ -168,35 +184,14 @@ class SpectralLinear(nn.Module):
         self.register_buffer("cols", None)
         self.register_buffer("perm_rows", None)
         self.register_buffer("perm_cols", None)
-        self.merged = False
-        self.disabled = False
-        # While merged: the coefficients that were merged (and their version), and, for a weight in a dtype coarser
-        # than float32, the weight as it was, so that unmerge restores it bit for bit.
-        self._merged: tuple[torch.Tensor, int, torch.Tensor | None] | None = None
-        self.train(base_layer.training)  # in the mode of the layer it replaces
-
-    def _apply(self, fn, recurse=True):
-        """``.to(dtype)``, ``.half()``, ``.bfloat16()`` cast the base layer; the coefficients stay float32."""
-        super()._apply(fn, recurse)
-        if self.coeffs.dtype != torch.float32:
-            self.coeffs.data = self.coeffs.data.float()
-        return self
 
     @property
     def is_ready(self) -> bool:
         """Whether the locations are set (always for FourierFT; after calibration or loading for S2FT)."""
         return self.rows is not None
 
-    def set_locations(
-        self,
-        rows: torch.Tensor,
-        cols: torch.Tensor,
-        perm_rows: torch.Tensor | None = None,
-        perm_cols: torch.Tensor | None = None,
-    ) -> None:
-        """Install locations (and S2FT's permutations) as int64 buffers on the layer's device."""
-        if self.merged:
-            raise RuntimeError("unmerge() the adapter before changing its locations")
+    def set_locations(self, rows, cols, perm_rows=None, perm_cols=None) -> None:
+        """Install locations (and S2FT's permutations) as int64 buffers on the coefficients' device."""
         device = self.coeffs.device
         self.rows = rows.to(device, torch.long)
         self.cols = cols.to(device, torch.long)
@@ -210,12 +205,12 @@ class SpectralLinear(nn.Module):
                 "or load a trained adapter with SpectralModel.from_pretrained"
             )
 
-    def _spectrum(self) -> tuple:
+    def _spectrum(self, coeffs: torch.Tensor | None = None) -> tuple:
         """The arguments :func:`delta_weight` and :func:`spectral_apply` take after ``x``."""
         self._require_ready()
-        coeffs = self.coeffs.float()
+        coeffs = self.coeffs if coeffs is None else coeffs
         return (
-            coeffs,
+            coeffs.float(),
             self.rows,
             self.cols,
             self.d_out,
@@ -226,90 +221,278 @@ class SpectralLinear(nn.Module):
         )
 
     def delta_weight(self) -> torch.Tensor:
-        """The dense ``ΔW``, ``(d_out, d_in)`` in float32 (``nn.Linear``'s convention, also for Conv1D)."""
+        """The dense ``ΔW``, ``(d_out, d_in)`` in float32 (the layer kind's matrix view)."""
         return delta_weight(*self._spectrum())
 
+    def extra_repr(self) -> str:
+        return f"method={self.method}, n={self.n_frequency}, scaling={self.scaling}"
+
+
+class SpectralLinear(nn.Module):
+    """``y = base_layer(x) + Σ_active ΔW_a x``: a supported layer with named spectral adapters (:class:`SpectralAdapter`).
+
+    ``adapters`` holds them by name; ``active`` lists those the forward applies (their ``ΔW`` add). Under
+    :func:`example_adapters`, example ``i`` gets only the adapter ``names[i]``. The attributes of one adapter
+    (``coeffs``, ``rows``, ..., ``set_locations``, ``delta_weight``) are those of the first active one, so a layer
+    with one adapter reads like that adapter.
+
+    Shapes: ``x`` ``(..., d_in)`` -> ``(..., d_out)`` for Linear and Conv1D; ``(N, C, H, W)`` for Conv2d.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        n_frequency: int,
+        scaling: float,
+        init: str = "zeros",
+        forward_path: str = "auto",
+        method: str = "fourierft",
+        adapter_name: str = "default",
+    ) -> None:
+        super().__init__()
+        self.kind = kind_of(base_layer)
+        self.base_layer = base_layer
+        self.d_out, self.d_in = self.kind.shape(base_layer)
+        self.adapters = nn.ModuleDict()
+        self.active: list[str] = []
+        self.disabled = False
+        # Merged adapters: name -> (the coefficients merged, their version); and, for a weight in a dtype coarser
+        # than float32, the weight as it was before any merge, so that unmerging restores it bit for bit.
+        self._merged: dict[str, tuple[torch.Tensor, int]] = {}
+        self._kept_weight: torch.Tensor | None = None
+        self.add_adapter(adapter_name, n_frequency, scaling, init, forward_path, method)
+        self.active = [adapter_name]
+        self.train(base_layer.training)  # in the mode of the layer it replaces
+
+    # ------------------------------------------------------------------ adapters
+    def add_adapter(
+        self, name, n_frequency, scaling, init="zeros", forward_path="auto", method="fourierft"
+    ) -> None:
+        if name in self.adapters:
+            raise ValueError(f"the layer already has an adapter named {name!r}")
+        self.adapters[name] = SpectralAdapter(
+            self.d_out,
+            self.d_in,
+            n_frequency,
+            scaling,
+            init,
+            forward_path,
+            method,
+            self.base_layer.weight.device,
+        )
+        self.adapters[name].train(self.training)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self._merged:
+            raise RuntimeError(f"adapter {name!r} is merged; unmerge() before deleting it")
+        del self.adapters[name]
+        self.active = [a for a in self.active if a != name]
+
+    @property
+    def current(self) -> SpectralAdapter:
+        """The first active adapter (or the only one)."""
+        name = self.active[0] if self.active else next(iter(self.adapters))
+        return self.adapters[name]
+
+    def _apply(self, fn, recurse=True):
+        """``.to(dtype)``, ``.half()``, ``.bfloat16()`` cast the base layer; the coefficients stay float32."""
+        super()._apply(fn, recurse)
+        for adapter in self.adapters.values():
+            if adapter.coeffs.dtype != torch.float32:
+                adapter.coeffs.data = adapter.coeffs.data.float()
+        return self
+
+    # The attributes of the current adapter, so that a layer with one adapter reads like it.
+    coeffs = property(lambda self: self.current.coeffs)
+    rows = property(lambda self: self.current.rows)
+    cols = property(lambda self: self.current.cols)
+    perm_rows = property(lambda self: self.current.perm_rows)
+    perm_cols = property(lambda self: self.current.perm_cols)
+    n_frequency = property(lambda self: self.current.n_frequency)
+    scaling = property(lambda self: self.current.scaling)
+    forward_path = property(lambda self: self.current.forward_path)
+    method = property(lambda self: self.current.method)
+    is_ready = property(lambda self: self.current.is_ready)
+
+    def _require_ready(self) -> None:
+        self.current._require_ready()
+
+    def _spectrum(self) -> tuple:
+        return self.current._spectrum()
+
+    def set_locations(
+        self, rows, cols, perm_rows=None, perm_cols=None, adapter_name: str | None = None
+    ) -> None:
+        """Install locations (and S2FT's permutations) of an adapter (the current one by default)."""
+        name = adapter_name or (self.active[0] if self.active else next(iter(self.adapters)))
+        if name in self._merged:
+            raise RuntimeError("unmerge() the adapter before changing its locations")
+        self.adapters[name].set_locations(rows, cols, perm_rows, perm_cols)
+
+    def delta_weight(self, adapter_name: str | None = None) -> torch.Tensor:
+        """The dense ``ΔW`` ``(d_out, d_in)`` of an adapter (the current one by default), float32."""
+        return (self.adapters[adapter_name] if adapter_name else self.current).delta_weight()
+
+    # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
+        names = _EXAMPLE_ADAPTERS.get()
+        if self._merged:
             self._check_merged_unchanged()
-            if self.training and torch.is_grad_enabled() and self.coeffs.requires_grad:
+            if names is not None:
+                raise RuntimeError(
+                    "adapter_names cannot be served while adapters are merged: unmerge() first"
+                )
+            if (
+                self.training
+                and torch.is_grad_enabled()
+                and any(self.adapters[a].coeffs.requires_grad for a in self._merged)
+            ):
                 raise RuntimeError(
                     "this adapter is merged into the base weight, so a training step would train nothing: "
                     "unmerge() before training (for inference while merged, call model.eval() or use "
                     "torch.no_grad())"
                 )
-        if self.disabled or self.merged:
+        if self.disabled:
             return self.base_layer(x)
-        # The branch runs before the base layer, so that backward runs it after (reverse order): the base layer's
-        # input gradient arrives first and autograd adds the branch's into it in place, not into a new tensor.
-        delta = self.kind.apply(self, x)
+        if names is not None:
+            return self._mixed(x, names)
+        applied = [self.adapters[a] for a in self.active if a not in self._merged]
+        if not applied:
+            return self.base_layer(x)
+        # The branches run before the base layer, so that backward runs them after (reverse order): the base
+        # layer's input gradient arrives first and autograd adds the branches' into it in place.
+        delta = self.kind.apply(self, applied[0], x)
+        for adapter in applied[1:]:
+            delta = delta + self.kind.apply(self, adapter, x)
         result = self.base_layer(x)
         return result + delta.to(result.dtype)
 
+    def _mixed(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """Example ``i`` of ``x`` (dimension 0) through the base layer plus adapter ``names[i]`` only."""
+        if len(names) != x.shape[0]:
+            raise ValueError(f"adapter_names has {len(names)} names for a batch of {x.shape[0]} examples")
+        result = self.base_layer(x)
+        for name in dict.fromkeys(names):
+            if name == BASE:
+                continue
+            if name not in self.adapters:
+                raise KeyError(
+                    f"no adapter named {name!r}; the model has {list(self.adapters)} (and {BASE!r})"
+                )
+            index = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+            delta = self.kind.apply(self, self.adapters[name], x.index_select(0, index))
+            result = result.index_add(0, index, delta.to(result.dtype))
+        return result
+
+    # ------------------------------------------------------------------ merge
+    @property
+    def merged(self) -> bool:
+        return bool(self._merged)
+
     def _check_merged_unchanged(self) -> None:
-        if self._merged is not None and self.coeffs._version != self._merged[1]:
-            raise RuntimeError(
-                "the coefficients of a merged adapter were changed; the base weight holds the ΔW of the merged "
-                "ones: unmerge() (it restores the base weight from the merged coefficients), then change them"
-            )
+        for name, (_, version) in self._merged.items():
+            if self.adapters[name].coeffs._version != version:
+                raise RuntimeError(
+                    "the coefficients of a merged adapter were changed; the base weight holds the ΔW of the "
+                    "merged ones: unmerge() (it restores the base weight from the merged coefficients), then "
+                    "change them"
+                )
 
-    def merge(self) -> None:
-        """Add ``ΔW`` into the base weight; the forward then costs what the base layer costs.
+    def merge(self, adapter_names: list[str] | None = None) -> None:
+        """Add the ``ΔW`` of ``adapter_names`` (default: the active adapters) into the base weight.
 
-        A weight in float16 or bfloat16 is kept as it was (a copy of it, until :meth:`unmerge`), so that unmerge
-        restores it bit for bit; a float32 weight is restored by subtraction (within float32 rounding).
+        A weight in float16 or bfloat16 is kept as it was before the first merge (a copy, until the last unmerge),
+        so that unmerging restores it bit for bit; a float32 weight is restored by subtraction (within float32
+        rounding).
         """
-        if self.merged:
-            return
         weight = self.base_layer.weight
-        coeffs = self.coeffs.detach().clone()
-        kept = weight.detach().clone() if torch.finfo(weight.dtype).bits < 32 else None
-        delta = self.kind.to_weight(self.base_layer, self.delta_weight().detach())
-        with torch.no_grad():
-            weight.copy_((weight.float() + delta).to(weight.dtype))
-        self._merged = (coeffs, self.coeffs._version, kept)
-        self.merged = True
+        for name in adapter_names if adapter_names is not None else list(self.active):
+            if name in self._merged:
+                continue
+            adapter = self.adapters[name]
+            if self._kept_weight is None and torch.finfo(weight.dtype).bits < 32:
+                self._kept_weight = weight.detach().clone()
+            delta = self.kind.to_weight(self.base_layer, adapter.delta_weight().detach())
+            with torch.no_grad():
+                weight.copy_((weight.float() + delta).to(weight.dtype))
+            self._merged[name] = (adapter.coeffs.detach().clone(), adapter.coeffs._version)
 
     def unmerge(self) -> None:
-        """Take ``ΔW`` out of the base weight again: the weight as it was (float16/bfloat16), or the weight less
-        the merged ``ΔW`` (float32). Coefficients changed while merged are an error, raised after the weight is
-        restored from the merged ones."""
-        if not self.merged:
+        """Take every merged ``ΔW`` out of the base weight again. Coefficients changed while merged are an error,
+        raised after the weight is restored from the merged coefficients."""
+        if not self._merged:
             return
-        coeffs, version, kept = self._merged
         weight = self.base_layer.weight
+        changed = [n for n, (_, v) in self._merged.items() if self.adapters[n].coeffs._version != v]
         with torch.no_grad():
-            if kept is not None:
-                weight.copy_(kept)
+            if self._kept_weight is not None:
+                weight.copy_(self._kept_weight)
             else:
-                merged = delta_weight(coeffs, *self._spectrum()[1:])
-                weight.copy_((weight.float() - self.kind.to_weight(self.base_layer, merged)).to(weight.dtype))
-        self.merged, self._merged = False, None
-        if self.coeffs._version != version:
+                for name, (coeffs, _) in self._merged.items():
+                    merged = delta_weight(*self.adapters[name]._spectrum(coeffs))
+                    weight.copy_(
+                        (weight.float() - self.kind.to_weight(self.base_layer, merged)).to(weight.dtype)
+                    )
+        self._merged, self._kept_weight = {}, None
+        if changed:
             raise RuntimeError(
                 "the coefficients were changed while the adapter was merged; the base weight was restored from "
                 "the merged coefficients, and the changes were never applied: change coefficients only unmerged"
             )
 
     def extra_repr(self) -> str:
-        return f"method={self.method}, kind={self.kind.name}, d_out={self.d_out}, d_in={self.d_in}, n={self.n_frequency}, scaling={self.scaling}"
+        return f"kind={self.kind.name}, d_out={self.d_out}, d_in={self.d_in}, active={self.active}"
 
 
 class TrainedCopy(nn.Module):
-    """A module of ``modules_to_save``: a trainable copy is used and saved, the frozen original is kept.
+    """A module of ``modules_to_save``: each adapter trains and saves its own copy (``copies[name]``); the frozen
+    original is kept. With adapters disabled the original runs, so the model computes exactly what it computed
+    before wrapping; with several active adapters, the first one's copy runs."""
 
-    With adapters disabled the original runs, so the model computes exactly what it computed before wrapping.
-    """
-
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, adapter_name: str = "default") -> None:
         super().__init__()
         self.original_module = module
-        self.trained_module = copy.deepcopy(module)
         self.original_module.requires_grad_(False)
-        self.trained_module.requires_grad_(True)
+        self.copies = nn.ModuleDict()
+        self.active: str | None = None
         self.disabled = False
+        self.add_copy(adapter_name)
         self.train(module.training)
 
+    def add_copy(self, name: str) -> None:
+        self.copies[name] = copy.deepcopy(self.original_module).requires_grad_(True)
+        self.active = name if self.active is None else self.active
+
+    @property
+    def trained_module(self) -> nn.Module:
+        """The copy the forward uses: the active adapter's."""
+        return self.copies[self.active]
+
     def forward(self, *args, **kwargs):
-        module = self.original_module if self.disabled else self.trained_module
-        return module(*args, **kwargs)
+        names = _EXAMPLE_ADAPTERS.get()
+        if names is not None:
+            return self._mixed(names, *args, **kwargs)
+        if self.disabled or self.active is None:
+            return self.original_module(*args, **kwargs)
+        return self.trained_module(*args, **kwargs)
+
+    def _mixed(self, names: list[str], x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Example ``i`` of ``x`` (dimension 0) through adapter ``names[i]``'s copy (the original for an adapter
+        without one, or :data:`BASE`)."""
+        if len(names) != x.shape[0]:
+            raise ValueError(f"adapter_names has {len(names)} names for a batch of {x.shape[0]} examples")
+        groups: dict[nn.Module, list[int]] = {}
+        for i, name in enumerate(names):
+            module = self.copies[name] if name in self.copies else self.original_module  # noqa: SIM401
+            groups.setdefault(module, []).append(i)
+        if len(groups) == 1:
+            return next(iter(groups))(x, *args, **kwargs)
+        result = None
+        for module, rows in groups.items():
+            index = torch.tensor(rows, device=x.device)
+            out = module(x.index_select(0, index), *args, **kwargs)
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(f"a mixed batch needs {type(module).__name__} to return a tensor")
+            result = out.new_zeros((x.shape[0], *out.shape[1:])) if result is None else result
+            result = result.index_copy(0, index, out)
+        return result

@@ -39,21 +39,24 @@ def is_peft_folder(directory: str | os.PathLike) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- FourierFT
-def fourierft_to_peft(model: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """PEFT's ``adapter_config.json`` content and tensors for a FourierFT :class:`s2ft.SpectralModel`."""
-    config = model.spectral_config
+def fourierft_to_peft(
+    model: Any, adapter_name: str | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """PEFT's ``adapter_config.json`` content and tensors for a FourierFT adapter of a :class:`s2ft.SpectralModel`
+    (``adapter_name``, default the active one)."""
+    name = adapter_name or model.active_adapter
+    config = model.peft_config[name]
     if config.method != "fourierft":
         raise ValueError(
             f"a {config.method!r} adapter has no Hugging Face PEFT format (PEFT has no S2FT type: its permutations "
             "and sampled locations have no place there); merge it into the model (merge_and_unload, s2ft merge) "
             "or export it as LoRA (s2ft export-lora, s2ft.export_lora)"
         )
-    layers = model.spectral_layers()
     state = {
-        f"{PEFT_PREFIX}{name}.fourierft_spectrum": layer.coeffs.detach().float()
-        for name, layer in layers.items()
+        f"{PEFT_PREFIX}{module}.fourierft_spectrum": layer.adapters[name].coeffs.detach().float()
+        for module, layer in model._layers_of(name).items()
     }
-    state.update(_saved_modules(model))
+    state.update(_saved_modules(model, name))
     base = model.base_model
     peft_config = {
         "peft_type": "FOURIERFT",
@@ -72,9 +75,9 @@ def fourierft_to_peft(model: Any) -> tuple[dict[str, Any], dict[str, torch.Tenso
     return peft_config, {k: v.contiguous().cpu() for k, v in state.items()}
 
 
-def save_peft_fourierft(model: Any, directory: str | os.PathLike) -> None:
+def save_peft_fourierft(model: Any, directory: str | os.PathLike, adapter_name: str | None = None) -> None:
     """Write a FourierFT adapter as PEFT writes it, for ``peft.PeftModel.from_pretrained``."""
-    peft_config, state = fourierft_to_peft(model)
+    peft_config, state = fourierft_to_peft(model, adapter_name)
     _write(directory, peft_config, state)
 
 
@@ -138,24 +141,28 @@ def lora_factors(delta: torch.Tensor, rank: float) -> tuple[torch.Tensor, torch.
     return a.float(), b.float(), error
 
 
-def export_lora(model: Any, directory: str | os.PathLike, rank: float) -> dict[str, dict[str, float]]:
-    """Write every adapted module's ``ΔW`` of a :class:`s2ft.SpectralModel` (either method) as a PEFT LoRA
-    adapter in ``directory``, loadable with ``peft.PeftModel.from_pretrained`` on the same base model. Trained
-    ``modules_to_save`` are written too. Returns ``{module: {"rank": r, "relative_error": e}}``."""
+def export_lora(
+    model: Any, directory: str | os.PathLike, rank: float, adapter_name: str | None = None
+) -> dict[str, dict[str, float]]:
+    """Write every adapted module's ``ΔW`` of one adapter (``adapter_name``, default the active one; either
+    method) of a :class:`s2ft.SpectralModel` as a PEFT LoRA adapter in ``directory``, loadable with
+    ``peft.PeftModel.from_pretrained`` on the same base model. Its trained ``modules_to_save`` are written too.
+    Returns ``{module: {"rank": r, "relative_error": e}}``."""
+    adapter = adapter_name or model.active_adapter
     state: dict[str, torch.Tensor] = {}
     report: dict[str, dict[str, float]] = {}
     fan_in_fan_out = False
-    for name, layer in model.spectral_layers().items():
-        a, b, error = lora_factors(layer.delta_weight(), rank)
+    for name, layer in model._layers_of(adapter).items():
+        a, b, error = lora_factors(layer.delta_weight(adapter), rank)
         a, b = _lora_weights(layer.base_layer, a, b)
         state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.contiguous().cpu()
         state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.contiguous().cpu()
         report[name] = {"rank": a.shape[0], "relative_error": error}
         fan_in_fan_out = fan_in_fan_out or layer.kind.name == "conv1d"
-    state.update(_saved_modules(model))
+    state.update(_saved_modules(model, adapter))
     ranks = {name: int(r["rank"]) for name, r in report.items()}
     top = max(ranks.values())
-    config = model.spectral_config
+    config = model.peft_config[adapter]
     peft_config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -187,12 +194,13 @@ def _lora_weights(base: nn.Module, a: torch.Tensor, b: torch.Tensor) -> tuple[to
     return a, b
 
 
-def _saved_modules(model: Any) -> dict[str, torch.Tensor]:
-    """The trained ``modules_to_save`` under PEFT's keys (``base_model.model.{module}.{key}``)."""
+def _saved_modules(model: Any, adapter_name: str) -> dict[str, torch.Tensor]:
+    """An adapter's trained ``modules_to_save`` under PEFT's keys (``base_model.model.{module}.{key}``)."""
     return {
         f"{PEFT_PREFIX}{name}.{key}": value.detach()
         for name, module in model._trained_copies().items()
-        for key, value in module.trained_module.state_dict().items()
+        if adapter_name in module.copies
+        for key, value in module.copies[adapter_name].state_dict().items()
     }
 
 
@@ -206,27 +214,8 @@ def _write(directory: str | os.PathLike, peft_config: dict[str, Any], state: dic
 
 def load_peft_fourierft(model: nn.Module, directory: str | os.PathLike, is_trainable: bool = False) -> Any:
     """Wrap ``model`` with the FourierFT adapter of a PEFT folder: a :class:`s2ft.SpectralModel` with the same
-    locations and coefficients, and so the same outputs, trained and served on s2ft's paths."""
+    locations and coefficients, and so the same outputs, trained and served on s2ft's paths. (The same as
+    ``SpectralModel.from_pretrained``, which reads PEFT folders too.)"""
     from s2ft.tuner.model import SpectralModel
 
-    config, state = read_peft_fourierft(directory)
-    spectral = SpectralModel(model, config)
-    try:
-        with torch.no_grad():
-            for name, layer in spectral.spectral_layers().items():
-                key = f"{name}.coeffs"
-                if key not in state or state[key].shape != layer.coeffs.shape:
-                    raise ValueError(
-                        f"{directory}: no fourierft_spectrum of shape ({config.n_frequency},) for {name}"
-                    )
-                layer.coeffs.copy_(state[key])
-            for name, module in spectral._trained_copies().items():
-                prefix = f"modules_to_save.{name}."
-                sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-                module.trained_module.load_state_dict(sub, strict=True)
-    except Exception:
-        spectral._unload()
-        raise
-    if not is_trainable:
-        spectral.requires_grad_(False)
-    return spectral
+    return SpectralModel.from_pretrained(model, directory, is_trainable=is_trainable)
