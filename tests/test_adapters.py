@@ -235,3 +235,67 @@ def test_all_linear_and_tied_weights_warn():
     with pytest.warns(UserWarning, match="lm_head's weight is tied to model.embed_tokens.weight"):
         get_spectral_model(copy.deepcopy(llama), FourierFTConfig(target_modules=["lm_head"], n_frequency=8))
     assert tiny_llama() is not None
+
+
+def test_trainer_checkpoints_hold_only_the_adapters_and_resume(tmp_path):
+    """A tied-embedding Llama (as SmolLM2): the full state dict would not save with safetensors."""
+    from datasets import Dataset
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
+    )
+    model = get_spectral_model(llama, FourierFTConfig(target_modules=["q_proj", "v_proj"], n_frequency=8))
+    ids = torch.randint(64, (16, 8), generator=torch.Generator().manual_seed(0))
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+
+    def run(steps, resume=None):
+        args = TrainingArguments(
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=4,
+            max_steps=steps,
+            save_strategy="steps",
+            save_steps=2,
+            learning_rate=0.05,
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+        )
+        Trainer(model=model, args=args, train_dataset=data).train(resume_from_checkpoint=resume)
+
+    run(2)
+    saved = load_file(tmp_path / "checkpoint-2" / "model.safetensors")
+    assert saved and all(".adapters." in k for k in saved)
+    assert len(saved) == 2 * 2 * 3  # 2 layers x q/v x (coeffs, rows, cols)
+    coeffs = {k: v.clone() for k, v in model.state_dict().items()}
+    assert all(torch.equal(saved[k], coeffs[k]) for k in saved)
+    run(4, resume=str(tmp_path / "checkpoint-2"))
+    assert (tmp_path / "checkpoint-4").is_dir()
+
+
+def test_served_delta_follows_the_coefficients():
+    """Without autograd the layer uses a cached dense ΔW; any change to the coefficients or the plan rebuilds it."""
+    _, model, batches = two_adapters("gpt2")
+    first = output(model, batches[0])
+    with torch.no_grad():
+        for layer in model.spectral_layers().values():
+            layer.adapters["default"].coeffs.mul_(2.0)
+    doubled = output(model, batches[0])
+    assert not torch.allclose(first, doubled)
+    with torch.enable_grad():  # the autograd path computes ΔW afresh: the same outputs
+        again = model(input_ids=batches[0]["input_ids"]).logits.detach()
+    torch.testing.assert_close(again, doubled, atol=1e-5, rtol=1e-5)
+    layer = next(iter(model.spectral_layers().values()))
+    adapter = layer.adapters["default"]
+    adapter.set_locations(adapter.rows.flip(0), adapter.cols, None, None)
+    assert not torch.equal(output(model, batches[0]), doubled)

@@ -39,7 +39,11 @@ class LayerKind:
         return tuple(self.matrix(layer, layer.weight).shape)
 
     def apply(self, layer: SpectralLinear, adapter: SpectralAdapter, x: torch.Tensor) -> torch.Tensor:
-        """``adapter``'s ``ΔW`` applied to the layer's input ``x`` ``(..., d_in)``: ``(..., d_out)``, float32."""
+        """``adapter``'s ``ΔW`` applied to the layer's input ``x`` ``(..., d_in)``: ``(..., d_out)``, float32.
+        Without autograd (serving), the adapter's dense ``ΔW`` is built once and kept (:meth:`SpectralAdapter.
+        served_delta`), so a served batch costs one small matmul per adapter, not a spectrum per step."""
+        if not torch.is_grad_enabled():
+            return torch.nn.functional.linear(x.float(), adapter.served_delta())
         return spectral_apply(x, *adapter._spectrum(), path=adapter.forward_path)
 
 
@@ -89,10 +93,11 @@ class Conv2dKind(LayerKind):
     def apply(self, layer: SpectralLinear, adapter: SpectralAdapter, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``(N, C_in, H, W)`` (or unbatched ``(C_in, H, W)``) -> ``(N, C_out, H', W')``, float32."""
         layer = layer.base_layer
-        if adapter.forward_path == "fft" and self.pointwise(layer):
+        if adapter.forward_path == "fft" and self.pointwise(layer) and torch.is_grad_enabled():
             channels_last = x.movedim(-3, -1)  # (..., H, W, C_in)
             return super().apply(layer, adapter, channels_last).movedim(-1, -3)
-        delta = self.to_weight(layer, delta_weight(*adapter._spectrum()))
+        dense = adapter.served_delta() if not torch.is_grad_enabled() else delta_weight(*adapter._spectrum())
+        delta = self.to_weight(layer, dense)
         # The layer's own forward with ΔW as its weight and no bias: subclasses that pad in their forward
         # (TensorFlow-style "same" padding, as EfficientNet's) are applied as they apply themselves.
         zero_bias = None if layer.bias is None else torch.zeros_like(delta[:, 0, 0, 0])
@@ -223,6 +228,19 @@ class SpectralAdapter(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """The dense ``ΔW``, ``(d_out, d_in)`` in float32 (the layer kind's matrix view)."""
         return delta_weight(*self._spectrum())
+
+    def served_delta(self) -> torch.Tensor:
+        """:meth:`delta_weight` for inference, built once and kept until the coefficients, locations or
+        permutations change (their tensors or versions) or the adapter moves: ``d_out · d_in`` floats per adapted
+        layer while serving. Not differentiable."""
+        tensors = (self.coeffs, self.rows, self.cols, self.perm_rows, self.perm_cols)
+        key = tuple((id(t), t._version, t.device) if t is not None else None for t in tensors)
+        cached = self.__dict__.get("_served")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, self.delta_weight())
+            self.__dict__["_served"] = cached  # not a buffer: never saved, moved or counted
+        return cached[1]
 
     def extra_repr(self) -> str:
         return f"method={self.method}, n={self.n_frequency}, scaling={self.scaling}"
@@ -371,17 +389,20 @@ class SpectralLinear(nn.Module):
         """Example ``i`` of ``x`` (dimension 0) through the base layer plus adapter ``names[i]`` only."""
         if len(names) != x.shape[0]:
             raise ValueError(f"adapter_names has {len(names)} names for a batch of {x.shape[0]} examples")
-        result = self.base_layer(x)
-        for name in dict.fromkeys(names):
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            groups.setdefault(name, []).append(i)
+        result = self.base_layer(x).clone()  # a copy the branches add into, in place
+        for name, rows in groups.items():
             if name == BASE:
                 continue
             if name not in self.adapters:
                 raise KeyError(
                     f"no adapter named {name!r}; the model has {list(self.adapters)} (and {BASE!r})"
                 )
-            index = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+            index = torch.tensor(rows, device=x.device)
             delta = self.kind.apply(self, self.adapters[name], x.index_select(0, index))
-            result = result.index_add(0, index, delta.to(result.dtype))
+            result.index_add_(0, index, delta.to(result.dtype))
         return result
 
     # ------------------------------------------------------------------ merge
@@ -494,5 +515,5 @@ class TrainedCopy(nn.Module):
             if not isinstance(out, torch.Tensor):
                 raise TypeError(f"a mixed batch needs {type(module).__name__} to return a tensor")
             result = out.new_zeros((x.shape[0], *out.shape[1:])) if result is None else result
-            result = result.index_copy(0, index, out)
+            result.index_copy_(0, index, out)
         return result

@@ -299,6 +299,25 @@ class SpectralModel(nn.Module):
         reduced = super().__reduce_ex__(protocol)
         return (_new_spectral_model, (type(self.base_model),), *reduced[2:])
 
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """What the adapters train and need: coefficients, locations, permutations and trained copies of every
+        adapter, not the frozen base model (``get_base_model().state_dict()`` has everything). This keeps the
+        transformers Trainer's checkpoints small, and it works for models with tied weights, whose full state
+        dict safetensors refuses ("Some tensors share memory")."""
+        full = super().state_dict(*args, **kwargs)
+        return type(full)((k, v) for k, v in full.items() if _is_adapter_key(k))
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Load what :meth:`state_dict` holds; base-model entries, if present, are loaded too. With ``strict``,
+        every adapter entry must be there and no key may be unknown."""
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if _is_adapter_key(k)]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(
+                f"adapter state does not fit: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+            )
+        return type(result)(missing, result.unexpected_keys)
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
@@ -666,6 +685,11 @@ class SpectralModel(nn.Module):
                     prefix = f"{SAVE_PREFIX}{name}."
                     sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
                     copy.copies[adapter_name].load_state_dict(sub, strict=True)
+
+
+def _is_adapter_key(key: str) -> bool:
+    """Whether a state-dict key belongs to an adapter (its coefficients, locations, or a trained copy)."""
+    return ".adapters." in key or ".copies." in key
 
 
 def _check_name(name: str, existing: dict[str, Any]) -> None:
