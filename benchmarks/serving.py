@@ -163,7 +163,6 @@ def main() -> int:
                 model.delete_adapter("loaded")
             for batch in args.batch:
                 row = {
-                    "path": path,
                     "adapters": count,
                     "batch": batch,
                     "tokens_per_batch": batch * args.tokens,

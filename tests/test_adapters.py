@@ -299,3 +299,24 @@ def test_served_delta_follows_the_coefficients():
     adapter = layer.adapters["default"]
     adapter.set_locations(adapter.rows.flip(0), adapter.cols, None, None)
     assert not torch.equal(output(model, batches[0]), doubled)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_coefficients_stored_in_16_bits(tmp_path, dtype):
+    base, model, batches = two_adapters("bert")
+    model.save_pretrained(tmp_path / "16", selected_adapters=["default"], coefficient_dtype=dtype)
+    model.save_pretrained(tmp_path / "32", selected_adapters=["default"])
+    small = (tmp_path / "16" / "adapter_model.safetensors").stat().st_size
+    large = (tmp_path / "32" / "adapter_model.safetensors").stat().st_size
+    saved = 4 * 24 * 2  # 4 matrices x 24 coefficients x 2 bytes
+    assert saved - 8 <= large - small <= saved  # the header is padded to a multiple of 8 bytes
+    from safetensors.torch import load_file
+
+    stored = load_file(tmp_path / "16" / "adapter_model.safetensors")
+    assert {v.dtype for k, v in stored.items() if k.endswith(".coeffs")} == {dtype}
+    loaded = SpectralModel.from_pretrained(copy.deepcopy(base), tmp_path / "16")
+    for name, layer in loaded.spectral_layers().items():
+        expected = model.spectral_layers()[name].adapters["default"].coeffs.detach().to(dtype).float()
+        assert layer.coeffs.dtype == torch.float32 and torch.equal(layer.coeffs, expected)
+    with pytest.raises(ValueError, match="coefficient_dtype"):
+        model.save_pretrained(tmp_path / "8", coefficient_dtype=torch.int8)

@@ -99,6 +99,11 @@ def test_finetune_writes_a_complete_run(tiny, tmp_path, method):
     assert 0.0 <= metrics["test_accuracy"] <= 1.0
     if method in ("s2ft", "fourierft"):
         assert metrics["adapter_bytes"] == os.path.getsize(out / "adapter" / "adapter_model.safetensors")
+        parts = metrics["adapter_bytes_parts"]
+        assert sum(parts.values()) == metrics["adapter_bytes"] and parts["coefficients"] == 4 * 64 * 4
+        assert (parts["permutations"] > 0) == (method == "s2ft") and (parts["locations"] > 0) == (
+            method == "s2ft"
+        )
         # 4 matrices x 64 coefficients + the 3-class head (3x32 + 3)
         assert metrics["trainable_params"] == 4 * 64 + 99
     assert "train" in (out / "log.txt").read_text()

@@ -147,6 +147,9 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
             if method.saves_whole_model:
                 task.save_processor(processor, adapter_dir)
             metrics["adapter_bytes"] = method.stored_bytes(model, adapter_dir)
+            parts = method.stored_parts(model)
+            if parts:
+                metrics["adapter_bytes_parts"] = parts
             metrics["args"] = dataclasses.asdict(given)
             metrics["targets"] = args.targets
             run = {

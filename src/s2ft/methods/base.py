@@ -48,6 +48,10 @@ class Method:
             if f.endswith(".safetensors")
         )
 
+    def stored_parts(self, model: torch.nn.Module) -> dict[str, int]:
+        """Bytes of each part of the stored adapter (coefficients, locations, ...); empty when not itemized."""
+        return {}
+
     def load(self, base: torch.nn.Module, directory: str) -> torch.nn.Module:
         """The trained model from ``base`` (the task's freshly loaded pretrained model) and the saved ``directory``."""
         raise NotImplementedError

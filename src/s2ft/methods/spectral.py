@@ -49,6 +49,22 @@ class Spectral(Method):
     def stored_bytes(self, model: torch.nn.Module, directory: str) -> int:
         return model.adapter_nbytes()
 
+    def stored_parts(self, model: torch.nn.Module) -> dict[str, int]:
+        """Tensor bytes by part of the adapter file, and its header (names, shapes, metadata)."""
+        parts = {"coefficients": 0, "locations": 0, "permutations": 0, "modules_to_save": 0}
+        for key, value in model.adapter_state_dict().items():
+            size = value.numel() * value.element_size()
+            if key.startswith("modules_to_save."):
+                parts["modules_to_save"] += size
+            elif key.endswith(".coeffs"):
+                parts["coefficients"] += size
+            elif key.endswith((".rows", ".cols")):
+                parts["locations"] += size
+            else:
+                parts["permutations"] += size
+        parts["header"] = model.adapter_nbytes() - sum(parts.values())
+        return parts
+
     def load(self, base: torch.nn.Module, directory: str) -> torch.nn.Module:
         from s2ft import SpectralModel
 

@@ -392,14 +392,20 @@ class SpectralLinear(nn.Module):
         groups: dict[str, list[int]] = {}
         for i, name in enumerate(names):
             groups.setdefault(name, []).append(i)
-        result = self.base_layer(x).clone()  # a copy the branches add into, in place
+        unknown = [name for name in groups if name != BASE and name not in self.adapters]
+        if unknown:
+            raise KeyError(
+                f"no adapter named {unknown[0]!r}; the model has {list(self.adapters)} (and {BASE!r})"
+            )
+        result = self.base_layer(x)
+        if torch.is_grad_enabled():
+            result = result.clone()  # the branches add into it in place
         for name, rows in groups.items():
             if name == BASE:
                 continue
-            if name not in self.adapters:
-                raise KeyError(
-                    f"no adapter named {name!r}; the model has {list(self.adapters)} (and {BASE!r})"
-                )
+            if len(rows) == x.shape[0]:  # the whole batch: no gather or scatter
+                result += self.kind.apply(self, self.adapters[name], x).to(result.dtype)
+                continue
             index = torch.tensor(rows, device=x.device)
             delta = self.kind.apply(self, self.adapters[name], x.index_select(0, index))
             result.index_add_(0, index, delta.to(result.dtype))
