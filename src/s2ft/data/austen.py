@@ -152,15 +152,20 @@ def read_austen_novels(rdata_dir: Path) -> dict[str, list[str]]:
     return novels
 
 
-def _austen_sentences_from(rdata_dir: Path) -> list[dict[str, str]]:
-    """Labelled sentences of all novels, with every text that occurs more than once removed."""
+def _unique_pieces(rdata_dir: Path, cut: Callable[[Sequence[str]], list[str]]) -> list[dict[str, str]]:
+    """``{"text", "novel"}`` rows of every novel cut into pieces by ``cut``, with every text that occurs more
+    than once removed (so no text has two labels or sits in two splits)."""
     rows = [
-        {"text": sentence, "novel": novel}
+        {"text": piece, "novel": novel}
         for novel, lines in read_austen_novels(rdata_dir).items()
-        for sentence in novel_sentences(lines)
+        for piece in cut(lines)
     ]
     counts = Counter(row["text"] for row in rows)
     return [row for row in rows if counts[row["text"]] == 1]
+
+
+def _austen_sentences_from(rdata_dir: Path) -> list[dict[str, str]]:
+    return _unique_pieces(rdata_dir, novel_sentences)
 
 
 def _cached_rows(
@@ -222,13 +227,7 @@ def novel_passages(
 
 
 def _austen_passages_from(rdata_dir: Path) -> list[dict[str, str]]:
-    rows = [
-        {"text": passage, "novel": novel}
-        for novel, lines in read_austen_novels(rdata_dir).items()
-        for passage in novel_passages(lines)
-    ]
-    counts = Counter(row["text"] for row in rows)
-    return [row for row in rows if counts[row["text"]] == 1]
+    return _unique_pieces(rdata_dir, novel_passages)
 
 
 def austen_passages(

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from s2ft.tasks.base import Loaded, RunError, Task, TaskData, check_model_folder
-from s2ft.tasks.text_classification import accuracy, new_head_modules
+from s2ft.tasks.text_classification import TextClassification, accuracy, new_head_modules
 
 EFFICIENTNET = "efficientnet-lite0"
 EFFICIENTNET_SIZE = (
@@ -147,17 +147,9 @@ class ImageClassification(Task):
         except DataError as e:
             raise RunError(str(e)) from None
 
-    def baseline(self, data: TaskData) -> dict[str, float]:
-        from collections import Counter
-
-        majority = Counter(data.train["label"]).most_common(1)[0][0]
-        test_labels = list(data.test["label"])
-        return {"majority_rate": test_labels.count(majority) / len(test_labels)}
-
-    def align(self, data: TaskData, trained: dict[str, Any]) -> TaskData:
-        from s2ft.tasks.text_classification import TextClassification
-
-        return TextClassification.align(self, data, trained)  # by label name, as for text
+    # Labels as for text: the majority-class rate as the baseline, and ids mapped by label name.
+    baseline = TextClassification.baseline
+    align = TextClassification.align
 
     # ------------------------------------------------------------------ model
     def load_model(self, model: str, info: dict[str, Any]) -> Loaded:
