@@ -96,7 +96,7 @@ class Preprocess:
     def one(self, image: Any) -> torch.Tensor:
         if hasattr(image, "convert"):  # PIL: any mode to RGB
             image = np.asarray(image.convert("RGB"))
-        pixels = torch.as_tensor(np.asarray(image), dtype=torch.float32) / 255.0
+        pixels = torch.from_numpy(np.array(image, dtype=np.float32)) / 255.0  # a writable copy
         if pixels.dim() == 2:
             pixels = pixels[:, :, None]
         if pixels.shape[-1] == 1:
