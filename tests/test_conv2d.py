@@ -215,36 +215,3 @@ def test_all_linear_leaves_convolutions_out():
     """``target_modules="all-linear"`` takes Linear layers (as in PEFT), not Conv2d ones."""
     model = get_spectral_model(tiny_convnet(), FourierFTConfig(target_modules="all-linear", n_frequency=4))
     assert list(model.spectral_layers()) == ["head"]
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("path", ["dense", "fft"])
-def test_half_precision_conv_weights(dtype, path):
-    """A bf16/fp16 conv net: float32 coefficients and ΔW, outputs near the float32 model's, and merge/unmerge
-    restore the weights bit for bit."""
-    config = FourierFTConfig(
-        target_modules=["stem", "pointwise", "grouped", "depthwise"],
-        n_frequency=20,
-        init="normal",
-        scaling=5.0,
-        forward_path=path,
-    )
-    model32 = get_spectral_model(tiny_convnet(), config)
-    model = get_spectral_model(tiny_convnet().to(dtype), copy.deepcopy(config))
-    x = make_batches("convnet")[0][0]
-    expected = model32(x)
-    for name, layer in model.spectral_layers().items():
-        with torch.no_grad():  # the float32 model's coefficients (same locations: same seed and shapes)
-            layer.coeffs.copy_(model32.spectral_layers()[name].coeffs)
-        assert layer.coeffs.dtype == torch.float32 and layer.delta_weight().dtype == torch.float32
-    out = model(x.to(dtype))
-    assert out.dtype == dtype
-    torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.05)
-    out.float().sum().backward()
-    assert all(torch.isfinite(layer.coeffs.grad).all() for layer in model.spectral_layers().values())
-    weights = {n: layer.base_layer.weight.clone() for n, layer in model.spectral_layers().items()}
-    model.merge()
-    torch.testing.assert_close(model(x.to(dtype)).float(), expected, atol=0.05, rtol=0.05)
-    model.unmerge()
-    for name, layer in model.spectral_layers().items():
-        assert torch.equal(layer.base_layer.weight, weights[name])
