@@ -13,7 +13,7 @@ from torch import nn
 from conftest import MODELS, make_batches, mlp_loss, tiny_convnet
 from s2ft import FourierFTConfig, S2FTConfig, get_spectral_model
 from s2ft.tuner.calibration import gradient_prior
-from s2ft.tuner.layers import layer_shape, weight_from_matrix, weight_matrix
+from s2ft.tuner.layers import layer_shape, weight_matrix
 
 CONVS = {
     "3x3": nn.Conv2d(4, 6, 3, padding=1),
@@ -169,49 +169,3 @@ def test_square_conv1d_is_seen_transposed():
     torch.testing.assert_close(
         expected, x @ (weight_matrix(conv) + delta).T + conv.bias, atol=1e-5, rtol=1e-5
     )
-
-
-def test_weight_from_matrix_inverts_the_matrix_view():
-    """For every kind, a matrix put back into the weight's layout reads back as the same matrix."""
-    from transformers.pytorch_utils import Conv1D
-
-    for layer in (nn.Linear(5, 3), Conv1D(6, 6), Conv1D(4, 7), nn.Conv2d(6, 8, 3, groups=2)):
-        matrix = torch.randn(*layer_shape(layer))
-        weight = weight_from_matrix(layer, matrix)
-        assert weight.shape == layer.weight.shape
-        with torch.no_grad():
-            layer.weight.copy_(weight)
-        assert torch.equal(weight_matrix(layer), matrix)
-
-
-def test_auto_pointwise_conv_takes_the_path_a_linear_layer_would(monkeypatch):
-    """``"auto"`` on a pointwise conv asks ``choose_path`` with N·H·W tokens; its FFT answer matches conv2d."""
-    import s2ft.tuner.layers as layers
-
-    asked = []
-
-    def fft_path(d_out, d_in, n, tokens, device):
-        asked.append((d_out, d_in, n, tokens))
-        return "fft"
-
-    torch.manual_seed(0)
-    conv = nn.Conv2d(8, 6, 1)
-    model = get_spectral_model(
-        One(copy.deepcopy(conv)).eval(),
-        FourierFTConfig(target_modules=["conv"], n_frequency=20, init="normal"),
-    )
-    x = torch.randn(2, 8, 5, 7)
-    reference = model(x)  # "auto" at this size: conv2d(x, ΔW)
-    monkeypatch.setattr(layers, "choose_path", fft_path)
-    torch.testing.assert_close(model(x), reference, atol=1e-5, rtol=1e-5)
-    assert asked[-1] == (6, 8, 20, 2 * 5 * 7)
-    with torch.no_grad():  # serving builds ΔW once, whatever the path
-        asked.clear()
-        torch.testing.assert_close(model(x), reference, atol=1e-5, rtol=1e-5)
-        assert not asked
-
-
-def test_all_linear_leaves_convolutions_out():
-    """``target_modules="all-linear"`` takes Linear layers (as in PEFT), not Conv2d ones."""
-    model = get_spectral_model(tiny_convnet(), FourierFTConfig(target_modules="all-linear", n_frequency=4))
-    assert list(model.spectral_layers()) == ["head"]

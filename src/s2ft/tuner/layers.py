@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from s2ft.ops.apply import choose_path, delta_weight, spectral_apply
+from s2ft.ops.apply import delta_weight, spectral_apply
 
 try:  # transformers' GPT-2 style layer: y = x @ W + b with W stored (d_in, d_out)
     from transformers.pytorch_utils import Conv1D
@@ -26,7 +26,6 @@ class LayerKind:
     """
 
     name = "linear"
-    all_linear = True  # taken by target_modules="all-linear" (as in PEFT: Linear and Conv1D, not convs)
 
     def matrix(self, layer: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` (the weight, or its gradient) in the ``(d_out, d_in)`` matrix view."""
@@ -65,23 +64,15 @@ class Conv2dKind(LayerKind):
 
     Grouped and depthwise convolutions work the same way: ``ΔW`` is a weight of the layer's own shape, applied
     with its stride, padding, dilation, groups and padding mode (``conv2d(x, ΔW)``, no bias). A pointwise
-    convolution (1x1, stride 1, no padding, one group) is a linear map of the channels, so it takes the path
-    a Linear layer of its shape would: with ``"fft"`` (or ``"auto"`` where :func:`s2ft.ops.apply.choose_path`
-    picks it) :func:`s2ft.ops.apply.spectral_apply` runs on the channels-last input and never builds ``ΔW``;
-    otherwise ``conv2d(x, ΔW)``. Measured on this CPU (forward + backward of the adapted layer, n = 1000,
-    median of 5; the base layer's forward included), at 2 threads / 1 thread:
-
-    - 320->1280 channels, 32x32 maps, batch 4: ``conv2d(x, ΔW)`` 76-109 / 171 ms, channels-last dense
-      88-130 / 167 ms, channels-last FFT 72-87 / 116 ms;
-    - 320->1280, 8x8, batch 16: 19-22 / 33 ms, 20-24 / 36 ms, 15-19 / 24 ms;
-    - 112->672, 32x32, batch 4: 17-20 / 29 ms, 23-27 / 43 ms, 28-35 / 45 ms.
-
-    The FFT path pays at 320x1280 and loses at 112x672, where ``choose_path`` also switches (the channels-last
-    dense path never wins, so ``"dense"`` means ``conv2d(x, ΔW)``).
+    convolution (1x1, stride 1, no padding, one group) is a linear map of the channels; with
+    ``forward_path="fft"`` it goes through :func:`s2ft.ops.apply.spectral_apply` on the channels-last input,
+    which never builds ``ΔW``. ``"auto"`` keeps ``conv2d(x, ΔW)``: on 2 CPU threads (forward + backward, batch
+    16, n = 1000, EfficientNet-Lite0's shapes) it took 26 / 36 / 47 ms at 40->240 (28x28), 112->672 (14x14) and
+    320->1280 (8x8) channels, against 32 / 49 / 43 ms for the channels-last dense path and 82 / 64 / 47 ms for
+    the FFT path (the move to channels-last copies the activation).
     """
 
     name = "conv2d"
-    all_linear = False
 
     def matrix(self, layer: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.reshape(tensor.shape[0], -1)
@@ -102,24 +93,15 @@ class Conv2dKind(LayerKind):
     def apply(self, layer: SpectralLinear, adapter: SpectralAdapter, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``(N, C_in, H, W)`` (or unbatched ``(C_in, H, W)``) -> ``(N, C_out, H', W')``, float32."""
         layer = layer.base_layer
-        if torch.is_grad_enabled() and self.pointwise(layer) and self._pointwise_path(adapter, x) == "fft":
+        if adapter.forward_path == "fft" and self.pointwise(layer) and torch.is_grad_enabled():
             channels_last = x.movedim(-3, -1)  # (..., H, W, C_in)
-            return spectral_apply(channels_last, *adapter._spectrum(), path="fft").movedim(-1, -3)
+            return super().apply(layer, adapter, channels_last).movedim(-1, -3)
         dense = adapter.served_delta() if not torch.is_grad_enabled() else delta_weight(*adapter._spectrum())
         delta = self.to_weight(layer, dense)
         # The layer's own forward with ΔW as its weight and no bias: subclasses that pad in their forward
         # (TensorFlow-style "same" padding, as EfficientNet's) are applied as they apply themselves.
         zero_bias = None if layer.bias is None else torch.zeros_like(delta[:, 0, 0, 0])
         return torch.func.functional_call(layer, {"weight": delta, "bias": zero_bias}, (x.float(),))
-
-    @staticmethod
-    def _pointwise_path(adapter: SpectralAdapter, x: torch.Tensor) -> str:
-        """The path of a pointwise convolution: the adapter's, or for ``"auto"`` the one a Linear layer of its
-        shape would take for ``N · H · W`` tokens."""
-        if adapter.forward_path != "auto":
-            return adapter.forward_path
-        tokens = x[..., 0, :, :].numel()  # N · H · W
-        return choose_path(adapter.d_out, adapter.d_in, adapter.n_frequency, tokens, x.device)
 
 
 def _padding(layer: nn.Conv2d) -> tuple[int, ...]:
@@ -144,11 +126,6 @@ def kind_of(layer: nn.Module) -> LayerKind:
     raise TypeError(f"cannot adapt a {type(layer).__name__}; supported: {SUPPORTED_NAMES}")
 
 
-def is_all_linear(layer: nn.Module) -> bool:
-    """Whether ``target_modules="all-linear"`` adapts ``layer``: a supported kind that PEFT counts as linear."""
-    return isinstance(layer, SUPPORTED_LAYERS) and kind_of(layer).all_linear
-
-
 def layer_shape(layer: nn.Module) -> tuple[int, int]:
     """``(d_out, d_in)`` of a supported layer: the shape of its weight's matrix view, and of ``ΔW``."""
     return kind_of(layer).shape(layer)
@@ -158,12 +135,6 @@ def weight_matrix(layer: nn.Module, grad: bool = False) -> torch.Tensor:
     """The layer's weight (or, with ``grad``, its gradient) as a ``(d_out, d_in)`` matrix view."""
     tensor = layer.weight.grad if grad else layer.weight
     return kind_of(layer).matrix(layer, tensor)
-
-
-def weight_from_matrix(layer: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
-    """A ``(d_out, d_in)`` matrix (e.g. ``ΔW``) in the layout of the layer's weight: the inverse of
-    :func:`weight_matrix`, so ``weight + weight_from_matrix(layer, ΔW)`` is the weight with ``ΔW`` added."""
-    return kind_of(layer).to_weight(layer, matrix)
 
 
 BASE = "__base__"  # the reserved adapter name of a mixed batch's examples that run on the base model alone

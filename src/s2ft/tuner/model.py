@@ -34,7 +34,6 @@ from s2ft.tuner.layers import (
     SpectralLinear,
     TrainedCopy,
     example_adapters,
-    is_all_linear,
     layer_shape,
 )
 from s2ft.tuner.planner import plan_for
@@ -66,7 +65,12 @@ def _is_target(name: str, module: nn.Module, config: FourierFTConfig, output: nn
     if config.target_modules == ALL_LINEAR:
         base = module.base_layer if isinstance(module, SpectralLinear) else module
         saved = bool(config.modules_to_save) and matches(name, config.modules_to_save)
-        return is_all_linear(base) and base is not output and not saved
+        return (
+            isinstance(base, SUPPORTED_LAYERS)
+            and not isinstance(base, nn.Conv2d)
+            and base is not output
+            and not saved
+        )
     return matches(name, config.target_modules)
 
 
