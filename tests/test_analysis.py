@@ -194,6 +194,8 @@ def test_analyze_model_writes_json_figures_and_report(tmp_path):
         "search": "greedy",
         "permute": True,
         "locations": "prior",
+        "prior": "gradient",
+        "prior_lr": 1e-4,
         "rel_error": 0.1,
     }
     assert list(saved["prior"]) == names and list(saved["full_finetune"]) == names

@@ -7,7 +7,7 @@ import dataclasses
 import json
 import sys
 
-from s2ft.config import LOCATIONS
+from s2ft.config import LOCATIONS, PRIORS
 from s2ft.jobs.args import COMMON_DEFAULTS, FinetuneArgs
 from s2ft.methods import METHODS
 from s2ft.ops.permutation import SEARCHES
@@ -67,6 +67,19 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--permutation", default=d.permutation, choices=SEARCHES, help="S2FT: the ordering search")
     p.add_argument(
         "--locations", default=d.locations, choices=LOCATIONS, help="S2FT: where the coefficients go"
+    )
+    p.add_argument(
+        "--prior",
+        default=d.prior,
+        choices=PRIORS,
+        help="S2FT: what the plan is made from: the summed gradient (the paper), its Adam-normalized form, "
+        "or a short Adam trajectory over the calibration batches",
+    )
+    p.add_argument(
+        "--prior-lr",
+        type=float,
+        default=None,
+        help="S2FT: the trajectory prior's learning rate (default: the task's full fine-tuning learning rate)",
     )
     p.add_argument(
         "--calibration-batches",

@@ -13,6 +13,9 @@ from typing import Any, ClassVar
 from s2ft.io import atomic_write_text
 from s2ft.ops.permutation import SEARCHES
 
+# The priors S2FT plans from (S2FTConfig.prior); computed by s2ft.tuner.calibration.gradient_prior.
+PRIORS = ("gradient", "adam", "trajectory")
+
 LOCATIONS = ("prior", "prior-half", "uniform")
 
 CONFIG_NAME = "adapter_config.json"
@@ -182,6 +185,12 @@ class S2FTConfig(FourierFTConfig):
     locations: str = "prior"
     # Ablation: False keeps identity permutations (locations still sampled from the prior's spectrum).
     permute: bool = True
+    # The prior ΔŴ the plan is made from (s2ft.tuner.calibration.PRIORS): "gradient", the summed gradient at the
+    # pretrained weights (the paper); "adam", that sum divided elementwise by the root of the summed squared
+    # gradients (an Adam step's direction); "trajectory", the change of the weights over one Adam step per
+    # calibration batch, at learning rate prior_lr.
+    prior: str = "gradient"
+    prior_lr: float = 1e-4
 
     def validate(self) -> None:
         super().validate()
@@ -202,6 +211,11 @@ class S2FTConfig(FourierFTConfig):
             raise ValueError(f"locations must be one of {LOCATIONS}, got {self.locations!r}")
         if not isinstance(self.permute, bool):
             raise ValueError(f"permute must be True or False, got {self.permute!r}")
+        if self.prior not in PRIORS:
+            raise ValueError(f"prior must be one of {PRIORS}, got {self.prior!r}")
+        if not _is_number(self.prior_lr) or not math.isfinite(self.prior_lr) or self.prior_lr <= 0:
+            raise ValueError(f"prior_lr must be a finite number > 0, got {self.prior_lr!r}")
+        self.prior_lr = float(self.prior_lr)
 
 
 CONFIGS: dict[str, type[FourierFTConfig]] = {"fourierft": FourierFTConfig, "s2ft": S2FTConfig}

@@ -275,7 +275,8 @@ def analyze_model(
 
     ``spectral_model`` is a :class:`s2ft.SpectralModel` (either method); ``n``, ``gamma``, ``seed`` and ``search``
     default to its config's (``n_frequency``, ``gamma``, ``seed``, ``permutation``; 1.5 and "greedy" for
-    FourierFT). The prior is :func:`s2ft.tuner.calibration.gradient_prior` over ``batches`` (at most ``max_batches``).
+    FourierFT). The prior is :func:`s2ft.tuner.calibration.gradient_prior` over ``batches`` (at most ``max_batches``),
+    of the config's kind (``prior``, ``prior_lr``; the paper's summed gradient for FourierFT).
     ``full_finetune_delta`` maps names to real ``ΔW`` ``(d_out, d_in)`` (``nn.Linear``'s convention), e.g. from a
     short full fine-tune; a name that is also an adapted module's is, in addition, permuted by its prior's plan
     (``prior_plan``: how much of the real update S2FT's prior-chosen locations catch).
@@ -303,7 +304,7 @@ def analyze_model(
     images: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]] = {"prior": []}
     plans: dict[str, LayerPlan] = {}
     for name, prior in _priors(
-        spectral_model, layers, batches, loss_fn, max_batches, layers_per_pass, progress
+        spectral_model, layers, batches, loss_fn, max_batches, layers_per_pass, progress, settings
     ):
         size = 256 if name in shown else None
         analysis["prior"][name], plans[name], image = _analyze(
@@ -336,6 +337,8 @@ def _settings(
         "search": search if search is not None else getattr(config, "permutation", "greedy"),
         "permute": getattr(config, "permute", True),
         "locations": getattr(config, "locations", "prior"),
+        "prior": getattr(config, "prior", "gradient"),
+        "prior_lr": getattr(config, "prior_lr", 1e-4),
         "rel_error": rel_error,
     }
 
@@ -359,10 +362,14 @@ def _priors(
     max_batches: int | None,
     layers_per_pass: int | None,
     progress: bool,
+    settings: dict[str, Any],
 ) -> Iterable[tuple[str, torch.Tensor]]:
-    """``(name, prior)`` for every layer, ``layers_per_pass`` layers' priors held at a time.
+    """``(name, prior)`` for every layer, ``layers_per_pass`` layers' priors held at a time; the prior named by
+    ``settings["prior"]``.
 
     Every adapter stays switched off meanwhile, also those outside the pass (as they are in one calibration pass).
+    A ``"trajectory"`` prior taken a pass at a time moves only that pass's layers: it then differs from the one
+    calibration computes over all layers at once.
     """
     names = list(layers)
     step = layers_per_pass or len(names)
@@ -378,7 +385,16 @@ def _priors(
             layer.disabled = True
         for first in range(0, len(names), step):
             chunk = {name: layers[name] for name in names[first : first + step]}
-            priors = gradient_prior(spectral_model.base_model, chunk, batches, loss_fn, max_batches, progress)
+            priors = gradient_prior(
+                spectral_model.base_model,
+                chunk,
+                batches,
+                loss_fn,
+                max_batches,
+                progress,
+                kind=settings["prior"],
+                lr=settings["prior_lr"],
+            )
             for name in chunk:
                 yield name, priors.pop(name)
     finally:

@@ -65,6 +65,8 @@ class FinetuneArgs:
     # S2FT ablations (used by ``s2ft compare``)
     permute: bool = True
     locations: str = "prior"
+    prior: str = "gradient"  # S2FT: what the plan is made from (s2ft.config.PRIORS)
+    prior_lr: float | None = None  # the "trajectory" prior's Adam learning rate; None: the task's full fine-tuning lr
 
     def resolved(self) -> FinetuneArgs:
         """A copy with every ``None`` filled from the task's defaults, then :data:`COMMON_DEFAULTS`; validated."""
@@ -75,6 +77,10 @@ class FinetuneArgs:
             # lr: the task's learning rate for this method, else (None) the method's own default
             if value is None and f.name == "lr":
                 value = task.defaults.get("lr", {}).get(self.method)
+            elif value is None and f.name == "prior_lr":
+                from s2ft.methods import get_method
+
+                value = task.defaults.get("lr", {}).get("full", get_method("full").default_lr)
             elif value is None:
                 value = task.defaults.get(f.name, COMMON_DEFAULTS.get(f.name))
             filled[f.name] = value
@@ -98,6 +104,12 @@ class FinetuneArgs:
             raise RunError(f"--seed must be >= 0, got {self.seed}")
         if (self.epochs is not None and self.epochs <= 0) and self.max_steps <= 0:
             raise RunError("give --epochs > 0 or --max-steps > 0")
+        from s2ft.config import PRIORS
+
+        if self.prior not in PRIORS:
+            raise RunError(f"--prior must be one of {', '.join(PRIORS)}, got {self.prior!r}")
+        if self.prior_lr is not None and not (math.isfinite(self.prior_lr) and self.prior_lr > 0):
+            raise RunError(f"--prior-lr must be a finite number > 0, got {self.prior_lr}")
         for name in ("lr", "head_lr", "scaling", "gamma"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):

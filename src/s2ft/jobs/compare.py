@@ -31,7 +31,7 @@ from s2ft.tasks import RunError, Task, get_task
 # sampling, so that each differs from "s2ft" (the paper's recipe) in one thing only.
 VARIANTS: dict[str, dict[str, Any]] = {
     "fourierft": {"method": "fourierft"},
-    "s2ft": {"method": "s2ft", "locations": "prior"},
+    "s2ft": {"method": "s2ft", "locations": "prior", "prior": "gradient"},
     "s2ft-half": {"method": "s2ft", "n_frequency": "half", "locations": "prior"},
     "lora": {"method": "lora"},
     "waveft": {"method": "waveft"},
@@ -40,6 +40,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "s2ft-uniform": {"method": "s2ft", "locations": "uniform"},
     "s2ft-prior-half": {"method": "s2ft", "locations": "prior-half"},
     "s2ft-2opt-cyclic": {"method": "s2ft", "locations": "prior", "permutation": "2opt-cyclic"},
+    "s2ft-adam": {"method": "s2ft", "locations": "prior", "prior": "adam"},
+    "s2ft-trajectory": {"method": "s2ft", "locations": "prior", "prior": "trajectory"},
 }
 # Options that do not change a run's result; a finished run is reused whatever they were.
 _NOT_COMPARED = ("output", "overwrite", "quiet", "head_warmup_cache")
@@ -94,6 +96,8 @@ def variant_label(args: FinetuneArgs, variant: str) -> str:
         "s2ft-uniform": "random locations",
         "s2ft-prior-half": "one location per mirror pair",
         "s2ft-2opt-cyclic": "cyclic 2-opt search",
+        "s2ft-adam": "Adam-normalized prior",
+        "s2ft-trajectory": "trajectory prior",
     }
     return f"{label}, {extras[variant]}" if variant in extras else label
 
@@ -110,7 +114,12 @@ def finished_run(run_dir: str, args: FinetuneArgs) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     saved = metrics.get("args") if isinstance(metrics, dict) else None
-    if not isinstance(saved, dict) or _comparable(saved) != _comparable(dataclasses.asdict(args)):
+    if not isinstance(saved, dict):
+        return None
+    # an option added since the run was made counts as its default there
+    defaults = dataclasses.asdict(FinetuneArgs(task=args.task, method=args.method).resolved())
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
+    if _comparable(saved) != _comparable(dataclasses.asdict(args)):
         return None
     return metrics
 

@@ -36,6 +36,8 @@ class Spectral(Method):
             permutation=args.permutation,
             permute=args.permute,
             locations=args.locations,
+            prior=args.prior,
+            prior_lr=args.prior_lr,
         )
 
     def wrap(self, model: torch.nn.Module, args: Any, head: Sequence[str]) -> torch.nn.Module:

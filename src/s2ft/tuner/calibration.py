@@ -1,4 +1,4 @@
-"""S2FT calibration: the gradient prior ``ΔŴ`` of every adapted matrix (the plan from it: :mod:`s2ft.tuner.planner`)."""
+"""S2FT calibration: the prior ``ΔŴ`` of every adapted matrix, from gradients (its plan: :mod:`s2ft.tuner.planner`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from s2ft.tuner.layers import weight_matrix
+from s2ft.config import PRIORS
+from s2ft.tuner.layers import kind_of, weight_matrix
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -67,6 +68,10 @@ def _only_weights_require_grad(model: nn.Module, weights: list[nn.Parameter]) ->
         model.train(was_training)
 
 
+_ADAM_BETAS = (0.9, 0.999)
+_ADAM_EPS = 1e-8
+
+
 def gradient_prior(
     model: nn.Module,
     layers: Mapping[str, nn.Module],
@@ -74,18 +79,44 @@ def gradient_prior(
     loss_fn: LossFn | None = None,
     max_batches: int | None = None,
     progress: bool = False,
+    kind: str = "gradient",
+    lr: float = 1e-4,
 ) -> dict[str, torch.Tensor]:
-    """``ΔŴ = -Σ_batches ∇_W L`` at the current weights, for each layer's ``base_layer.weight``.
+    """The prior ``ΔŴ`` of each layer's ``base_layer.weight``, from the gradients ``g_b`` of the batches:
+
+    - ``"gradient"`` (the paper): ``ΔŴ = -Σ_b g_b`` at the current weights;
+    - ``"adam"``: ``ΔŴ = -Σ_b g_b / sqrt(Σ_b g_b²)`` elementwise (0 where every ``g_b`` is 0): the direction of
+      an Adam step whose moments are taken over the batches, so each weight counts by its gradient's
+      signal-to-noise ratio rather than by its gradient's size;
+    - ``"trajectory"``: ``ΔŴ = W_B - W_0`` after one Adam step (learning rate ``lr``, betas 0.9/0.999, eps 1e-8,
+      no weight decay) per batch on these weights alone: the start of the path training takes, gradients taken
+      along it. The weights are restored afterwards.
 
     ``layers`` maps names to adapters (:class:`s2ft.tuner.layers.SpectralLinear`), whose ΔW is switched off meanwhile.
-    The model runs in eval mode (no dropout, so the prior is deterministic) and nothing of it changes: no weight,
-    flag or gradient. Under ``torch.distributed`` each process passes its own batches and the priors are summed
-    across processes, so every rank gets the same prior, equal to one process's over all the batches.
-    Returns float32 ``(d_out, d_in)`` priors in ``nn.Linear``'s convention.
+    The model runs in eval mode (no dropout, so the prior is deterministic) and, on return, nothing of it has
+    changed: no weight, flag or gradient. Under ``torch.distributed`` each process passes its own batches: the
+    ``"gradient"`` and ``"adam"`` sums are taken across processes, so every rank gets the prior one process would
+    get from all the batches; a ``"trajectory"`` step sums the ranks' gradients of that step (the ranks' ``b``-th
+    batches together make step ``b``; give every rank the same number of batches). Returns float32 ``(d_out, d_in)``
+    priors in ``nn.Linear``'s convention.
     """
+    if kind not in PRIORS:
+        raise ValueError(f"unknown prior {kind!r}; choose from {PRIORS}")
+    if not (lr > 0 and lr < float("inf")):
+        raise ValueError(f"the trajectory prior's learning rate must be a finite number > 0, got {lr!r}")
     weights = [layer.base_layer.weight for layer in layers.values()]
     device = weights[0].device
-    priors = {name: torch.zeros(layer.d_out, layer.d_in, device=device) for name, layer in layers.items()}
+    shape = {name: (layer.d_out, layer.d_in) for name, layer in layers.items()}
+    sums = {name: torch.zeros(shape[name], device=device) for name in layers}
+    squares = {name: torch.zeros(shape[name], device=device) for name in layers} if kind == "adam" else None
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    # trajectory: Adam on float32 master copies (low-precision weights would round small steps away); the model's
+    # weights follow them, rounded, and get their starting values back at the end
+    start = [w.detach().clone() for w in weights] if kind == "trajectory" else None
+    masters = [w.detach().float().clone() for w in weights] if kind == "trajectory" else []
+    optimizer = (
+        torch.optim.Adam(masters, lr=lr, betas=_ADAM_BETAS, eps=_ADAM_EPS, foreach=False) if masters else None
+    )
     seen = 0
     disabled = {name: layer.disabled for name, layer in layers.items()}
     iterator = batches
@@ -93,7 +124,7 @@ def gradient_prior(
         from tqdm.auto import tqdm
 
         total = max_batches if max_batches is not None else _len_or_none(batches)
-        iterator = tqdm(batches, total=total, desc="calibrating (gradient prior)", unit="batch")
+        iterator = tqdm(batches, total=total, desc=f"calibrating ({kind} prior)", unit="batch")
     try:
         for layer in layers.values():
             layer.disabled = True
@@ -107,22 +138,47 @@ def gradient_prior(
                         f"calibration batch {index} gave a non-finite loss ({float(loss.detach())})"
                     )
                 loss.backward()
-                for name, layer in layers.items():
-                    if layer.base_layer.weight.grad is None:
-                        continue
-                    priors[name] -= weight_matrix(layer.base_layer, grad=True).float()
-                    layer.base_layer.weight.grad = None
+                if optimizer is not None:
+                    for w, master in zip(weights, masters):
+                        grad = w.grad if w.grad is not None else torch.zeros_like(w)
+                        if distributed:
+                            torch.distributed.all_reduce(grad, op=torch.distributed.ReduceOp.SUM)
+                        master.grad = grad.float()
+                    optimizer.step()
+                    with torch.no_grad():
+                        for w, master in zip(weights, masters):
+                            w.copy_(master)
+                else:
+                    for name, layer in layers.items():
+                        if layer.base_layer.weight.grad is None:
+                            continue
+                        grad = weight_matrix(layer.base_layer, grad=True).float()
+                        sums[name] -= grad
+                        if squares is not None:
+                            squares[name] += grad * grad
+                for w in weights:
+                    w.grad = None
                 seen += 1
+        for (name, layer), master, w0 in zip(layers.items(), masters, start or []):
+            sums[name] = kind_of(layer.base_layer).matrix(layer.base_layer, master - w0.float())
     finally:
+        if start is not None:
+            with torch.no_grad():
+                for w, w0 in zip(weights, start):
+                    w.copy_(w0)
         for name, layer in layers.items():
             layer.disabled = disabled[name]
         if progress:
             iterator.close()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        for prior in priors.values():
-            torch.distributed.all_reduce(prior, op=torch.distributed.ReduceOp.SUM)
-    _check_priors(priors, seen)
-    return priors
+    if distributed and kind != "trajectory":
+        for tensor in (*sums.values(), *(squares or {}).values()):
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    if squares is not None:
+        for name in sums:
+            scale = squares[name].sqrt()
+            sums[name] = torch.where(scale > 0, sums[name] / scale.clamp_min(torch.finfo(scale.dtype).tiny), 0.0)
+    _check_priors(sums, seen)
+    return sums
 
 
 def _len_or_none(batches: Iterable[Any]) -> int | None:

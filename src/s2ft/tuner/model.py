@@ -484,7 +484,14 @@ class SpectralModel(nn.Module):
             for layer in others:  # the prior is the base model's gradient: every adapter off
                 layer.disabled = True
             priors = gradient_prior(
-                self.base_model, layers, batches, loss_fn, config.calibration_batches, progress
+                self.base_model,
+                layers,
+                batches,
+                loss_fn,
+                config.calibration_batches,
+                progress,
+                kind=config.prior,
+                lr=config.prior_lr,
             )
         finally:
             for layer in others:
