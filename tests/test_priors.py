@@ -37,7 +37,10 @@ def planted(dtype=torch.float32):
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(5, 6, generator=gen, dtype=torch.float64)
     batches = [
-        (torch.randn(4, 6, generator=gen, dtype=torch.float64), torch.randn(4, 5, generator=gen, dtype=torch.float64))
+        (
+            torch.randn(4, 6, generator=gen, dtype=torch.float64),
+            torch.randn(4, 5, generator=gen, dtype=torch.float64),
+        )
         for _ in range(3)
     ]
     config = S2FTConfig(target_modules=["proj"], n_frequency=4)
@@ -68,7 +71,9 @@ def test_adam_prior_is_zero_where_no_batch_has_a_gradient():
     x = torch.randn(4, 6)
     x[:, 2] = 0  # column 2 of W never sees an input: its gradient is 0 in every batch
     batches = [(x, torch.randn(4, 5))]
-    adam = gradient_prior(model.base_model, model.spectral_layers(), batches, planted_loss, kind="adam")["proj"]
+    adam = gradient_prior(model.base_model, model.spectral_layers(), batches, planted_loss, kind="adam")[
+        "proj"
+    ]
     assert torch.isfinite(adam).all() and torch.equal(adam[:, 2], torch.zeros(5))
     assert torch.equal(adam[:, [0, 1, 3, 4, 5]].abs(), torch.ones(5, 5))  # one batch: the sign of -g
 
@@ -83,10 +88,14 @@ def test_trajectory_prior_is_adam_run_by_hand_and_restores_the_weights():
         v = b2 * v + (1 - b2) * g * g
         w = w - lr * (m / (1 - b1**step)) / ((v / (1 - b2**step)).sqrt() + eps)
     before = model.base_model.proj.base_layer.weight.detach().clone()
-    prior = gradient_prior(model.base_model, model.spectral_layers(), cast, planted_loss, kind="trajectory", lr=lr)
+    prior = gradient_prior(
+        model.base_model, model.spectral_layers(), cast, planted_loss, kind="trajectory", lr=lr
+    )
     torch.testing.assert_close(prior["proj"].double(), w - weight, atol=1e-5, rtol=1e-4)
     # the steps changed the gradients along the way: not just lr * steps * sign of the first gradient
-    assert not torch.allclose(prior["proj"].double(), -lr * 3 * hand_gradient(weight, *batches[0]).sign(), atol=1e-4)
+    assert not torch.allclose(
+        prior["proj"].double(), -lr * 3 * hand_gradient(weight, *batches[0]).sign(), atol=1e-4
+    )
     after = model.base_model.proj.base_layer.weight
     assert torch.equal(after, before) and after.grad is None
 
@@ -144,7 +153,9 @@ def test_calibrate_plans_from_the_configured_prior(prior):
     batches = make_batches("bert")
     plans = {}
     for kind in ("gradient", prior):
-        config = S2FTConfig(target_modules=targets, modules_to_save=saves, n_frequency=40, prior=kind, prior_lr=1e-3)
+        config = S2FTConfig(
+            target_modules=targets, modules_to_save=saves, n_frequency=40, prior=kind, prior_lr=1e-3
+        )
         model = get_spectral_model(copy.deepcopy(base), config)
         model.calibrate(batches)
         plans[kind] = {n: layer.perm_rows.clone() for n, layer in model.spectral_layers().items()}
@@ -164,7 +175,16 @@ def test_compare_runs_the_prior_variants_end_to_end(tmp_path):
     out = tmp_path / "priors"
     argv = ["compare", "--model", model, "--dataset", data, "--output", str(out), "--quiet", "--seeds", "0"]
     argv += ["--variants", "s2ft", "s2ft-adam", "s2ft-trajectory", "--budgets", "8", "16"]
-    argv += ["--max-steps", "1", "--batch-size", "8", "--head-warmup-steps", "0", "--calibration-batches", "2"]
+    argv += [
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "8",
+        "--head-warmup-steps",
+        "0",
+        "--calibration-batches",
+        "2",
+    ]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     labels = [r["label"] for r in results["summary"]]
@@ -176,5 +196,7 @@ def test_compare_runs_the_prior_variants_end_to_end(tmp_path):
         "S2FT, n = 8, trajectory prior",
         "S2FT, n = 16, trajectory prior",
     ]
-    saved = json.loads((out / "runs" / "s2ft-trajectory-n8-seed0" / "adapter" / "adapter_config.json").read_text())
+    saved = json.loads(
+        (out / "runs" / "s2ft-trajectory-n8-seed0" / "adapter" / "adapter_config.json").read_text()
+    )
     assert saved["prior"] == "trajectory" and saved["prior_lr"] > 0

@@ -66,7 +66,9 @@ class FinetuneArgs:
     permute: bool = True
     locations: str = "prior"
     prior: str = "gradient"  # S2FT: what the plan is made from (s2ft.config.PRIORS)
-    prior_lr: float | None = None  # the "trajectory" prior's Adam learning rate; None: the task's full fine-tuning lr
+    prior_lr: float | None = (
+        None  # the "trajectory" prior's Adam learning rate; None: the task's full fine-tuning lr
+    )
 
     def resolved(self) -> FinetuneArgs:
         """A copy with every ``None`` filled from the task's defaults, then :data:`COMMON_DEFAULTS`; validated."""

@@ -176,7 +176,9 @@ def gradient_prior(
     if squares is not None:
         for name in sums:
             scale = squares[name].sqrt()
-            sums[name] = torch.where(scale > 0, sums[name] / scale.clamp_min(torch.finfo(scale.dtype).tiny), 0.0)
+            sums[name] = torch.where(
+                scale > 0, sums[name] / scale.clamp_min(torch.finfo(scale.dtype).tiny), 0.0
+            )
     _check_priors(sums, seen)
     return sums
 
