@@ -82,6 +82,13 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
         help="S2FT: the trajectory prior's learning rate (default: the task's full fine-tuning learning rate)",
     )
     p.add_argument(
+        "--replan-at",
+        type=float,
+        default=d.replan_at,
+        help="S2FT: after this fraction of the training steps, plan again from the trained ΔW and project the "
+        "adapter onto the new plan (0: never)",
+    )
+    p.add_argument(
         "--calibration-batches",
         type=int,
         default=None,

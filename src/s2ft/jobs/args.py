@@ -66,9 +66,9 @@ class FinetuneArgs:
     permute: bool = True
     locations: str = "prior"
     prior: str = "gradient"  # S2FT: what the plan is made from (s2ft.config.PRIORS)
-    prior_lr: float | None = (
-        None  # the "trajectory" prior's Adam learning rate; None: the task's full fine-tuning lr
-    )
+    # the "trajectory" prior's Adam learning rate; None: the task's full fine-tuning lr
+    prior_lr: float | None = None
+    replan_at: float = 0.0  # S2FT: re-plan from the trained ΔW after this fraction of the steps (0: never)
 
     def resolved(self) -> FinetuneArgs:
         """A copy with every ``None`` filled from the task's defaults, then :data:`COMMON_DEFAULTS`; validated."""
@@ -112,6 +112,12 @@ class FinetuneArgs:
             raise RunError(f"--prior must be one of {', '.join(PRIORS)}, got {self.prior!r}")
         if self.prior_lr is not None and not (math.isfinite(self.prior_lr) and self.prior_lr > 0):
             raise RunError(f"--prior-lr must be a finite number > 0, got {self.prior_lr}")
+        if not (self.replan_at == 0 or 0 < self.replan_at < 1):
+            raise RunError(
+                f"--replan-at must be 0 (never) or a fraction of the steps in (0, 1), got {self.replan_at}"
+            )
+        if self.replan_at and self.method != "s2ft":
+            raise RunError(f"--replan-at is for S2FT; --method is {self.method!r}")
         for name in ("lr", "head_lr", "scaling", "gamma"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):

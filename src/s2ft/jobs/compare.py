@@ -42,6 +42,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "s2ft-2opt-cyclic": {"method": "s2ft", "locations": "prior", "permutation": "2opt-cyclic"},
     "s2ft-adam": {"method": "s2ft", "locations": "prior", "prior": "adam"},
     "s2ft-trajectory": {"method": "s2ft", "locations": "prior", "prior": "trajectory"},
+    "s2ft-replan": {"method": "s2ft", "locations": "prior", "replan_at": 0.2},
 }
 # Options that do not change a run's result; a finished run is reused whatever they were.
 _NOT_COMPARED = ("output", "overwrite", "quiet", "head_warmup_cache")
@@ -98,6 +99,7 @@ def variant_label(args: FinetuneArgs, variant: str) -> str:
         "s2ft-2opt-cyclic": "cyclic 2-opt search",
         "s2ft-adam": "Adam-normalized prior",
         "s2ft-trajectory": "trajectory prior",
+        "s2ft-replan": "re-planned after 20% of the steps",
     }
     return f"{label}, {extras[variant]}" if variant in extras else label
 

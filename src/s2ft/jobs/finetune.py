@@ -115,10 +115,19 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
         calibration_seconds = time.perf_counter() - start if planned is not None else 0.0
         if planned is not None:
             logger.info("calibration: %.1f s over %d batches", calibration_seconds, args.calibration_batches)
+        replan = None
+        if args.replan_at:
+            from s2ft.tuner.callbacks import ReplanCallback
+
+            replan = ReplanCallback(model, args.replan_at)
+            trainer.add_callback(replan)
         # train
         start = time.perf_counter()
         trainer.train()
         train_seconds = time.perf_counter() - start
+        if replan is not None:
+            metrics["replan_step"] = replan.step
+            metrics["replan_energy_kept"] = replan.energy_kept
         # evaluate
         metrics.update(
             {

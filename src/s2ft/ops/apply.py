@@ -61,6 +61,33 @@ def delta_weight(coeffs, rows, cols, d_out, d_in, scaling, perm_rows=None, perm_
     return delta
 
 
+def project_delta(delta, rows, cols, scaling, perm_rows=None, perm_cols=None) -> torch.Tensor:
+    """The coefficients at ``(rows, cols)`` whose :func:`delta_weight` is nearest ``delta`` in Frobenius norm: the
+    least-squares projection of ``delta`` ``(d_out, d_in)`` onto the plan's span, minimum-norm where a location and
+    its mirror ``(-u, -v)`` are both planned (they carry the same real basis function; each gets half).
+
+    In the permuted domain ``D = delta[perm_rows][:, perm_cols]``, location ``k`` carries
+    ``scaling/(MN) cos(2π(u_k p/M + v_k q/N))``; distinct cosines are orthogonal with squared norm ``MN/2``
+    (``MN`` where ``(u, v)`` is its own mirror), and ``<D, cos> = Re(fft2(D)[u, v])``, so
+    ``c_k = 2 Re(fft2(D)[u_k, v_k]) / scaling`` (halved for a mirrored pair; not doubled for a self-mirror).
+    Exact (``delta_weight(project_delta(ΔW)) == ΔW``) when ``delta`` lies in the span. Float64 for float64 input,
+    else float32.
+    """
+    d_out, d_in = delta.shape
+    dtype = torch.float64 if delta.dtype == torch.float64 else torch.float32
+    permuted = delta.to(dtype)
+    if perm_rows is not None:
+        permuted = permuted[perm_rows]
+    if perm_cols is not None:
+        permuted = permuted[:, perm_cols]
+    inner = torch.fft.fft2(permuted)[rows, cols].real
+    mirror_rows, mirror_cols = (-rows) % d_out, (-cols) % d_in
+    self_mirror = (mirror_rows == rows) & (mirror_cols == cols)
+    paired = torch.isin(mirror_rows * d_in + mirror_cols, rows * d_in + cols) & ~self_mirror
+    factor = torch.where(self_mirror, 1.0, 2.0) / torch.where(paired, 2.0, 1.0)
+    return (inner * factor.to(dtype) / scaling).to(dtype)
+
+
 def choose_path(d_out: int, d_in: int, n: int, num_tokens: int, device) -> str:
     """The path ``"auto"`` takes for a layer of shape ``(d_out, d_in)`` with ``n`` coefficients.
 

@@ -17,6 +17,8 @@ from safetensors.torch import save
 from torch import nn
 
 from s2ft.config import ALL_LINEAR, FourierFTConfig, load_config
+from s2ft.ops.apply import delta_weight as dense_delta
+from s2ft.ops.apply import project_delta
 from s2ft.ops.locations import check_n_frequency, fourierft_locations, smallest_int_dtype
 from s2ft.tuner.adapter_io import (
     SAVE_PREFIX,
@@ -506,6 +508,68 @@ class SpectralModel(nn.Module):
             n: {"path_length_before": p.path_length_before, "path_length_after": p.path_length_after}
             for n, p in plans.items()
         }
+
+    @torch.no_grad()
+    def replan(
+        self, adapter_name: str | None = None, priors: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, dict[str, float]]:
+        """Plan one S2FT adapter (default: the active one) again from a new prior, and project its ``ΔW`` there.
+
+        The prior of each layer is ``priors[name]`` ``(d_out, d_in)`` if given, else the adapter's own trained
+        ``ΔW``. New permutations and locations come from it as in :meth:`calibrate`; the coefficients become the
+        least-squares projection of the current ``ΔW`` onto the new plan
+        (:func:`s2ft.ops.apply.project_delta`), so the model's outputs stay the same where ``ΔW`` lies in the new
+        plan's span, and otherwise lose what falls outside it. The coefficient tensors are updated in place (an
+        optimizer holding them keeps them; its state for them no longer fits and should be cleared). Returns,
+        per layer, ``energy_kept``: ``||projected ΔW||² / ||ΔW||²``.
+        """
+        name = adapter_name or self.active_adapter
+        self._require_known(name)
+        self._require_planned(name)
+        config = self.peft_config[name]
+        if config.method != "s2ft":
+            raise ValueError(f"replan() is for S2FT; adapter {name!r} is {config.method!r}")
+        if any(layer.merged for layer in self.spectral_layers().values()):
+            raise RuntimeError("unmerge() the adapters before re-planning")
+        adapters = {n: layer.adapters[name] for n, layer in self._layers_of(name).items()}
+        if priors is not None:
+            missing = sorted(set(adapters) - set(priors))
+            if missing:
+                raise ValueError(
+                    f"priors lacks {len(missing)} layers of adapter {name!r}, e.g. {missing[0]!r}"
+                )
+        elif not any(bool(a.coeffs.any()) for a in adapters.values()):
+            raise ValueError(
+                f"adapter {name!r} has no trained ΔW to plan from (its coefficients are all zero): train it first, "
+                "or pass priors"
+            )
+        report = {}
+        for n, adapter in adapters.items():
+            adapter._require_ready()
+            shape = (adapter.d_out, adapter.d_in, adapter.scaling)
+            delta = dense_delta(  # float64: the projection is exact to rounding where it should be
+                adapter.coeffs.double(),
+                adapter.rows,
+                adapter.cols,
+                *shape,
+                adapter.perm_rows,
+                adapter.perm_cols,
+            )
+            prior = priors[n] if priors is not None else delta
+            if tuple(prior.shape) != (adapter.d_out, adapter.d_in):
+                raise ValueError(
+                    f"the prior of {n!r} is {tuple(prior.shape)}, its layer needs {(adapter.d_out, adapter.d_in)}"
+                )
+            plan = plan_for(prior.detach().float().to(delta.device), n, config)
+            coeffs = project_delta(
+                delta, plan.rows, plan.cols, adapter.scaling, plan.perm_rows, plan.perm_cols
+            )
+            projected = dense_delta(coeffs, plan.rows, plan.cols, *shape, plan.perm_rows, plan.perm_cols)
+            total = float(delta.square().sum())
+            adapter.set_locations(plan.rows, plan.cols, plan.perm_rows, plan.perm_cols)
+            adapter.coeffs.copy_(coeffs)
+            report[n] = {"energy_kept": float(projected.square().sum()) / total if total > 0 else 1.0}
+        return report
 
     # ------------------------------------------------------------------ merge
     def merge(self, adapter_names: list[str] | None = None) -> None:
