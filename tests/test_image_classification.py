@@ -253,3 +253,26 @@ def test_compare_and_analyze_on_images(tiny, tmp_path):
     assert [r["variant"] for r in results["summary"]] == ["fourierft", "s2ft", "lora"]
     assert main(["analyze", *common, "--output", str(tmp_path / "an")]) == 0
     assert len(json.loads((tmp_path / "an" / "analysis.json").read_text())["prior"]) == 4
+
+
+def test_lora_baseline_on_efficientnet_pointwise_convolutions():
+    """PEFT's LoRA rebuilds a convolution with its own class; EfficientNet's same-padding subclass needs an image
+    size there. Padding-free targets are handed over as nn.Conv2d (same outputs); a padded one is refused."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from types import SimpleNamespace
+
+    from s2ft.methods.lora import LoRA
+    from s2ft.tasks.base import RunError
+    from s2ft.tasks.image_classification import EFFICIENTNET_TARGETS, load_efficientnet
+
+    model = load_efficientnet(4).eval()
+    x = torch.randn(2, 3, 32, 32)
+    before = model(x).logits
+    args = SimpleNamespace(lora_r=2, targets=EFFICIENTNET_TARGETS)
+    wrapped = LoRA().wrap(model, args, ["backbone._fc"])
+    torch.testing.assert_close(wrapped(pixel_values=x).logits, before)  # LoRA's B starts at zero
+    assert sum(p.numel() for n, p in wrapped.named_parameters() if "lora_" in n) > 0
+    padded = load_efficientnet(4)
+    depthwise = next(n for n, m in padded.named_modules() if n.endswith("_depthwise_conv"))
+    with pytest.raises(RunError, match="cannot adapt"):
+        LoRA().wrap(padded, SimpleNamespace(lora_r=2, targets=[depthwise]), [])
