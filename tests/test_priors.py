@@ -174,7 +174,7 @@ def test_compare_runs_the_prior_variants_end_to_end(tmp_path):
     data = write_dataset(tmp_path / "data.jsonl")
     out = tmp_path / "priors"
     argv = ["compare", "--model", model, "--dataset", data, "--output", str(out), "--quiet", "--seeds", "0"]
-    argv += ["--variants", "s2ft", "s2ft-adam", "s2ft-trajectory", "--budgets", "8", "16"]
+    argv += ["--variants", "fourierft", "s2ft", "s2ft-adam", "s2ft-trajectory", "--budgets", "8", "16"]
     argv += [
         "--max-steps",
         "1",
@@ -189,6 +189,8 @@ def test_compare_runs_the_prior_variants_end_to_end(tmp_path):
     results = json.loads((out / "results.json").read_text())
     labels = [r["label"] for r in results["summary"]]
     assert labels == [
+        "FourierFT, n = 8",
+        "FourierFT, n = 16",
         "S2FT, n = 8",
         "S2FT, n = 16",
         "S2FT, n = 8, Adam-normalized prior",

@@ -172,6 +172,50 @@ def references(runs: list[dict[str, Any]], task: Task) -> dict[str, dict[int, fl
     return found
 
 
+def paired(runs: list[dict[str, Any]], variants: list[str], metric: str) -> list[dict[str, Any]]:
+    """Each spectral or WaveFT variant minus FourierFT at the same n, seed by seed (the same split, data order and
+    warm head): the fairer comparison when the spread over seeds comes mostly from the split. Empty without
+    FourierFT runs."""
+    key = f"test_{metric}"
+    reference = {
+        (r["args"]["n_frequency"], r["seed"]): r[key]
+        for r in runs
+        if r["variant"] == "fourierft" and "args" in r
+    }
+    rows = []
+    for variant in variants:
+        if variant == "fourierft" or VARIANTS[variant]["method"] not in BUDGETED:
+            continue
+        mine = [r for r in runs if r["variant"] == variant and "args" in r]
+        for label in dict.fromkeys(r["label"] for r in mine):
+            pairs = [
+                (r["seed"], r[key] - reference[(r["args"]["n_frequency"], r["seed"])])
+                for r in mine
+                if r["label"] == label and (r["args"]["n_frequency"], r["seed"]) in reference
+            ]
+            if pairs:
+                rows.append({"label": label, "differences": dict(sorted(pairs))})
+    return rows
+
+
+def paired_table(rows: list[dict[str, Any]], metric: str, higher_is_better: bool) -> str:
+    if not rows:
+        return ""
+    lines = [
+        f"\n### Minus FourierFT at the same n, per seed (test {metric})\n",
+        "| variant | per seed | mean | better on |",
+        "|---|---|---|---|",
+    ]
+    for row in rows:
+        diffs = row["differences"]
+        better = sum((d > 0) if higher_is_better else (d < 0) for d in diffs.values())
+        shown = ", ".join(f"{d:+.4f} (seed {seed})" for seed, d in diffs.items())
+        lines.append(
+            f"| {row['label']} | {shown} | {statistics.fmean(diffs.values()):+.4f} | {better} of {len(diffs)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table(rows: list[dict[str, Any]], refs: dict[str, dict[int, float]], metric: str) -> str:
     """The summary rows as a markdown table, with the reference numbers per seed below it."""
     lines = [
@@ -245,6 +289,7 @@ def write_results(
     task = get_task(base.task)
     rows = summarize(runs, variants, task)
     refs = references(runs, task)
+    pairs = paired(runs, variants, task.metric)
     results = {
         "task": {
             "task": task.name,
@@ -256,11 +301,18 @@ def write_results(
         },
         "seeds": seeds,
         "summary": rows,
+        "paired_with_fourierft": [
+            {"label": p["label"], "differences": {str(k): v for k, v in p["differences"].items()}}
+            for p in pairs
+        ],
         "runs": [{k: v for k, v in r.items() if k != "args"} for r in runs],
         "wall_seconds_this_invocation": round(seconds, 1),
     }
     atomic_write_text(os.path.join(output, "results.json"), json.dumps(results, indent=2) + "\n")
-    atomic_write_text(os.path.join(output, "results.md"), markdown_table(rows, refs, task.metric))
+    atomic_write_text(
+        os.path.join(output, "results.md"),
+        markdown_table(rows, refs, task.metric) + paired_table(pairs, task.metric, task.higher_is_better),
+    )
     plot(rows, os.path.join(output, f"{task.metric}_vs_size.png"), task.metric, task.higher_is_better)
     return results
 
