@@ -314,3 +314,20 @@ def test_export_lora_cli(trained, tmp_path, capsys):
         == 2
     )
     assert "positive integer or a share" in capsys.readouterr().err
+
+
+def test_compare_gives_each_variant_its_own_methods_learning_rate():
+    """A task's per-method learning rates reach every variant (LoRA once ran at the spectral rate)."""
+    from s2ft.jobs.args import FinetuneArgs
+    from s2ft.jobs.compare import variant_args
+    from s2ft.tasks import get_task
+
+    rates = get_task("image-classification").defaults["lr"]
+    base = FinetuneArgs(task="image-classification")
+    for variant in ("fourierft", "s2ft", "lora", "waveft", "full"):
+        args = variant_args(base, variant, 0, "out")
+        assert args.lr == rates[args.method], variant
+    assert variant_args(base, "lora", 0, "out", budget=4).lora_r == 4
+    assert variant_args(base, "s2ft-half", 0, "out", budget=300).n_frequency == 150
+    given = FinetuneArgs(task="image-classification", lr=1e-3)  # what the user sets holds for every variant
+    assert {variant_args(given, v, 0, "out").lr for v in ("s2ft", "lora", "full")} == {1e-3}

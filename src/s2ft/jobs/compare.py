@@ -52,17 +52,19 @@ BUDGETED = ("s2ft", "fourierft", "waveft")  # methods whose size is n_frequency
 def variant_args(
     base: FinetuneArgs, variant: str, seed: int, output: str, budget: int | None = None
 ) -> FinetuneArgs:
-    """The resolved options of one run of ``variant``; ``budget`` is its n (its rank for LoRA), or the base's."""
+    """The resolved options of one run of ``variant``; ``budget`` is its n (its rank for LoRA), or the base's.
+
+    ``base`` is what the user gave: options left ``None`` (the learning rate above all) are resolved for the
+    variant's own method, not for the base's."""
     if variant not in VARIANTS:
         raise RunError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
-    base = base.resolved()
     overrides = dict(VARIANTS[variant])
     if budget is not None:
         key = "lora_r" if overrides["method"] == "lora" else "n_frequency"
         base = dataclasses.replace(base, **{key: budget})
     if overrides.get("n_frequency") == "half":
-        overrides["n_frequency"] = max(1, base.n_frequency // 2)
-    return dataclasses.replace(base, **overrides, seed=seed, output=output, overwrite=True)
+        overrides["n_frequency"] = max(1, base.resolved().n_frequency // 2)
+    return dataclasses.replace(base, **overrides, seed=seed, output=output, overwrite=True).resolved()
 
 
 def budgets_of(variant: str, budgets: list[int] | None, lora_ranks: list[int] | None) -> list[int | None]:
@@ -345,7 +347,9 @@ def run_compare(
 ) -> dict[str, Any]:
     """Run every variant at every budget for every seed (a finished run with the same options is reused), then
     summarize. Runs another process holds are taken last, after waiting for it."""
-    base = base.resolved()
+    resolved = (
+        base.resolved()
+    )  # validates what the user gave; each variant resolves the rest for its own method
     if base.head_warmup_cache is None:
         base = dataclasses.replace(base, head_warmup_cache=os.path.join(output, "warmup"))
     planned = []
@@ -373,5 +377,5 @@ def run_compare(
             done[run_dir] = {"variant": variant, "label": variant_label(args, variant), **metrics}
             # written after every run, so an interrupted comparison still reports what it finished
             runs = [done[d] for _, d, _ in planned if d in done]
-            results = write_results(base, variants, seeds, runs, output, time.perf_counter() - start)
+            results = write_results(resolved, variants, seeds, runs, output, time.perf_counter() - start)
     return results
