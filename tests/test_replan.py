@@ -120,6 +120,14 @@ def test_replan_from_given_priors_and_its_errors():
         assert torch.equal(layer.perm_rows, plan.perm_rows) and torch.equal(layer.rows, plan.rows)
     with pytest.raises(ValueError, match="priors lacks"):
         model.replan(priors={})
+    # a wrong shape in the last layer's prior is refused before any layer changes
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = dict(priors)
+    last = list(layers)[-1]
+    bad[last] = torch.randn(layers[last].d_out + 1, layers[last].d_in)
+    with pytest.raises(ValueError, match="its layer needs"):
+        model.replan(priors=bad)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     factory, targets, _ = MODELS["mlp"]
     fresh = get_spectral_model(factory(), S2FTConfig(target_modules=targets, n_frequency=8))
     fresh.calibrate(make_batches("mlp"), mlp_loss)

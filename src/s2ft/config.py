@@ -185,7 +185,7 @@ class S2FTConfig(FourierFTConfig):
     locations: str = "prior"
     # Ablation: False keeps identity permutations (locations still sampled from the prior's spectrum).
     permute: bool = True
-    # The prior ΔŴ the plan is made from (s2ft.tuner.calibration.PRIORS): "gradient", the summed gradient at the
+    # The prior ΔŴ the plan is made from (PRIORS): "gradient", the summed gradient at the
     # pretrained weights (the paper); "adam", that sum divided elementwise by the root of the summed squared
     # gradients (an Adam step's direction); "trajectory", the change of the weights over one Adam step per
     # calibration batch, at learning rate prior_lr.

@@ -410,6 +410,13 @@ class SpectralModel(nn.Module):
                 "before using it"
             )
 
+    def _require_s2ft_unmerged(self, name: str, action: str) -> None:
+        config = self.peft_config[name]
+        if config.method != "s2ft":
+            raise ValueError(f"{action}() is for S2FT; adapter {name!r} is {config.method!r}")
+        if any(layer.merged for layer in self.spectral_layers().values()):
+            raise RuntimeError(f"unmerge() the adapters before {action}()")
+
     # ------------------------------------------------------------------ inspection
     def spectral_layers(self) -> dict[str, SpectralLinear]:
         """The adapted layers by the name of the module they wrap, in module order."""
@@ -467,11 +474,8 @@ class SpectralModel(nn.Module):
         """
         name = adapter_name or self.active_adapter
         self._require_known(name)
+        self._require_s2ft_unmerged(name, "calibrate")
         config = self.peft_config[name]
-        if config.method != "s2ft":
-            raise ValueError(f"calibrate() is for S2FT; adapter {name!r} is {config.method!r}")
-        if any(layer.merged for layer in self.spectral_layers().values()):
-            raise RuntimeError("unmerge() the adapters before calibrating")
         layers = self._layers_of(name)
         adapters = {n: layer.adapters[name] for n, layer in layers.items()}
         trained = [n for n, a in adapters.items() if a.is_ready and bool(a.coeffs.detach().any())]
@@ -525,19 +529,22 @@ class SpectralModel(nn.Module):
         """
         name = adapter_name or self.active_adapter
         self._require_known(name)
+        self._require_s2ft_unmerged(name, "replan")
         self._require_planned(name)
         config = self.peft_config[name]
-        if config.method != "s2ft":
-            raise ValueError(f"replan() is for S2FT; adapter {name!r} is {config.method!r}")
-        if any(layer.merged for layer in self.spectral_layers().values()):
-            raise RuntimeError("unmerge() the adapters before re-planning")
         adapters = {n: layer.adapters[name] for n, layer in self._layers_of(name).items()}
-        if priors is not None:
+        if priors is not None:  # every prior checked before any layer changes
             missing = sorted(set(adapters) - set(priors))
             if missing:
                 raise ValueError(
                     f"priors lacks {len(missing)} layers of adapter {name!r}, e.g. {missing[0]!r}"
                 )
+            for n, adapter in adapters.items():
+                if tuple(priors[n].shape) != (adapter.d_out, adapter.d_in):
+                    raise ValueError(
+                        f"the prior of {n!r} is {tuple(priors[n].shape)}, its layer needs "
+                        f"{(adapter.d_out, adapter.d_in)}"
+                    )
         elif not any(bool(a.coeffs.any()) for a in adapters.values()):
             raise ValueError(
                 f"adapter {name!r} has no trained ΔW to plan from (its coefficients are all zero): train it first, "
@@ -545,7 +552,6 @@ class SpectralModel(nn.Module):
             )
         report = {}
         for n, adapter in adapters.items():
-            adapter._require_ready()
             shape = (adapter.d_out, adapter.d_in, adapter.scaling)
             delta = dense_delta(  # float64: the projection is exact to rounding where it should be
                 adapter.coeffs.double(),
@@ -556,10 +562,6 @@ class SpectralModel(nn.Module):
                 adapter.perm_cols,
             )
             prior = priors[n] if priors is not None else delta
-            if tuple(prior.shape) != (adapter.d_out, adapter.d_in):
-                raise ValueError(
-                    f"the prior of {n!r} is {tuple(prior.shape)}, its layer needs {(adapter.d_out, adapter.d_in)}"
-                )
             plan = plan_for(prior.detach().float().to(delta.device), n, config)
             coeffs = project_delta(
                 delta, plan.rows, plan.cols, adapter.scaling, plan.perm_rows, plan.perm_cols
