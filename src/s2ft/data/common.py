@@ -7,12 +7,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from s2ft.errors import DataError  # noqa: F401  (re-exported)
+
 SPLITS = ("train", "validation", "test")
 HOLDOUT_FRACTION = 0.1  # of user data, for each of validation and test when the data set lacks them
-
-
-class DataError(ValueError):
-    """The data cannot be loaded or used; the message says what is wrong and what to do."""
 
 
 def default_cache_dir() -> Path:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from s2ft.errors import RunError
 from s2ft.methods.base import Method
 from s2ft.methods.full import Full
 from s2ft.methods.lora import LoRA
 from s2ft.methods.spectral import S2FT, FourierFT
 from s2ft.methods.waveft import WaveFT
-from s2ft.tasks.base import RunError
 
 METHODS: dict[str, Method] = {m.name: m for m in (S2FT(), FourierFT(), LoRA(), WaveFT(), Full())}
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
+from s2ft.errors import RunError
 from s2ft.methods.base import Method
-from s2ft.tasks.base import RunError
 
 
 class LoRA(Method):

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from s2ft.config import FourierFTConfig, S2FTConfig
+from s2ft.errors import RunError
 from s2ft.methods.base import Method
-from s2ft.tasks.base import RunError
 
 
 class Spectral(Method):

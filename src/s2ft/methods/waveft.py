@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
+from s2ft.errors import RunError
 from s2ft.methods.lora import LoRA
-from s2ft.tasks.base import RunError
 
 
 class WaveFT(LoRA):

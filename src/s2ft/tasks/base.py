@@ -13,9 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
-
-class RunError(ValueError):
-    """A problem with the job's input that the user must fix; the message says what to do."""
+from s2ft.errors import RunError  # noqa: F401  (re-exported: s2ft.tasks.RunError)
 
 
 @dataclass
