@@ -47,7 +47,12 @@ class FourierFTConfig:
     ``ΔW = scaling * Re(ifft2(F))`` with ``F`` zero but for the coefficients.
     """
 
+    # What a method is, as behaviour the layers and files ask for (never the method's name):
     method: ClassVar[str] = "fourierft"
+    basis: ClassVar[str] = "fourier"  # the coefficients' basis, a key of s2ft.ops.bases.BASES
+    planned: ClassVar[bool] = False  # True: locations come from calibrate() (S2FT), not from the seed
+    stores_locations: ClassVar[bool] = False  # the file holds the locations (else they follow from the seed)
+    peft_type: ClassVar[str | None] = "FOURIERFT"  # Hugging Face PEFT's type for the same adapter, if any
 
     # Modules to adapt. A list: each entry matches a module name exactly or as a ".suffix" ("query" matches
     # "encoder.layer.0.attention.self.query"). A string: a regular expression that must match the whole name.
@@ -113,6 +118,15 @@ class FourierFTConfig:
         if self.forward_path not in FORWARD_PATHS:
             raise ValueError(f"forward_path must be one of {FORWARD_PATHS}, got {self.forward_path!r}")
 
+    def seeded_locations(self, d_out: int, d_in: int) -> tuple[Any, Any] | None:
+        """The locations of a ``(d_out, d_in)`` layer that follow from the seed (int64 ``(n,)`` tensors on the CPU),
+        the same for every layer of a shape, as PEFT's; None when they are planned from data (S2FT)."""
+        if self.planned:
+            return None
+        from s2ft.ops.bases import get_basis
+
+        return get_basis(self.basis).seeded_locations(d_out, d_in, self.n_frequency, self.seed)
+
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
 
@@ -171,6 +185,9 @@ class S2FTConfig(FourierFTConfig):
     """
 
     method: ClassVar[str] = "s2ft"
+    planned: ClassVar[bool] = True
+    stores_locations: ClassVar[bool] = True
+    peft_type: ClassVar[str | None] = None
 
     # Exponent of the power spectrum in the location sampling (the paper's ablation: 0.5 < 1.5 > 5).
     gamma: float = 1.5
