@@ -19,7 +19,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from s2ft.data.common import HOLDOUT_FRACTION, SPLITS, DataError, seeded_order
+from s2ft.data.common import HOLDOUT_FRACTION, SPLITS, seeded_order
+from s2ft.errors import DataError
 
 AUSTEN_HOLDOUT = 150  # passages each for validation and test
 FORMS = (("text",), ("prompt", "response"), ("messages",))

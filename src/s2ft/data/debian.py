@@ -16,7 +16,7 @@ import tarfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from s2ft.data.common import DataError
+from s2ft.errors import DataError
 
 APT_TIMEOUT_S = 300
 

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from s2ft.data.common import DataError, default_cache_dir
+from s2ft.data.common import default_cache_dir
 from s2ft.data.debian import fetch_package
+from s2ft.errors import DataError
 from s2ft.io import atomic_write
 
 PACKAGE = "dataset-fashion-mnist"

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from s2ft.data.common import HOLDOUT_FRACTION, SPLITS, DataError, seeded_order
+from s2ft.data.common import HOLDOUT_FRACTION, SPLITS, seeded_order
+from s2ft.errors import DataError
 
 FILE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from s2ft.tasks.base import Loaded, RunError, Task, TaskData
+from s2ft.errors import RunError
+from s2ft.tasks.base import Loaded, Task, TaskData
 from s2ft.tasks.causal_lm import CausalLM
 from s2ft.tasks.image_classification import ImageClassification
 from s2ft.tasks.text_classification import TextClassification

