@@ -35,9 +35,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from s2ft.data.common import default_cache_dir, seeded_order
+from s2ft.data.common import TaskData, default_cache_dir, seeded_order, to_task
 from s2ft.data.debian import fetch_package
-from s2ft.data.labelled import TaskData, to_task
 from s2ft.errors import DataError
 from s2ft.io import atomic_write_text
 

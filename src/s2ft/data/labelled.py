@@ -1,7 +1,8 @@
-"""Labelled text for classification: :class:`TaskData` and the loading of user data sets.
+"""Labelled text for classification: the built-in ``austen`` task and user data sets.
 
-Every task comes back as a :class:`TaskData`: ``train``/``validation``/``test`` ``datasets.Dataset`` objects with
-exactly the columns ``text`` (str) and ``label`` (int64, ids ``0..K-1``), and the ``label_names`` of those ids.
+Every task comes back as a :class:`s2ft.data.common.TaskData`: ``train``/``validation``/``test`` ``datasets.Dataset`` objects with
+exactly the columns ``text`` (str) and ``label`` (int64, ids ``0..K-1``), and the ``label_names`` of those ids
+(in ``info``).
 User data without a validation or test split gets 10% of the training examples for each missing one (at least one
 example each), taken from the start of the seeded ranking :func:`s2ft.data.common.seeded_order`.
 """
@@ -11,45 +12,17 @@ from __future__ import annotations
 import csv
 import json
 import os
-import re
-from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from s2ft.data.common import HOLDOUT_FRACTION, SPLITS, seeded_order
+from s2ft.data.austen import load_austen
+from s2ft.data.common import HOLDOUT_FRACTION, SPLITS, TaskData, seeded_order, to_task
 from s2ft.errors import DataError
 
 FILE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
 
 _Split = tuple[list[str], list[str]]  # texts, label names
-
-
-@dataclass
-class TaskData:
-    """A classification task: three splits with columns ``text`` and ``label``, and the names of the label ids."""
-
-    name: str
-    train: Any  # datasets.Dataset
-    validation: Any
-    test: Any
-    label_names: list[str]
-
-    def summary(self) -> dict[str, Any]:
-        """Split sizes, the labels, and ``majority_rate``: the test accuracy of always predicting the most common
-        training label (the baseline a classifier has to beat)."""
-        majority = Counter(self.train["label"]).most_common(1)[0][0]
-        test_labels = list(self.test["label"])  # never empty: a missing test split is carved out of train
-        return {
-            "name": self.name,
-            "train": len(self.train),
-            "validation": len(self.validation),
-            "test": len(self.test),
-            "num_labels": len(self.label_names),
-            "label_names": list(self.label_names),
-            "majority_rate": test_labels.count(majority) / len(test_labels),
-        }
 
 
 def _read_file(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
@@ -168,40 +141,6 @@ def _fill_missing(spec: str, splits: dict[str, _Split], seed: int) -> dict[str, 
     return filled
 
 
-def _label_order(names: set[str]) -> list[str]:
-    """Sorted label names; numerically when all of them are integers (so ``"10"`` comes after ``"9"``)."""
-    if all(re.fullmatch(r"-?\d+", name) for name in names):
-        return sorted(names, key=int)
-    return sorted(names)
-
-
-def to_task(name: str, splits: dict[str, _Split]) -> TaskData:
-    """A TaskData with label ids from the sorted training labels; held-out labels must occur in training."""
-    import datasets
-
-    label_names = _label_order(set(splits["train"][1]))
-    ids = {label: i for i, label in enumerate(label_names)}
-    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.Value("int64")})
-    built = {}
-    for split in SPLITS:
-        texts, labels = splits[split]
-        unknown = sorted(set(labels) - ids.keys())
-        if unknown:
-            raise DataError(
-                f"{name}: label(s) {', '.join(map(repr, unknown))} in the {split} split never occur in the training "
-                "split, so the model cannot learn them; add training examples with them or drop those examples"
-            )
-        built[split] = datasets.Dataset.from_dict(
-            {"text": texts, "label": [ids[label] for label in labels]}, features=features
-        )
-    if len(label_names) < 2:
-        raise DataError(
-            f"{name}: the training split has only one label ({label_names[0]!r}); a classifier needs at least "
-            "two (check --label-column)"
-        )
-    return TaskData(name=name, label_names=label_names, **built)
-
-
 def load_dataset_spec(
     spec: str,
     *,
@@ -220,8 +159,6 @@ def load_dataset_spec(
     integers) get ids in sorted order of the training labels. Raises :class:`DataError` on any problem.
     """
     if spec == "austen":
-        from s2ft.data.austen import load_austen
-
         return load_austen(seed=seed, cache_dir=cache_dir)
     path = Path(spec)
     if path.is_file():

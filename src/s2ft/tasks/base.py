@@ -8,24 +8,13 @@ run's ``run.json`` and handed back to :meth:`Task.load_model` by ``evaluate`` an
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
+from s2ft.data.common import TaskData
 from s2ft.errors import RunError  # noqa: F401  (re-exported: s2ft.tasks.RunError)
-
-
-@dataclass
-class TaskData:
-    """The three splits of a task (``datasets.Dataset`` objects in the task's raw format), its display name, and
-    ``info``: what the model must know (label names, ...), saved with the run."""
-
-    name: str
-    train: Any
-    validation: Any
-    test: Any
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -73,14 +73,11 @@ class TextClassification(Task):
         from s2ft.data import load_dataset_spec
 
         try:
-            task = load_dataset_spec(
+            return load_dataset_spec(
                 args.dataset, text_column=args.text_column, label_column=args.label_column, seed=args.seed
             )
         except DataError as e:
             raise RunError(str(e)) from None
-        return TaskData(
-            task.name, task.train, task.validation, task.test, info={"label_names": task.label_names}
-        )
 
     def load_model(self, model: str, info: dict[str, Any]) -> Loaded:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
