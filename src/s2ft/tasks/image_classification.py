@@ -21,7 +21,8 @@ from torch import nn
 
 from s2ft.data.images import load_images
 from s2ft.errors import DataError, RunError
-from s2ft.tasks.base import Loaded, Task, TaskData, check_model_folder
+from s2ft.tasks.base import Loaded, TaskData
+from s2ft.tasks.classification import Classification
 from s2ft.tasks.efficientnet import (
     EFFICIENTNET,
     EFFICIENTNET_TARGETS,
@@ -32,7 +33,6 @@ from s2ft.tasks.efficientnet import (
     load_merged_efficientnet,
     save_merged_efficientnet,
 )
-from s2ft.tasks.text_classification import TextClassification, accuracy, new_head_modules
 
 
 def _stay_in_eval(module: nn.Module, mode: bool = True) -> nn.Module:
@@ -81,10 +81,8 @@ class Preprocess:
         return (pixels[0] - self.mean) / self.std
 
 
-class ImageClassification(Task):
+class ImageClassification(Classification):
     name = "image-classification"
-    metric = "accuracy"
-    reference_keys = ("majority_rate",)
     defaults = {
         "output": "runs/image-classification",
         "model": EFFICIENTNET,
@@ -113,10 +111,6 @@ class ImageClassification(Task):
         except DataError as e:
             raise RunError(str(e)) from None
 
-    # Labels as for text: the majority-class rate as the baseline, and ids mapped by label name.
-    baseline = TextClassification.baseline
-    align = TextClassification.align
-
     # ------------------------------------------------------------------ model
     def load_model(self, model: str, info: dict[str, Any]) -> Loaded:
         labels = info["label_names"]
@@ -125,32 +119,18 @@ class ImageClassification(Task):
             return Loaded(loaded, efficientnet_processor(), ["backbone._fc"])
         if is_merged_efficientnet(model):  # written by s2ft merge
             return Loaded(*load_merged_efficientnet(model), [])
-        check_model_folder(model, model)
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-        try:
-            image_processor = AutoImageProcessor.from_pretrained(model)
-            loaded, loading = AutoModelForImageClassification.from_pretrained(
-                model,
-                num_labels=len(labels),
-                id2label=dict(enumerate(labels)),
-                label2id={n: i for i, n in enumerate(labels)},
-                output_loading_info=True,
-                ignore_mismatched_sizes=True,
-            )
-        except (OSError, ValueError) as e:
-            raise RunError(
-                f"--task image-classification: cannot load {model!r} as an image classifier: {e}"
-            ) from None
+        loaded, image_processor, head = self.from_pretrained(
+            model, model, AutoImageProcessor, AutoModelForImageClassification, labels
+        )
         processor = {
             "size": _side(image_processor.size),
             "mean": list(image_processor.image_mean),
             "std": list(image_processor.image_std),
             "image_processor": image_processor,
         }
-        return Loaded(
-            freeze_batchnorm(loaded.eval()), processor, new_head_modules(loaded, loading, ("classifier",))
-        )
+        return Loaded(freeze_batchnorm(loaded.eval()), processor, head)
 
     def default_targets(self, model: nn.Module) -> list[str] | str:
         """ViT-like models: the query and value projections (as the papers); EfficientNet: its later pointwise
@@ -194,9 +174,6 @@ class ImageClassification(Task):
             }
 
         return collate
-
-    def evaluate(self, trainer: Any, dataset: Any) -> dict[str, float]:
-        return {"accuracy": accuracy(trainer, dataset)}
 
     def save_model(self, model: nn.Module, directory: str) -> None:
         if isinstance(model, EfficientNetClassifier):
