@@ -6,28 +6,29 @@ import argparse
 import dataclasses
 import json
 import sys
+from typing import Any
 
-from s2ft.config import LOCATIONS, PRIORS
 from s2ft.jobs.args import COMMON_DEFAULTS, FinetuneArgs
-from s2ft.methods import METHODS
-from s2ft.ops.permutation import SEARCHES
+from s2ft.methods import METHODS, Option, owners
+from s2ft.methods import options as method_options
 from s2ft.tasks import TASKS, RunError
 
 _DEFAULTS = FinetuneArgs()
 
 
-def _per_task(field: str) -> str:
-    """``(default: per task: text-classification 1000, causal-lm 300, ...)`` for a task-dependent option."""
+def _per_task(field: str, fallback: Any = None) -> str:
+    """``default per task: text-classification: 1000; causal-lm: 300; ...`` for a task-dependent option."""
     values = []
     for name, task in TASKS.items():
-        value = task.defaults.get(field, COMMON_DEFAULTS.get(field))
+        value = task.defaults.get(field, COMMON_DEFAULTS.get(field, fallback))
         shown = " ".join(map(str, value)) if isinstance(value, list) else value
         values.append(f"{name}: {shown}")
     return "default per task: " + "; ".join(values)
 
 
 def _add_job_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by ``finetune``, ``compare`` and ``analyze``: task, model, data, adapter and training."""
+    """Options shared by ``finetune``, ``compare`` and ``analyze``: task, model, data, training, and the methods'
+    own options."""
     d = _DEFAULTS
     p.add_argument(
         "--task", default=d.task, choices=list(TASKS), help="the task family (default: %(default)s)"
@@ -52,55 +53,11 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
         help=f"module names (exact or .suffix) to adapt; {_per_task('targets')}",
     )
     p.add_argument(
-        "--n-frequency",
-        type=int,
-        default=None,
-        help=f"coefficients per adapted matrix; {_per_task('n_frequency')}",
-    )
-    p.add_argument(
-        "--scaling",
-        type=float,
-        default=None,
-        help=f"alpha in ΔW = alpha * Re(IDFT2(F)); {_per_task('scaling')}",
-    )
-    p.add_argument("--gamma", type=float, default=d.gamma, help="S2FT: sample locations ∝ |DFT2|^gamma")
-    p.add_argument("--permutation", default=d.permutation, choices=SEARCHES, help="S2FT: the ordering search")
-    p.add_argument(
-        "--locations", default=d.locations, choices=LOCATIONS, help="S2FT: where the coefficients go"
-    )
-    p.add_argument(
-        "--prior",
-        default=d.prior,
-        choices=PRIORS,
-        help="S2FT: what the plan is made from: the summed gradient (the paper), its Adam-normalized form, "
-        "or a short Adam trajectory over the calibration batches",
-    )
-    p.add_argument(
-        "--prior-lr",
-        type=float,
-        default=None,
-        help="S2FT: the trajectory prior's learning rate (default: the task's full fine-tuning learning rate)",
-    )
-    p.add_argument(
-        "--replan-at",
-        type=float,
-        default=d.replan_at,
-        help="S2FT: after this fraction of the training steps, plan again from the trained ΔW and project the "
-        "adapter onto the new plan (0: never)",
-    )
-    p.add_argument(
-        "--calibration-batches",
-        type=int,
-        default=None,
-        help=f"S2FT: batches for the gradient prior; {_per_task('calibration_batches')}",
-    )
-    p.add_argument(
         "--head-warmup-steps",
         type=int,
         default=None,
         help=f"train the new head alone this many steps first; {_per_task('head_warmup_steps')}",
     )
-    p.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank (--method lora)")
     p.add_argument("--epochs", type=float, default=None, help=_per_task("epochs"))
     p.add_argument("--max-steps", type=int, default=d.max_steps, help="overrides --epochs when > 0")
     p.add_argument(
@@ -123,6 +80,33 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
         help=f"validation/test examples scored, 0: all; {_per_task('eval_samples')}",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars or console log")
+    _add_method_options(p)
+
+
+def _add_method_options(p: argparse.ArgumentParser) -> None:
+    """The methods' own options (:attr:`s2ft.methods.Method.options`), one group per set of methods sharing them."""
+    groups: dict[tuple[str, ...], list[Option]] = {}
+    for option in method_options().values():
+        groups.setdefault(tuple(m.name for m in owners(option.name)), []).append(option)
+    for names, group_options in groups.items():
+        group = p.add_argument_group(f"options of {', '.join(names)}")
+        for option in group_options:
+            help_text = option.help
+            if option.default is None and option.fallback is not None and not callable(option.fallback):
+                help_text += f"; {_per_task(option.name, option.fallback)}"
+            elif option.default is not None:
+                help_text += " (default: %(default)s)"
+            kind: dict[str, Any] = (
+                {"action": argparse.BooleanOptionalAction}
+                if option.type is bool
+                else {"type": option.type, "choices": option.choices}
+            )
+            group.add_argument(option.flag, default=option.default, help=help_text, **kind)
+
+
+def _budgeted(field: str) -> str:
+    """The methods whose budget (the option ``s2ft compare`` sweeps) is ``field``: ``"s2ft, fourierft"``."""
+    return ", ".join(m.name for m in METHODS.values() if m.budget == field)
 
 
 def _job_args(ns: argparse.Namespace) -> FinetuneArgs:
@@ -193,7 +177,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="sweep n_frequency of the s2ft, fourierft and waveft variants (e.g. 100 300 1000 3000)",
+        help=f"sweep n_frequency of the variants of {_budgeted('n_frequency')} (e.g. 100 300 1000 3000)",
     )
     p.add_argument(
         "--lora-ranks",
@@ -201,7 +185,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         metavar="R",
-        help="sweep LoRA's rank (e.g. 1 2 4 8)",
+        help=f"sweep the rank of the variants of {_budgeted('lora_r')} (e.g. 1 2 4 8)",
     )
     p.add_argument(
         "--output",
@@ -269,7 +253,8 @@ def _merge(ns: argparse.Namespace) -> None:
 def _add_export_lora(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export-lora",
-        help="an s2ft/fourierft run's adapter as a PEFT LoRA adapter (SVD of each ΔW), for LoRA-only serving",
+        help=f"a {'/'.join(m.name for m in METHODS.values() if 'lora' in m.exports)} run's adapter as a PEFT LoRA "
+        "adapter (SVD of each ΔW), for LoRA-only serving",
     )
     p.add_argument("--adapter", required=True, help="a finetune --output folder (or its adapter/ folder)")
     p.add_argument(

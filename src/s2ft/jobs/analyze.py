@@ -12,7 +12,7 @@ import torch
 
 from s2ft.jobs.args import FinetuneArgs
 from s2ft.jobs.common import calibration_batches, make_trainer, training_subset, warm_up_head, with_targets
-from s2ft.methods import get_method
+from s2ft.methods import full_method, planning_method
 from s2ft.tasks import get_task
 
 
@@ -25,7 +25,7 @@ def full_finetune_delta(
 
     tuned = copy.deepcopy(model).requires_grad_(True)
     before = {name: weight_matrix(tuned.get_submodule(name)).detach().float().clone() for name in names}
-    full_args = dataclasses.replace(args, method="full", max_steps=steps, quiet=True)
+    full_args = dataclasses.replace(args, method=full_method().name, max_steps=steps, quiet=True)
     with tempfile.TemporaryDirectory() as tmp:
         make_trainer(tuned, collator, full_args, tmp, train).train()
     return {name: weight_matrix(tuned.get_submodule(name)).detach().float() - before[name] for name in names}
@@ -34,7 +34,8 @@ def full_finetune_delta(
 def run_analyze(
     args: FinetuneArgs, output: str, full_finetune_steps: int = 0, layers_per_pass: int | None = None
 ) -> dict[str, Any]:
-    """Analyse every targeted matrix of the job's model (S2FT's plan, whatever ``args.method``)."""
+    """Analyse every targeted matrix of the job's model (the plan of :func:`s2ft.methods.planning_method`, S2FT's,
+    whatever ``args.method``)."""
     from transformers import set_seed
 
     from s2ft.analysis.measures import analyze_model
@@ -57,7 +58,8 @@ def run_analyze(
 
         names = [n for n, m in model.named_modules() if m is not model and matches(n, args.targets)]
         deltas = full_finetune_delta(model, collator, args, train, names, full_finetune_steps)
-    spectral = get_method("s2ft").wrap(model, dataclasses.replace(args, method="s2ft"), head)
+    method = planning_method()
+    spectral = method.wrap(model, dataclasses.replace(args, method=method.name), head)
     batches = calibration_batches(train, collator, task, args, 0, 1)
     return analyze_model(
         spectral,

@@ -25,85 +25,51 @@ from typing import Any
 from s2ft.io import atomic_write_text
 from s2ft.jobs.args import FinetuneArgs
 from s2ft.jobs.finetune import run_finetune
+from s2ft.methods import VARIANTS, paired_baseline
 from s2ft.tasks import RunError, Task, get_task
 
-# variant -> overrides of FinetuneArgs ("n_frequency": "half" means n // 2). The S2FT variants name their location
-# sampling, so that each differs from "s2ft" (the paper's recipe) in one thing only.
-VARIANTS: dict[str, dict[str, Any]] = {
-    "fourierft": {"method": "fourierft"},
-    "s2ft": {"method": "s2ft", "locations": "prior", "prior": "gradient"},
-    "s2ft-half": {"method": "s2ft", "n_frequency": "half", "locations": "prior"},
-    "lora": {"method": "lora"},
-    "waveft": {"method": "waveft"},
-    "full": {"method": "full"},
-    "s2ft-noperm": {"method": "s2ft", "permute": False, "locations": "prior"},
-    "s2ft-uniform": {"method": "s2ft", "locations": "uniform"},
-    "s2ft-prior-half": {"method": "s2ft", "locations": "prior-half"},
-    "s2ft-2opt-cyclic": {"method": "s2ft", "locations": "prior", "permutation": "2opt-cyclic"},
-    "s2ft-adam": {"method": "s2ft", "locations": "prior", "prior": "adam"},
-    "s2ft-trajectory": {"method": "s2ft", "locations": "prior", "prior": "trajectory"},
-    "s2ft-replan": {"method": "s2ft", "locations": "prior", "replan_at": 0.2},
-}
 # Options that do not change a run's result; a finished run is reused whatever they were.
 _NOT_COMPARED = ("output", "overwrite", "quiet", "head_warmup_cache")
-BUDGETED = ("s2ft", "fourierft", "waveft")  # methods whose size is n_frequency
 
 
 def variant_args(
     base: FinetuneArgs, variant: str, seed: int, output: str, budget: int | None = None
 ) -> FinetuneArgs:
-    """The resolved options of one run of ``variant``; ``budget`` is its n (its rank for LoRA), or the base's.
+    """The resolved options of one run of ``variant``; ``budget`` is its method's budget (n, LoRA's rank), or the
+    base's.
 
     ``base`` is what the user gave: options left ``None`` (the learning rate above all) are resolved for the
     variant's own method, not for the base's."""
     if variant not in VARIANTS:
         raise RunError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
-    overrides = dict(VARIANTS[variant])
-    if budget is not None:
-        key = "lora_r" if overrides["method"] == "lora" else "n_frequency"
-        base = dataclasses.replace(base, **{key: budget})
-    if overrides.get("n_frequency") == "half":
-        overrides["n_frequency"] = max(1, base.resolved().n_frequency // 2)
+    method = VARIANTS[variant].method
+    overrides = dict(VARIANTS[variant].overrides, method=method.name)
+    if budget is not None and method.budget is not None:
+        base = dataclasses.replace(base, **{method.budget: budget})
+    if method.budget is not None and overrides.get(method.budget) == "half":
+        overrides[method.budget] = max(1, getattr(base.resolved(), method.budget) // 2)
     return dataclasses.replace(base, **overrides, seed=seed, output=output, overwrite=True).resolved()
 
 
 def budgets_of(variant: str, budgets: list[int] | None, lora_ranks: list[int] | None) -> list[int | None]:
-    """The sweep of one variant: its ``budgets`` (n) or ``lora_ranks``; ``[None]`` (the base options) if none."""
-    method = VARIANTS[variant]["method"]
-    if method == "lora" and lora_ranks:
-        return list(lora_ranks)
-    if method in BUDGETED and budgets:
-        return list(budgets)
-    return [None]
+    """The sweep of one variant: ``budgets`` (n) or ``lora_ranks``, by its method's budget; ``[None]`` (the base
+    options) if none."""
+    sweeps = {"n_frequency": budgets, "lora_r": lora_ranks}
+    return list(sweeps.get(VARIANTS[variant].method.budget) or [None])
 
 
 def run_name(variant: str, budget: int | None, seed: int) -> str:
     if budget is None:
         return f"{variant}-seed{seed}"
-    prefix = "r" if VARIANTS[variant]["method"] == "lora" else "n"
-    return f"{variant}-{prefix}{budget}-seed{seed}"
+    return f"{variant}-{VARIANTS[variant].method.budget_symbol}{budget}-seed{seed}"
 
 
 def variant_label(args: FinetuneArgs, variant: str) -> str:
-    """A table and legend label that names the variant's budget (``S2FT, n = 500``, ``LoRA r = 8``)."""
-    if args.method == "lora":
-        return f"LoRA r = {args.lora_r} (PEFT)"
-    if args.method == "waveft":
-        return f"WaveFT, n = {args.n_frequency} (PEFT)"
-    if args.method == "full":
-        return "full fine-tuning"
-    name = "FourierFT" if args.method == "fourierft" else "S2FT"
-    label = f"{name}, n = {args.n_frequency}"
-    extras = {
-        "s2ft-noperm": "without permutations",
-        "s2ft-uniform": "random locations",
-        "s2ft-prior-half": "one location per mirror pair",
-        "s2ft-2opt-cyclic": "cyclic 2-opt search",
-        "s2ft-adam": "Adam-normalized prior",
-        "s2ft-trajectory": "trajectory prior",
-        "s2ft-replan": "re-planned after 20% of the steps",
-    }
-    return f"{label}, {extras[variant]}" if variant in extras else label
+    """A table and legend label that names the variant's budget (``S2FT, n = 500``, ``LoRA r = 8 (PEFT)``) and
+    what sets the variant apart (``S2FT, n = 500, random locations``)."""
+    label = VARIANTS[variant].method.run_label(args)
+    extra = VARIANTS[variant].label
+    return f"{label}, {extra}" if extra else label
 
 
 def _comparable(args: dict[str, Any]) -> dict[str, Any]:
@@ -175,25 +141,26 @@ def references(runs: list[dict[str, Any]], task: Task) -> dict[str, dict[int, fl
 
 
 def paired(runs: list[dict[str, Any]], variants: list[str], metric: str) -> list[dict[str, Any]]:
-    """Each spectral or WaveFT variant minus FourierFT at the same n, seed by seed (the same split, data order and
-    warm head): the fairer comparison when the spread over seeds comes mostly from the split. Empty without
-    FourierFT runs."""
+    """Each variant minus the paired baseline (FourierFT, :func:`s2ft.methods.paired_baseline`) at the same budget,
+    seed by seed (the same split, data order and warm head): the fairer comparison when the spread over seeds comes
+    mostly from the split. Only variants whose method has the baseline's budget (n) take part; empty without
+    baseline runs."""
     key = f"test_{metric}"
+    baseline = paired_baseline()
+    size = baseline.budget
     reference = {
-        (r["args"]["n_frequency"], r["seed"]): r[key]
-        for r in runs
-        if r["variant"] == "fourierft" and "args" in r
+        (r["args"][size], r["seed"]): r[key] for r in runs if r["variant"] == baseline.name and "args" in r
     }
     rows = []
     for variant in variants:
-        if variant == "fourierft" or VARIANTS[variant]["method"] not in BUDGETED:
+        if variant == baseline.name or VARIANTS[variant].method.budget != size:
             continue
         mine = [r for r in runs if r["variant"] == variant and "args" in r]
         for label in dict.fromkeys(r["label"] for r in mine):
             pairs = [
-                (r["seed"], r[key] - reference[(r["args"]["n_frequency"], r["seed"])])
+                (r["seed"], r[key] - reference[(r["args"][size], r["seed"])])
                 for r in mine
-                if r["label"] == label and (r["args"]["n_frequency"], r["seed"]) in reference
+                if r["label"] == label and (r["args"][size], r["seed"]) in reference
             ]
             if pairs:
                 rows.append({"label": label, "differences": dict(sorted(pairs))})
@@ -203,8 +170,9 @@ def paired(runs: list[dict[str, Any]], variants: list[str], metric: str) -> list
 def paired_table(rows: list[dict[str, Any]], metric: str, higher_is_better: bool) -> str:
     if not rows:
         return ""
+    baseline = paired_baseline()
     lines = [
-        f"\n### Minus FourierFT at the same n, per seed (test {metric})\n",
+        f"\n### Minus {baseline.label} at the same {baseline.budget_symbol}, per seed (test {metric})\n",
         "| variant | per seed | mean | better on |",
         "|---|---|---|---|",
     ]

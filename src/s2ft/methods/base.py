@@ -1,16 +1,84 @@
-"""What a fine-tuning method supplies to the jobs: wrap a model, plan it, save, load and merge it.
+"""What a fine-tuning method supplies to the jobs: its options, wrap a model, plan it, save, load and merge it.
 
-A job never asks which method it runs: it calls these steps. Each method is one module and one line in
-:data:`s2ft.methods.METHODS`.
+A job never asks which method it runs: it calls these steps and reads these declarations. Each method is one
+module and one line in :data:`s2ft.methods.METHODS`; its options become fields of the jobs' arguments
+(:class:`s2ft.jobs.args.FinetuneArgs`) and a group of command-line flags, its variants rows of ``s2ft compare``.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a method: a field of the jobs' arguments and the flag ``--<name with dashes>``.
+
+    Methods that share an option (``n_frequency``) declare the same object.
+    """
+
+    name: str
+    type: Callable[[str], Any]  # parses the command line: int, float, str or bool
+    default: Any  # the field's default; None: resolved at the start of a job (``fallback``)
+    help: str
+    choices: tuple[Any, ...] | None = None
+    # For ``default=None``: the value when the task sets none (``task.defaults[name]`` comes first); a constant,
+    # or a function of the task's defaults.
+    fallback: Any = None
+    # The requirement a value breaks ("must be positive"), or None when it is valid; None values are not checked.
+    check: Callable[[Any], str | None] | None = None
+    # Whether the option changes a warmed head (no option of today's methods does: the warm-up comes first).
+    affects_warmup: bool = False
+    # True: a value other than the default is refused when the job's method does not declare the option.
+    exclusive: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def resolve(self, task_defaults: dict[str, Any]) -> Any:
+        """The value of an option left None: the task's default, else the fallback."""
+        if self.name in task_defaults:
+            return task_defaults[self.name]
+        return self.fallback(task_defaults) if callable(self.fallback) else self.fallback
+
+    def problem(self, value: Any) -> str | None:
+        """What is wrong with ``value`` (``"--gamma must be ..., got -1"``), or None."""
+        if value is None:
+            return None
+        if self.choices is not None and value not in self.choices:
+            return f"{self.flag} must be one of {', '.join(map(str, self.choices))}, got {value!r}"
+        broken = self.check(value) if self.check is not None else None
+        return f"{self.flag} {broken}, got {value!r}" if broken else None
+
+
+def positive(value: Any) -> str | None:
+    return "must be positive" if value <= 0 else None
+
+
+def finite_non_negative(value: Any) -> str | None:
+    return None if math.isfinite(value) and value >= 0 else "must be a finite number >= 0"
+
+
+def finite_positive(value: Any) -> str | None:
+    return None if math.isfinite(value) and value > 0 else "must be a finite number > 0"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One kind of run of ``s2ft compare``: a method with some of its options set."""
+
+    method: Method
+    # FinetuneArgs fields; the value "half" of the method's budget field means half the base's budget.
+    overrides: dict[str, Any] = field(default_factory=dict)
+    label: str = ""  # added to the run's label in tables and legends ("random locations")
+    ablation: bool = False  # listed after every method's main variants
 
 
 class Method:
@@ -21,6 +89,27 @@ class Method:
     default_lr: ClassVar[float]  # of the trained weights that are not a new head
     # True: the run saves the whole model (and its processor), and evaluate/merge load that folder as the base.
     saves_whole_model: ClassVar[bool] = False
+    # True: every weight is trained, each at the job's learning rate (the head warm-up runs as this method).
+    trains_everything: ClassVar[bool] = False
+    # True: the method decides its adapter from data before training (``plan``); ``s2ft analyze`` measures it.
+    plans: ClassVar[bool] = False
+    # The options of this method, beyond the options every job has.
+    options: ClassVar[tuple[Option, ...]] = ()
+    # The option that sizes the adapter (swept by ``s2ft compare``), and its symbol in labels and run names.
+    budget: ClassVar[str | None] = None
+    budget_symbol: ClassVar[str] = "n"
+    # True: ``s2ft compare`` reports every other variant of the same budget minus this method, seed by seed.
+    paired_baseline: ClassVar[bool] = False
+    # Formats a trained model exports to beyond the merged model ("lora": ``s2ft export-lora``).
+    exports: ClassVar[tuple[str, ...]] = ()
+
+    def variants(self) -> dict[str, Variant]:
+        """The variants of ``s2ft compare`` this method contributes, by name: the method as it is."""
+        return {self.name: Variant(self)}
+
+    def run_label(self, args: Any) -> str:
+        """The label of one run, naming its budget (``S2FT, n = 500``, ``LoRA r = 8 (PEFT)``)."""
+        return self.label
 
     def wrap(self, model: torch.nn.Module, args: Any, head: Sequence[str]) -> torch.nn.Module:
         raise NotImplementedError
@@ -31,6 +120,11 @@ class Method:
         """Anything the method decides from data before training (S2FT's calibration). ``batches()`` gives this
         process's calibration batches. Returns what to report, or None when the method plans nothing."""
         return None
+
+    def callbacks(self, model: torch.nn.Module, args: Any) -> list[Any]:
+        """Trainer callbacks the method adds to training (S2FT's re-planning). A callback with a ``metrics()``
+        method adds what it returns to the run's metrics after training."""
+        return []
 
     def is_head(self, parameter_name: str) -> bool:
         """Whether a trainable parameter belongs to a new head (trained at ``head_lr``)."""

@@ -15,6 +15,7 @@ class Full(Method):
     label = "full fine-tuning"
     default_lr = 5e-5
     saves_whole_model = True
+    trains_everything = True
 
     def wrap(self, model: torch.nn.Module, args: Any, head: Sequence[str]) -> torch.nn.Module:
         return model

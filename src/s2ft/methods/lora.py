@@ -8,13 +8,19 @@ from typing import Any
 import torch
 
 from s2ft.errors import RunError
-from s2ft.methods.base import Method
+from s2ft.methods.base import Method, Option, positive
 
 
 class LoRA(Method):
     name = "lora"
     label = "LoRA (PEFT)"
     default_lr = 5e-4
+    options = (Option("lora_r", int, 8, "LoRA rank", check=positive),)
+    budget = "lora_r"
+    budget_symbol = "r"
+
+    def run_label(self, args: Any) -> str:
+        return f"LoRA r = {args.lora_r} (PEFT)"
 
     def wrap(self, model: torch.nn.Module, args: Any, head: Sequence[str]) -> torch.nn.Module:
         import peft

@@ -2,43 +2,54 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from s2ft.config import FourierFTConfig, S2FTConfig
+from s2ft.config import LOCATIONS, PRIORS, FourierFTConfig, S2FTConfig
 from s2ft.errors import RunError
-from s2ft.methods.base import Method
+from s2ft.methods.base import Method, Option, Variant, finite_non_negative, finite_positive, positive
+from s2ft.methods.full import Full
+from s2ft.ops.permutation import SEARCHES
+
+N_FREQUENCY = Option(
+    "n_frequency", int, None, "coefficients per adapted matrix", fallback=1000, check=positive
+)
+SCALING = Option(
+    "scaling",
+    float,
+    None,
+    "alpha in ΔW = alpha * Re(IDFT2(F))",
+    fallback=150.0,
+    check=finite_non_negative,
+)
 
 
 class Spectral(Method):
-    config_class: type[FourierFTConfig] = FourierFTConfig
+    """A native spectral adapter (:mod:`s2ft.tuner`), configured by ``config_class`` from the job's options."""
+
+    config_class: ClassVar[type[FourierFTConfig]] = FourierFTConfig
     # Spectral coefficients take large steps: under Adam, scaling and learning rate trade almost one for one,
     # and this pairs with scaling=150 (Austen task, MiniLM-L6).
     default_lr = 5e-2
+    options = (N_FREQUENCY, SCALING)
+    budget = "n_frequency"
+    exports = ("lora",)
 
     def config(self, args: Any, head: Sequence[str]) -> FourierFTConfig:
-        """The adapter config of a job."""
-        common = dict(
+        """The adapter config of a job: its targets, head and seed, and every option the config has a field for."""
+        fields = {f.name for f in dataclasses.fields(self.config_class)}
+        return self.config_class(
             target_modules=args.targets if isinstance(args.targets, str) else list(args.targets),
             modules_to_save=list(head) or None,
-            n_frequency=args.n_frequency,
-            scaling=args.scaling,
             seed=args.seed,
+            **{o.name: getattr(args, o.name) for o in self.options if o.name in fields},
         )
-        if self.config_class is FourierFTConfig:
-            return FourierFTConfig(**common)
-        return S2FTConfig(
-            **common,
-            gamma=args.gamma,
-            calibration_batches=args.calibration_batches,
-            permutation=args.permutation,
-            permute=args.permute,
-            locations=args.locations,
-            prior=args.prior,
-            prior_lr=args.prior_lr,
-        )
+
+    def run_label(self, args: Any) -> str:
+        return f"{self.label}, n = {args.n_frequency}"
 
     def wrap(self, model: torch.nn.Module, args: Any, head: Sequence[str]) -> torch.nn.Module:
         from s2ft import get_spectral_model
@@ -76,14 +87,99 @@ class Spectral(Method):
 class FourierFT(Spectral):
     name = "fourierft"
     label = "FourierFT"
+    paired_baseline = True
+
+
+def _fraction_of_steps(value: float) -> str | None:
+    return None if value == 0 or 0 < value < 1 else "must be 0 (never) or a fraction of the steps in (0, 1)"
+
+
+def _full_finetuning_lr(task_defaults: dict[str, Any]) -> float:
+    return task_defaults.get("lr", {}).get(Full.name, Full.default_lr)
+
+
+S2FT_OPTIONS = (
+    Option("gamma", float, 1.5, "sample locations ∝ |DFT2|^gamma", check=finite_non_negative),
+    Option(
+        "calibration_batches",
+        int,
+        None,
+        "batches for the gradient prior",
+        fallback=16,
+        check=positive,
+    ),
+    Option("permutation", str, "greedy", "the row/column ordering search", choices=SEARCHES),
+    Option("permute", bool, True, "permute rows and columns (--no-permute: an ablation without them)"),
+    Option("locations", str, "prior", "where the coefficients go", choices=LOCATIONS),
+    Option(
+        "prior",
+        str,
+        "gradient",
+        "what the plan is made from: the summed gradient (the paper), its Adam-normalized form, or a short "
+        "Adam trajectory over the calibration batches",
+        choices=PRIORS,
+    ),
+    Option(
+        "prior_lr",
+        float,
+        None,
+        "the trajectory prior's learning rate (default: the task's full fine-tuning learning rate)",
+        fallback=_full_finetuning_lr,
+        check=finite_positive,
+    ),
+    Option(
+        "replan_at",
+        float,
+        0.0,
+        "after this fraction of the training steps, plan again from the trained ΔW and project the adapter onto "
+        "the new plan (0: never)",
+        check=_fraction_of_steps,
+        exclusive=True,
+    ),
+)
+
+# S2FT's ablations in ``s2ft compare``: each differs from "s2ft" (the paper's recipe) in one thing only, and names
+# its location sampling so that a changed default would not change it.
+_ABLATIONS = {
+    "noperm": ({"permute": False, "locations": "prior"}, "without permutations"),
+    "uniform": ({"locations": "uniform"}, "random locations"),
+    "prior-half": ({"locations": "prior-half"}, "one location per mirror pair"),
+    "2opt-cyclic": ({"locations": "prior", "permutation": "2opt-cyclic"}, "cyclic 2-opt search"),
+    "adam": ({"locations": "prior", "prior": "adam"}, "Adam-normalized prior"),
+    "trajectory": ({"locations": "prior", "prior": "trajectory"}, "trajectory prior"),
+    "replan": ({"locations": "prior", "replan_at": 0.2}, "re-planned after 20% of the steps"),
+}
 
 
 class S2FT(Spectral):
     name = "s2ft"
     label = "S2FT"
     config_class = S2FTConfig
+    plans = True
+    options = (N_FREQUENCY, SCALING, *S2FT_OPTIONS)
+
+    def variants(self) -> dict[str, Variant]:
+        return {
+            "s2ft": Variant(self, {"locations": "prior", "prior": "gradient"}),
+            "s2ft-half": Variant(self, {"n_frequency": "half", "locations": "prior"}),
+            **{
+                f"s2ft-{name}": Variant(self, overrides, label, ablation=True)
+                for name, (overrides, label) in _ABLATIONS.items()
+            },
+        }
 
     def plan(
         self, model: torch.nn.Module, batches: Callable[[], list[Any]], args: Any, progress: bool
     ) -> dict[str, Any]:
         return model.calibrate(batches(), progress=progress)
+
+    def callbacks(self, model: torch.nn.Module, args: Any) -> list[Any]:
+        if not args.replan_at:
+            return []
+        from s2ft.tuner.callbacks import ReplanCallback
+
+        class Replan(ReplanCallback):
+            def metrics(self) -> dict[str, Any]:
+                return {"replan_step": self.step, "replan_energy_kept": self.energy_kept}
+
+        return [Replan(model, args.replan_at)]

@@ -9,6 +9,7 @@ import torch
 
 from s2ft.errors import RunError
 from s2ft.methods.lora import LoRA
+from s2ft.methods.spectral import N_FREQUENCY
 
 
 class WaveFT(LoRA):
@@ -18,6 +19,12 @@ class WaveFT(LoRA):
     name = "waveft"
     label = "WaveFT (PEFT)"
     default_lr = 1e-2
+    options = (N_FREQUENCY,)
+    budget = "n_frequency"
+    budget_symbol = "n"
+
+    def run_label(self, args: Any) -> str:
+        return f"WaveFT, n = {args.n_frequency} (PEFT)"
 
     def wrap(self, model: torch.nn.Module, args: Any, head: Sequence[str]) -> torch.nn.Module:
         import peft
