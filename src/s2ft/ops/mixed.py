@@ -9,8 +9,9 @@ holds the coefficients, ``scaling / N`` and the Hermitian folding (:class:`s2ft.
 :meth:`MixedBank.apply` serves a batch in a fixed number of tensor operations, whatever the number of distinct
 adapters in it:
 
-1. tokens are sorted by adapter and dealt into *tiles* of ``b`` slots (``b`` = :data:`TILE`), each tile holding
-   tokens of one adapter (a group of ``T_a`` tokens takes ``ceil(T_a / b)`` tiles; unused slots are zero);
+1. tokens are sorted by adapter and dealt into *tiles* of ``b`` slots (``b`` a power of two, see
+   :func:`tile_width`), each tile holding tokens of one adapter (a group of ``T_a`` tokens takes
+   ``ceil(T_a / b)`` tiles; unused slots are zero);
    slot ``j`` of tile ``i`` is row ``j * tiles + i``, so a ``(b, tiles, ·)`` view puts each tile's frequencies
    side by side;
 2. one gather applies each tile's column permutation (an index ``(tiles, N)`` broadcast over ``b``);
@@ -19,7 +20,7 @@ adapters in it:
 4. one ``irfft``, one gather by each tile's inverse row permutation, and the slots scattered back to tokens.
 
 The block-diagonal matrix is assembled per call from the bank's per-adapter maps in ``O(tiles · n)``; padding
-costs at most ``b - 1`` slots per distinct adapter. FourierFT adapters with the same locations (same seed and
+costs at most ``b - 1`` slots per distinct adapter; ``b`` is chosen per batch to balance the two. FourierFT adapters with the same locations (same seed and
 ``n``) share one sparsity pattern in the bank and differ only in their values.
 """
 
@@ -32,9 +33,12 @@ import torch
 
 from s2ft.ops.apply import _Plan
 
-# Slots per tile. A tile of b slots costs up to b - 1 padded tokens per distinct adapter in a batch; the sparse
-# product costs the same per slot for b from 8 to 2048 (one thread, width 384, n = 1000), and less below 8.
-TILE = 8
+# The cost model behind the tile width (:func:`tile_width`), in ns at one CPU thread (width 384, n = 1000):
+# a slot (a token or padding) costs its FFTs, gathers and copies, about 3 ns per feature of d_in + d_out, plus
+# its share of the sparse product, about 2.5 ns per map entry; a tile costs about 18 ns per map entry to
+# assemble into the block-diagonal matrix.
+SLOT_COST = (3.0, 2.5)
+TILE_COST = 18.0
 
 
 class Spectral(NamedTuple):
@@ -158,7 +162,9 @@ class MixedBank:
         tokens = (which >= 0).nonzero().squeeze(1)
         if tokens.numel() == 0:
             return out
-        layout = _Layout.build(which[tokens], tokens, TILE)
+        nnz = self.values.numel() / max(1, self.num_adapters)
+        slot_cost = SLOT_COST[0] * (self.d_in + self.d_out) + SLOT_COST[1] * nnz
+        layout = _Layout.build(which[tokens], tokens, slot_cost, TILE_COST * nnz)
         slots = _permute(self._slots_in(x, layout), layout, self.perm_cols, self.perm_cols_of)
         spectrum = torch.view_as_real(torch.fft.rfft(slots, dim=1)).reshape(layout.tile, -1)
         half = spectrum.new_empty(layout.tile, layout.tiles * 2 * (self.d_out // 2 + 1))
@@ -180,13 +186,19 @@ class MixedBank:
         half_in, half_out = 2 * (self.d_in // 2 + 1), 2 * (self.d_out // 2 + 1)
         pattern = self.pattern_of[adapters]
         nnz = self.pattern_nnz[pattern]
-        base = nnz.cumsum(0) - nnz
-        pointers = self.col_ptr[pattern][:, :-1].long() + base[:, None]  # (tiles, 2 K_M)
-        col_ptr = torch.cat([pointers.reshape(-1), nnz.sum().reshape(1)]).int()
-        tile = torch.repeat_interleave(torch.arange(tiles, device=adapters.device), nnz)
-        local = torch.arange(tile.numel(), device=adapters.device) - base[tile]
-        row_idx = self.row_idx[self.pattern_start[pattern][tile] + local] + (tile * half_in).int()
-        values = self.values[self.value_start[adapters][tile] + local]
+        base = nnz.cumsum(0) - nnz  # (tiles,): where each block starts
+        pointers = self.col_ptr[pattern][:, :-1] + base[:, None].int()  # (tiles, 2 K_M)
+        col_ptr = torch.cat([pointers.reshape(-1), nnz.sum().reshape(1).int()])
+        # Entry e of block i reads entry e - base[i] of its pattern and of its adapter's values. Positions are
+        # int32: half the memory traffic of int64 on these tiles * n sized vectors.
+        entry = torch.arange(int(nnz.sum()), device=adapters.device, dtype=torch.int32)
+        row_at = entry + torch.repeat_interleave((self.pattern_start[pattern] - base).int(), nnz)
+        value_at = entry + torch.repeat_interleave((self.value_start[adapters] - base).int(), nnz)
+        shift = torch.repeat_interleave(
+            torch.arange(tiles, device=adapters.device, dtype=torch.int32) * half_in, nnz
+        )
+        row_idx = self.row_idx.index_select(0, row_at) + shift
+        values = self.values.index_select(0, value_at)
         size = (tiles * half_in, tiles * half_out)
         return torch.sparse_csc_tensor(col_ptr, row_idx, values, size, check_invariants=False)
 
@@ -202,10 +214,12 @@ class _Layout(NamedTuple):
     tiles: int
 
     @staticmethod
-    def build(which: torch.Tensor, tokens: torch.Tensor, tile: int) -> _Layout:
-        """``which`` ``(T',)``: adapter of each token in ``tokens`` (all ``>= 0``)."""
+    def build(which: torch.Tensor, tokens: torch.Tensor, slot_cost: float, tile_cost: float) -> _Layout:
+        """``which`` ``(T',)``: adapter of each token in ``tokens`` (all ``>= 0``). The tile width is the power
+        of two that minimizes ``slots * slot_cost + tiles * tile_cost`` (:func:`tile_width`)."""
         order = torch.argsort(which, stable=True)
         adapters, counts = torch.unique_consecutive(which[order], return_counts=True)
+        tile = tile_width(counts.tolist(), slot_cost, tile_cost)
         per_group = (counts + tile - 1) // tile
         first_token, first_tile = counts.cumsum(0) - counts, per_group.cumsum(0) - per_group
         rank = torch.arange(order.numel(), device=which.device) - torch.repeat_interleave(first_token, counts)
@@ -213,6 +227,20 @@ class _Layout(NamedTuple):
         tiles = int(per_group.sum())
         slots = (rank % tile) * tiles + tile_of
         return _Layout(tokens[order], slots, torch.repeat_interleave(adapters, per_group), tile, tiles)
+
+
+def tile_width(counts: list[int], slot_cost: float, tile_cost: float) -> int:
+    """The power of two ``b`` minimizing ``Σ_a ceil(T_a / b) * (b * slot_cost + tile_cost)`` for groups of
+    ``counts`` tokens: wide tiles waste padded slots, narrow ones cost more blocks to assemble."""
+    best, best_cost, width = 1, float("inf"), 1
+    while True:
+        tiles = sum(-(-count // width) for count in counts)
+        cost = tiles * (width * slot_cost + tile_cost)
+        if cost < best_cost:
+            best, best_cost = width, cost
+        if width >= max(counts):
+            return best
+        width *= 2
 
 
 def _permute(
