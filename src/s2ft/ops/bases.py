@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from s2ft.ops import apply as _apply
 from s2ft.ops import locations as _locations
+from s2ft.ops.dct import DCTBasis
 
 
 class FourierBasis:
@@ -31,7 +32,7 @@ class FourierBasis:
     seeded_locations = staticmethod(_locations.fourierft_locations)
 
 
-BASES = {"fourier": FourierBasis()}
+BASES = {"fourier": FourierBasis(), "dct": DCTBasis()}
 
 
 def get_basis(name: str):
