@@ -8,6 +8,7 @@ import json
 import sys
 from typing import Any
 
+from s2ft.errors import names_jobs_extra
 from s2ft.jobs.args import COMMON_DEFAULTS, FinetuneArgs
 from s2ft.methods import METHODS, Option, owners
 from s2ft.methods import options as method_options
@@ -323,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@names_jobs_extra  # a job's missing dependency: one line naming pip install "s2ft[jobs]"
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:

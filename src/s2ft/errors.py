@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 
@@ -50,4 +52,27 @@ def jobs_extra_required() -> Iterator[None]:
         raise missing_job_module(module) from None
 
 
-__all__ = ["JOBS_EXTRA", "DataError", "RunError", "jobs_extra_required", "missing_job_module"]
+def names_jobs_extra(main: Callable[..., int]) -> Callable[..., int]:
+    """Wraps the command line's ``main``: when a job's dependency is missing (the library installed without the
+    ``jobs`` extra), the command ends with one line naming the extra and exit status 2, not a traceback."""
+
+    @functools.wraps(main)
+    def run(*args: object, **kwargs: object) -> int:
+        try:
+            with jobs_extra_required():
+                return main(*args, **kwargs)
+        except RunError as e:
+            print(f"s2ft: error: {e}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+__all__ = [
+    "JOBS_EXTRA",
+    "DataError",
+    "RunError",
+    "jobs_extra_required",
+    "missing_job_module",
+    "names_jobs_extra",
+]
