@@ -155,17 +155,19 @@ class MixedBank:
             raise ValueError(f"x must be (tokens, {self.d_in}), got {tuple(x.shape)}")
         if which.shape != x.shape[:1]:
             raise ValueError(f"which must be ({x.shape[0]},), got {tuple(which.shape)}")
-        out = torch.zeros(x.shape[0], self.d_out, device=x.device)
         which = which.to(x.device, torch.long)
         if which.numel() and not bool(((which >= -1) & (which < self.num_adapters)).all()):
             raise ValueError(f"which must lie in [-1, {self.num_adapters}); -1 means the base model only")
-        tokens = (which >= 0).nonzero().squeeze(1)
+        base_only = which < 0
+        tokens = (~base_only).nonzero().squeeze(1)
         if tokens.numel() == 0:
-            return out
+            return torch.zeros(x.shape[0], self.d_out, device=x.device)
         nnz = self.values.numel() / max(1, self.num_adapters)
         slot_cost = SLOT_COST[0] * (self.d_in + self.d_out) + SLOT_COST[1] * nnz
         layout = _Layout.build(which[tokens], tokens, slot_cost, TILE_COST * nnz)
-        slots = _permute(self._slots_in(x, layout), layout, self.perm_cols, self.perm_cols_of)
+        # Padding slots repeat a token of their tile; their outputs are never read.
+        slots = x.index_select(0, layout.slot_tokens).float()  # (b * tiles, d_in)
+        slots = _permute(slots, layout, self.perm_cols, self.perm_cols_of)
         spectrum = torch.view_as_real(torch.fft.rfft(slots, dim=1)).reshape(layout.tile, -1)
         half = spectrum.new_empty(layout.tile, layout.tiles * 2 * (self.d_out // 2 + 1))
         torch.addmm(half, spectrum, self._block_diagonal(layout.adapters), beta=0.0, out=half)
@@ -173,12 +175,9 @@ class MixedBank:
             torch.view_as_complex(half.view(-1, self.d_out // 2 + 1, 2)), n=self.d_out, dim=1
         )
         signal = _permute(signal, layout, self.inv_perm_rows, self.inv_perm_rows_of)
-        return out.index_copy_(0, layout.tokens, signal.index_select(0, layout.slots))
-
-    def _slots_in(self, x: torch.Tensor, layout: _Layout) -> torch.Tensor:
-        """``(b * tiles, d_in)`` float32: token ``layout.tokens[k]`` in row ``layout.slots[k]``, zeros elsewhere."""
-        slots = x.new_zeros(layout.tile * layout.tiles, self.d_in, dtype=torch.float32)
-        return slots.index_copy_(0, layout.slots, x.index_select(0, layout.tokens).float())
+        token_slot = torch.zeros_like(which).index_copy_(0, layout.tokens, layout.slots)  # base-only: slot 0
+        out = signal.index_select(0, token_slot)
+        return out if tokens.numel() == which.numel() else out.masked_fill_(base_only[:, None], 0.0)
 
     def _block_diagonal(self, adapters: torch.Tensor) -> torch.Tensor:
         """CSC ``(tiles · 2 K_N, tiles · 2 K_M)``: block ``i`` is adapter ``adapters[i]``'s map."""
@@ -205,10 +204,12 @@ class MixedBank:
 
 class _Layout(NamedTuple):
     """Where each adapted token sits: ``tokens[k]`` (in ``x``) goes to slot row ``slots[k]`` of a
-    ``(tile * tiles, ·)`` buffer seen as ``(tile, tiles, ·)``; tile ``i`` serves adapter ``adapters[i]``."""
+    ``(tile * tiles, ·)`` buffer seen as ``(tile, tiles, ·)``; tile ``i`` serves adapter ``adapters[i]``.
+    ``slot_tokens`` ``(tile * tiles,)`` is the inverse map, with each padding slot given its tile's first token."""
 
     tokens: torch.Tensor  # int64 (T',)
     slots: torch.Tensor  # int64 (T',)
+    slot_tokens: torch.Tensor  # int64 (tile * tiles,)
     adapters: torch.Tensor  # int64 (tiles,)
     tile: int
     tiles: int
@@ -226,7 +227,9 @@ class _Layout(NamedTuple):
         tile_of = torch.repeat_interleave(first_tile, counts) + rank // tile
         tiles = int(per_group.sum())
         slots = (rank % tile) * tiles + tile_of
-        return _Layout(tokens[order], slots, torch.repeat_interleave(adapters, per_group), tile, tiles)
+        tokens = tokens[order]
+        slot_tokens = tokens[rank % tile == 0].repeat(tile).index_copy_(0, slots, tokens)
+        return _Layout(tokens, slots, slot_tokens, torch.repeat_interleave(adapters, per_group), tile, tiles)
 
 
 def tile_width(counts: list[int], slot_cost: float, tile_cost: float) -> int:
