@@ -151,9 +151,7 @@ class Branch(nn.Module):
 
 def s2ft_layer(width: int, n: int, path: str) -> nn.Module:
     """s2ft's adapted layer as training uses it, with random (valid) permutations and FourierFT's locations."""
-    layer = SpectralLinear(
-        nn.Linear(width, width), n, SCALING, init="normal", forward_path=path, method="s2ft"
-    )
+    layer = SpectralLinear(nn.Linear(width, width), n, SCALING, init="normal", forward_path=path)
     layer.base_layer.requires_grad_(False)
     rows, cols = fourierft_locations(width, width, n, seed=777)
     layer.set_locations(rows, cols, torch.randperm(width), torch.randperm(width))

@@ -207,3 +207,83 @@ def test_state_dict_roundtrip_and_to():
     model.to(torch.float64)
     assert all(layer.rows.dtype == torch.long for layer in model.spectral_layers().values())
     assert math.isfinite(float(forward(model, (batches[0][0].double(), None)).sum().detach()))
+
+
+class PixelBasis:
+    """A toy basis for the test below: coefficient ``k`` is the entry ``ΔW̄[rows[k], cols[k]] / scaling``."""
+
+    name = "pixel"
+
+    @staticmethod
+    def delta_weight(coeffs, rows, cols, d_out, d_in, scaling, perm_rows=None, perm_cols=None):
+        dtype = torch.float64 if coeffs.dtype == torch.float64 else torch.float32
+        bar = torch.zeros(d_out, d_in, dtype=dtype).index_put((rows, cols), coeffs.to(dtype) * scaling)
+        if perm_rows is not None:
+            bar = bar[torch.argsort(perm_rows)][:, torch.argsort(perm_cols)]
+        return bar
+
+    @classmethod
+    def apply(cls, x, coeffs, rows, cols, d_out, d_in, scaling, perm_rows=None, perm_cols=None, path="auto"):
+        delta = cls.delta_weight(coeffs, rows, cols, d_out, d_in, scaling, perm_rows, perm_cols)
+        return torch.nn.functional.linear(x.to(delta.dtype), delta)
+
+    @staticmethod
+    def project(delta, rows, cols, scaling, perm_rows=None, perm_cols=None):
+        permuted = delta if perm_rows is None else delta[perm_rows][:, perm_cols]
+        return permuted[rows, cols] / scaling
+
+    @staticmethod
+    def seeded_locations(d_out, d_in, n, seed):
+        flat = torch.randperm(d_out * d_in, generator=torch.Generator().manual_seed(seed))[:n]
+        return flat // d_in, flat % d_in
+
+
+def test_a_new_basis_and_config_work_through_the_tuner_unchanged(monkeypatch, tmp_path):
+    """A method is its config class and its basis: the tuner asks them, never the method's name."""
+    import dataclasses
+
+    from s2ft import config as config_module
+    from s2ft.ops import bases
+
+    @dataclasses.dataclass
+    class PixelConfig(FourierFTConfig):
+        method = "pixel"
+        basis = "pixel"
+        peft_type = None
+
+    monkeypatch.setitem(bases.BASES, "pixel", PixelBasis())
+    monkeypatch.setitem(config_module.CONFIGS, "pixel", PixelConfig)
+    base, _, batches, loss_fn = build("mlp", "fourierft")
+    config = PixelConfig(target_modules=["fc1", "fc2"], n_frequency=30, scaling=2.0, forward_path="fft")
+    model = get_spectral_model(copy.deepcopy(base), config)
+    randomize(model)
+    reference = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, layer in model.spectral_layers().items():  # ΔW from the coefficients, by hand
+            rows, cols, coeffs = layer.rows, layer.cols, layer.coeffs.detach()
+            torch.testing.assert_close(
+                (rows, cols), PixelBasis.seeded_locations(layer.d_out, layer.d_in, 30, 777)
+            )
+            reference.get_submodule(name).weight[rows, cols] += 2.0 * coeffs
+    x = batches[0][0]
+    expected = reference(x)
+    model.train()
+    torch.testing.assert_close(model(x), expected, atol=1e-6, rtol=1e-6)  # training's path
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, atol=1e-6, rtol=1e-6)  # serving's path
+        model.merge()
+        torch.testing.assert_close(model(x), expected, atol=1e-6, rtol=1e-6)
+        model.unmerge()
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    assert not any(k.endswith((".rows", ".cols")) for k in load_file(tmp_path / "adapter_model.safetensors"))
+    loaded = SpectralModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert type(loaded.spectral_config) is PixelConfig
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="no Hugging Face PEFT format"):
+        model.save_pretrained(tmp_path / "peft", format="peft")
+    with pytest.raises(ValueError, match="is for S2FT"):
+        model.calibrate(batches, loss_fn)

@@ -52,8 +52,6 @@ def test_bad_config_values_are_clear_errors(options, message):
 
 
 def test_a_failed_wrap_leaves_the_model_as_it_was(monkeypatch):
-    import s2ft.tuner.model as model_module
-
     model = tiny_bert()
     model.classifier.requires_grad_(True)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -62,7 +60,7 @@ def test_a_failed_wrap_leaves_the_model_as_it_was(monkeypatch):
     def broken(*args, **kwargs):
         raise OverflowError("no locations")
 
-    monkeypatch.setattr(model_module, "fourierft_locations", broken)
+    monkeypatch.setattr(FourierFTConfig, "seeded_locations", broken)
     with pytest.raises(OverflowError):
         get_spectral_model(model, FourierFTConfig(target_modules=["query"], modules_to_save=["classifier"]))
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags

@@ -41,7 +41,7 @@ def naive_delta(coeffs, rows, cols, d_out, d_in, scaling, perm_rows=None, perm_c
 def test_delta_weight_matches_naive_dft(shape, permuted):
     d_out, d_in = shape
     g = torch.Generator().manual_seed(sum(shape))
-    layer = SpectralLinear(nn.Linear(d_in, d_out), n_frequency=7, scaling=3.0, method="s2ft")
+    layer = SpectralLinear(nn.Linear(d_in, d_out), n_frequency=7, scaling=3.0)
     rows, cols = fourierft_locations(d_out, d_in, 7, seed=1)
     perms = (
         (torch.randperm(d_out, generator=g), torch.randperm(d_in, generator=g)) if permuted else (None, None)

@@ -69,10 +69,10 @@ def check_adapter(
                 f"the adapter does not fit this model: {name} is {shapes[name]} in the file, {shape} in the model"
             )
         d_out, d_in = shape
-        # FourierFT files may leave the locations out: they follow from the seed, as in PEFT's files.
+        # A method that does not store its locations (FourierFT) leaves them out: they follow from the seed.
         needed = (
             ("coeffs",)
-            if config.method == "fourierft" and f"{name}.rows" not in state
+            if not config.stores_locations and f"{name}.rows" not in state
             else ("coeffs", "rows", "cols")
         )
         for key in needed:

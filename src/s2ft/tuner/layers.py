@@ -6,11 +6,12 @@ import contextlib
 import contextvars
 import copy
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
-from s2ft.ops.apply import delta_weight, spectral_apply
+from s2ft.ops.bases import get_basis
 
 try:  # transformers' GPT-2 style layer: y = x @ W + b with W stored (d_in, d_out)
     from transformers.pytorch_utils import Conv1D
@@ -44,7 +45,7 @@ class LayerKind:
         served_delta`), so a served batch costs one small matmul per adapter, not a spectrum per step."""
         if not torch.is_grad_enabled():
             return torch.nn.functional.linear(x.float(), adapter.served_delta())
-        return spectral_apply(x, *adapter._spectrum(), path=adapter.forward_path)
+        return adapter.basis.apply(x, *adapter._spectrum(), path=adapter.forward_path)
 
 
 class Conv1DKind(LayerKind):
@@ -65,8 +66,8 @@ class Conv2dKind(LayerKind):
     Grouped and depthwise convolutions work the same way: ``ΔW`` is a weight of the layer's own shape, applied
     with its stride, padding, dilation, groups and padding mode (``conv2d(x, ΔW)``, no bias). A pointwise
     convolution (1x1, stride 1, no padding, one group) is a linear map of the channels; with
-    ``forward_path="fft"`` it goes through :func:`s2ft.ops.apply.spectral_apply` on the channels-last input,
-    which never builds ``ΔW``. ``"auto"`` keeps ``conv2d(x, ΔW)``: on 2 CPU threads (forward + backward, batch
+    ``forward_path="fft"`` it goes through the basis's ``apply`` on the channels-last input, which (for the
+    Fourier basis, :func:`s2ft.ops.apply.spectral_apply`) never builds ``ΔW``. ``"auto"`` keeps ``conv2d(x, ΔW)``: on 2 CPU threads (forward + backward, batch
     16, n = 1000, EfficientNet-Lite0's shapes) it took 26 / 36 / 47 ms at 40->240 (28x28), 112->672 (14x14) and
     320->1280 (8x8) channels, against 32 / 49 / 43 ms for the channels-last dense path and 82 / 64 / 47 ms for
     the FFT path (the move to channels-last copies the activation).
@@ -96,7 +97,7 @@ class Conv2dKind(LayerKind):
         if adapter.forward_path == "fft" and self.pointwise(layer) and torch.is_grad_enabled():
             channels_last = x.movedim(-3, -1)  # (..., H, W, C_in)
             return super().apply(layer, adapter, channels_last).movedim(-1, -3)
-        dense = adapter.served_delta() if not torch.is_grad_enabled() else delta_weight(*adapter._spectrum())
+        dense = adapter.served_delta() if not torch.is_grad_enabled() else adapter.delta_weight()
         delta = self.to_weight(layer, dense)
         # The layer's own forward with ΔW as its weight and no bias: subclasses that pad in their forward
         # (TensorFlow-style "same" padding, as EfficientNet's) are applied as they apply themselves.
@@ -155,10 +156,11 @@ def example_adapters(names: list[str] | None) -> Iterator[None]:
 
 
 class SpectralAdapter(nn.Module):
-    """One named adapter on one layer: ``n`` trainable coefficients ``coeffs`` at spectrum locations
-    ``(rows[k], cols[k])``, and, for S2FT, the permutations ``perm_rows`` ``(d_out,)`` and ``perm_cols``
-    ``(d_in,)``: ``ΔW[perm_rows[i], perm_cols[j]] = scaling * Re(ifft2(F))[i, j]``, ``F`` zero but for the
-    coefficients. The coefficients stay float32 whatever the base layer's dtype."""
+    """One named adapter on one layer: ``n`` trainable coefficients ``coeffs`` at locations ``(rows[k], cols[k])``
+    of a ``d_out x d_in`` grid in the adapter's ``basis`` (an object of :data:`s2ft.ops.bases.BASES`), and,
+    optionally (S2FT), the permutations ``perm_rows`` ``(d_out,)`` and ``perm_cols`` ``(d_in,)``. In the Fourier
+    basis ``ΔW[perm_rows[i], perm_cols[j]] = scaling * Re(ifft2(F))[i, j]``, ``F`` zero but for the coefficients.
+    All of ``ΔW``'s math goes through the basis. The coefficients stay float32 whatever the base layer's dtype."""
 
     def __init__(
         self,
@@ -168,17 +170,13 @@ class SpectralAdapter(nn.Module):
         scaling: float,
         init: str = "zeros",
         forward_path: str = "auto",
-        method: str = "fourierft",
+        basis: Any = "fourier",
         device: torch.device | None = None,
     ) -> None:
         super().__init__()
         self.d_out, self.d_in = d_out, d_in
-        self.n_frequency, self.scaling, self.forward_path, self.method = (
-            n_frequency,
-            scaling,
-            forward_path,
-            method,
-        )
+        self.n_frequency, self.scaling, self.forward_path = n_frequency, scaling, forward_path
+        self.basis = get_basis(basis) if isinstance(basis, str) else basis
         coeffs = (
             torch.zeros(n_frequency, device=device)
             if init == "zeros"
@@ -192,7 +190,8 @@ class SpectralAdapter(nn.Module):
 
     @property
     def is_ready(self) -> bool:
-        """Whether the locations are set (always for FourierFT; after calibration or loading for S2FT)."""
+        """Whether the locations are set (from the seed at creation; for a planned method such as S2FT, after
+        calibration or loading)."""
         return self.rows is not None
 
     def set_locations(self, rows, cols, perm_rows=None, perm_cols=None) -> None:
@@ -206,12 +205,12 @@ class SpectralAdapter(nn.Module):
     def _require_ready(self) -> None:
         if not self.is_ready:
             raise RuntimeError(
-                "this S2FT adapter has no spectrum locations yet: call model.calibrate(batches) before training, "
-                "or load a trained adapter with SpectralModel.from_pretrained"
+                "this adapter has no locations yet (its method, S2FT, plans them from data): call "
+                "model.calibrate(batches) before training, or load a trained adapter with SpectralModel.from_pretrained"
             )
 
     def _spectrum(self, coeffs: torch.Tensor | None = None) -> tuple:
-        """The arguments :func:`delta_weight` and :func:`spectral_apply` take after ``x``."""
+        """The arguments the basis's ``delta_weight`` and (after ``x``) ``apply`` take."""
         self._require_ready()
         coeffs = self.coeffs if coeffs is None else coeffs
         return (
@@ -225,9 +224,10 @@ class SpectralAdapter(nn.Module):
             self.perm_cols,
         )
 
-    def delta_weight(self) -> torch.Tensor:
-        """The dense ``ΔW``, ``(d_out, d_in)`` in float32 (the layer kind's matrix view)."""
-        return delta_weight(*self._spectrum())
+    def delta_weight(self, coeffs: torch.Tensor | None = None) -> torch.Tensor:
+        """The dense ``ΔW``, ``(d_out, d_in)`` in float32 (the layer kind's matrix view), of the adapter's
+        coefficients or of ``coeffs`` ``(n,)`` at its locations."""
+        return self.basis.delta_weight(*self._spectrum(coeffs))
 
     def served_delta(self) -> torch.Tensor:
         """:meth:`delta_weight` for inference, built once and kept until the coefficients, locations or
@@ -243,7 +243,9 @@ class SpectralAdapter(nn.Module):
         return cached[1]
 
     def extra_repr(self) -> str:
-        return f"method={self.method}, n={self.n_frequency}, scaling={self.scaling}"
+        return (
+            f"basis={getattr(self.basis, 'name', self.basis)}, n={self.n_frequency}, scaling={self.scaling}"
+        )
 
 
 class SpectralLinear(nn.Module):
@@ -264,7 +266,7 @@ class SpectralLinear(nn.Module):
         scaling: float,
         init: str = "zeros",
         forward_path: str = "auto",
-        method: str = "fourierft",
+        basis: Any = "fourier",
         adapter_name: str = "default",
     ) -> None:
         super().__init__()
@@ -278,14 +280,15 @@ class SpectralLinear(nn.Module):
         # than float32, the weight as it was before any merge, so that unmerging restores it bit for bit.
         self._merged: dict[str, tuple[torch.Tensor, int]] = {}
         self._kept_weight: torch.Tensor | None = None
-        self.add_adapter(adapter_name, n_frequency, scaling, init, forward_path, method)
+        self.add_adapter(adapter_name, n_frequency, scaling, init, forward_path, basis)
         self.active = [adapter_name]
         self.train(base_layer.training)  # in the mode of the layer it replaces
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(
-        self, name, n_frequency, scaling, init="zeros", forward_path="auto", method="fourierft"
+        self, name, n_frequency, scaling, init="zeros", forward_path="auto", basis: Any = "fourier"
     ) -> None:
+        """Add adapter ``name`` in ``basis`` (a basis object or its name in :data:`s2ft.ops.bases.BASES`)."""
         if name in self.adapters:
             raise ValueError(f"the layer already has an adapter named {name!r}")
         self.adapters[name] = SpectralAdapter(
@@ -295,7 +298,7 @@ class SpectralLinear(nn.Module):
             scaling,
             init,
             forward_path,
-            method,
+            basis,
             self.base_layer.weight.device,
         )
         self.adapters[name].train(self.training)
@@ -329,7 +332,7 @@ class SpectralLinear(nn.Module):
     n_frequency = property(lambda self: self.current.n_frequency)
     scaling = property(lambda self: self.current.scaling)
     forward_path = property(lambda self: self.current.forward_path)
-    method = property(lambda self: self.current.method)
+    basis = property(lambda self: self.current.basis)
     is_ready = property(lambda self: self.current.is_ready)
 
     def _require_ready(self) -> None:
@@ -456,7 +459,7 @@ class SpectralLinear(nn.Module):
                 weight.copy_(self._kept_weight)
             else:
                 for name, (coeffs, _) in self._merged.items():
-                    merged = delta_weight(*self.adapters[name]._spectrum(coeffs))
+                    merged = self.adapters[name].delta_weight(coeffs)
                     weight.copy_(
                         (weight.float() - self.kind.to_weight(self.base_layer, merged)).to(weight.dtype)
                     )

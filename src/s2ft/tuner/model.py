@@ -17,9 +17,8 @@ from safetensors.torch import save
 from torch import nn
 
 from s2ft.config import ALL_LINEAR, FourierFTConfig, load_config
-from s2ft.ops.apply import delta_weight as dense_delta
-from s2ft.ops.apply import project_delta
-from s2ft.ops.locations import check_n_frequency, fourierft_locations, smallest_int_dtype
+from s2ft.ops.bases import get_basis
+from s2ft.ops.locations import check_n_frequency, smallest_int_dtype
 from s2ft.tuner.adapter_io import (
     SAVE_PREFIX,
     WEIGHTS_NAME,
@@ -234,9 +233,10 @@ class SpectralModel(nn.Module):
         """Add adapter ``adapter_name`` on every target of ``config``, or, on any error, nothing."""
         model = self.base_model
         targets, saves = _resolve(model, config, wrapped_ok=bool(self.peft_config))
-        locations: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        seeded: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor] | None] = {}
         undo: list[Callable[[], Any]] = []
-        options = (config.n_frequency, config.scaling, config.init, config.forward_path, config.method)
+        basis = get_basis(config.basis)
+        options = (config.n_frequency, config.scaling, config.init, config.forward_path, basis)
         try:
             for name, module in targets:
                 if isinstance(module, SpectralLinear):
@@ -247,12 +247,12 @@ class SpectralModel(nn.Module):
                     layer = SpectralLinear(module, *options, adapter_name=adapter_name)
                     _set_submodule(model, name, layer)
                     undo.append(lambda n=name, m=module: _set_submodule(model, n, m))
-                if config.method == "fourierft":
-                    shape = (layer.d_out, layer.d_in)
-                    if shape not in locations:  # the same draw for every layer of a shape, as PEFT's
-                        locations[shape] = fourierft_locations(*shape, config.n_frequency, config.seed)
+                shape = (layer.d_out, layer.d_in)
+                if shape not in seeded:  # the same draw for every layer of a shape, as PEFT's
+                    seeded[shape] = config.seeded_locations(*shape)  # None: planned by calibrate()
+                if seeded[shape] is not None:
                     # each layer its own tensors: shared ones break safetensors checkpoints ("share memory")
-                    layer.adapters[adapter_name].set_locations(*(t.clone() for t in locations[shape]))
+                    layer.adapters[adapter_name].set_locations(*(t.clone() for t in seeded[shape]))
             for name, module in saves:
                 if isinstance(module, TrainedCopy):
                     module.add_copy(adapter_name)
@@ -402,18 +402,25 @@ class SpectralModel(nn.Module):
             raise ValueError(f"no adapter named {name!r}; the model has {list(self.peft_config)}")
 
     def _require_planned(self, name: str) -> None:
-        if self.peft_config[name].method == "s2ft" and not all(
+        config = self.peft_config[name]
+        if config.planned and not all(
             layer.adapters[name].is_ready for layer in self._layers_of(name).values()
         ):
             raise RuntimeError(
-                f"S2FT adapter {name!r} has no spectrum locations yet: calibrate(batches, adapter_name={name!r}) "
-                "before using it"
+                f"adapter {name!r} ({config.method}) has no spectrum locations yet: "
+                f"calibrate(batches, adapter_name={name!r}) before using it"
             )
 
-    def _require_s2ft_unmerged(self, name: str, action: str) -> None:
+    def _require_plannable(self, name: str, action: str) -> None:
+        """``action`` (calibrate, replan) needs an adapter whose locations are planned, and nothing merged."""
         config = self.peft_config[name]
-        if config.method != "s2ft":
-            raise ValueError(f"{action}() is for S2FT; adapter {name!r} is {config.method!r}")
+        if not config.planned:
+            raise ValueError(
+                f"{action}() is for S2FT, whose locations are planned from data; adapter {name!r} is "
+                f"{config.method!r}, whose locations follow from its seed"
+            )
+        if any(layer.merged for layer in self.spectral_layers().values()):
+            raise RuntimeError(f"unmerge() the adapters before {action}()")
         if any(layer.merged for layer in self.spectral_layers().values()):
             raise RuntimeError(f"unmerge() the adapters before {action}()")
 
@@ -474,7 +481,7 @@ class SpectralModel(nn.Module):
         """
         name = adapter_name or self.active_adapter
         self._require_known(name)
-        self._require_s2ft_unmerged(name, "calibrate")
+        self._require_plannable(name, "calibrate")
         config = self.peft_config[name]
         layers = self._layers_of(name)
         adapters = {n: layer.adapters[name] for n, layer in layers.items()}
@@ -529,7 +536,7 @@ class SpectralModel(nn.Module):
         """
         name = adapter_name or self.active_adapter
         self._require_known(name)
-        self._require_s2ft_unmerged(name, "replan")
+        self._require_plannable(name, "replan")
         self._require_planned(name)
         config = self.peft_config[name]
         adapters = {n: layer.adapters[name] for n, layer in self._layers_of(name).items()}
@@ -552,8 +559,9 @@ class SpectralModel(nn.Module):
             )
         report = {}
         for n, adapter in adapters.items():
-            shape = (adapter.d_out, adapter.d_in, adapter.scaling)
-            delta = dense_delta(  # float64: the projection is exact to rounding where it should be
+            basis, shape = adapter.basis, (adapter.d_out, adapter.d_in, adapter.scaling)
+            # float64: the projection is exact to rounding where it should be
+            delta = basis.delta_weight(
                 adapter.coeffs.double(),
                 adapter.rows,
                 adapter.cols,
@@ -563,10 +571,12 @@ class SpectralModel(nn.Module):
             )
             prior = priors[n] if priors is not None else delta
             plan = plan_for(prior.detach().float().to(delta.device), n, config)
-            coeffs = project_delta(
+            coeffs = basis.project(
                 delta, plan.rows, plan.cols, adapter.scaling, plan.perm_rows, plan.perm_cols
             )
-            projected = dense_delta(coeffs, plan.rows, plan.cols, *shape, plan.perm_rows, plan.perm_cols)
+            projected = basis.delta_weight(
+                coeffs, plan.rows, plan.cols, *shape, plan.perm_rows, plan.perm_cols
+            )
             total = float(delta.square().sum())
             adapter.set_locations(plan.rows, plan.cols, plan.perm_rows, plan.perm_cols)
             adapter.coeffs.copy_(coeffs)
@@ -643,7 +653,7 @@ class SpectralModel(nn.Module):
             adapter._require_ready()
             rows_dtype, cols_dtype = smallest_int_dtype(layer.d_out - 1), smallest_int_dtype(layer.d_in - 1)
             state[f"{module}.coeffs"] = adapter.coeffs.detach().to(coefficient_dtype)
-            if self.peft_config[name].method != "fourierft":  # FourierFT's locations follow from its seed
+            if self.peft_config[name].stores_locations:  # else they follow from the seed
                 state[f"{module}.rows"] = adapter.rows.to(rows_dtype)
                 state[f"{module}.cols"] = adapter.cols.to(cols_dtype)
             if adapter.perm_rows is not None:

@@ -27,6 +27,7 @@ from s2ft.io import atomic_write, atomic_write_text
 
 PEFT_PREFIX = "base_model.model."
 PEFT_WEIGHTS = "adapter_model.safetensors"
+FOURIERFT = "FOURIERFT"  # PEFT's type of the FourierFT adapter (a config's peft_type)
 
 
 def is_peft_folder(directory: str | os.PathLike) -> bool:
@@ -46,11 +47,11 @@ def fourierft_to_peft(
     (``adapter_name``, default the active one)."""
     name = adapter_name or model.active_adapter
     config = model.peft_config[name]
-    if config.method != "fourierft":
+    if config.peft_type != FOURIERFT:
         raise ValueError(
-            f"a {config.method!r} adapter has no Hugging Face PEFT format (PEFT has no S2FT type: its permutations "
-            "and sampled locations have no place there); merge it into the model (merge_and_unload, s2ft merge) "
-            "or export it as LoRA (s2ft export-lora, s2ft.export_lora)"
+            f"a {config.method!r} adapter has no Hugging Face PEFT format (PEFT has no type for it; S2FT's "
+            "permutations and sampled locations have no place there); merge it into the model (merge_and_unload, "
+            "s2ft merge) or export it as LoRA (s2ft export-lora, s2ft.export_lora)"
         )
     state = {
         f"{PEFT_PREFIX}{module}.fourierft_spectrum": layer.adapters[name].coeffs.detach().float()
@@ -59,7 +60,7 @@ def fourierft_to_peft(
     state.update(_saved_modules(model, name))
     base = model.base_model
     peft_config = {
-        "peft_type": "FOURIERFT",
+        "peft_type": FOURIERFT,
         "task_type": None,
         "n_frequency": config.n_frequency,
         "scaling": config.scaling,
@@ -87,7 +88,7 @@ def read_peft_fourierft(directory: str | os.PathLike) -> tuple[FourierFTConfig, 
     with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as f:
         data = json.load(f)
     peft_type = str(data.get("peft_type", "")).upper()
-    if peft_type != "FOURIERFT":
+    if peft_type != FOURIERFT:
         raise ValueError(
             f"{directory} holds a Hugging Face PEFT {peft_type} adapter; s2ft reads PEFT's FOURIERFT adapters only "
             "(load this one with peft.PeftModel.from_pretrained)"

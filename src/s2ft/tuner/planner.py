@@ -16,6 +16,8 @@ import torch
 from s2ft.ops.locations import fourierft_locations, power_spectrum, sample_locations
 from s2ft.ops.permutation import path_length, search_order
 
+PLANNED_BASIS = "fourier"  # the basis (s2ft.ops.bases) whose spectrum plan_layer samples from
+
 
 @dataclass
 class LayerPlan:
@@ -70,7 +72,15 @@ def plan_layer(
 
 
 def plan_for(prior: torch.Tensor, name: str, config) -> LayerPlan:
-    """The plan of module ``name`` under an :class:`s2ft.S2FTConfig`: what calibration installs there."""
+    """The plan of module ``name`` under an :class:`s2ft.S2FTConfig`: what calibration installs there.
+
+    The plan samples from the prior's 2-D DFT power spectrum, so it is the plan of a Fourier-basis adapter; a
+    planned config in another basis is refused rather than given locations of the wrong spectrum."""
+    if config.basis != PLANNED_BASIS:
+        raise ValueError(
+            f"S2FT's planner samples locations from the DFT power spectrum (basis {PLANNED_BASIS!r}); a "
+            f"{config.method!r} adapter lives in basis {config.basis!r}, which has no planner"
+        )
     return plan_layer(
         prior,
         config.n_frequency,
