@@ -33,7 +33,9 @@ def main() -> int:
     import peft
 
     from s2ft.jobs.args import FinetuneArgs
-    from s2ft.jobs.common import held_out, load_trained, make_trainer
+    from s2ft.jobs.runs import load_trained
+    from s2ft.jobs.splits import held_out
+    from s2ft.jobs.training import make_trainer
     from s2ft.tasks import get_task
     from s2ft.tuner.peft_formats import export_lora
 

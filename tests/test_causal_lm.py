@@ -140,8 +140,8 @@ def test_causal_lm_end_to_end(tiny, tmp_path, method):
 
 
 def test_evaluate_and_merge_reproduce_the_run(tiny, tmp_path):
-    from s2ft.jobs.common import load_trained
     from s2ft.jobs.evaluate import run_evaluate
+    from s2ft.jobs.runs import load_trained
 
     model, corpus, _ = tiny
     out, merged = tmp_path / "run", tmp_path / "merged"

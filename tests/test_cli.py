@@ -133,7 +133,7 @@ with torch.no_grad():
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     logits = torch.tensor(json.loads(result.stdout.strip().splitlines()[-1]))
-    from s2ft.jobs.common import load_trained
+    from s2ft.jobs.runs import load_trained
 
     model, tok, _ = load_trained(str(out))
     batch = tok(["the wave ship salt", "the cloud star moon rain"], return_tensors="pt", padding=True)
@@ -273,7 +273,7 @@ def test_analyze_end_to_end(tiny, tmp_path):
 
 def test_head_warmup_trains_only_the_head(tiny, tmp_path):
     from s2ft.jobs.args import FinetuneArgs
-    from s2ft.jobs.common import warm_up_head
+    from s2ft.jobs.training import warm_up_head
     from s2ft.tasks import get_task
 
     model_dir, data = tiny

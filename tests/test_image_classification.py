@@ -114,8 +114,8 @@ def test_resnet_targets_its_pointwise_convolutions(tiny, tmp_path):
 
 
 def test_evaluate_and_merge_reproduce_the_run(tiny, tmp_path):
-    from s2ft.jobs.common import load_trained
     from s2ft.jobs.evaluate import run_evaluate
+    from s2ft.jobs.runs import load_trained
 
     out, merged = tmp_path / "run", tmp_path / "merged"
     assert finetune(tiny["vit"], tiny["data"], out) == 0

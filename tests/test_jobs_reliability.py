@@ -97,8 +97,8 @@ def test_evaluate_maps_labels_by_name(trained, tmp_path):
     """Data with two of the three labels: by position, "sea" and "sky" would get the ids of "land" and "sea"."""
     import torch
 
-    from s2ft.jobs.common import load_trained
     from s2ft.jobs.evaluate import run_evaluate
+    from s2ft.jobs.runs import load_trained
 
     rows = run_rows(trained)
     rows = [r for r in rows if r["label"] != "land"][:60]
@@ -295,7 +295,7 @@ def test_export_lora_cli(trained, tmp_path, capsys):
     import peft
     import torch
 
-    from s2ft.jobs.common import load_trained
+    from s2ft.jobs.runs import load_trained
 
     out = tmp_path / "lora"
     assert main(["export-lora", "--adapter", str(trained), "--rank", "32", "--output", str(out)]) == 0

@@ -306,7 +306,7 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
 
 def _analyze(ns: argparse.Namespace) -> None:
     from s2ft.jobs.analyze import run_analyze
-    from s2ft.jobs.common import log_to
+    from s2ft.jobs.logs import log_to
 
     args = _job_args(ns)
     with log_to(None, args.quiet):  # --quiet: no load reports or progress bars

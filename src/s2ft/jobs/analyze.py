@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from s2ft.jobs.args import FinetuneArgs
-from s2ft.jobs.common import calibration_batches, make_trainer, training_subset, warm_up_head, with_targets
+from s2ft.jobs.splits import calibration_batches, training_subset, with_targets
+from s2ft.jobs.training import make_trainer, warm_up_head
 from s2ft.methods import full_method, planning_method
 from s2ft.tasks import get_task
 

@@ -7,7 +7,9 @@ import tempfile
 from typing import Any
 
 from s2ft.jobs.args import FinetuneArgs
-from s2ft.jobs.common import held_out, load_trained, make_trainer
+from s2ft.jobs.runs import load_trained
+from s2ft.jobs.splits import held_out
+from s2ft.jobs.training import make_trainer
 from s2ft.tasks import RunError, get_task
 
 SPLITS = ("train", "validation", "test")

@@ -8,7 +8,8 @@ import os
 from typing import Any
 
 from s2ft.io import atomic_write_text
-from s2ft.jobs.common import load_trained, staged_output
+from s2ft.jobs.output import staged_output
+from s2ft.jobs.runs import load_trained
 from s2ft.tasks import RunError
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from s2ft.jobs.common import RUN_FILE, load_trained, staged_output
+from s2ft.jobs.output import RUN_FILE, staged_output
+from s2ft.jobs.runs import load_trained
 from s2ft.methods import get_method
 from s2ft.tasks import RunError, get_task
 
