@@ -25,6 +25,12 @@ INITS = ("zeros", "normal")
 FORWARD_PATHS = ("auto", "dense", "fft")
 
 
+# Adapter config classes by method name (the "method" field of an adapter_config.json). A subclass of
+# FourierFTConfig that names its own ``method`` registers itself here when it is defined (s2ft.methods.* define
+# the others), so load_config and from_dict find it.
+CONFIGS: dict[str, type[FourierFTConfig]] = {}
+
+
 def _is_number(value: Any) -> bool:
     """A real number, and not a bool (``True`` is an ``int`` to Python, never a sensible scaling or gamma)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -69,6 +75,11 @@ class FourierFTConfig:
     init: str = "zeros"
     # How training forwards apply ΔW: "dense" builds it, "fft" never does, "auto" picks per layer and input.
     forward_path: str = "auto"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "method" in cls.__dict__:
+            CONFIGS[cls.method] = cls
 
     def __post_init__(self) -> None:
         self.validate()
@@ -235,11 +246,11 @@ class S2FTConfig(FourierFTConfig):
         self.prior_lr = float(self.prior_lr)
 
 
-CONFIGS: dict[str, type[FourierFTConfig]] = {"fourierft": FourierFTConfig, "s2ft": S2FTConfig}
+CONFIGS[FourierFTConfig.method] = FourierFTConfig
 
 
 def load_config(path: str | os.PathLike) -> FourierFTConfig:
-    """Read an ``adapter_config.json`` (or the folder holding it) of either method."""
+    """Read an ``adapter_config.json`` (or the folder holding it) of any method in :data:`CONFIGS`."""
     path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, CONFIG_NAME)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from s2ft.errors import RunError
 from s2ft.methods.base import Method, Option, Variant
+from s2ft.methods.dct import DCT
 from s2ft.methods.full import Full
 from s2ft.methods.lora import LoRA
 from s2ft.methods.spectral import S2FT, FourierFT
 from s2ft.methods.waveft import WaveFT
 
-METHODS: dict[str, Method] = {m.name: m for m in (FourierFT(), S2FT(), LoRA(), WaveFT(), Full())}
+METHODS: dict[str, Method] = {m.name: m for m in (FourierFT(), S2FT(), DCT(), LoRA(), WaveFT(), Full())}
 DEFAULT_METHOD = S2FT.name
 
 

@@ -21,7 +21,7 @@ SCALING = Option(
     "scaling",
     float,
     None,
-    "alpha in ΔW = alpha * Re(IDFT2(F))",
+    "alpha, the scale of ΔW: ΔW = alpha * Re(IDFT2(F)) (dct: in the same units)",
     fallback=150.0,
     check=finite_non_negative,
 )
