@@ -74,7 +74,7 @@ def finetune(tiny, output, *extra) -> int:
     return main([*argv, *extra])
 
 
-@pytest.mark.parametrize("method", ["s2ft", "fourierft", "lora", "full"])
+@pytest.mark.parametrize("method", ["s2ft", "fourierft", "dct", "lora", "full"])
 def test_finetune_writes_a_complete_run(tiny, tmp_path, method):
     out = tmp_path / "run"
     assert finetune(tiny, out, "--method", method) == 0
@@ -97,7 +97,7 @@ def test_finetune_writes_a_complete_run(tiny, tmp_path, method):
     assert metrics["method"] == method
     assert (metrics["calibration_seconds"] > 0) == (method == "s2ft")
     assert 0.0 <= metrics["test_accuracy"] <= 1.0
-    if method in ("s2ft", "fourierft"):
+    if method in ("s2ft", "fourierft", "dct"):
         assert metrics["adapter_bytes"] == os.path.getsize(out / "adapter" / "adapter_model.safetensors")
         parts = metrics["adapter_bytes_parts"]
         assert sum(parts.values()) == metrics["adapter_bytes"] and parts["coefficients"] == 4 * 64 * 4
@@ -226,7 +226,9 @@ def test_compare_end_to_end(tiny, tmp_path, monkeypatch):
     assert by["full"]["trainable_params"] > by["lora"]["trainable_params"] > by["s2ft"]["trainable_params"]
     table = (out / "results.md").read_text()
     assert all(r["label"] in table for r in results["summary"])
-    assert "S2FT, n = 32" in table and "LoRA r = 8" in table  # labels name their budget
+    assert (
+        "S2FT, n = 32" in table and "LoRA r = 8" in table and "DCT, n = 64" in table
+    )  # labels name the budget
     assert "(seed 0)" in table and "(seed 1)" in table  # each seed has its own split
     png = (out / "accuracy_vs_size.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
@@ -235,6 +237,30 @@ def test_compare_end_to_end(tiny, tmp_path, monkeypatch):
         "s2ft.jobs.compare.run_finetune", lambda args: (_ for _ in ()).throw(AssertionError("reran"))
     )
     assert main(argv) == 0
+
+
+def test_compare_fourierft_s2ft_and_dct(tiny, tmp_path):
+    """The comparison the DCT method was added for: its runs beside FourierFT's and S2FT's, paired with FourierFT."""
+    model, data = tiny
+    out = tmp_path / "compare"
+    argv = ["compare", "--model", model, "--dataset", data, "--output", str(out), "--quiet", "--seeds", "0"]
+    argv += ["--variants", "fourierft", "s2ft", "dct", "--n-frequency", "64", "--calibration-batches", "2"]
+    argv += ["--max-steps", "3", "--batch-size", "8", "--head-warmup-steps", "2"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    by = {r["variant"]: r for r in results["summary"]}
+    assert list(by) == ["fourierft", "s2ft", "dct"] and by["dct"]["label"] == "DCT, n = 64"
+    assert by["dct"]["trainable_params"] == by["fourierft"]["trainable_params"]
+    assert by["dct"]["calibration_seconds_mean"] == 0 < by["s2ft"]["calibration_seconds_mean"]
+    paired = {p["label"]: p["differences"] for p in results["paired_with_fourierft"]}
+    assert set(paired) == {"S2FT, n = 64", "DCT, n = 64"}
+    run = {r["variant"]: r for r in results["runs"]}
+    assert paired["DCT, n = 64"]["0"] == pytest.approx(
+        run["dct"]["test_accuracy"] - run["fourierft"]["test_accuracy"]
+    )
+    config = json.loads((out / "runs" / "dct-seed0" / "adapter" / "adapter_config.json").read_text())
+    assert config["method"] == "dct" and config["n_frequency"] == 64
+    assert "| DCT, n = 64 |" in (out / "results.md").read_text()
 
 
 def test_analyze_end_to_end(tiny, tmp_path):

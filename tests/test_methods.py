@@ -106,3 +106,17 @@ def test_labels_come_from_the_methods_and_name_the_budget():
     assert labels["s2ft-uniform"] == "S2FT, n = 64, random locations"
     assert run_name("lora", 4, 1) == "lora-r4-seed1" and run_name("s2ft", 8, 0) == "s2ft-n8-seed0"
     assert budgets_of("lora", [8], [1, 2]) == [1, 2] and budgets_of("full", [8], [1]) == [None]
+
+
+def test_every_variant_of_a_seed_shares_one_warmed_head():
+    """The warm-up's cache key leaves out every method option (none affects the head): one warm-up per seed."""
+    from s2ft.jobs.training import warmup_cache_key
+
+    base = FinetuneArgs(n_frequency=64)
+    keys = {name: warmup_cache_key(variant_args(base, name, 0, f"out/{name}")) for name in VARIANTS}
+    assert len(set(keys.values())) == 1, keys
+    assert warmup_cache_key(variant_args(base, "s2ft", 1, "out")) != keys["s2ft"]  # the seed changes the head
+    assert (
+        warmup_cache_key(variant_args(dataclasses.replace(base, head_lr=1e-2), "s2ft", 0, "o"))
+        != keys["s2ft"]
+    )

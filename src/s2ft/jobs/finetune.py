@@ -206,26 +206,17 @@ def wrap_and_plan(run: Run) -> dict[str, Any]:
     return {"calibration_seconds": round(seconds, 3)}
 
 
-def replan_callback(run: Run) -> Any:
-    """S2FT's re-planning during training (``--replan-at``) added to the trainer, or None; after training its
-    ``step`` and ``energy_kept`` are reported."""
-    if not run.args.replan_at:
-        return None
-    from s2ft.tuner.callbacks import ReplanCallback
-
-    replan = ReplanCallback(run.model, run.args.replan_at)
-    run.trainer.add_callback(replan)
-    return replan
-
-
 def train(run: Run) -> dict[str, Any]:
-    """Train the wrapped model."""
-    replan = replan_callback(run)
+    """Train the wrapped model with the method's callbacks (S2FT's re-planning, ``--replan-at``); what each
+    callback's ``metrics()`` returns is reported."""
+    callbacks = run.method.callbacks(run.model, run.args)
+    for callback in callbacks:
+        run.trainer.add_callback(callback)
     start = time.perf_counter()
     run.trainer.train()
     metrics: dict[str, Any] = {"train_seconds": round(time.perf_counter() - start, 3)}
-    if replan is not None:
-        metrics.update({"replan_step": replan.step, "replan_energy_kept": replan.energy_kept})
+    for callback in callbacks:
+        metrics.update(callback.metrics() if hasattr(callback, "metrics") else {})
     metrics["trainable_params"] = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
     return metrics
 

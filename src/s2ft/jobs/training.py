@@ -153,32 +153,28 @@ def warm_up_head(
             p.requires_grad_(flags[name])
 
 
-# Options that do not change a warmed head (only what comes after the warm-up).
+# Options that do not change a warmed head (only what comes after the warm-up); the methods' own options say
+# so themselves (s2ft.methods.after_warmup).
 AFTER_WARMUP = {
     "method",
     "targets",
-    "n_frequency",
-    "scaling",
-    "gamma",
-    "permutation",
-    "calibration_batches",
-    "lora_r",
     "epochs",
     "max_steps",
     "lr",
     "output",
     "overwrite",
     "quiet",
-    "permute",
-    "locations",
     "head_warmup_cache",
 }
 
 
 def warmup_cache_key(args: FinetuneArgs) -> str:
     """16 hex digits naming a warmed head: a hash of every option the warm-up depends on (all but
-    :data:`AFTER_WARMUP`)."""
-    options = {k: v for k, v in dataclasses.asdict(args).items() if k not in AFTER_WARMUP}
+    :data:`AFTER_WARMUP` and the methods' options that do not affect it)."""
+    from s2ft.methods import after_warmup
+
+    after = AFTER_WARMUP | after_warmup()
+    options = {k: v for k, v in dataclasses.asdict(args).items() if k not in after}
     return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:16]
 
 
