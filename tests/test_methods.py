@@ -120,3 +120,32 @@ def test_every_variant_of_a_seed_shares_one_warmed_head():
         warmup_cache_key(variant_args(dataclasses.replace(base, head_lr=1e-2), "s2ft", 0, "o"))
         != keys["s2ft"]
     )
+
+
+def test_no_method_is_named_outside_methods_and_the_config_classes():
+    """The issue's check: outside s2ft/methods/ and config.py no code compares, looks up or sets a method by name
+    (a task's per-method learning rates are dict keys, which are fine)."""
+    import pathlib
+    import re
+
+    import s2ft
+
+    names = "|".join(METHODS)
+    patterns = [
+        r"\bmethod\s*(==|!=)",
+        rf"(==|!=)\s*[\"']({names})[\"']",
+        rf"[\"']({names})[\"']\s*(==|!=)",
+        rf"get_method\(\s*[\"']({names})[\"']",
+        rf"\bmethod\s*=\s*[\"']({names})[\"']",
+        rf"\bin\s*\([^)]*[\"']({names})[\"']",
+    ]
+    root = pathlib.Path(s2ft.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root).as_posix()
+        if relative.startswith("methods/") or relative == "config.py":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if any(re.search(p, line) for p in patterns):
+                found.append(f"{relative}:{number}: {line.strip()}")
+    assert found == []
