@@ -137,7 +137,7 @@ def test_no_method_is_named_outside_methods_and_the_config_classes():
         rf"[\"']({names})[\"']\s*(==|!=)",
         rf"get_method\(\s*[\"']({names})[\"']",
         rf"\bmethod\s*=\s*[\"']({names})[\"']",
-        rf"\bin\s*\([^)]*[\"']({names})[\"']",
+        r"\bmethod\s+(not\s+)?in\s*[(\[{]",
     ]
     root = pathlib.Path(s2ft.__file__).parent
     found = []
