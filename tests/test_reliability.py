@@ -286,6 +286,41 @@ def test_a_wrapped_model_pickles():
     assert type(loaded) is type(model)
     torch.testing.assert_close(logits(loaded), logits(model))
     torch.testing.assert_close(logits(copy.deepcopy(model)), logits(model))
+    from s2ft.tuner.model import _new_spectral_model  # what models pickled by earlier versions name
+
+    assert type(_new_spectral_model(type(model.base_model))) is type(model)
+
+
+def test_tuner_modules_import_one_way_and_at_the_top():
+    """No import circle among s2ft.tuner's modules, and none hidden in a function-level import."""
+    import ast
+    import pathlib
+
+    import s2ft.tuner
+
+    folder = pathlib.Path(s2ft.tuner.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in folder.glob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        top = {node for node in tree.body if isinstance(node, ast.ImportFrom)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("s2ft.tuner"):
+                assert node in top, f"{path.name} imports {node.module} inside a function"
+        graph[path.stem] = {
+            n.module.rsplit(".", 1)[-1] for n in top if (n.module or "").startswith("s2ft.tuner.")
+        }
+    done: set[str] = set()
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        assert name not in path, f"import circle: {' -> '.join((*path, name))}"
+        if name not in done:
+            for other in graph.get(name, ()):
+                visit(other, (*path, name))
+            done.add(name)
+
+    for name in graph:
+        visit(name, ())
+    assert {"model", "targets", "saving", "planner"} <= set(graph) and "model" in graph["peft_formats"]
 
 
 def test_fourierft_layers_have_their_own_location_tensors():

@@ -139,6 +139,7 @@ def weight_matrix(layer: nn.Module, grad: bool = False) -> torch.Tensor:
 
 
 BASE = "__base__"  # the reserved adapter name of a mixed batch's examples that run on the base model alone
+DEFAULT = "default"  # the name of the adapter get_spectral_model creates, as in PEFT
 _EXAMPLE_ADAPTERS: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
     "s2ft_adapter_names", default=None
 )
@@ -267,7 +268,7 @@ class SpectralLinear(nn.Module):
         init: str = "zeros",
         forward_path: str = "auto",
         basis: Any = "fourier",
-        adapter_name: str = "default",
+        adapter_name: str = DEFAULT,
     ) -> None:
         super().__init__()
         self.kind = kind_of(base_layer)
@@ -479,7 +480,7 @@ class TrainedCopy(nn.Module):
     original is kept. With adapters disabled the original runs, so the model computes exactly what it computed
     before wrapping; with several active adapters, the first one's copy runs."""
 
-    def __init__(self, module: nn.Module, adapter_name: str = "default") -> None:
+    def __init__(self, module: nn.Module, adapter_name: str = DEFAULT) -> None:
         super().__init__()
         self.original_module = module
         self.original_module.requires_grad_(False)

@@ -1,0 +1,128 @@
+"""Hugging Face PEFT's FourierFT adapter folder, both ways.
+
+PEFT's FourierFT stores one ``fourierft_spectrum`` ``(n,)`` per adapted module and derives its locations from
+``random_loc_seed``, exactly as s2ft's FourierFT does (same draw, same ``ΔW``), so the two formats carry the same
+adapter. Only a config whose ``peft_type`` is PEFT's ``"FOURIERFT"`` is written so; S2FT has no PEFT type (its
+permutations and sampled locations have no place there). The functions take a :class:`s2ft.SpectralModel` and
+never import it (:mod:`s2ft.tuner.peft_formats` holds what builds one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from s2ft.config import CONFIG_NAME, FourierFTConfig
+from s2ft.io import atomic_write, atomic_write_text
+
+PEFT_PREFIX = "base_model.model."
+PEFT_WEIGHTS = "adapter_model.safetensors"
+FOURIERFT = "FOURIERFT"  # PEFT's type of the FourierFT adapter (a config's peft_type)
+
+
+def is_peft_folder(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds a PEFT adapter config (a ``peft_type`` field)."""
+    try:
+        with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as f:
+            return "peft_type" in json.load(f)
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def fourierft_to_peft(
+    model: Any, adapter_name: str | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """PEFT's ``adapter_config.json`` content and tensors for a FourierFT adapter of a :class:`s2ft.SpectralModel`
+    (``adapter_name``, default the active one)."""
+    name = adapter_name or model.active_adapter
+    config = model.peft_config[name]
+    if config.peft_type != FOURIERFT:
+        raise ValueError(
+            f"a {config.method!r} adapter has no Hugging Face PEFT format (PEFT has no type for it; S2FT's "
+            "permutations and sampled locations have no place there); merge it into the model (merge_and_unload, "
+            "s2ft merge) or export it as LoRA (s2ft export-lora, s2ft.export_lora)"
+        )
+    state = {
+        f"{PEFT_PREFIX}{module}.fourierft_spectrum": layer.adapters[name].coeffs.detach().float()
+        for module, layer in model._layers_of(name).items()
+    }
+    state.update(saved_modules(model, name))
+    base = model.base_model
+    peft_config = {
+        "peft_type": FOURIERFT,
+        "task_type": None,
+        "n_frequency": config.n_frequency,
+        "scaling": config.scaling,
+        "random_loc_seed": config.seed,
+        "target_modules": config.target_modules,
+        "modules_to_save": config.modules_to_save,
+        "fan_in_fan_out": False,
+        "init_weights": config.init == "zeros",
+        "inference_mode": True,
+        "bias": "none",
+        "base_model_name_or_path": getattr(getattr(base, "config", None), "_name_or_path", None) or None,
+    }
+    return peft_config, {k: v.contiguous().cpu() for k, v in state.items()}
+
+
+def save_peft_fourierft(model: Any, directory: str | os.PathLike, adapter_name: str | None = None) -> None:
+    """Write a FourierFT adapter as PEFT writes it, for ``peft.PeftModel.from_pretrained``."""
+    peft_config, state = fourierft_to_peft(model, adapter_name)
+    write_peft_folder(directory, peft_config, state)
+
+
+def read_peft_fourierft(directory: str | os.PathLike) -> tuple[FourierFTConfig, dict[str, torch.Tensor]]:
+    """A PEFT FourierFT adapter folder as an s2ft config and the s2ft-format tensors ``{module}.coeffs`` and
+    ``modules_to_save.{module}.{key}`` (locations follow from the seed). Another PEFT type is refused."""
+    with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as f:
+        data = json.load(f)
+    peft_type = str(data.get("peft_type", "")).upper()
+    if peft_type != FOURIERFT:
+        raise ValueError(
+            f"{directory} holds a Hugging Face PEFT {peft_type} adapter; s2ft reads PEFT's FOURIERFT adapters only "
+            "(load this one with peft.PeftModel.from_pretrained)"
+        )
+    if data.get("fan_in_fan_out"):
+        raise ValueError(f"{directory}: fan_in_fan_out=True PEFT FourierFT adapters are not supported")
+    config = FourierFTConfig(
+        target_modules=data["target_modules"],
+        modules_to_save=data.get("modules_to_save") or None,
+        n_frequency=data["n_frequency"],
+        scaling=data["scaling"],
+        seed=data.get("random_loc_seed", 777),
+        init="zeros" if data.get("init_weights", False) else "normal",
+    )
+    raw = load_file(os.path.join(directory, PEFT_WEIGHTS))
+    state = {}
+    for key, value in raw.items():
+        name = key.removeprefix(PEFT_PREFIX)
+        if name.endswith(".fourierft_spectrum"):
+            state[name.removesuffix(".fourierft_spectrum") + ".coeffs"] = value
+        else:
+            state[f"modules_to_save.{name}"] = value
+    return config, state
+
+
+def saved_modules(model: Any, adapter_name: str) -> dict[str, torch.Tensor]:
+    """An adapter's trained ``modules_to_save`` under PEFT's keys (``base_model.model.{module}.{key}``)."""
+    return {
+        f"{PEFT_PREFIX}{name}.{key}": value.detach()
+        for name, module in model._trained_copies().items()
+        if adapter_name in module.copies
+        for key, value in module.copies[adapter_name].state_dict().items()
+    }
+
+
+def write_peft_folder(
+    directory: str | os.PathLike, peft_config: dict[str, Any], state: dict[str, torch.Tensor]
+) -> None:
+    """A PEFT adapter folder: ``adapter_model.safetensors`` and ``adapter_config.json``."""
+    os.makedirs(directory, exist_ok=True)
+    atomic_write(
+        os.path.join(directory, PEFT_WEIGHTS), lambda tmp: save_file(state, tmp, metadata={"format": "pt"})
+    )
+    atomic_write_text(os.path.join(directory, CONFIG_NAME), json.dumps(peft_config, indent=2) + "\n")

@@ -1,0 +1,157 @@
+"""Saving and loading a :class:`s2ft.SpectralModel`'s adapters: one adapter's tensors, its folder (s2ft's format
+or PEFT's), and a folder read back and checked against a model. The format itself is :mod:`s2ft.tuner.adapter_io`.
+
+The functions take the adapted layers (``{module name: SpectralLinear}``) and trained copies
+(``{module name: TrainedCopy}``) of one adapter, or, to write folders, the model itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from s2ft.config import FourierFTConfig, load_config
+from s2ft.ops.locations import smallest_int_dtype
+from s2ft.tuner.adapter_io import (
+    SAVE_PREFIX,
+    WEIGHTS_NAME,
+    check_adapter,
+    check_adapter_folder,
+    read_adapter,
+    write_adapter_folder,
+)
+from s2ft.tuner.layers import DEFAULT, SpectralLinear, TrainedCopy
+from s2ft.tuner.peft_fourierft import (
+    fourierft_to_peft,
+    is_peft_folder,
+    read_peft_fourierft,
+    save_peft_fourierft,
+)
+from s2ft.tuner.targets import base_of, resolve, shape_of
+
+FORMATS = ("s2ft", "peft")
+COEFFICIENT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def adapter_state(
+    layers: dict[str, SpectralLinear],
+    copies: dict[str, TrainedCopy],
+    adapter_name: str,
+    config: FourierFTConfig,
+    coefficient_dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """The tensors of adapter ``adapter_name``'s file, contiguous on the CPU: ``{module}.coeffs`` ``(n,)`` in
+    ``coefficient_dtype``; if ``config.stores_locations``, ``{module}.rows``/``.cols`` ``(n,)``; any permutations
+    ``perm_rows`` ``(d_out,)`` and ``perm_cols`` ``(d_in,)`` (indices in the smallest integer dtype that fits); and
+    ``modules_to_save.{module}.{key}`` of its trained copies."""
+    state: dict[str, torch.Tensor] = {}
+    for module, layer in layers.items():
+        adapter = layer.adapters[adapter_name]
+        adapter._require_ready()
+        rows_dtype, cols_dtype = smallest_int_dtype(layer.d_out - 1), smallest_int_dtype(layer.d_in - 1)
+        state[f"{module}.coeffs"] = adapter.coeffs.detach().to(coefficient_dtype)
+        if config.stores_locations:  # else they follow from the seed
+            state[f"{module}.rows"] = adapter.rows.to(rows_dtype)
+            state[f"{module}.cols"] = adapter.cols.to(cols_dtype)
+        if adapter.perm_rows is not None:
+            state[f"{module}.perm_rows"] = adapter.perm_rows.to(rows_dtype)
+            state[f"{module}.perm_cols"] = adapter.perm_cols.to(cols_dtype)
+    for module, copy in copies.items():
+        if adapter_name in copy.copies:
+            for key, value in copy.copies[adapter_name].state_dict().items():
+                state[f"{SAVE_PREFIX}{module}.{key}"] = value.detach()
+    return {k: v.contiguous().cpu() for k, v in state.items()}
+
+
+def shapes_metadata(layers: dict[str, SpectralLinear]) -> dict[str, str]:
+    """The file's metadata: the shapes ``[d_out, d_in]`` of the adapted modules, in the sorted order of their
+    names."""
+    shapes = [[layers[name].d_out, layers[name].d_in] for name in sorted(layers)]
+    return {"format": "pt", "s2ft_shapes": json.dumps(shapes, separators=(",", ":"))}
+
+
+def check_save_options(format: str, coefficient_dtype: torch.dtype, has_layers: bool) -> None:
+    """Refuse an unknown ``format`` or ``coefficient_dtype``, and a model with no adapted layer left."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be 's2ft' or 'peft', got {format!r}")
+    if coefficient_dtype not in COEFFICIENT_DTYPES:
+        raise ValueError(
+            f"coefficient_dtype must be torch.float32, float16 or bfloat16, got {coefficient_dtype}"
+        )
+    if not has_layers:
+        raise RuntimeError(
+            "this model holds no adapter any more (merge_and_unload() folded it into the base weights), so there "
+            "is nothing to save as an adapter: save before merge_and_unload(), or save the merged model with its "
+            "own save_pretrained"
+        )
+
+
+def write_adapters(
+    model: Any,
+    save_directory: str | os.PathLike,
+    names: list[str],
+    format: str = "s2ft",
+    coefficient_dtype: torch.dtype = torch.float32,
+) -> None:
+    """Write adapters ``names`` of a :class:`s2ft.SpectralModel` (:meth:`s2ft.SpectralModel.save_pretrained`):
+    :data:`DEFAULT` in ``save_directory``, the others in subfolders named after them; each folder as a whole."""
+    if format == "peft":
+        for name in names:
+            fourierft_to_peft(
+                model, name
+            )  # refuses an adapter without a PEFT type before anything is written
+    for name in names:
+        directory = os.fspath(save_directory) if name == DEFAULT else os.path.join(save_directory, name)
+        os.makedirs(directory, exist_ok=True)
+        if format == "peft":
+            save_peft_fourierft(model, directory, name)
+            continue
+        config_text = json.dumps(model.peft_config[name].to_dict(), indent=2) + "\n"
+        state = model.adapter_state_dict(name, coefficient_dtype)
+        write_adapter_folder(directory, state, model._metadata(name), config_text)
+
+
+def read_folder(
+    directory: str | os.PathLike, model: nn.Module, wrapped: bool
+) -> tuple[FourierFTConfig, dict[str, torch.Tensor]]:
+    """The config and tensors of an s2ft or PEFT FourierFT adapter folder, checked against ``model`` (which, with
+    ``wrapped``, may hold adapters already). Changes nothing."""
+    directory = check_adapter_folder(directory)
+    if is_peft_folder(directory):
+        config, state = read_peft_fourierft(directory)
+        shapes = None
+    else:
+        config = load_config(directory)
+        state, shapes = read_adapter(os.path.join(directory, WEIGHTS_NAME))
+    targets, saves = resolve(model, config, wrapped_ok=wrapped)
+    if shapes is None:
+        shapes = {name: list(shape_of(module)) for name, module in targets}
+    check_adapter(
+        state, shapes, config, [(n, base_of(m)) for n, m in targets], [(n, base_of(m)) for n, m in saves]
+    )
+    return config, state
+
+
+def fill(
+    layers: dict[str, SpectralLinear],
+    copies: dict[str, TrainedCopy],
+    adapter_name: str,
+    state: dict[str, torch.Tensor],
+) -> None:
+    """Copy a checked file's tensors (:func:`read_folder`) into adapter ``adapter_name``'s layers and copies."""
+    with torch.no_grad():
+        for name, layer in layers.items():
+            adapter = layer.adapters[adapter_name]
+            adapter.coeffs.copy_(state[f"{name}.coeffs"])
+            if f"{name}.rows" in state:  # else the seeded ones are in place
+                perms = [state.get(f"{name}.perm_rows"), state.get(f"{name}.perm_cols")]
+                adapter.set_locations(state[f"{name}.rows"], state[f"{name}.cols"], *perms)
+        for name, copy in copies.items():
+            if adapter_name in copy.copies:
+                prefix = f"{SAVE_PREFIX}{name}."
+                sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+                copy.copies[adapter_name].load_state_dict(sub, strict=True)
