@@ -19,7 +19,7 @@ from torch import nn
 from s2ft.config import CONFIG_NAME, FourierFTConfig
 from s2ft.io import atomic_write_group
 from s2ft.ops.permutation import is_permutation
-from s2ft.tuner.layers import layer_shape
+from s2ft.tuner.kinds import layer_shape
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 SAVE_PREFIX = "modules_to_save."

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from s2ft.config import PRIORS
-from s2ft.tuner.layers import kind_of, weight_matrix
+from s2ft.tuner.kinds import kind_of, weight_matrix
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 

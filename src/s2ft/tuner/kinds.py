@@ -1,0 +1,133 @@
+"""Layer kinds: how each kind of torch layer is adapted (its weight as a ``(d_out, d_in)`` matrix, that matrix put
+back, and ``ΔW`` applied to its input). A new kind is one :class:`LayerKind` subclass and one line in :data:`KINDS`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+try:  # transformers' GPT-2 style layer: y = x @ W + b with W stored (d_in, d_out)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency, but the layer works without it
+    Conv1D = None
+
+
+class LayerKind:
+    """How one kind of torch layer is adapted: its weight seen as a ``(d_out, d_in)`` matrix (``ΔW``'s shape),
+    that matrix put back into the weight's layout, and ``ΔW`` applied to the layer's input.
+
+    Nothing outside this module asks which kind a layer is; it calls :func:`kind_of`'s methods. ``apply`` gets
+    the :class:`s2ft.tuner.layers.SpectralLinear` and one of its :class:`s2ft.tuner.layers.SpectralAdapter`.
+    """
+
+    name = "linear"
+
+    def matrix(self, layer: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (the weight, or its gradient) in the ``(d_out, d_in)`` matrix view."""
+        return tensor
+
+    def to_weight(self, layer: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
+        """A ``(d_out, d_in)`` matrix in the layout of the layer's weight (inverse of :meth:`matrix`)."""
+        return matrix
+
+    def shape(self, layer: nn.Module) -> tuple[int, int]:
+        return tuple(self.matrix(layer, layer.weight).shape)
+
+    def apply(self, layer: nn.Module, adapter: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``adapter``'s ``ΔW`` applied to the layer's input ``x`` ``(..., d_in)``: ``(..., d_out)``, float32.
+        Without autograd (serving), the adapter's dense ``ΔW`` is built once and kept (:meth:`SpectralAdapter.
+        served_delta`), so a served batch costs one small matmul per adapter, not a spectrum per step."""
+        if not torch.is_grad_enabled():
+            return torch.nn.functional.linear(x.float(), adapter.served_delta())
+        return adapter.basis.apply(x, *adapter._spectrum(), path=adapter.forward_path)
+
+
+class Conv1DKind(LayerKind):
+    """transformers' ``Conv1D`` (GPT-2): ``y = x W + b`` with ``W`` stored ``(d_in, d_out)``."""
+
+    name = "conv1d"
+
+    def matrix(self, layer: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.T
+
+    def to_weight(self, layer: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
+        return matrix.T
+
+
+class Conv2dKind(LayerKind):
+    """``nn.Conv2d``: the weight ``(out, in/groups, kh, kw)`` seen as ``(out, in/groups · kh · kw)``.
+
+    Grouped and depthwise convolutions work the same way: ``ΔW`` is a weight of the layer's own shape, applied
+    with its stride, padding, dilation, groups and padding mode (``conv2d(x, ΔW)``, no bias). A pointwise
+    convolution (1x1, stride 1, no padding, one group) is a linear map of the channels; with
+    ``forward_path="fft"`` it goes through the basis's ``apply`` on the channels-last input, which (for the
+    Fourier basis, :func:`s2ft.ops.apply.spectral_apply`) never builds ``ΔW``. ``"auto"`` keeps ``conv2d(x, ΔW)``: on 2 CPU threads (forward + backward, batch
+    16, n = 1000, EfficientNet-Lite0's shapes) it took 26 / 36 / 47 ms at 40->240 (28x28), 112->672 (14x14) and
+    320->1280 (8x8) channels, against 32 / 49 / 43 ms for the channels-last dense path and 82 / 64 / 47 ms for
+    the FFT path (the move to channels-last copies the activation).
+    """
+
+    name = "conv2d"
+
+    def matrix(self, layer: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.reshape(tensor.shape[0], -1)
+
+    def to_weight(self, layer: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
+        return matrix.reshape(layer.weight.shape)
+
+    @staticmethod
+    def pointwise(layer: nn.Conv2d) -> bool:
+        return (
+            layer.kernel_size == (1, 1)
+            and layer.stride == (1, 1)
+            and layer.dilation == (1, 1)
+            and layer.groups == 1
+            and all(p == 0 for p in _padding(layer))
+        )
+
+    def apply(self, layer: nn.Module, adapter: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``(N, C_in, H, W)`` (or unbatched ``(C_in, H, W)``) -> ``(N, C_out, H', W')``, float32."""
+        layer = layer.base_layer
+        if adapter.forward_path == "fft" and self.pointwise(layer) and torch.is_grad_enabled():
+            channels_last = x.movedim(-3, -1)  # (..., H, W, C_in)
+            return super().apply(layer, adapter, channels_last).movedim(-1, -3)
+        dense = adapter.served_delta() if not torch.is_grad_enabled() else adapter.delta_weight()
+        delta = self.to_weight(layer, dense)
+        # The layer's own forward with ΔW as its weight and no bias: subclasses that pad in their forward
+        # (TensorFlow-style "same" padding, as EfficientNet's) are applied as they apply themselves.
+        zero_bias = None if layer.bias is None else torch.zeros_like(delta[:, 0, 0, 0])
+        return torch.func.functional_call(layer, {"weight": delta, "bias": zero_bias}, (x.float(),))
+
+
+def _padding(layer: nn.Conv2d) -> tuple[int, ...]:
+    """Explicit padding amounts; ``"same"`` counts as padding unless every kernel side is 1."""
+    if isinstance(layer.padding, str):
+        return (0,) if layer.padding == "valid" or layer.kernel_size == (1, 1) else (1,)
+    return tuple(layer.padding)
+
+
+KINDS: dict[type[nn.Module], LayerKind] = {nn.Linear: LayerKind(), nn.Conv2d: Conv2dKind()}
+if Conv1D is not None:
+    KINDS[Conv1D] = Conv1DKind()
+SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = tuple(KINDS)
+SUPPORTED_NAMES = "torch.nn.Linear, torch.nn.Conv2d and transformers' Conv1D"
+
+
+def kind_of(layer: nn.Module) -> LayerKind:
+    """The :class:`LayerKind` of a supported layer (the most specific class it is an instance of)."""
+    for cls in type(layer).__mro__:
+        if cls in KINDS:
+            return KINDS[cls]
+    raise TypeError(f"cannot adapt a {type(layer).__name__}; supported: {SUPPORTED_NAMES}")
+
+
+def layer_shape(layer: nn.Module) -> tuple[int, int]:
+    """``(d_out, d_in)`` of a supported layer: the shape of its weight's matrix view, and of ``ΔW``."""
+    return kind_of(layer).shape(layer)
+
+
+def weight_matrix(layer: nn.Module, grad: bool = False) -> torch.Tensor:
+    """The layer's weight (or, with ``grad``, its gradient) as a ``(d_out, d_in)`` matrix view."""
+    tensor = layer.weight.grad if grad else layer.weight
+    return kind_of(layer).matrix(layer, tensor)
