@@ -169,3 +169,75 @@ def test_square_conv1d_is_seen_transposed():
     torch.testing.assert_close(
         expected, x @ (weight_matrix(conv) + delta).T + conv.bias, atol=1e-5, rtol=1e-5
     )
+
+
+class Transposed(nn.Module):
+    """A layer s2ft does not know: ``y = x W`` with ``W`` stored ``(d_in, d_out)`` (as Conv1D, but unrelated)."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_in, d_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight
+
+
+def test_a_new_layer_kind_is_one_class_and_one_registry_line(monkeypatch, tmp_path):
+    import json
+
+    from s2ft.tuner import kinds
+    from s2ft.tuner.peft_formats import export_lora
+
+    class TransposedKind(kinds.LayerKind):
+        name, label, all_linear, lora_fan_in_fan_out = "transposed", "Transposed", False, True
+
+        def matrix(self, layer, tensor):
+            return tensor.T
+
+        def to_weight(self, layer, matrix):
+            return matrix.T
+
+    monkeypatch.setitem(kinds.KINDS, Transposed, TransposedKind())
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin, self.tr = nn.Linear(6, 5), Transposed(5, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.tr(self.lin(x))
+
+    base = Net().eval()
+    model = get_spectral_model(
+        copy.deepcopy(base), FourierFTConfig(target_modules=["tr"], n_frequency=8, init="normal")
+    )
+    layer = model.spectral_layers()["tr"]
+    assert (layer.d_out, layer.d_in) == (4, 5) and layer.kind.name == "transposed"
+    delta = naive_delta(layer, 150.0).float()
+    x = torch.randn(3, 6)
+    expected = base.lin(x) @ (base.tr.weight + delta.T)
+    torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=1e-5)
+        model.merge()
+        torch.testing.assert_close(layer.base_layer.weight, base.tr.weight + delta.T, atol=1e-5, rtol=1e-5)
+        model.unmerge()
+    report = export_lora(model, tmp_path, rank=4)
+    from safetensors.torch import load_file
+
+    lora = load_file(tmp_path / "adapter_model.safetensors")
+    assert report["tr"]["rank"] == 4 and lora["base_model.model.tr.lora_A.weight"].shape == (4, 5)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    everything = get_spectral_model(
+        copy.deepcopy(base), FourierFTConfig(target_modules="all-linear", n_frequency=4)
+    )
+    assert list(everything.spectral_layers()) == ["lin"]  # all_linear = False leaves it out
+
+    class Other(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv3d(2, 2, 1)
+
+    with pytest.raises(TypeError, match="Conv3d.*Conv2d, transformers' Conv1D and Transposed"):
+        get_spectral_model(Other(), FourierFTConfig(target_modules=["conv"], n_frequency=2))

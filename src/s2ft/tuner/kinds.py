@@ -22,6 +22,9 @@ class LayerKind:
     """
 
     name = "linear"
+    label = "torch.nn.Linear"  # how error messages name the layers of this kind
+    all_linear = True  # whether target_modules="all-linear" adapts layers of this kind
+    lora_fan_in_fan_out = False  # PEFT's LoRA flag for a weight stored (d_in, d_out)
 
     def matrix(self, layer: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` (the weight, or its gradient) in the ``(d_out, d_in)`` matrix view."""
@@ -42,11 +45,20 @@ class LayerKind:
             return torch.nn.functional.linear(x.float(), adapter.served_delta())
         return adapter.basis.apply(x, *adapter._spectrum(), path=adapter.forward_path)
 
+    def lora_weights(
+        self, layer: nn.Module, a: torch.Tensor, b: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """PEFT's ``lora_A`` and ``lora_B`` weights for this layer from the factors ``A`` ``(r, d_in)`` and ``B``
+        ``(d_out, r)`` of ``ΔW ≈ B A``: the matrices themselves for a linear map."""
+        return a, b
+
 
 class Conv1DKind(LayerKind):
     """transformers' ``Conv1D`` (GPT-2): ``y = x W + b`` with ``W`` stored ``(d_in, d_out)``."""
 
     name = "conv1d"
+    label = "transformers' Conv1D"
+    lora_fan_in_fan_out = True
 
     def matrix(self, layer: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.T
@@ -69,6 +81,8 @@ class Conv2dKind(LayerKind):
     """
 
     name = "conv2d"
+    label = "torch.nn.Conv2d"
+    all_linear = False  # as in PEFT: "all-linear" means the linear layers
 
     def matrix(self, layer: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.reshape(tensor.shape[0], -1)
@@ -99,6 +113,15 @@ class Conv2dKind(LayerKind):
         zero_bias = None if layer.bias is None else torch.zeros_like(delta[:, 0, 0, 0])
         return torch.func.functional_call(layer, {"weight": delta, "bias": zero_bias}, (x.float(),))
 
+    def lora_weights(
+        self, layer: nn.Module, a: torch.Tensor, b: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A`` as a ``(r, in, kh, kw)`` convolution and ``B`` as a 1x1 one ``(out, r, 1, 1)``; a grouped
+        convolution has no PEFT LoRA form."""
+        if layer.groups != 1:
+            raise ValueError("a grouped Conv2d has no PEFT LoRA form; merge the adapter instead")
+        return a.reshape(a.shape[0], *layer.weight.shape[1:]), b[:, :, None, None]
+
 
 def _padding(layer: nn.Conv2d) -> tuple[int, ...]:
     """Explicit padding amounts; ``"same"`` counts as padding unless every kernel side is 1."""
@@ -110,16 +133,33 @@ def _padding(layer: nn.Conv2d) -> tuple[int, ...]:
 KINDS: dict[type[nn.Module], LayerKind] = {nn.Linear: LayerKind(), nn.Conv2d: Conv2dKind()}
 if Conv1D is not None:
     KINDS[Conv1D] = Conv1DKind()
-SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = tuple(KINDS)
-SUPPORTED_NAMES = "torch.nn.Linear, torch.nn.Conv2d and transformers' Conv1D"
 
 
-def kind_of(layer: nn.Module) -> LayerKind:
-    """The :class:`LayerKind` of a supported layer (the most specific class it is an instance of)."""
+def supported_names() -> str:
+    """The supported layers as error messages name them: "torch.nn.Linear, torch.nn.Conv2d and ..."."""
+    labels = [kind.label for kind in KINDS.values()]
+    return labels[0] if len(labels) == 1 else f"{', '.join(labels[:-1])} and {labels[-1]}"
+
+
+SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = tuple(KINDS)  # as registered at import
+SUPPORTED_NAMES = supported_names()
+
+
+def find_kind(layer: nn.Module) -> LayerKind | None:
+    """The :class:`LayerKind` of ``layer`` (that of the most specific class it is an instance of), or None if
+    s2ft cannot adapt it."""
     for cls in type(layer).__mro__:
         if cls in KINDS:
             return KINDS[cls]
-    raise TypeError(f"cannot adapt a {type(layer).__name__}; supported: {SUPPORTED_NAMES}")
+    return None
+
+
+def kind_of(layer: nn.Module) -> LayerKind:
+    """The :class:`LayerKind` of a supported layer; ``TypeError`` for another."""
+    kind = find_kind(layer)
+    if kind is None:
+        raise TypeError(f"cannot adapt a {type(layer).__name__}; supported: {supported_names()}")
+    return kind
 
 
 def layer_shape(layer: nn.Module) -> tuple[int, int]:

@@ -69,11 +69,11 @@ def export_lora(
     fan_in_fan_out = False
     for name, layer in model._layers_of(adapter).items():
         a, b, error = lora_factors(layer.delta_weight(adapter), rank)
-        a, b = _lora_weights(layer.base_layer, a, b)
+        a, b = layer.kind.lora_weights(layer.base_layer, a, b)
         state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.contiguous().cpu()
         state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.contiguous().cpu()
         report[name] = {"rank": a.shape[0], "relative_error": error}
-        fan_in_fan_out = fan_in_fan_out or layer.kind.name == "conv1d"
+        fan_in_fan_out = fan_in_fan_out or layer.kind.lora_fan_in_fan_out
     state.update(saved_modules(model, adapter))
     ranks = {name: int(r["rank"]) for name, r in report.items()}
     top = max(ranks.values())
@@ -97,16 +97,6 @@ def export_lora(
     }
     write_peft_folder(directory, peft_config, state)
     return report
-
-
-def _lora_weights(base: nn.Module, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """PEFT's ``lora_A``/``lora_B`` weights for ``base``: the matrices for Linear and Conv1D; for Conv2d, ``A`` as a
-    ``(r, in, kh, kw)`` convolution and ``B`` as a 1x1 one ``(out, r, 1, 1)``."""
-    if isinstance(base, nn.Conv2d):
-        if base.groups != 1:
-            raise ValueError("a grouped Conv2d has no PEFT LoRA form; merge the adapter instead")
-        return a.reshape(a.shape[0], *base.weight.shape[1:]), b[:, :, None, None]
-    return a, b
 
 
 def load_peft_fourierft(

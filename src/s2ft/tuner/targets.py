@@ -17,14 +17,8 @@ from torch import nn
 from s2ft.config import ALL_LINEAR, FourierFTConfig
 from s2ft.ops.bases import get_basis
 from s2ft.ops.locations import check_n_frequency
-from s2ft.tuner.layers import (
-    BASE,
-    SUPPORTED_LAYERS,
-    SUPPORTED_NAMES,
-    SpectralLinear,
-    TrainedCopy,
-    layer_shape,
-)
+from s2ft.tuner.kinds import find_kind, layer_shape, supported_names
+from s2ft.tuner.layers import BASE, SpectralLinear, TrainedCopy
 
 
 def matches(name: str, targets: list[str] | str) -> bool:
@@ -46,17 +40,13 @@ def output_layer(model: nn.Module) -> nn.Module | None:
 
 
 def is_target(name: str, module: nn.Module, config: FourierFTConfig, output: nn.Module | None) -> bool:
-    """PEFT's rules, and ``"all-linear"``: every Linear/Conv1D but the output layer (an LM head) and the
-    modules to save."""
+    """PEFT's rules, and ``"all-linear"``: every layer whose kind counts as linear (``LayerKind.all_linear``:
+    Linear and Conv1D) but the output layer (an LM head) and the modules to save."""
     if config.target_modules == ALL_LINEAR:
         base = module.base_layer if isinstance(module, SpectralLinear) else module
         saved = bool(config.modules_to_save) and matches(name, config.modules_to_save)
-        return (
-            isinstance(base, SUPPORTED_LAYERS)
-            and not isinstance(base, nn.Conv2d)
-            and base is not output
-            and not saved
-        )
+        kind = find_kind(base)
+        return kind is not None and kind.all_linear and base is not output and not saved
     return matches(name, config.target_modules)
 
 
@@ -81,7 +71,7 @@ def resolve(
                     "another adapter with SpectralModel.add_adapter"
                 )
             inside.append(name)
-        supported = isinstance(module, (*SUPPORTED_LAYERS, SpectralLinear))
+        supported = isinstance(module, SpectralLinear) or find_kind(module) is not None
         if supported:
             linear_names.append(name)
         if is_target(name, module, config, output):
@@ -98,7 +88,7 @@ def resolve(
     if unsupported:
         raise TypeError(
             f"target_modules matched modules s2ft cannot adapt: {', '.join(unsupported[:5])}; "
-            f"only {SUPPORTED_NAMES} are supported: narrow target_modules to those layers"
+            f"only {supported_names()} are supported: narrow target_modules to those layers"
         )
     if not targets:
         suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
