@@ -1,6 +1,6 @@
 """``s2ft finetune``: fine-tune a pretrained model on a task with a method, as a recipe of named phases.
 
-    setup -> measure_before -> warm_up -> wrap_and_plan -> train -> evaluate -> save -> write_records
+    setup -> describe -> measure_before -> warm_up -> wrap_and_plan -> train -> evaluate -> save -> write_records
 
 Each phase is a short function of one :class:`Run` (the state the phases share), fills in what it makes, and
 returns the metrics it measured; :func:`run_finetune` merges them in phase order into ``metrics.json``. The task
