@@ -210,15 +210,31 @@ def test_instruction_run(tiny, tmp_path):
     "rows, message",
     [
         ("", "no text in it"),
-        (json.dumps({"prompt": "a b"}) + "\n", "non-empty 'response'"),
+        (json.dumps({"prompt": "a b"}) + "\n", "line 1: an instruction example needs a string 'response'"),
         (json.dumps({"title": "x"}) + "\n", "needs 'text', or 'prompt' and 'response'"),
+        (json.dumps({"text": 123}) + "\n", "line 1: a text example needs a string 'text', but it holds 123"),
+        (
+            json.dumps({"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}) + "\n",
+            "line 1: message 1 of 'messages' needs a string 'content', and it has none",
+        ),
+        (
+            json.dumps({"messages": [{"role": "user", "content": 7}, {"role": "assistant", "content": "a"}]})
+            + "\n",
+            "line 1: message 1 of 'messages' needs a string 'content', but it holds 7 (of type int)",
+        ),
+        (
+            json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]})
+            + "\n",
+            "line 1: the assistant's message (the last, which is trained) is empty",
+        ),
     ],
 )
 def test_bad_causal_lm_data(tiny, tmp_path, capsys, rows, message):
     data = tmp_path / "bad.jsonl"
     data.write_text(rows)
     assert finetune(tiny[0], str(data), tmp_path / "run") == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
 
 

@@ -26,32 +26,59 @@ AUSTEN_HOLDOUT = 150  # passages each for validation and test
 FORMS = (("text",), ("prompt", "response"), ("messages",))
 
 
-def _form(record: dict[str, Any], source: str) -> tuple[str, ...]:
-    """Which of :data:`FORMS` a record has, or a clear error."""
+def _form(record: dict[str, Any], where: str) -> tuple[str, ...]:
+    """Which of :data:`FORMS` a record has, or a one-line error naming ``where`` (the file and line) and the
+    field at fault."""
     if "messages" in record:
-        messages = record["messages"]
-        if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)):
-            raise DataError(f"{source}: 'messages' must be a list of {{'role', 'content'}} objects")
-        if messages[-1].get("role") != "assistant":
-            raise DataError(
-                f"{source}: the last of 'messages' must be the assistant's (the trained response)"
-            )
+        _check_messages(record["messages"], where)
         return ("messages",)
     if "prompt" in record or "response" in record:
         for key in ("prompt", "response"):
-            if not isinstance(record.get(key), str) or not record[key].strip():
-                raise DataError(
-                    f"{source}: an instruction example needs a non-empty {key!r}; got {record!r:.120}"
-                )
+            _check_string(record, key, where, "an instruction example")
         return ("prompt", "response")
-    if isinstance(record.get("text"), str):
+    if "text" in record:
+        _check_string(record, "text", where, "a text example", empty_ok=True)
         return ("text",)
     raise DataError(
-        f"{source}: an example needs 'text', or 'prompt' and 'response', or 'messages'; it has {sorted(record)}"
+        f"{where}: an example needs 'text', or 'prompt' and 'response', or 'messages'; it has {sorted(record)}"
     )
 
 
-def _records_from_file(path: Path) -> list[dict[str, Any]]:
+def _check_string(record: dict[str, Any], key: str, where: str, what: str, empty_ok: bool = False) -> None:
+    """``record[key]`` must be a string (non-blank unless ``empty_ok``)."""
+    value = record.get(key)
+    if value is None:
+        raise DataError(
+            f"{where}: {what} needs a string {key!r}, and it has none; add it, or drop the example"
+        )
+    if not isinstance(value, str):
+        raise DataError(
+            f"{where}: {what} needs a string {key!r}, but it holds {value!r:.40} (of type "
+            f"{type(value).__name__}); write it as a JSON string, in quotes"
+        )
+    if not (empty_ok or value.strip()):
+        raise DataError(f"{where}: {what} needs a non-empty {key!r}; fill it in or drop the example")
+
+
+def _check_messages(messages: Any, where: str) -> None:
+    """A chat: a non-empty list of ``{"role", "content"}`` objects with string fields, the last from the
+    assistant and not empty (it is what is trained)."""
+    if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)):
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+    for number, message in enumerate(messages, 1):
+        for key in ("role", "content"):
+            _check_string(message, key, where, f"message {number} of 'messages'", empty_ok=True)
+    if messages[-1]["role"] != "assistant":
+        raise DataError(f"{where}: the last of 'messages' must be the assistant's (the trained response)")
+    if not messages[-1]["content"].strip():
+        raise DataError(
+            f"{where}: the assistant's message (the last, which is trained) is empty; fill it in or drop the "
+            "example"
+        )
+
+
+def _records_from_file(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The file's examples, and where each comes from (``"file, line N"``; ``"file, passage N"`` for .txt)."""
     if path.suffix.lower() == ".txt":
         from s2ft.data.austen import novel_passages
 
@@ -59,8 +86,9 @@ def _records_from_file(path: Path) -> list[dict[str, Any]]:
             lines = path.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError as e:
             raise DataError(f"{path} is not UTF-8 text ({e})") from None
-        return [{"text": passage} for passage in novel_passages(lines, min_words=1)]
-    records = []
+        passages = novel_passages(lines, min_words=1)
+        return [{"text": p} for p in passages], [f"{path}, passage {i}" for i in range(1, len(passages) + 1)]
+    records, wheres = [], []
     try:
         with open(path, encoding="utf-8-sig") as f:
             for number, line in enumerate(f, 1):
@@ -69,9 +97,10 @@ def _records_from_file(path: Path) -> list[dict[str, Any]]:
                     if not isinstance(record, dict):
                         raise DataError(f"{path}, line {number}: expected a JSON object")
                     records.append(record)
+                    wheres.append(f"{path}, line {number}")
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"cannot parse {path}: {e}") from None
-    return records
+    return records, wheres
 
 
 def _split_records(
@@ -121,10 +150,11 @@ def load_corpus(
             AUSTEN_HOLDOUT,
             "austen",
         )
+        wheres = [f"austen, passage {i}" for i in range(1, len(records) + 1)]
     elif path.is_file():
         if path.suffix.lower() not in (".txt", ".jsonl", ".json"):
             raise DataError(f"{spec}: unsupported file type {path.suffix!r}; use .txt (plain text) or .jsonl")
-        records, holdout, name = _records_from_file(path), None, path.stem
+        (records, wheres), holdout, name = _records_from_file(path), None, path.stem
     elif path.suffix.lower() in (".txt", ".jsonl", ".json"):
         raise DataError(f"{spec}: file not found (current directory: {os.getcwd()})")
     else:
@@ -133,7 +163,7 @@ def load_corpus(
         raise DataError(
             f"{spec}: no text in it; a causal-LM data set needs at least a few passages or examples"
         )
-    forms = {_form(r, spec) for r in records}
+    forms = {_form(r, where) for r, where in zip(records, wheres)}
     if len(forms) > 1:
         raise DataError(
             f"{spec}: mixes example forms {sorted(forms)}; use one of text, prompt/response, messages"
@@ -167,9 +197,10 @@ def _hub_corpus(spec: str) -> dict[str, Any]:
     form = next((f for f in FORMS if all(c in columns for c in f)), None)
     if form is None:
         raise DataError(f"{spec!r}: no 'text', 'prompt'/'response' or 'messages' column; it has {columns}")
-    records = [{c: r[c] for c in form} for r in loaded["train"]]
-    splits = _split_records(records, spec, 0, None)
-    for split in SPLITS[1:]:
-        if split in loaded:
-            splits[split] = [{c: r[c] for c in form} for r in loaded[split]]
+    given = {split: [{c: r[c] for c in form} for r in loaded[split]] for split in SPLITS if split in loaded}
+    for split, records in given.items():
+        for number, record in enumerate(records, 1):
+            _form(record, f"{spec} ({split}), example {number}")
+    splits = _split_records(given.pop("train"), spec, 0, None)
+    splits.update(given)
     return {split: datasets.Dataset.from_list(rows) for split, rows in splits.items()}
