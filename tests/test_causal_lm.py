@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from s2ft.cli import main
+from s2ft.errors import RunError
 
 WORDS = [
     "the",
@@ -199,6 +201,45 @@ def test_instruction_data_trains_on_the_response_only(tiny):
             tokenizer.eos_token_id
         ]
         assert example["labels"][n:] == response == example["input_ids"][n:]
+
+
+def write_long_prompts(path, long: int, short: int) -> str:
+    """``long`` examples whose prompt (40 words) fills --max-length 32, then ``short`` ones of 3 words."""
+    rows = [{"prompt": " ".join(["emma"] * 40), "response": "he was not ."}] * long
+    rows += [{"prompt": f"the {w} and", "response": "emma and harriet ."} for w in WORDS[:short]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_examples_whose_prompt_fills_max_length_are_dropped_with_a_warning(tiny, tmp_path, caplog):
+    from s2ft.jobs.args import FinetuneArgs
+    from s2ft.tasks import get_task
+
+    model = tiny[0]
+    task = get_task("causal-lm")
+    tokenizer = task.load_model(model, {}).processor
+    data = write_long_prompts(tmp_path / "long.jsonl", long=7, short=20)
+    args = FinetuneArgs(task="causal-lm", model=model, dataset=data, max_length=32).resolved()
+    train = task.load_data(args).train
+    long = sum(len(prompt.split()) == 40 for prompt in train["prompt"])
+    assert 0 < long < len(train)
+    with caplog.at_level("WARNING", logger="s2ft"):
+        prepared = task.prepare(train, tokenizer, args, "train")
+    assert len(prepared) == len(train) - long
+    assert all(len(ids) < 32 for ids in prepared["input_ids"])  # the short ones, whole
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"the train split: dropped {long} of {len(train)} examples" in warning
+    assert "prompt that fills --max-length 32" in warning
+    with pytest.raises(RunError, match=f"all {len(train)} have a prompt that fills --max-length 5"):
+        task.prepare(train, tokenizer, dataclasses.replace(args, max_length=5), "train")
+
+
+def test_a_split_left_empty_by_max_length_is_refused(tiny, tmp_path, capsys):
+    data = write_long_prompts(tmp_path / "long.jsonl", long=30, short=0)
+    assert finetune(tiny[0], data, tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    assert "the train split has no example left to train or score on" in err and "raise --max-length" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
 def test_instruction_run(tiny, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import os
 from typing import Any
@@ -28,6 +29,7 @@ SAMPLE_PROMPTS = (
 )
 SAMPLE_TOKENS = 24
 IGNORE = -100  # labels the loss skips
+logger = logging.getLogger("s2ft")
 _BEFORE = ".samples_before.json"  # the base model's generations, kept in the run folder until after training
 
 
@@ -128,13 +130,8 @@ class CausalLM(Task):
             return {"input_ids": ids, "labels": labels}
 
         encoded = dataset.map(encode, remove_columns=columns, desc="tokenizing")
-        encoded = encoded.filter(lambda ex: any(label != IGNORE for label in ex["labels"][1:]))
-        if len(encoded) == 0:
-            raise RunError(
-                f"the {split} split has no example with a token to predict within --max-length {args.max_length}; "
-                "raise --max-length or shorten the prompts"
-            )
-        return encoded
+        kept = encoded.filter(lambda ex: any(label != IGNORE for label in ex["labels"][1:]))
+        return _kept(kept, len(encoded), "text" in columns, args.max_length, split)
 
     def collator(self, processor: Any) -> Any:
         from transformers import DataCollatorForSeq2Seq
@@ -173,6 +170,32 @@ class CausalLM(Task):
             raise RunError(
                 f"--max-length {args.max_length} is longer than the model's context of {context} tokens"
             )
+
+
+def _kept(kept: Any, total: int, plain_text: bool, max_length: int, split: str) -> Any:
+    """``kept``, the examples of a split that have a token to predict within ``max_length``, with a warning
+    that says how many of ``total`` were dropped and why (a :class:`RunError` when none is left)."""
+    why = (
+        "are a single token, with nothing to predict"
+        if plain_text
+        else f"have a prompt that fills --max-length {max_length}, leaving no response token to train on"
+    )
+    if len(kept) == 0:
+        raise RunError(
+            f"the {split} split has no example left to train or score on: all {total} {why}; "
+            + ("give longer texts" if plain_text else "raise --max-length or shorten the prompts")
+        )
+    if len(kept) < total:
+        logger.warning(
+            "the %s split: dropped %d of %d examples that %s (%s); the counts reported are of the %d kept",
+            split,
+            total - len(kept),
+            total,
+            why,
+            "give longer texts" if plain_text else "raise --max-length or shorten those prompts",
+            len(kept),
+        )
+    return kept
 
 
 def _check_causal(model: str) -> None:
