@@ -195,6 +195,38 @@ def test_mixed_channel_counts_become_rgb():
     torch.testing.assert_close(out, out[:1].expand(4, -1, -1, -1), atol=1e-5, rtol=0)
 
 
+def test_16_bit_pngs_are_scaled_not_saturated(tmp_path, monkeypatch):
+    """16-bit greyscale PNGs (PIL mode I;16) read as ``round(v * 255 / 65535)``, where a plain RGB conversion
+    clips all but the darkest pixels to 255; the reference is integer arithmetic (257 is odd: no ties)."""
+    from PIL import Image
+
+    from s2ft.data.images import load_images, to_uint8
+    from s2ft.tasks.image_classification import Preprocess
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    expected = []
+    for kind in ("dark", "light"):
+        os.makedirs(tmp_path / "data" / kind)
+        for i in range(6):
+            wide = rng.integers(0, 32768, (8, 8)) + (32768 if kind == "light" else 0)
+            Image.fromarray(wide.astype(np.uint16)).save(tmp_path / "data" / kind / f"{i}.png")
+            expected.append(np.repeat(((2 * wide + 257) // 514).astype(np.uint8)[..., None], 3, axis=-1))
+    with Image.open(tmp_path / "data" / "dark" / "0.png") as image:
+        assert image.mode == "I;16" and (np.asarray(image.convert("RGB")) == 255).mean() > 0.9  # the old way
+        pixels = Preprocess(8, [0.0] * 3, [1.0] * 3)([image])
+    torch.testing.assert_close(pixels[0].permute(1, 2, 0), torch.from_numpy(expected[0] / 255.0).float())
+    data = load_images(str(tmp_path / "data"))
+    loaded = [
+        np.asarray(image, dtype=np.uint8)
+        for split in (data.train, data.validation, data.test)
+        for image in split["image"]
+    ]
+    assert sorted(a.tobytes() for a in loaded) == sorted(a.tobytes() for a in expected)
+    assert to_uint8(np.array([[0, 257, 65535]], np.uint16)).tolist() == [[0, 1, 255]]
+    assert to_uint8(Image.fromarray(np.array([[70000, -5]], np.int32))).tolist() == [[[255] * 3, [0] * 3]]
+
+
 def test_bad_image_folders_are_refused(tiny, tmp_path, capsys):
     data = tmp_path / "data"
     write_image_folder(data, per_class=4)

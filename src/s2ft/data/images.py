@@ -4,7 +4,8 @@ column, each as a :class:`s2ft.data.common.TaskData` with columns ``image`` (a u
 
 A user data set without a validation or test split gets 10% of the training images for each missing one (seeded,
 ``datasets``' ``train_test_split``). Every image is decoded once while loading, so an unreadable file is reported
-before training, by name.
+before training, by name. 16-bit greyscale images (a 16-bit PNG) are scaled from ``0..65535`` to ``0..255``
+(:func:`to_uint8`), not clipped.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from s2ft.data.fashion_mnist import LABELS, VALIDATION_SIZE, load_fashion_mnist
 from s2ft.errors import DataError
 
 FASHION_MNIST = "fashion-mnist"
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL's modes of 16-bit (and 32-bit integer) greyscale
+WIDE_MAX = 65535  # a 16-bit image's white
 
 
 def load_images(
@@ -115,8 +118,7 @@ def image_dataset(spec: str, image_column: str, label_column: str, seed: int) ->
             if label not in index:
                 raise DataError(f"{spec!r}: label {label!r} of the {name} split never occurs in training")
             try:
-                image = example[image_column]
-                image = np.asarray(image.convert("RGB")) if hasattr(image, "convert") else np.asarray(image)
+                image = to_uint8(example[image_column])
             except Exception as e:
                 raise DataError(f"{spec!r}: an image of the {name} split cannot be read ({e})") from None
             return {"image": image, "label": index[label]}
@@ -131,6 +133,22 @@ def image_dataset(spec: str, image_column: str, label_column: str, seed: int) ->
         built["test"],
         {"label_names": names},
     )
+
+
+def to_uint8(image: Any) -> np.ndarray:
+    """An image as a uint8 array: a PIL image of any mode as RGB ``(H, W, 3)``, an array as it is. 16-bit pixels
+    (PIL modes ``I;16*`` and ``I``, as a 16-bit PNG opens, and uint16 arrays) are scaled from their range
+    ``0..65535`` to ``0..255`` (``round(v * 255 / 65535)``), where PIL's own conversion would clip them at 255."""
+    if getattr(image, "mode", None) in WIDE_MODES or (
+        isinstance(image, np.ndarray) and image.dtype == np.uint16
+    ):
+        scaled = np.clip(np.rint(np.asarray(image, dtype=np.float64) * (255 / WIDE_MAX)), 0, 255).astype(
+            np.uint8
+        )
+        return scaled if isinstance(image, np.ndarray) else np.repeat(scaled[..., None], 3, axis=-1)
+    if hasattr(image, "convert"):
+        return np.asarray(image.convert("RGB"))
+    return np.asarray(image)
 
 
 def check_image_folder(folder: str) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from s2ft.data.images import load_images
+from s2ft.data.images import load_images, to_uint8
 from s2ft.errors import DataError, RunError
 from s2ft.tasks.base import Loaded, TaskData
 from s2ft.tasks.classification import Classification
@@ -51,7 +51,8 @@ def freeze_batchnorm(model: nn.Module) -> nn.Module:
 
 
 class Preprocess:
-    """Images (uint8 arrays ``(H, W)``/``(H, W, C)`` or PIL images) -> float ``(N, 3, size, size)`` normalized."""
+    """Images (uint8 or uint16 arrays ``(H, W)``/``(H, W, C)`` or PIL images of any mode, read by
+    :func:`s2ft.data.images.to_uint8`) -> float ``(N, 3, size, size)`` normalized."""
 
     def __init__(self, size: int, mean: list[float], std: list[float]) -> None:
         self.size, self.mean, self.std = (
@@ -64,8 +65,7 @@ class Preprocess:
         return torch.stack([self.one(image) for image in images])
 
     def one(self, image: Any) -> torch.Tensor:
-        if hasattr(image, "convert"):  # PIL: any mode to RGB
-            image = np.asarray(image.convert("RGB"))
+        image = to_uint8(image)  # PIL: any mode to RGB, 16-bit scaled
         pixels = torch.from_numpy(np.array(image, dtype=np.float32)) / 255.0  # a writable copy
         if pixels.dim() == 2:
             pixels = pixels[:, :, None]
