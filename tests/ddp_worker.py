@@ -12,7 +12,7 @@ from transformers import AutoModelForSequenceClassification
 from s2ft import S2FTConfig, get_spectral_model
 from s2ft.jobs.args import FinetuneArgs
 from s2ft.jobs.finetune import run_finetune
-from s2ft.tuner.calibration import gradient_prior
+from s2ft.tuner.calibration import compute_prior
 
 
 def calibration_batches():
@@ -31,7 +31,7 @@ def calibrate(model_dir: str, out: str) -> None:
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=3).eval()
     model = get_spectral_model(model, S2FTConfig(target_modules=["query", "value"], n_frequency=30))
     mine = calibration_batches()[state.process_index :: state.num_processes]
-    priors = gradient_prior(model.base_model, model.spectral_layers(), mine)
+    priors = compute_prior(model.base_model, model.spectral_layers(), mine)
     model.calibrate(mine)
     layers = {
         name: {k: getattr(layer, k) for k in ("rows", "cols", "perm_rows", "perm_cols")}

@@ -12,7 +12,7 @@ from torch import nn
 
 from conftest import MODELS, make_batches, mlp_loss, tiny_convnet
 from s2ft import FourierFTConfig, S2FTConfig, get_spectral_model
-from s2ft.tuner.calibration import gradient_prior
+from s2ft.tuner.calibration import compute_prior
 from s2ft.tuner.layers import layer_shape, weight_matrix
 
 CONVS = {
@@ -95,7 +95,7 @@ def test_prior_is_minus_the_summed_gradient_in_the_matrix_view(kind):
     )
     batches = make_batches(kind, count=3)
     loss_fn = mlp_loss if kind == "convnet" else None
-    priors = gradient_prior(model.base_model, model.spectral_layers(), batches, loss_fn)
+    priors = compute_prior(model.base_model, model.spectral_layers(), batches, loss_fn)
     base.eval()
     for batch in batches:
         loss = mlp_loss(base(batch[0]), batch) if kind == "convnet" else base(**batch).loss

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import MODELS, forward, make_batches, mlp_loss
-from s2ft import FourierFTConfig, S2FTConfig, SpectralLinear, SpectralModel, get_spectral_model
+from s2ft import FourierFTConfig, S2FTConfig, SpectralLayer, SpectralModel, get_spectral_model
 from s2ft.tuner.layers import TrainedCopy
 
 METHODS = ["fourierft", "s2ft"]
@@ -91,7 +91,7 @@ def test_merge_unmerge_and_unload(model_kind, method):
     torch.testing.assert_close(forward(model, batches[0]), expected, atol=1e-5, rtol=1e-5)
     unloaded = model.merge_and_unload()
     assert type(unloaded) is type(MODELS[model_kind][0]())
-    assert not any(isinstance(m, (SpectralLinear, TrainedCopy)) for m in unloaded.modules())
+    assert not any(isinstance(m, (SpectralLayer, TrainedCopy)) for m in unloaded.modules())
     assert not any("s2ft" in type(m).__module__ for m in unloaded.modules())
     torch.testing.assert_close(forward(unloaded, batches[0]), expected, atol=1e-5, rtol=1e-5)
 

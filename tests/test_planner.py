@@ -9,7 +9,7 @@ import torch
 from conftest import make_batches, tiny_bert
 from s2ft import S2FTConfig, get_spectral_model
 from s2ft.analysis.measures import analyze_model, energy_at
-from s2ft.tuner.calibration import gradient_prior
+from s2ft.tuner.calibration import compute_prior
 from s2ft.tuner.planner import layer_generator
 
 
@@ -49,7 +49,7 @@ def test_layer_generator_is_seeded_by_seed_and_name():
 def test_analyze_reports_the_locations_calibrate_installs(tmp_path, options):
     model = calibrated(["query", "value"], **options)
     layers = model.spectral_layers()
-    priors = gradient_prior(model.base_model, layers, make_batches("bert"))
+    priors = compute_prior(model.base_model, layers, make_batches("bert"))
     analysis = analyze_model(model, make_batches("bert"), output_dir=tmp_path, heatmaps=0)
     for name, layer in layers.items():
         prior = priors[name]

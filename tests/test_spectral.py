@@ -15,7 +15,7 @@ from s2ft.ops.locations import (
     sample_locations,
     smallest_int_dtype,
 )
-from s2ft.tuner.layers import SpectralLinear
+from s2ft.tuner.layers import SpectralLayer
 
 
 def naive_delta(coeffs, rows, cols, d_out, d_in, scaling, perm_rows=None, perm_cols=None):
@@ -41,7 +41,7 @@ def naive_delta(coeffs, rows, cols, d_out, d_in, scaling, perm_rows=None, perm_c
 def test_delta_weight_matches_naive_dft(shape, permuted):
     d_out, d_in = shape
     g = torch.Generator().manual_seed(sum(shape))
-    layer = SpectralLinear(nn.Linear(d_in, d_out), n_frequency=7, scaling=3.0)
+    layer = SpectralLayer(nn.Linear(d_in, d_out), n_frequency=7, scaling=3.0)
     rows, cols = fourierft_locations(d_out, d_in, 7, seed=1)
     perms = (
         (torch.randperm(d_out, generator=g), torch.randperm(d_in, generator=g)) if permuted else (None, None)
@@ -149,3 +149,11 @@ def test_smallest_int_dtype():
     assert smallest_int_dtype(256) == torch.int16
     assert smallest_int_dtype(4095) == torch.int16
     assert smallest_int_dtype(40000) == torch.int32
+
+
+def test_former_names_still_import():
+    import s2ft
+    from s2ft.tuner import calibration, layers
+
+    assert s2ft.SpectralLinear is s2ft.SpectralLayer is layers.SpectralLinear is layers.SpectralLayer
+    assert calibration.gradient_prior is calibration.compute_prior

@@ -2,7 +2,7 @@
 
 from s2ft.config import FourierFTConfig, S2FTConfig, load_config
 from s2ft.methods.dct import DCTConfig  # importing s2ft.methods registers every method's adapter config
-from s2ft.tuner.layers import SpectralLinear
+from s2ft.tuner.layers import SpectralLayer, SpectralLinear
 from s2ft.tuner.model import SpectralModel, get_spectral_model
 
 __version__ = "0.1.0"
@@ -11,7 +11,8 @@ __all__ = [
     "DCTConfig",
     "FourierFTConfig",
     "S2FTConfig",
-    "SpectralLinear",
+    "SpectralLayer",
+    "SpectralLinear",  # SpectralLayer's former name
     "SpectralModel",
     "get_spectral_model",
     "load_config",

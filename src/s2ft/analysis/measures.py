@@ -25,7 +25,7 @@ import torch
 from s2ft.io import atomic_write_text
 from s2ft.ops.locations import fourierft_locations, mirror_of
 from s2ft.ops.permutation import path_length
-from s2ft.tuner.calibration import LossFn, gradient_prior
+from s2ft.tuner.calibration import LossFn, compute_prior
 from s2ft.tuner.planner import LayerPlan, layer_generator, plan_for
 
 # Fractions of the coefficients at which energy curves are sampled: 10^-5 .. 1, 10 per decade.
@@ -275,7 +275,7 @@ def analyze_model(
 
     ``spectral_model`` is a :class:`s2ft.SpectralModel` (either method); ``n``, ``gamma``, ``seed`` and ``search``
     default to its config's (``n_frequency``, ``gamma``, ``seed``, ``permutation``; 1.5 and "greedy" for
-    FourierFT). The prior is :func:`s2ft.tuner.calibration.gradient_prior` over ``batches`` (at most ``max_batches``),
+    FourierFT). The prior is :func:`s2ft.tuner.calibration.compute_prior` over ``batches`` (at most ``max_batches``),
     of the config's kind (``prior``, ``prior_lr``; the paper's summed gradient for FourierFT).
     ``full_finetune_delta`` maps names to real ``ΔW`` ``(d_out, d_in)`` (``nn.Linear``'s convention), e.g. from a
     short full fine-tune; a name that is also an adapted module's is, in addition, permuted by its prior's plan
@@ -385,7 +385,7 @@ def _priors(
             layer.disabled = True
         for first in range(0, len(names), step):
             chunk = {name: layers[name] for name in names[first : first + step]}
-            priors = gradient_prior(
+            priors = compute_prior(
                 spectral_model.base_model,
                 chunk,
                 batches,

@@ -72,7 +72,7 @@ _ADAM_BETAS = (0.9, 0.999)
 _ADAM_EPS = 1e-8
 
 
-def gradient_prior(
+def compute_prior(
     model: nn.Module,
     layers: Mapping[str, nn.Module],
     batches: Iterable[Any],
@@ -92,7 +92,7 @@ def gradient_prior(
       no weight decay) per batch on these weights alone: the start of the path training takes, gradients taken
       along it. The weights are restored afterwards.
 
-    ``layers`` maps names to adapters (:class:`s2ft.tuner.layers.SpectralLinear`), whose ΔW is switched off meanwhile.
+    ``layers`` maps names to adapters (:class:`s2ft.tuner.layers.SpectralLayer`), whose ΔW is switched off meanwhile.
     The model runs in eval mode (no dropout, so the prior is deterministic) and, on return, nothing of it has
     changed: no weight, flag or gradient. Under ``torch.distributed`` each process passes its own batches: the
     ``"gradient"`` and ``"adam"`` sums are taken across processes, so every rank gets the prior one process would
@@ -181,6 +181,9 @@ def gradient_prior(
             )
     _check_priors(sums, seen)
     return sums
+
+
+gradient_prior = compute_prior  # its name before it computed the adam and trajectory priors too
 
 
 def _len_or_none(batches: Iterable[Any]) -> int | None:

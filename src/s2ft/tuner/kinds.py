@@ -18,7 +18,7 @@ class LayerKind:
     that matrix put back into the weight's layout, and ``ΔW`` applied to the layer's input.
 
     Nothing outside this module asks which kind a layer is; it calls :func:`kind_of`'s methods. ``apply`` gets
-    the :class:`s2ft.tuner.layers.SpectralLinear` and one of its :class:`s2ft.tuner.layers.SpectralAdapter`.
+    the :class:`s2ft.tuner.layers.SpectralLayer` and one of its :class:`s2ft.tuner.layers.SpectralAdapter`.
     """
 
     name = "linear"

@@ -137,7 +137,7 @@ class SpectralAdapter(nn.Module):
         )
 
 
-class SpectralLinear(nn.Module):
+class SpectralLayer(nn.Module):
     """``y = base_layer(x) + Σ_active ΔW_a x``: a supported layer with named spectral adapters (:class:`SpectralAdapter`).
 
     ``adapters`` holds them by name; ``active`` lists those the forward applies (their ``ΔW`` add). Under
@@ -361,6 +361,9 @@ class SpectralLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind.name}, d_out={self.d_out}, d_in={self.d_in}, active={self.active}"
+
+
+SpectralLinear = SpectralLayer  # its name before it wrapped Conv2d too
 
 
 class TrainedCopy(nn.Module):

@@ -18,7 +18,7 @@ from torch import nn
 
 from s2ft.config import FourierFTConfig
 from s2ft.tuner.calibration import LossFn
-from s2ft.tuner.layers import BASE, DEFAULT, SpectralLinear, TrainedCopy, example_adapters
+from s2ft.tuner.layers import BASE, DEFAULT, SpectralLayer, TrainedCopy, example_adapters
 from s2ft.tuner.planner import calibrate_adapter, replan_adapter
 from s2ft.tuner.saving import (
     adapter_state,
@@ -225,14 +225,14 @@ class SpectralModel(nn.Module):
             raise RuntimeError(f"unmerge() the adapters before {action}()")
 
     # ------------------------------------------------------------------ inspection
-    def spectral_layers(self) -> dict[str, SpectralLinear]:
+    def spectral_layers(self) -> dict[str, SpectralLayer]:
         """The adapted layers by the name of the module they wrap, in module order."""
-        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, SpectralLinear)}
+        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, SpectralLayer)}
 
     def _trained_copies(self) -> dict[str, TrainedCopy]:
         return {n: m for n, m in self.base_model.named_modules() if isinstance(m, TrainedCopy)}
 
-    def _layers_of(self, adapter_name: str) -> dict[str, SpectralLinear]:
+    def _layers_of(self, adapter_name: str) -> dict[str, SpectralLayer]:
         return {n: layer for n, layer in self.spectral_layers().items() if adapter_name in layer.adapters}
 
     @property

@@ -20,8 +20,8 @@ from torch import nn
 
 from s2ft.ops.locations import fourierft_locations, power_spectrum, sample_locations
 from s2ft.ops.permutation import path_length, search_order
-from s2ft.tuner.calibration import LossFn, gradient_prior
-from s2ft.tuner.layers import SpectralLinear
+from s2ft.tuner.calibration import LossFn, compute_prior
+from s2ft.tuner.layers import SpectralLayer
 
 PLANNED_BASIS = "fourier"  # the basis (s2ft.ops.bases) whose spectrum plan_layer samples from
 
@@ -102,7 +102,7 @@ def plan_for(prior: torch.Tensor, name: str, config) -> LayerPlan:
 
 def calibrate_adapter(
     model: nn.Module,
-    layers: Mapping[str, SpectralLinear],
+    layers: Mapping[str, SpectralLayer],
     adapter_name: str,
     config: Any,
     batches: Iterable[Any],
@@ -121,11 +121,11 @@ def calibrate_adapter(
             f"{trained[0]}); calibrating again would move them to new locations, where they mean nothing. Pass "
             "force=True to re-plan and reset the coefficients to zero"
         )
-    others = [m for m in model.modules() if isinstance(m, SpectralLinear) and not m.disabled]
+    others = [m for m in model.modules() if isinstance(m, SpectralLayer) and not m.disabled]
     try:
         for layer in others:  # the prior is the base model's gradient: every adapter off
             layer.disabled = True
-        priors = gradient_prior(
+        priors = compute_prior(
             model,
             layers,
             batches,
@@ -152,7 +152,7 @@ def calibrate_adapter(
 
 @torch.no_grad()
 def replan_adapter(
-    layers: Mapping[str, SpectralLinear],
+    layers: Mapping[str, SpectralLayer],
     adapter_name: str,
     config: Any,
     priors: Mapping[str, torch.Tensor] | None = None,

@@ -1,7 +1,7 @@
 """Saving and loading a :class:`s2ft.SpectralModel`'s adapters: one adapter's tensors, its folder (s2ft's format
 or PEFT's), and a folder read back and checked against a model. The format itself is :mod:`s2ft.tuner.adapter_io`.
 
-The functions take the adapted layers (``{module name: SpectralLinear}``) and trained copies
+The functions take the adapted layers (``{module name: SpectralLayer}``) and trained copies
 (``{module name: TrainedCopy}``) of one adapter, or, to write folders, the model itself.
 """
 
@@ -24,7 +24,7 @@ from s2ft.tuner.adapter_io import (
     read_adapter,
     write_adapter_folder,
 )
-from s2ft.tuner.layers import DEFAULT, SpectralLinear, TrainedCopy
+from s2ft.tuner.layers import DEFAULT, SpectralLayer, TrainedCopy
 from s2ft.tuner.peft_fourierft import (
     fourierft_to_peft,
     is_peft_folder,
@@ -38,7 +38,7 @@ COEFFICIENT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def adapter_state(
-    layers: dict[str, SpectralLinear],
+    layers: dict[str, SpectralLayer],
     copies: dict[str, TrainedCopy],
     adapter_name: str,
     config: FourierFTConfig,
@@ -67,7 +67,7 @@ def adapter_state(
     return {k: v.contiguous().cpu() for k, v in state.items()}
 
 
-def shapes_metadata(layers: dict[str, SpectralLinear]) -> dict[str, str]:
+def shapes_metadata(layers: dict[str, SpectralLayer]) -> dict[str, str]:
     """The file's metadata: the shapes ``[d_out, d_in]`` of the adapted modules, in the sorted order of their
     names."""
     shapes = [[layers[name].d_out, layers[name].d_in] for name in sorted(layers)]
@@ -137,7 +137,7 @@ def read_folder(
 
 
 def fill(
-    layers: dict[str, SpectralLinear],
+    layers: dict[str, SpectralLayer],
     copies: dict[str, TrainedCopy],
     adapter_name: str,
     state: dict[str, torch.Tensor],

@@ -18,7 +18,7 @@ from s2ft.config import ALL_LINEAR, FourierFTConfig
 from s2ft.ops.bases import get_basis
 from s2ft.ops.locations import check_n_frequency
 from s2ft.tuner.kinds import find_kind, layer_shape, supported_names
-from s2ft.tuner.layers import BASE, SpectralLinear, TrainedCopy
+from s2ft.tuner.layers import BASE, SpectralLayer, TrainedCopy
 
 
 def matches(name: str, targets: list[str] | str) -> bool:
@@ -30,7 +30,7 @@ def matches(name: str, targets: list[str] | str) -> bool:
 
 def shape_of(module: nn.Module) -> tuple[int, int]:
     """``(d_out, d_in)`` of a supported layer or of an adapted one."""
-    return (module.d_out, module.d_in) if isinstance(module, SpectralLinear) else layer_shape(module)
+    return (module.d_out, module.d_in) if isinstance(module, SpectralLayer) else layer_shape(module)
 
 
 def output_layer(model: nn.Module) -> nn.Module | None:
@@ -43,7 +43,7 @@ def is_target(name: str, module: nn.Module, config: FourierFTConfig, output: nn.
     """PEFT's rules, and ``"all-linear"``: every layer whose kind counts as linear (``LayerKind.all_linear``:
     Linear and Conv1D) but the output layer (an LM head) and the modules to save."""
     if config.target_modules == ALL_LINEAR:
-        base = module.base_layer if isinstance(module, SpectralLinear) else module
+        base = module.base_layer if isinstance(module, SpectralLayer) else module
         saved = bool(config.modules_to_save) and matches(name, config.modules_to_save)
         kind = find_kind(base)
         return kind is not None and kind.all_linear and base is not output and not saved
@@ -64,14 +64,14 @@ def resolve(
     for name, module in model.named_modules():
         if not name or any(name.startswith(prefix + ".") for prefix in inside):
             continue
-        if isinstance(module, (SpectralLinear, TrainedCopy)):
+        if isinstance(module, (SpectralLayer, TrainedCopy)):
             if not wrapped_ok:
                 raise ValueError(
                     f"the model already holds s2ft adapters (at {name!r}); wrap an unwrapped model, or add "
                     "another adapter with SpectralModel.add_adapter"
                 )
             inside.append(name)
-        supported = isinstance(module, SpectralLinear) or find_kind(module) is not None
+        supported = isinstance(module, SpectralLayer) or find_kind(module) is not None
         if supported:
             linear_names.append(name)
         if is_target(name, module, config, output):
@@ -126,7 +126,7 @@ def warn_tied(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> None:
     for name, param in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(param), []).append(name)
     for name, module in targets:
-        weight = (module.base_layer if isinstance(module, SpectralLinear) else module).weight
+        weight = (module.base_layer if isinstance(module, SpectralLayer) else module).weight
         tied = [n for n in owners.get(id(weight), []) if not n.startswith(name + ".")]
         if tied:
             warnings.warn(
@@ -143,14 +143,14 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def base_of(module: nn.Module) -> nn.Module:
     """The module an adapted layer or a trained copy wraps (the module itself otherwise)."""
-    if isinstance(module, SpectralLinear):
+    if isinstance(module, SpectralLayer):
         return module.base_layer
     return module.original_module if isinstance(module, TrainedCopy) else module
 
 
 def inject(model: nn.Module, adapter_name: str, config: FourierFTConfig, wrapped_ok: bool = False) -> None:
     """Add adapter ``adapter_name`` on every target of ``config`` in ``model`` (wrapping each target in a
-    :class:`SpectralLinear`, each module to save in a :class:`TrainedCopy`, or adding to the wrapper already
+    :class:`SpectralLayer`, each module to save in a :class:`TrainedCopy`, or adding to the wrapper already
     there with ``wrapped_ok``), or, on any error, nothing. Seeded locations (``config.seeded_locations``) are
     installed; planned ones wait for calibration."""
     targets, saves = resolve(model, config, wrapped_ok=wrapped_ok)
@@ -160,12 +160,12 @@ def inject(model: nn.Module, adapter_name: str, config: FourierFTConfig, wrapped
     options = (config.n_frequency, config.scaling, config.init, config.forward_path, basis)
     try:
         for name, module in targets:
-            if isinstance(module, SpectralLinear):
+            if isinstance(module, SpectralLayer):
                 module.add_adapter(adapter_name, *options)
                 undo.append(lambda m=module: m.delete_adapter(adapter_name))
                 layer = module
             else:
-                layer = SpectralLinear(module, *options, adapter_name=adapter_name)
+                layer = SpectralLayer(module, *options, adapter_name=adapter_name)
                 set_submodule(model, name, layer)
                 undo.append(lambda n=name, m=module: set_submodule(model, n, m))
             shape = (layer.d_out, layer.d_in)
@@ -191,7 +191,7 @@ def activate(model: nn.Module, names: list[str], trainable: set[str]) -> None:
     """Make ``names`` the active adapters of every wrapper in ``model`` (a layer applies those it holds, their
     ``ΔW`` added; a trained copy runs the first one's copy); only active adapters in ``trainable`` train."""
     for module in model.modules():
-        if isinstance(module, SpectralLinear):
+        if isinstance(module, SpectralLayer):
             module.active = [n for n in names if n in module.adapters]
             for name, adapter in module.adapters.items():
                 adapter.coeffs.requires_grad_(name in names and name in trainable)
@@ -205,7 +205,7 @@ def remove(model: nn.Module, adapter_name: str) -> None:
     """Take adapter ``adapter_name`` off every layer and trained copy of ``model``; a wrapper left without adapters
     is replaced by the module it wraps."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, SpectralLinear) and adapter_name in module.adapters:
+        if isinstance(module, SpectralLayer) and adapter_name in module.adapters:
             module.delete_adapter(adapter_name)
             if not module.adapters:
                 set_submodule(model, name, module.base_layer)
@@ -219,7 +219,7 @@ def unwrap(model: nn.Module, names: list[str]) -> nn.Module:
     """``model`` with every wrapper replaced by what it wraps: a layer's base layer; for a trained copy, the copy of
     the first adapter in ``names`` that has one, else the original module. Returns ``model``."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, SpectralLinear):
+        if isinstance(module, SpectralLayer):
             set_submodule(model, name, module.base_layer)
         elif isinstance(module, TrainedCopy):
             chosen = next((n for n in names if n in module.copies), None)
