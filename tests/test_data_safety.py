@@ -86,3 +86,106 @@ def test_a_bad_message_in_a_datasets_folder_is_named(tmp_path, monkeypatch):
         DataError, match=r"\(train\), example 8: message 1 of 'messages' needs a string 'content'"
     ):
         load_corpus(str(folder))
+
+
+# ------------------------------------------------------------------------- evaluating one split of a user file
+def labelled_rows(labels: dict[str, int]) -> list[dict]:
+    return [{"text": f"{label} example {i}", "label": label} for label, n in labels.items() for i in range(n)]
+
+
+def rare_in_validation(tmp_path) -> tuple[str, str]:
+    """A file without a ``split`` column whose one ``c`` example is carved into validation (none in train)."""
+    from s2ft.data.common import seeded_order
+
+    rows = labelled_rows({"a": 15, "b": 14})
+    for i in range(200):
+        rare = {"text": f"a rare one {i}", "label": "c"}
+        texts = [r["text"] for r in [*rows, rare]]
+        if seeded_order(texts, 0).index(len(rows)) < 3:  # 30 examples: the first 3 of the ranking validate
+            return write_jsonl(tmp_path / "eval.jsonl", [*rows, rare]), rare["text"]
+    raise AssertionError("no text lands in validation")
+
+
+def test_evaluation_checks_only_the_split_it_scores(tmp_path):
+    from s2ft.data import load_dataset_spec
+    from s2ft.data.common import seeded_order
+    from s2ft.tasks import get_task
+
+    spec, rare = rare_in_validation(tmp_path)
+    with pytest.raises(
+        DataError, match=r"label\(s\) 'c' in the validation split never occur in the training"
+    ):
+        load_dataset_spec(spec)  # training on it is refused, as before
+    trained = {"label_names": ["b", "c", "a"]}  # what the model knows, in its own id order
+    task = get_task("text-classification")
+    data = load_dataset_spec(spec, scored="test")
+    aligned = task.align(data, trained, scored="test")
+    assert rare in load_dataset_spec(spec, scored="validation").validation["text"]
+    assert len(aligned.train) == len(aligned.validation) == 0  # not needed to score the test split
+    assert aligned.label_names == ["b", "c", "a"]
+    test = aligned.test.to_list()
+    assert test and all(["b", "c", "a"][r["label"]] == r["text"].split()[0] for r in test)
+    # the same file carved the same way: the test split is the one a run trained on this file would score
+    texts = [r["text"] for r in labelled_rows({"a": 15, "b": 14})] + [rare]
+    order = seeded_order(texts, 0)
+    assert sorted(r["text"] for r in test) == sorted(texts[i] for i in order[3:6])
+
+
+def test_evaluation_refuses_a_label_of_the_scored_split_the_model_lacks(tmp_path):
+    from s2ft.data import load_dataset_spec
+    from s2ft.errors import RunError
+    from s2ft.tasks import get_task
+
+    rows = [{**r, "split": "train"} for r in labelled_rows({"a": 4, "b": 4})]
+    rows += [{**r, "split": "test"} for r in labelled_rows({"a": 2, "z": 1})]
+    spec = write_jsonl(tmp_path / "eval.jsonl", rows)
+    data = load_dataset_spec(spec, scored="test")
+    with pytest.raises(
+        RunError, match=r"^the test split of the data set has labels the model was not trained on: \['z'\]"
+    ):
+        get_task("text-classification").align(data, {"label_names": ["a", "b"]}, scored="test")
+    # the training split may hold labels the model lacks: it is not scored
+    aligned = get_task("text-classification").align(
+        load_dataset_spec(spec, scored="test"), {"label_names": ["a", "z"]}, scored="test"
+    )
+    assert sorted(aligned.test["label"]) == [0, 0, 1]
+
+
+def test_a_file_of_test_examples_only_can_be_scored(tmp_path):
+    from s2ft.data import load_dataset_spec
+
+    rows = [{**r, "split": "test"} for r in labelled_rows({"a": 3})]
+    spec = write_jsonl(tmp_path / "eval.jsonl", rows)
+    with pytest.raises(DataError, match="the training split is empty"):
+        load_dataset_spec(spec)
+    data = load_dataset_spec(spec, scored="test")
+    assert data.label_names == ["a"] and data.test["text"] == [r["text"] for r in rows]
+
+
+def test_image_evaluation_reads_only_the_split_it_scores(tmp_path, monkeypatch):
+    import datasets
+    import numpy as np
+
+    from s2ft.data.images import load_images
+    from s2ft.tasks import get_task
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    image = np.zeros((4, 4), np.uint8)
+    split = {
+        "train": (["cat", "dog"] * 6, 1),
+        "validation": (["cat", "dog"], 2),
+        "test": (["cat", "owl", "owl"], 3),
+    }
+    datasets.DatasetDict(
+        {
+            name: datasets.Dataset.from_dict({"image": [image + value] * len(labels), "label": labels})
+            for name, (labels, value) in split.items()
+        }
+    ).save_to_disk(str(tmp_path / "images"))
+    with pytest.raises(DataError, match="'owl' of the test split never occurs in training"):
+        load_images(str(tmp_path / "images"))
+    data = load_images(str(tmp_path / "images"), scored="test")
+    assert len(data.train) == len(data.validation) == 0
+    aligned = get_task("image-classification").align(data, {"label_names": ["owl", "cat"]}, scored="test")
+    assert aligned.test["label"] == [1, 0, 0]
+    assert all(np.array_equal(np.asarray(im, np.uint8), image + 3) for im in aligned.test["image"])

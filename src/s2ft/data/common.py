@@ -74,12 +74,15 @@ def _label_order(names: set[str]) -> list[str]:
     return sorted(names)
 
 
-def to_task(name: str, splits: dict[str, tuple[list[str], list[str]]]) -> TaskData:
+def to_task(name: str, splits: dict[str, tuple[list[str], list[str]]], scored: str | None = None) -> TaskData:
     """Labelled text ``{split: (texts, label names)}`` as a :class:`TaskData` with columns ``text`` and ``label``
-    (int64), label ids from the sorted training labels; held-out labels must occur in training."""
+    (int64), label ids from the sorted training labels; held-out labels must occur in training, and training
+    needs two labels. With ``scored`` (the one split an evaluation scores) the ids come from the labels of every
+    split and neither check applies: the model's own labels are checked against that split's (``align``)."""
     import datasets
 
-    label_names = _label_order(set(splits["train"][1]))
+    labelled = (label for split in (SPLITS if scored else ("train",)) for label in splits[split][1])
+    label_names = _label_order(set(labelled))
     ids = {label: i for i, label in enumerate(label_names)}
     features = datasets.Features({"text": datasets.Value("string"), "label": datasets.Value("int64")})
     built = {}
@@ -94,7 +97,7 @@ def to_task(name: str, splits: dict[str, tuple[list[str], list[str]]]) -> TaskDa
         built[split] = datasets.Dataset.from_dict(
             {"text": texts, "label": [ids[label] for label in labels]}, features=features
         )
-    if len(label_names) < 2:
+    if len(label_names) < 2 and not scored:
         raise DataError(
             f"{name}: the training split has only one label ({label_names[0]!r}); a classifier needs at least "
             "two (check --label-column)"

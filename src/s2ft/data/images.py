@@ -25,13 +25,18 @@ WIDE_MAX = 65535  # a 16-bit image's white
 
 
 def load_images(
-    spec: str, image_column: str = "image", label_column: str = "label", seed: int = 0
+    spec: str,
+    image_column: str = "image",
+    label_column: str = "label",
+    seed: int = 0,
+    scored: str | None = None,
 ) -> TaskData:
     """``"fashion-mnist"`` (the built-in task), an image folder (one subfolder per class), or a ``datasets`` name
-    or folder with an image and a label column. Raises :class:`DataError` on any problem."""
+    or folder with an image and a label column. ``scored``: the one split an evaluation scores (see
+    :func:`image_dataset`). Raises :class:`DataError` on any problem."""
     if spec == FASHION_MNIST:
         return fashion_mnist_task(seed)
-    return image_dataset(spec, image_column, label_column, seed)
+    return image_dataset(spec, image_column, label_column, seed, scored)
 
 
 def fashion_mnist_task(seed: int = 0, cache_dir: str | os.PathLike | None = None) -> TaskData:
@@ -62,10 +67,14 @@ def fashion_mnist_task(seed: int = 0, cache_dir: str | os.PathLike | None = None
     )
 
 
-def image_dataset(spec: str, image_column: str, label_column: str, seed: int) -> TaskData:
+def image_dataset(
+    spec: str, image_column: str, label_column: str, seed: int, scored: str | None = None
+) -> TaskData:
     """An image folder (``imagefolder``: one subfolder per class) or a ``datasets`` name/folder, with missing
     validation and test splits carved out of train (10% each, seeded). Every image is decoded once here, so an
-    unreadable file is reported before training, by name."""
+    unreadable file is reported before training, by name. With ``scored`` (the one split an evaluation scores)
+    only that split is read (the others come back empty), its labels are named even when training lacks them
+    (the task's ``align`` checks them against the model's), and one class is enough."""
     import datasets
 
     try:
@@ -96,7 +105,9 @@ def image_dataset(spec: str, image_column: str, label_column: str, seed: int) ->
         if isinstance(feature, datasets.ClassLabel)
         else sorted({str(v) for v in loaded["train"][label_column]})
     )
-    if len(names) < 2:
+    if scored in loaded and not isinstance(feature, datasets.ClassLabel):
+        names = sorted({*names, *(str(v) for v in loaded[scored][label_column])})
+    if len(names) < 2 and not scored:
         raise DataError(f"{spec!r}: only one class ({names}); a classifier needs at least two")
     splits = {s: loaded[s] for s in ("train", "validation", "test") if s in loaded}
     train = splits["train"]
@@ -125,7 +136,10 @@ def image_dataset(spec: str, image_column: str, label_column: str, seed: int) ->
 
         return split.map(convert, remove_columns=split.column_names, desc=f"reading {name} images")
 
-    built = {name: normalize(split, name) for name, split in splits.items()}
+    built = {
+        name: normalize(split, name) if scored in (None, name) else split.select([])
+        for name, split in splits.items()
+    }
     return TaskData(
         os.path.basename(os.path.normpath(spec)),
         built["train"],

@@ -72,7 +72,7 @@ def _file_splits(path: Path, text_column: str, label_column: str) -> dict[str, t
     return grouped
 
 
-def _hf_splits(spec: str, text_column: str, label_column: str) -> dict[str, tuple[list, list]]:
+def _hf_splits(spec: str, text_column: str, label_column: str, scored: str) -> dict[str, tuple[list, list]]:
     """The train/validation/test splits of a Hugging Face data set (a hub name or a local folder; a folder written
     by ``save_to_disk`` is read with ``load_from_disk``). Class-label ids become their names."""
     import datasets
@@ -100,8 +100,8 @@ def _hf_splits(spec: str, text_column: str, label_column: str) -> dict[str, tupl
         if isinstance(feature, datasets.ClassLabel):
             labels = [feature.int2str(label) if label >= 0 else label for label in labels]
         splits[split] = (list(dataset[text_column]), labels)
-    if "train" not in splits:
-        raise DataError(f"{spec!r} has no train split (it has {', '.join(loaded) or 'none'})")
+    if scored not in splits and "train" not in splits:
+        raise DataError(f"{spec!r} has no {scored} split (it has {', '.join(loaded) or 'none'})")
     return splits
 
 
@@ -120,10 +120,16 @@ def _clean(source: str, texts: list, labels: list) -> _Split:
     return kept_texts, kept_labels
 
 
+def _given(splits: dict[str, _Split], split: str) -> bool:
+    """Whether the data set gives ``split``: not absent, not empty, and not all ``-1`` (the hub's mark of an
+    unlabeled test set)."""
+    return split in splits and bool(splits[split][0]) and set(splits[split][1]) != {"-1"}
+
+
 def _fill_missing(spec: str, splits: dict[str, _Split], seed: int) -> dict[str, _Split]:
-    """Carve each missing validation/test split out of train: 10% of it (at least one example), seeded. An empty
-    split, or one whose labels are all ``-1`` (the hub's mark of an unlabeled test set), counts as missing."""
-    missing = [s for s in SPLITS[1:] if s not in splits or not splits[s][0] or set(splits[s][1]) == {"-1"}]
+    """Carve each missing validation/test split (not :func:`_given`) out of train: 10% of it (at least one
+    example), seeded."""
+    missing = [s for s in SPLITS[1:] if not _given(splits, s)]
     texts, labels = splits["train"]
     size = max(1, round(HOLDOUT_FRACTION * len(texts)))
     if missing and size * len(missing) >= len(texts):
@@ -148,6 +154,7 @@ def load_dataset_spec(
     label_column: str = "label",
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
+    scored: str | None = None,
 ) -> TaskData:
     """Load a classification task.
 
@@ -157,6 +164,11 @@ def load_dataset_spec(
     the library's own cache (offline, with ``HF_HUB_OFFLINE=1``, a hub name fails at once). Missing validation/test
     splits are carved out of train (10% each, seeded). Examples with empty texts are dropped; labels (strings or
     integers) get ids in sorted order of the training labels. Raises :class:`DataError` on any problem.
+
+    ``scored`` names the one split an evaluation scores: then only what scoring it needs is checked. When the data
+    set gives that split (not train), it alone is loaded (the others come back empty); otherwise the splits are
+    carved as for training, so the same file gives the same split. Labels of any split get ids, and none is
+    refused here (the model's labels are checked against the scored split by the task's ``align``).
     """
     if spec == "austen":
         return load_austen(seed=seed, cache_dir=cache_dir)
@@ -171,10 +183,14 @@ def load_dataset_spec(
     elif path.suffix.lower() in FILE_SUFFIXES:
         raise DataError(f"{spec}: file not found (current directory: {os.getcwd()})")
     else:
-        raw, name = _hf_splits(spec, text_column, label_column), spec
+        raw, name = _hf_splits(spec, text_column, label_column, scored or "train"), spec
+    if scored in raw and scored != "train":
+        given = {scored: _clean(f"{spec} ({scored})", *raw[scored])}
+        if _given(given, scored):  # the one split to score: the others are not read
+            return to_task(name, {s: given.get(s, ([], [])) for s in SPLITS}, scored)
     splits = {split: _clean(f"{spec} ({split})", *columns) for split, columns in raw.items()}
     if not splits.get("train", ([], []))[0]:
         raise DataError(
             f"{spec}: no training examples with a non-empty {text_column!r} (the training split is empty)"
         )
-    return to_task(name, _fill_missing(spec, splits, seed))
+    return to_task(name, _fill_missing(spec, splits, seed), scored)

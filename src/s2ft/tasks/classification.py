@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from s2ft.data.common import SPLITS
 from s2ft.errors import RunError
 from s2ft.tasks.base import Task, TaskData, check_model_folder
 
@@ -49,27 +50,28 @@ class Classification(Task):
         """``majority_rate``: the test accuracy of always predicting the most common training label."""
         return {"majority_rate": data.majority_rate()}
 
-    def align(self, data: TaskData, trained: dict[str, Any]) -> TaskData:
-        """Label ids remapped by name to those the model was trained with; a label it never saw is refused."""
+    def align(self, data: TaskData, trained: dict[str, Any], scored: str | None = None) -> TaskData:
+        """Label ids remapped by name to those the model was trained with; a label it never saw is refused. With
+        ``scored``, only that split's labels are checked, and only that split is kept (the others come back
+        empty): an evaluation needs no other."""
         names, trained_names = data.info["label_names"], trained.get("label_names", [])
-        unknown = [n for n in names if n not in trained_names]
+        splits = {s: getattr(data, s) for s in SPLITS}
+        used = names if scored is None else [names[i] for i in sorted(set(splits[scored]["label"]))]
+        unknown = [n for n in used if n not in trained_names]
         if unknown:
+            where = "the data set has" if scored is None else f"the {scored} split of the data set has"
             raise RunError(
-                f"the data set has labels the model was not trained on: {unknown[:10]}; "
-                f"the model knows {trained_names[:20]}"
+                f"{where} labels the model was not trained on: {unknown[:10]}; the model knows "
+                f"{trained_names[:20]} (score data with those labels only)"
             )
-        mapping = [trained_names.index(n) for n in names]
+        mapping = [trained_names.index(n) if n in trained_names else -1 for n in names]
 
-        def remap(split: Any) -> Any:
-            return split.map(lambda ex: {"label": mapping[ex["label"]]}, desc="mapping labels")
+        def remap(name: str) -> Any:
+            if scored not in (None, name):
+                return splits[name].select([])
+            return splits[name].map(lambda ex: {"label": mapping[ex["label"]]}, desc="mapping labels")
 
-        return TaskData(
-            data.name,
-            remap(data.train),
-            remap(data.validation),
-            remap(data.test),
-            info={"label_names": list(trained_names)},
-        )
+        return TaskData(data.name, *(remap(s) for s in SPLITS), info={"label_names": list(trained_names)})
 
     def from_pretrained(
         self, name: str, path: str, processor_class: Any, model_class: Any, labels: list[str]

@@ -105,9 +105,9 @@ class ImageClassification(Classification):
     )
 
     # ------------------------------------------------------------------ data
-    def load_data(self, args: Any) -> TaskData:
+    def load_data(self, args: Any, scored: str | None = None) -> TaskData:
         try:
-            return load_images(args.dataset, args.image_column, args.label_column, args.seed)
+            return load_images(args.dataset, args.image_column, args.label_column, args.seed, scored)
         except DataError as e:
             raise RunError(str(e)) from None
 

@@ -43,12 +43,16 @@ class TextClassification(Classification):
         "'austen', a local .csv/.tsv/.jsonl/.json file with text and label columns, or a datasets name"
     )
 
-    def load_data(self, args: Any) -> TaskData:
+    def load_data(self, args: Any, scored: str | None = None) -> TaskData:
         from s2ft.data import load_dataset_spec
 
         try:
             return load_dataset_spec(
-                args.dataset, text_column=args.text_column, label_column=args.label_column, seed=args.seed
+                args.dataset,
+                text_column=args.text_column,
+                label_column=args.label_column,
+                seed=args.seed,
+                scored=scored,
             )
         except DataError as e:
             raise RunError(str(e)) from None
