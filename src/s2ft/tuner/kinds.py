@@ -1,5 +1,6 @@
 """Layer kinds: how each kind of torch layer is adapted (its weight as a ``(d_out, d_in)`` matrix, that matrix put
-back, and ``ΔW`` applied to its input). A new kind is one :class:`LayerKind` subclass and one line in :data:`KINDS`.
+back, ``ΔW`` applied to its input, whether ``"all-linear"`` takes it, its LoRA export shapes). A new kind is one
+:class:`LayerKind` subclass and one line in :data:`KINDS`.
 """
 
 from __future__ import annotations
@@ -74,10 +75,11 @@ class Conv2dKind(LayerKind):
     with its stride, padding, dilation, groups and padding mode (``conv2d(x, ΔW)``, no bias). A pointwise
     convolution (1x1, stride 1, no padding, one group) is a linear map of the channels; with
     ``forward_path="fft"`` it goes through the basis's ``apply`` on the channels-last input, which (for the
-    Fourier basis, :func:`s2ft.ops.apply.spectral_apply`) never builds ``ΔW``. ``"auto"`` keeps ``conv2d(x, ΔW)``: on 2 CPU threads (forward + backward, batch
-    16, n = 1000, EfficientNet-Lite0's shapes) it took 26 / 36 / 47 ms at 40->240 (28x28), 112->672 (14x14) and
-    320->1280 (8x8) channels, against 32 / 49 / 43 ms for the channels-last dense path and 82 / 64 / 47 ms for
-    the FFT path (the move to channels-last copies the activation).
+    Fourier basis, :func:`s2ft.ops.apply.spectral_apply`) never builds ``ΔW``. ``"auto"`` keeps
+    ``conv2d(x, ΔW)``: on 2 CPU threads (forward + backward, batch 16, n = 1000, EfficientNet-Lite0's shapes) it
+    took 26 / 36 / 47 ms at 40->240 (28x28), 112->672 (14x14) and 320->1280 (8x8) channels, against 32 / 49 / 43
+    ms for the channels-last dense path and 82 / 64 / 47 ms for the FFT path (the move to channels-last copies
+    the activation).
     """
 
     name = "conv2d"

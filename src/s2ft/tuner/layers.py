@@ -95,7 +95,8 @@ class SpectralAdapter(nn.Module):
         if not self.is_ready:
             raise RuntimeError(
                 "this adapter has no locations yet (its method, S2FT, plans them from data): call "
-                "model.calibrate(batches) before training, or load a trained adapter with SpectralModel.from_pretrained"
+                "model.calibrate(batches) before training, or load a trained adapter with "
+                "SpectralModel.from_pretrained"
             )
 
     def _spectrum(self, coeffs: torch.Tensor | None = None) -> tuple:

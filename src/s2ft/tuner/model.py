@@ -44,11 +44,11 @@ def _new_spectral_model(model_class: type) -> SpectralModel:
 
 
 class SpectralModel(nn.Module):
-    """A model whose targeted layers carry named FourierFT or S2FT adapters.
+    """A model whose targeted layers carry named spectral adapters (FourierFT, S2FT, DCT: any config's method).
 
     It calls, and otherwise behaves like, the wrapped model (``forward``, ``generate``, attributes such as
     ``config``) and works with the transformers Trainer and Accelerate. Build it with :func:`get_spectral_model`
-    or :meth:`from_pretrained`; the first adapter is named ``"default"``, as in PEFT. More adapters, of either
+    or :meth:`from_pretrained`; the first adapter is named ``"default"``, as in PEFT. More adapters, of any
     method, come with :meth:`add_adapter` or :meth:`load_adapter`; :meth:`set_adapter` chooses the active ones
     (their ``ΔW`` add), and ``forward``/``generate`` take ``adapter_names`` (one per example, :data:`BASE` for the
     base model alone) to serve a mixed batch without merging.
@@ -162,8 +162,8 @@ class SpectralModel(nn.Module):
         return self.base_model
 
     def add_adapter(self, adapter_name: str, config: FourierFTConfig) -> None:
-        """Add a new adapter (either method) on ``config``'s targets; it is not activated (see :meth:`set_adapter`).
-        An S2FT adapter needs ``calibrate(batches, adapter_name=...)`` before it is used."""
+        """Add a new adapter (any method) on ``config``'s targets; it is not activated (see :meth:`set_adapter`).
+        A planned one (S2FT) needs ``calibrate(batches, adapter_name=...)`` before it is used."""
         check_name(adapter_name, self.peft_config)
         if any(layer.merged for layer in self.spectral_layers().values()):
             raise RuntimeError("unmerge() before adding an adapter")
@@ -391,11 +391,11 @@ class SpectralModel(nn.Module):
         Each pair is written as a whole: both to temporary files first, and the old pair restored if replacing
         them fails. Other files are left alone.
 
-        ``format="peft"`` writes FourierFT adapters in Hugging Face PEFT's own format (``PeftModel`` loads them);
-        S2FT has none. ``coefficient_dtype=torch.float16`` (or ``bfloat16``) stores the coefficients in 16 bits:
-        on the default text job that left test accuracy unchanged (0.4045) and the file 18% smaller
-        (``benchmarks/storage.py``); they load back into float32. PEFT's other keyword arguments (``safe_serialization``, ...) are accepted; s2ft always
-        writes safetensors.
+        ``format="peft"`` writes adapters whose config has a ``peft_type`` (FourierFT) in Hugging Face PEFT's own
+        format (``PeftModel`` loads them); S2FT and DCT have none. ``coefficient_dtype=torch.float16`` (or
+        ``bfloat16``) stores the coefficients in 16 bits: on the default text job that left test accuracy unchanged
+        (0.4045) and the file 18% smaller (``benchmarks/storage.py``); they load back into float32. PEFT's other
+        keyword arguments (``safe_serialization``, ...) are accepted; s2ft always writes safetensors.
         """
         if kwargs.get("safe_serialization") is False:
             logger.warning("s2ft writes safetensors only; safe_serialization=False is ignored")
@@ -455,8 +455,8 @@ def get_spectral_model(
 ) -> SpectralModel:
     """Wrap every module of ``model`` that ``config.target_modules`` names with an adapter, in place.
 
-    Everything else is frozen but ``config.modules_to_save``. FourierFT adapters are ready to train; S2FT ones
-    need :meth:`SpectralModel.calibrate` first. Raises, leaving the model as it was, if a target is missing or
-    unsupported.
+    Everything else is frozen but ``config.modules_to_save``. Adapters with seeded locations (FourierFT, DCT) are
+    ready to train; planned ones (S2FT) need :meth:`SpectralModel.calibrate` first. Raises, leaving the model as it
+    was, if a target is missing or unsupported.
     """
     return SpectralModel(model, config, adapter_name)

@@ -216,8 +216,8 @@ def remove(model: nn.Module, adapter_name: str) -> None:
 
 
 def unwrap(model: nn.Module, names: list[str]) -> nn.Module:
-    """``model`` with every wrapper replaced by what it wraps: a layer's base layer; for a trained copy, the copy of
-    the first adapter in ``names`` that has one, else the original module. Returns ``model``."""
+    """``model`` with every wrapper replaced by what it wraps: a layer's base layer; for a trained copy, the copy
+    of the first adapter in ``names`` that has one, else the original module. Returns ``model``."""
     for name, module in list(model.named_modules()):
         if isinstance(module, SpectralLayer):
             set_submodule(model, name, module.base_layer)
