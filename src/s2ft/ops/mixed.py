@@ -145,6 +145,40 @@ class MixedBank:
             inv_perm_rows_of=torch.tensor(inv_perm_rows_of, dtype=torch.long),
         )
 
+    @staticmethod
+    def concat(banks) -> MixedBank:
+        """The adapters of ``banks`` (a non-empty sequence of banks of one layer shape), in order, in one bank.
+        Patterns and permutations are not merged across banks, so a bank of pieces of one adapter each holds
+        what the pieces hold."""
+        first = banks[0]
+
+        def shifted(of: torch.Tensor, offset: int) -> torch.Tensor:
+            return torch.where(of >= 0, of + offset, of)
+
+        def starts(counts: list[int]) -> list[int]:
+            return [sum(counts[:i]) for i in range(len(counts))]
+
+        pattern_offsets = starts([b.col_ptr.shape[0] for b in banks])
+        value_offsets = starts([b.values.numel() for b in banks])
+        cols_offsets = starts([b.perm_cols.shape[0] for b in banks])
+        rows_offsets = starts([b.inv_perm_rows.shape[0] for b in banks])
+        nnz = torch.cat([b.pattern_nnz for b in banks])
+        return MixedBank(
+            first.d_out,
+            first.d_in,
+            col_ptr=torch.cat([b.col_ptr for b in banks]),
+            row_idx=torch.cat([b.row_idx for b in banks]),
+            pattern_start=nnz.cumsum(0) - nnz,
+            pattern_nnz=nnz,
+            pattern_of=torch.cat([b.pattern_of + o for b, o in zip(banks, pattern_offsets)]),
+            values=torch.cat([b.values for b in banks]),
+            value_start=torch.cat([b.value_start + o for b, o in zip(banks, value_offsets)]),
+            perm_cols=torch.cat([b.perm_cols for b in banks]),
+            perm_cols_of=torch.cat([shifted(b.perm_cols_of, o) for b, o in zip(banks, cols_offsets)]),
+            inv_perm_rows=torch.cat([b.inv_perm_rows for b in banks]),
+            inv_perm_rows_of=torch.cat([shifted(b.inv_perm_rows_of, o) for b, o in zip(banks, rows_offsets)]),
+        )
+
     @torch.no_grad()
     def apply(self, x: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
         """``ΔW_{which[t]} x[t]`` for every token: ``(T, d_out)`` float32, zero where ``which[t] == -1``.

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from s2ft.tuner.serving import cached_delta
+
 try:  # transformers' GPT-2 style layer: y = x @ W + b with W stored (d_in, d_out)
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a dependency, but the layer works without it
@@ -40,10 +42,12 @@ class LayerKind:
 
     def apply(self, layer: nn.Module, adapter: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``adapter``'s ``ΔW`` applied to the layer's input ``x`` ``(..., d_in)``: ``(..., d_out)``, float32.
-        Without autograd (serving), the adapter's dense ``ΔW`` is built once and kept (:meth:`SpectralAdapter.
-        served_delta`), so a served batch costs one small matmul per adapter, not a spectrum per step."""
+        Without autograd (serving), a dense ``ΔW`` is used only from the model's bounded serving cache, when one is
+        set (:func:`s2ft.tuner.serving.set_serving_cache`); otherwise the adapter's path, as in training."""
         if not torch.is_grad_enabled():
-            return torch.nn.functional.linear(x.float(), adapter.served_delta())
+            dense = cached_delta(layer, adapter)
+            if dense is not None:
+                return torch.nn.functional.linear(x.float(), dense)
         return adapter.basis.apply(x, *adapter._spectrum(), path=adapter.forward_path)
 
     def lora_weights(
@@ -104,11 +108,12 @@ class Conv2dKind(LayerKind):
 
     def apply(self, layer: nn.Module, adapter: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``(N, C_in, H, W)`` (or unbatched ``(C_in, H, W)``) -> ``(N, C_out, H', W')``, float32."""
+        dense = None if torch.is_grad_enabled() else cached_delta(layer, adapter)  # None: no cache, or full
         layer = layer.base_layer
         if adapter.forward_path == "fft" and self.pointwise(layer) and torch.is_grad_enabled():
             channels_last = x.movedim(-3, -1)  # (..., H, W, C_in)
             return super().apply(layer, adapter, channels_last).movedim(-1, -3)
-        dense = adapter.served_delta() if not torch.is_grad_enabled() else adapter.delta_weight()
+        dense = adapter.delta_weight() if dense is None else dense
         delta = self.to_weight(layer, dense)
         # The layer's own forward with ΔW as its weight and no bias: subclasses that pad in their forward
         # (TensorFlow-style "same" padding, as EfficientNet's) are applied as they apply themselves.

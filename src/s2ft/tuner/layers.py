@@ -25,6 +25,7 @@ from s2ft.tuner.kinds import (  # noqa: F401 (their home before kinds.py)
     layer_shape,
     weight_matrix,
 )
+from s2ft.tuner.serving import serve_mixed
 
 BASE = "__base__"  # the reserved adapter name of a mixed batch's examples that run on the base model alone
 DEFAULT = "default"  # the name of the adapter get_spectral_model creates, as in PEFT
@@ -120,17 +121,10 @@ class SpectralAdapter(nn.Module):
         return self.basis.delta_weight(*self._spectrum(coeffs))
 
     def served_delta(self) -> torch.Tensor:
-        """:meth:`delta_weight` for inference, built once and kept until the coefficients, locations or
-        permutations change (their tensors or versions) or the adapter moves: ``d_out · d_in`` floats per adapted
-        layer while serving. Not differentiable."""
-        tensors = (self.coeffs, self.rows, self.cols, self.perm_rows, self.perm_cols)
-        key = tuple((id(t), t._version, t.device) if t is not None else None for t in tensors)
-        cached = self.__dict__.get("_served")
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                cached = (key, self.delta_weight())
-            self.__dict__["_served"] = cached  # not a buffer: never saved, moved or counted
-        return cached[1]
+        """:meth:`delta_weight` for inference, not differentiable and not kept (a bounded cache of dense ``ΔW``
+        is optional: :func:`s2ft.tuner.serving.set_serving_cache`)."""
+        with torch.no_grad():
+            return self.delta_weight()
 
     def extra_repr(self) -> str:
         return (
@@ -293,6 +287,12 @@ class SpectralLayer(nn.Module):
         result = self.base_layer(x)
         if torch.is_grad_enabled():
             result = result.clone()  # the branches add into it in place
+        elif type(self.kind).apply is LayerKind.apply:  # ΔW maps the last dimension: one banked pass
+            adapted = {name: rows for name, rows in groups.items() if name != BASE}
+            if len(adapted) == 1 and len(next(iter(adapted.values()))) == x.shape[0]:
+                return result + self.kind.apply(self, self.adapters[next(iter(adapted))], x).to(result.dtype)
+            serve_mixed(self, x, adapted, result)
+            return result
         for name, rows in groups.items():
             if name == BASE:
                 continue
