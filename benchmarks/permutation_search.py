@@ -50,7 +50,7 @@ def minilm_priors(sentences: int, batch_size: int, seed: int) -> dict[str, torch
         batch = tokenizer(rows["text"], truncation=True, max_length=64, padding=True, return_tensors="pt")
         batch["labels"] = torch.tensor(rows["label"])
         batches.append(dict(batch))
-    return gradient_prior(spectral.base_model, spectral.spectral_layers(), batches)
+    return gradient_prior(spectral.get_base_model(), spectral.spectral_layers(), batches)
 
 
 def orders(matrix: torch.Tensor, search: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, float]:

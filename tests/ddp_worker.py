@@ -31,7 +31,7 @@ def calibrate(model_dir: str, out: str) -> None:
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=3).eval()
     model = get_spectral_model(model, S2FTConfig(target_modules=["query", "value"], n_frequency=30))
     mine = calibration_batches()[state.process_index :: state.num_processes]
-    priors = compute_prior(model.base_model, model.spectral_layers(), mine)
+    priors = compute_prior(model.get_base_model(), model.spectral_layers(), mine)
     model.calibrate(mine)
     layers = {
         name: {k: getattr(layer, k) for k in ("rows", "cols", "perm_rows", "perm_cols")}

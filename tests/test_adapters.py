@@ -54,7 +54,7 @@ def test_named_adapter_lifecycle(kind):
     base, model, batches = two_adapters(kind)
     batch = batches[0]
     assert model.active_adapters == ["default"] and list(model.peft_config) == ["default", "other"]
-    assert isinstance(model.peft_config["other"], S2FTConfig) and model.get_base_model() is model.base_model
+    assert isinstance(model.peft_config["other"], S2FTConfig) and model.get_base_model() is model.model
     first = output(model, batch)
     model.set_adapter("other")
     second = output(model, batch)

@@ -24,7 +24,7 @@ def test_prior_equals_the_gradient_summed_by_hand():
     base, model = wrap("bert")
     batches = make_batches("bert", count=3)
     layers = model.spectral_layers()
-    priors = compute_prior(model.base_model, layers, batches)
+    priors = compute_prior(model.get_base_model(), layers, batches)
     base.eval()
     base.zero_grad()
     for batch in batches:
@@ -36,7 +36,7 @@ def test_prior_equals_the_gradient_summed_by_hand():
 def test_prior_of_conv1d_is_in_linear_convention():
     base, model = wrap("gpt2")
     batches = make_batches("gpt2", count=2)
-    priors = compute_prior(model.base_model, model.spectral_layers(), batches)
+    priors = compute_prior(model.get_base_model(), model.spectral_layers(), batches)
     for batch in batches:
         base(**batch).loss.backward()
     name = "transformer.h.0.attn.c_attn"
@@ -74,7 +74,7 @@ def test_calibration_with_loss_fn_and_batch_limit():
     _, model = wrap("mlp", calibration_batches=2)
     batches = make_batches("mlp", count=5)
     layers = model.spectral_layers()
-    limited = compute_prior(model.base_model, layers, batches[:2], mlp_loss)
+    limited = compute_prior(model.get_base_model(), layers, batches[:2], mlp_loss)
     model.calibrate(iter(batches), mlp_loss)  # a one-shot iterator works too
     _, reference = wrap("mlp")
     reference.calibrate(batches[:2], mlp_loss)

@@ -95,7 +95,7 @@ def test_prior_is_minus_the_summed_gradient_in_the_matrix_view(kind):
     )
     batches = make_batches(kind, count=3)
     loss_fn = mlp_loss if kind == "convnet" else None
-    priors = compute_prior(model.base_model, model.spectral_layers(), batches, loss_fn)
+    priors = compute_prior(model.get_base_model(), model.spectral_layers(), batches, loss_fn)
     base.eval()
     for batch in batches:
         loss = mlp_loss(base(batch[0]), batch) if kind == "convnet" else base(**batch).loss

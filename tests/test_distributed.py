@@ -58,7 +58,7 @@ def test_two_processes_match_one(tmp_path):
     ranks = [torch.load(tmp_path / f"calibration-rank{r}.pt") for r in (0, 1)]
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=3).eval()
     model = get_spectral_model(model, S2FTConfig(target_modules=["query", "value"], n_frequency=30))
-    single = compute_prior(model.base_model, model.spectral_layers(), calibration_batches())
+    single = compute_prior(model.get_base_model(), model.spectral_layers(), calibration_batches())
     model.calibrate(calibration_batches())
     for name, prior in single.items():
         assert torch.equal(ranks[0]["priors"][name], ranks[1]["priors"][name])

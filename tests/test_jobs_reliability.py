@@ -302,7 +302,7 @@ def test_export_lora_cli(trained, tmp_path, capsys):
     report = json.loads((out / "lora_export.json").read_text())
     assert report["max_relative_error"] < 1e-5  # rank 32 = full rank of the 32x32 matrices
     spectral, tokenizer, run = load_trained(str(trained))
-    task_model = type(spectral.base_model).from_pretrained(run["model"], num_labels=3)
+    task_model = type(spectral.get_base_model()).from_pretrained(run["model"], num_labels=3)
     lora = peft.PeftModel.from_pretrained(task_model, out).eval()
     batch = tokenizer(["the wave ship salt", "the cloud star"], return_tensors="pt", padding=True)
     with torch.no_grad():

@@ -59,8 +59,8 @@ def test_gradient_and_adam_priors_by_hand():
     total = sum(grads)
     squares = sum(g * g for g in grads)
     layers = model.spectral_layers()
-    plain = compute_prior(model.base_model, layers, cast, planted_loss)["proj"]
-    adam = compute_prior(model.base_model, layers, cast, planted_loss, kind="adam")["proj"]
+    plain = compute_prior(model.get_base_model(), layers, cast, planted_loss)["proj"]
+    adam = compute_prior(model.get_base_model(), layers, cast, planted_loss, kind="adam")["proj"]
     torch.testing.assert_close(plain.double(), -total, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(adam.double(), -total / squares.sqrt(), atol=1e-5, rtol=1e-5)
     assert adam.abs().max() <= 3**0.5 + 1e-6  # |Σg| / sqrt(Σg²) <= sqrt(number of batches)
@@ -71,7 +71,7 @@ def test_adam_prior_is_zero_where_no_batch_has_a_gradient():
     x = torch.randn(4, 6)
     x[:, 2] = 0  # column 2 of W never sees an input: its gradient is 0 in every batch
     batches = [(x, torch.randn(4, 5))]
-    adam = compute_prior(model.base_model, model.spectral_layers(), batches, planted_loss, kind="adam")[
+    adam = compute_prior(model.get_base_model(), model.spectral_layers(), batches, planted_loss, kind="adam")[
         "proj"
     ]
     assert torch.isfinite(adam).all() and torch.equal(adam[:, 2], torch.zeros(5))
@@ -87,16 +87,16 @@ def test_trajectory_prior_is_adam_run_by_hand_and_restores_the_weights():
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
         w = w - lr * (m / (1 - b1**step)) / ((v / (1 - b2**step)).sqrt() + eps)
-    before = model.base_model.proj.base_layer.weight.detach().clone()
+    before = model.get_base_model().proj.base_layer.weight.detach().clone()
     prior = compute_prior(
-        model.base_model, model.spectral_layers(), cast, planted_loss, kind="trajectory", lr=lr
+        model.get_base_model(), model.spectral_layers(), cast, planted_loss, kind="trajectory", lr=lr
     )
     torch.testing.assert_close(prior["proj"].double(), w - weight, atol=1e-5, rtol=1e-4)
     # the steps changed the gradients along the way: not just lr * steps * sign of the first gradient
     assert not torch.allclose(
         prior["proj"].double(), -lr * 3 * hand_gradient(weight, *batches[0]).sign(), atol=1e-4
     )
-    after = model.base_model.proj.base_layer.weight
+    after = model.get_base_model().proj.base_layer.weight
     assert torch.equal(after, before) and after.grad is None
 
 
@@ -105,7 +105,9 @@ def test_trajectory_prior_of_conv1d_matches_torch_adam_on_a_copy():
     base = factory()
     model = get_spectral_model(copy.deepcopy(base), S2FTConfig(target_modules=targets, n_frequency=8))
     batches = make_batches("gpt2", count=3)
-    prior = compute_prior(model.base_model, model.spectral_layers(), batches, kind="trajectory", lr=1e-3)
+    prior = compute_prior(
+        model.get_base_model(), model.spectral_layers(), batches, kind="trajectory", lr=1e-3
+    )
     base.eval()
     names = list(model.spectral_layers())
     weights = [base.get_submodule(n).weight for n in names]
@@ -126,14 +128,16 @@ def test_trajectory_prior_of_conv1d_matches_torch_adam_on_a_copy():
 def test_trajectory_prior_in_bfloat16_keeps_small_steps_and_restores_bits():
     weight, batches, model32, cast32 = planted(torch.float32)
     _, _, model16, cast16 = planted(torch.bfloat16)
-    before = model16.base_model.proj.base_layer.weight.detach().clone()
+    before = model16.get_base_model().proj.base_layer.weight.detach().clone()
     args = dict(kind="trajectory", lr=1e-4)  # steps far below bfloat16's resolution at these weights
-    reference = compute_prior(model32.base_model, model32.spectral_layers(), cast32, planted_loss, **args)
-    low = compute_prior(model16.base_model, model16.spectral_layers(), cast16, planted_loss, **args)
+    reference = compute_prior(
+        model32.get_base_model(), model32.spectral_layers(), cast32, planted_loss, **args
+    )
+    low = compute_prior(model16.get_base_model(), model16.spectral_layers(), cast16, planted_loss, **args)
     assert low["proj"].dtype == torch.float32
     cosine = torch.nn.functional.cosine_similarity(low["proj"].flatten(), reference["proj"].flatten(), dim=0)
     assert cosine > 0.95
-    assert torch.equal(model16.base_model.proj.base_layer.weight, before)
+    assert torch.equal(model16.get_base_model().proj.base_layer.weight, before)
 
 
 def test_config_rejects_unknown_priors():
@@ -143,7 +147,7 @@ def test_config_rejects_unknown_priors():
         S2FTConfig(target_modules=["proj"], prior="trajectory", prior_lr=0.0)
     _, _, model, cast = planted()
     with pytest.raises(ValueError, match="unknown prior"):
-        compute_prior(model.base_model, model.spectral_layers(), cast, planted_loss, kind="newton")
+        compute_prior(model.get_base_model(), model.spectral_layers(), cast, planted_loss, kind="newton")
 
 
 @pytest.mark.parametrize("prior", ["adam", "trajectory"])
@@ -160,7 +164,7 @@ def test_calibrate_plans_from_the_configured_prior(prior):
         model.calibrate(batches)
         plans[kind] = {n: layer.perm_rows.clone() for n, layer in model.spectral_layers().items()}
         expected = compute_prior(
-            model.base_model, model.spectral_layers(), batches, kind=kind, lr=1e-3
+            model.get_base_model(), model.spectral_layers(), batches, kind=kind, lr=1e-3
         )  # what the plan was made from
         from s2ft.tuner.planner import plan_for
 

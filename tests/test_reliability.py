@@ -288,7 +288,7 @@ def test_a_wrapped_model_pickles():
     torch.testing.assert_close(logits(copy.deepcopy(model)), logits(model))
     from s2ft.tuner.model import _new_spectral_model  # what models pickled by earlier versions name
 
-    assert type(_new_spectral_model(type(model.base_model))) is type(model)
+    assert type(_new_spectral_model(type(model.get_base_model()))) is type(model)
 
 
 def test_tuner_modules_import_one_way_and_at_the_top():

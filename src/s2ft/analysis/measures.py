@@ -386,7 +386,7 @@ def _priors(
         for first in range(0, len(names), step):
             chunk = {name: layers[name] for name in names[first : first + step]}
             priors = compute_prior(
-                spectral_model.base_model,
+                spectral_model.get_base_model(),
                 chunk,
                 batches,
                 loss_fn,

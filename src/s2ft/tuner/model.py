@@ -58,7 +58,7 @@ class SpectralModel(nn.Module):
         super().__init__()
         check_name(adapter_name, {})
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-        self.base_model = model
+        self.model = model  # as in PEFT's tuners; ``base_model`` is the wrapped model's own (see __getattr__)
         self.peft_config: dict[str, FourierFTConfig] = {}
         self.active_adapters: list[str] = []
         self._trainable: set[str] = set()
@@ -81,18 +81,18 @@ class SpectralModel(nn.Module):
 
     def _inject(self, adapter_name: str, config: FourierFTConfig) -> None:
         """Add adapter ``adapter_name`` on every target of ``config``, or, on any error, nothing."""
-        inject(self.base_model, adapter_name, config, wrapped_ok=bool(self.peft_config))
+        inject(self.model, adapter_name, config, wrapped_ok=bool(self.peft_config))
         self.peft_config[adapter_name] = config
         self._trainable.add(adapter_name)
 
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         with self._serving(adapter_names):
-            return self.base_model(*args, **kwargs)
+            return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The wrapped model's ``generate``; ``adapter_names`` as in ``forward`` (one per example)."""
         with self._serving(adapter_names):
-            return self.base_model.generate(*args, **kwargs)
+            return self.model.generate(*args, **kwargs)
 
     @contextlib.contextmanager
     def _serving(self, adapter_names: list[str] | None) -> Iterator[None]:
@@ -117,7 +117,7 @@ class SpectralModel(nn.Module):
         """Pickling (``torch.save(model)``, ``copy.deepcopy``): the class is rebuilt from the wrapped model's
         class (:func:`s2ft.tuner.signature.specialized`), since the specialized class itself is made at run time."""
         reduced = super().__reduce_ex__(protocol)
-        return (new_specialized, (SpectralModel, type(self.base_model)), *reduced[2:])
+        return (new_specialized, (SpectralModel, type(self.model)), *reduced[2:])
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """What the adapters train and need: coefficients, locations, permutations and trained copies of every
@@ -138,13 +138,34 @@ class SpectralModel(nn.Module):
             )
         return type(result)(missing, result.unexpected_keys)
 
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
+        """Older s2ft state dicts (Trainer checkpoints) kept the wrapped model under ``base_model.``: read them
+        as ``model.``."""
+        old = prefix + "base_model."
+        if not any(k.startswith(prefix + "model.") for k in state_dict):
+            for key in [k for k in state_dict if k.startswith(old)]:
+                state_dict[prefix + "model." + key[len(old) :]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickle, reading models pickled when the wrapped model was the ``base_model`` submodule."""
+        modules = state.get("_modules", {})
+        if "base_model" in modules and "model" not in modules:
+            state["_modules"] = {("model" if k == "base_model" else k): v for k, v in modules.items()}
+        super().__setstate__(state)
+
     def __getattr__(self, name: str) -> Any:
+        """Everything else is the wrapped model's. ``base_model`` is its backbone, as transformers names it
+        (``PreTrainedModel.base_model``, which TRL's fused LM-head loss runs), or the wrapped model itself if it has
+        none; the wrapped model itself is ``model`` and :meth:`get_base_model`."""
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "base_model":
+            if name == "model":
                 raise
-            return getattr(self.base_model, name)
+            if name == "base_model":
+                return getattr(self.model, "base_model", self.model)
+            return getattr(self.model, name)
 
     # ------------------------------------------------------------------ named adapters
     @property
@@ -159,7 +180,7 @@ class SpectralModel(nn.Module):
 
     def get_base_model(self) -> nn.Module:
         """The wrapped model (its targeted layers still carry the adapters; see :meth:`merge_and_unload`)."""
-        return self.base_model
+        return self.model
 
     def add_adapter(self, adapter_name: str, config: FourierFTConfig) -> None:
         """Add a new adapter (any method) on ``config``'s targets; it is not activated (see :meth:`set_adapter`).
@@ -181,7 +202,7 @@ class SpectralModel(nn.Module):
             self._require_known(name)
             if check:
                 self._require_planned(name)
-        activate(self.base_model, names, self._trainable)
+        activate(self.model, names, self._trainable)
         self.active_adapters = names
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -193,7 +214,7 @@ class SpectralModel(nn.Module):
             )
         if any(adapter_name in layer._merged for layer in self.spectral_layers().values()):
             raise RuntimeError(f"adapter {adapter_name!r} is merged; unmerge() before deleting it")
-        remove(self.base_model, adapter_name)
+        remove(self.model, adapter_name)
         del self.peft_config[adapter_name]
         self._trainable.discard(adapter_name)
         remaining = [n for n in self.active_adapters if n != adapter_name] or [next(iter(self.peft_config))]
@@ -227,10 +248,10 @@ class SpectralModel(nn.Module):
     # ------------------------------------------------------------------ inspection
     def spectral_layers(self) -> dict[str, SpectralLayer]:
         """The adapted layers by the name of the module they wrap, in module order."""
-        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, SpectralLayer)}
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, SpectralLayer)}
 
     def _trained_copies(self) -> dict[str, TrainedCopy]:
-        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, TrainedCopy)}
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, TrainedCopy)}
 
     def _layers_of(self, adapter_name: str) -> dict[str, SpectralLayer]:
         return {n: layer for n, layer in self.spectral_layers().items() if adapter_name in layer.adapters}
@@ -284,7 +305,7 @@ class SpectralModel(nn.Module):
         self._require_plannable(name, "calibrate")
         layers = self._layers_of(name)
         config = self.peft_config[name]
-        return calibrate_adapter(self.base_model, layers, name, config, batches, loss_fn, progress, force)
+        return calibrate_adapter(self.model, layers, name, config, batches, loss_fn, progress, force)
 
     def replan(
         self, adapter_name: str | None = None, priors: dict[str, torch.Tensor] | None = None
@@ -337,6 +358,10 @@ class SpectralModel(nn.Module):
             for name, names in merged.items():
                 layers[name].merge(names)
 
+    def disable_adapter(self) -> contextlib.AbstractContextManager[None]:
+        """PEFT's name for :meth:`disable_adapters`: ``with model.disable_adapter(): ...`` runs the base model."""
+        return self.disable_adapters()
+
     def merge_and_unload(self, adapter_names: list[str] | None = None) -> nn.Module:
         """Merge ``adapter_names`` (default: the active adapters), take every adapter out, and return the original
         model class with merged weights (and, in ``modules_to_save``, the first merged adapter's trained copy)."""
@@ -350,7 +375,7 @@ class SpectralModel(nn.Module):
         return self._unload([])
 
     def _unload(self, names: list[str]) -> nn.Module:
-        model = unwrap(self.base_model, names)
+        model = unwrap(self.model, names)
         for name, param in model.named_parameters():
             param.requires_grad_(self._requires_grad.get(name, True))
         return model
@@ -433,7 +458,7 @@ class SpectralModel(nn.Module):
     ) -> None:
         """Load a saved adapter (s2ft or PEFT FourierFT folder) under ``adapter_name``; it is not activated."""
         check_name(adapter_name, self.peft_config)
-        config, state = read_folder(adapter_directory, self.base_model, wrapped=True)
+        config, state = read_folder(adapter_directory, self.model, wrapped=True)
         self.add_adapter(adapter_name, config)
         try:
             fill(self._layers_of(adapter_name), self._trained_copies(), adapter_name, state)

@@ -51,7 +51,7 @@ def fourierft_to_peft(
         for module, layer in model._layers_of(name).items()
     }
     state.update(saved_modules(model, name))
-    base = model.base_model
+    base = model.get_base_model()
     peft_config = {
         "peft_type": FOURIERFT,
         "task_type": None,
