@@ -28,6 +28,7 @@ from s2ft.tuner.saving import (
     shapes_metadata,
     write_adapters,
 )
+from s2ft.tuner.serving import names_per_sequence, serving_nbytes, set_serving_cache
 from s2ft.tuner.signature import new_specialized, specialized
 from s2ft.tuner.targets import activate, check_name, inject, remove, unwrap
 from s2ft.tuner.targets import (
@@ -90,9 +91,20 @@ class SpectralModel(nn.Module):
             return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
-        """The wrapped model's ``generate``; ``adapter_names`` as in ``forward`` (one per example)."""
+        """The wrapped model's ``generate``; ``adapter_names`` as in ``forward`` (one per prompt: with ``num_beams``
+        or ``num_return_sequences``, each name serves all of its prompt's sequences)."""
+        if adapter_names is not None and not isinstance(adapter_names, str):
+            adapter_names = names_per_sequence(adapter_names, self.model, kwargs)
         with self._serving(adapter_names):
             return self.model.generate(*args, **kwargs)
+
+    def set_serving_cache(self, max_bytes: int | None) -> None:
+        """Keep up to ``max_bytes`` of dense ``ΔW`` while serving (off by default; see :mod:`s2ft.tuner.serving`)."""
+        set_serving_cache(self.model, max_bytes)
+
+    def serving_nbytes(self) -> dict[str, int]:
+        """Bytes the adapters hold, by what holds them (:func:`s2ft.tuner.serving.serving_nbytes`)."""
+        return serving_nbytes(self.model)
 
     @contextlib.contextmanager
     def _serving(self, adapter_names: list[str] | None) -> Iterator[None]:
