@@ -1,16 +1,25 @@
-"""S2FT calibration: the prior ``ΔŴ`` of every adapted matrix, from gradients (its plan: :mod:`s2ft.tuner.planner`)."""
+"""S2FT calibration: the prior ``ΔŴ`` of every adapted matrix, from gradients (its plan: :mod:`s2ft.tuner.planner`).
+
+A layer's gradient ``∂L/∂W`` comes from its weight's ``.grad``, or, for a weight that cannot take a gradient (a
+quantized one, or a sharded ``DTensor``), from the layer's inputs ``x`` and output gradients ``δ`` through hooks
+(``Σ_tokens δᵀ x``, :meth:`s2ft.tuner.kinds.LayerKind.weight_gradient`). :func:`iter_priors` hands the priors out
+in groups of layers, each group over the same batches, so that at most one group's priors are held at once.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Mapping
+import itertools
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from s2ft.config import PRIORS
-from s2ft.tuner.kinds import kind_of, weight_matrix
+from s2ft.tuner.kinds import LayerKind, kind_of, weight_matrix
+from s2ft.tuner.distributed import agreed_batches
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -72,6 +81,54 @@ _ADAM_BETAS = (0.9, 0.999)
 _ADAM_EPS = 1e-8
 
 
+class PriorMemory:
+    """What calibration holds of prior-sized tensors (sums, squares, weight gradients, per-call ``δᵀx``), in
+    bytes: ``live`` now and ``peak``. Counted while inside :func:`prior_memory`; each tensor counts until it is
+    freed."""
+
+    def __init__(self) -> None:
+        self.live = 0
+        self.peak = 0
+
+    def _hold(self, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(tensor, self._free, size)
+
+    def _free(self, size: int) -> None:
+        self.live -= size
+
+
+_LEDGERS: list[PriorMemory] = []
+
+
+@contextlib.contextmanager
+def prior_memory() -> Iterator[PriorMemory]:
+    """Inside, calibration counts the prior-sized tensors it holds into the :class:`PriorMemory` yielded."""
+    ledger = PriorMemory()
+    _LEDGERS.append(ledger)
+    try:
+        yield ledger
+    finally:
+        _LEDGERS.remove(ledger)
+
+
+def _hold(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    if tensor is not None:
+        for ledger in _LEDGERS:
+            ledger._hold(tensor)
+    return tensor
+
+
+def takes_weight_gradient(layer: nn.Module) -> bool:
+    """Whether a layer's weight can take a gradient itself (a float, unsharded weight of a float kind); the
+    prior of any other layer is taken from its activations."""
+    weight = layer.weight
+    sharded = type(weight).__name__ == "DTensor"
+    return weight.dtype.is_floating_point and not kind_of(layer).quantized and not sharded
+
+
 def compute_prior(
     model: nn.Module,
     layers: Mapping[str, nn.Module],
@@ -81,6 +138,7 @@ def compute_prior(
     progress: bool = False,
     kind: str = "gradient",
     lr: float = 1e-4,
+    from_activations: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """The prior ``ΔŴ`` of each layer's ``base_layer.weight``, from the gradients ``g_b`` of the batches:
 
@@ -92,6 +150,10 @@ def compute_prior(
       no weight decay) per batch on these weights alone: the start of the path training takes, gradients taken
       along it. The weights are restored afterwards.
 
+    ``g_b`` is the weight's gradient, or, for layers whose weight takes none (quantized, sharded; all layers with
+    ``from_activations=True``, none with ``False``), ``Σ_tokens δᵀ x`` from the layer's inputs and output
+    gradients; the trajectory prior needs the weights themselves and refuses such layers before anything changes.
+
     ``layers`` maps names to adapters (:class:`s2ft.tuner.layers.SpectralLayer`), whose ΔW is switched off meanwhile.
     The model runs in eval mode (no dropout, so the prior is deterministic) and, on return, nothing of it has
     changed: no weight, flag or gradient. Under ``torch.distributed`` each process passes its own batches: the
@@ -100,15 +162,107 @@ def compute_prior(
     batches together make step ``b``; give every rank the same number of batches). Returns float32 ``(d_out, d_in)``
     priors in ``nn.Linear``'s convention.
     """
+    return dict(
+        iter_priors(model, layers, batches, loss_fn, max_batches, progress, kind, lr, None, from_activations)
+    )
+
+
+def iter_priors(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    batches: Iterable[Any],
+    loss_fn: LossFn | None = None,
+    max_batches: int | None = None,
+    progress: bool = False,
+    kind: str = "gradient",
+    lr: float = 1e-4,
+    group_size: int | None = None,
+    from_activations: bool | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, prior)`` for every layer, as :func:`compute_prior` computes them, ``group_size`` layers at a time
+    (None: all at once): each group's priors are computed over the same batches (kept in a list when there are
+    several groups), handed out, and forgotten before the next group starts, so a caller that plans and drops
+    each prior holds at most one group's. A group's priors are the same as with any other grouping. Everything
+    is checked before anything runs."""
     if kind not in PRIORS:
         raise ValueError(f"unknown prior {kind!r}; choose from {PRIORS}")
     if not (lr > 0 and lr < float("inf")):
         raise ValueError(f"the trajectory prior's learning rate must be a finite number > 0, got {lr!r}")
-    weights = [layer.base_layer.weight for layer in layers.values()]
-    device = weights[0].device
-    shape = {name: (layer.d_out, layer.d_in) for name, layer in layers.items()}
-    sums = {name: torch.zeros(shape[name], device=device) for name in layers}
-    squares = {name: torch.zeros(shape[name], device=device) for name in layers} if kind == "adam" else None
+    if group_size is not None and (
+        isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
+    ):
+        raise ValueError(f"the calibration group size must be a positive integer or None, got {group_size!r}")
+    hooked = _activation_layers(layers, from_activations)
+    if kind == "trajectory" and hooked:
+        name = next(iter(hooked))
+        raise ValueError(
+            f"the trajectory prior steps the weights themselves, and {name!r} ({kind_of(layers[name].base_layer).label}"
+            f"{'' if len(hooked) == 1 else f', and {len(hooked) - 1} more'}) has a weight that takes no gradient: "
+            "use prior='gradient' or prior='adam', which are taken from the layer's activations"
+        )
+    names = list(layers)
+    size = len(names) if group_size is None else group_size
+    groups = [names[i : i + size] for i in range(0, len(names), size)]
+    if len(groups) > 1:  # every group sees the very same batches
+        batches = list(batches if max_batches is None else itertools.islice(batches, max_batches))
+        max_batches = None
+    return _grouped(model, layers, groups, batches, loss_fn, max_batches, progress, kind, lr, hooked)
+
+
+def _activation_layers(layers: Mapping[str, nn.Module], from_activations: bool | None) -> set[str]:
+    """The names of the layers whose prior is taken from activations; unsupported ones refused."""
+    if from_activations is None:
+        return {n for n, layer in layers.items() if not takes_weight_gradient(layer.base_layer)}
+    if not from_activations:
+        return set()
+    for name, layer in layers.items():
+        if not kind_of(layer.base_layer).prior_from_activations:
+            raise TypeError(f"{name!r} ({kind_of(layer.base_layer).label}) takes no prior from activations")
+    return set(layers)
+
+
+def _grouped(model, layers, groups, batches, loss_fn, max_batches, progress, kind, lr, hooked):
+    for index, group in enumerate(groups):
+        label = f"calibrating ({kind} prior" + (
+            f", group {index + 1}/{len(groups)})" if len(groups) > 1 else ")"
+        )
+        priors = _group_prior(
+            model,
+            {n: layers[n] for n in group},
+            batches,
+            loss_fn,
+            max_batches,
+            progress,
+            kind,
+            lr,
+            hooked,
+            label,
+        )
+        for name in group:
+            yield name, priors.pop(name)
+
+
+def _group_prior(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    batches: Iterable[Any],
+    loss_fn: LossFn | None,
+    max_batches: int | None,
+    progress: bool,
+    kind: str,
+    lr: float,
+    hooked: set[str],
+    label: str,
+) -> dict[str, torch.Tensor]:
+    """The priors of ``layers`` (one group) over ``batches``: see :func:`compute_prior`."""
+    weights = [layer.base_layer.weight for n, layer in layers.items() if n not in hooked]
+    device = next(iter(layers.values())).base_layer.weight.device
+    sums = {n: _hold(torch.zeros((layer.d_out, layer.d_in), device=device)) for n, layer in layers.items()}
+    squares = {n: _hold(torch.zeros_like(sums[n])) for n in layers} if kind == "adam" else None
+    # adam: a batch's g_b of a hooked layer is summed over its calls first; gradient: -δᵀx goes to the sum at once
+    per_batch = (
+        {n: _hold(torch.zeros_like(sums[n])) for n in layers if n in hooked} if squares is not None else {}
+    )
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     # trajectory: Adam on float32 master copies (low-precision weights would round small steps away); the model's
     # weights follow them, rounded, and get their starting values back at the end
@@ -119,15 +273,18 @@ def compute_prior(
     )
     seen = 0
     disabled = {name: layer.disabled for name, layer in layers.items()}
-    iterator = batches
+    iterator = agreed_batches(batches, max_batches)  # in step across ranks; one error on all if uneven
     if progress:
         from tqdm.auto import tqdm
 
         total = max_batches if max_batches is not None else _len_or_none(batches)
-        iterator = tqdm(batches, total=total, desc=f"calibrating ({kind} prior)", unit="batch")
+        iterator = tqdm(iterator, total=total, desc=label, unit="batch")
+    handles = []
     try:
         for layer in layers.values():
             layer.disabled = True
+        into = {n: per_batch[n] if per_batch else sums[n] for n in hooked if n in layers}
+        handles = _attach_hooks(layers, into, sign=1.0 if per_batch else -1.0)
         with _only_weights_require_grad(model, weights):
             for index, batch in enumerate(iterator):
                 if max_batches is not None and index >= max_batches:
@@ -137,7 +294,8 @@ def compute_prior(
                     raise FloatingPointError(
                         f"calibration batch {index} gave a non-finite loss ({float(loss.detach())})"
                     )
-                loss.backward()
+                if loss.requires_grad:  # it does not when none of the group's layers is used
+                    loss.backward()
                 if optimizer is not None:
                     for w, master in zip(weights, masters):
                         grad = w.grad if w.grad is not None else torch.zeros_like(w)
@@ -149,19 +307,15 @@ def compute_prior(
                         for w, master in zip(weights, masters):
                             w.copy_(master)
                 else:
-                    for name, layer in layers.items():
-                        if layer.base_layer.weight.grad is None:
-                            continue
-                        grad = weight_matrix(layer.base_layer, grad=True).float()
-                        sums[name] -= grad
-                        if squares is not None:
-                            squares[name] += grad * grad
+                    _accumulate(layers, hooked, sums, squares, per_batch)
                 for w in weights:
                     w.grad = None
                 seen += 1
         for (name, layer), master, w0 in zip(layers.items(), masters, start or []):
             sums[name] = kind_of(layer.base_layer).matrix(layer.base_layer, master - w0.float())
     finally:
+        for handle in handles:
+            handle.remove()
         if start is not None:
             with torch.no_grad():
                 for w, w0 in zip(weights, start):
@@ -176,11 +330,63 @@ def compute_prior(
     if squares is not None:
         for name in sums:
             scale = squares[name].sqrt()
-            sums[name] = torch.where(
-                scale > 0, sums[name] / scale.clamp_min(torch.finfo(scale.dtype).tiny), 0.0
+            sums[name] = _hold(
+                torch.where(scale > 0, sums[name] / scale.clamp_min(torch.finfo(scale.dtype).tiny), 0.0)
             )
+            del scale
     _check_priors(sums, seen)
     return sums
+
+
+def _accumulate(layers, hooked, sums, squares, per_batch) -> None:
+    """Add one batch's gradients ``g_b`` into the sums: ``-g_b``, and (adam) ``g_b²``."""
+    for name, layer in layers.items():
+        if name in per_batch:
+            grad = per_batch[name]
+        elif name in hooked or layer.base_layer.weight.grad is None:  # hooked: subtracted by the hooks already
+            continue
+        else:
+            _hold(layer.base_layer.weight.grad)
+            grad = weight_matrix(layer.base_layer, grad=True).float()
+        sums[name] -= grad
+        if squares is not None:
+            squares[name] += grad * grad
+        if name in per_batch:
+            grad.zero_()
+
+
+def _attach_hooks(layers: Mapping[str, nn.Module], into: dict[str, torch.Tensor], sign: float) -> list[Any]:
+    """Hooks on the base layers of ``into``'s layers that add ``sign · δᵀx`` of every call into ``into[name]``.
+
+    A layer's input is made to require grad (``x + 0``, the same values) when nothing before it does, so that
+    ``δ`` reaches it even when no weight of the model takes a gradient."""
+    anchor = torch.zeros((), requires_grad=True)
+    handles = []
+    for name, target in into.items():
+        base = layers[name].base_layer
+        layer_kind = kind_of(base)
+
+        def pre(module: nn.Module, args: tuple) -> tuple | None:
+            x = args[0]
+            if torch.is_grad_enabled() and not x.requires_grad:
+                return (x + anchor.to(x.device, x.dtype), *args[1:])
+            return None
+
+        def post(module: nn.Module, args: tuple, output: torch.Tensor, target=target, k=layer_kind) -> None:
+            if torch.is_grad_enabled() and output.requires_grad:
+                x = args[0].detach()
+                output.register_hook(lambda delta: _add_gradient(target, k, module, x, delta, sign))
+
+        handles += [base.register_forward_pre_hook(pre), base.register_forward_hook(post)]
+    return handles
+
+
+def _add_gradient(
+    target: torch.Tensor, kind: LayerKind, layer: nn.Module, x: torch.Tensor, delta: torch.Tensor, sign: float
+) -> None:
+    with torch.no_grad():
+        grad = _hold(kind.weight_gradient(layer, x, delta))
+        target.add_(grad, alpha=sign)
 
 
 gradient_prior = compute_prior  # its name before it computed the adam and trajectory priors too

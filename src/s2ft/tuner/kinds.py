@@ -15,6 +15,11 @@ try:  # transformers' GPT-2 style layer: y = x @ W + b with W stored (d_in, d_ou
 except ImportError:  # pragma: no cover - transformers is a dependency, but the layer works without it
     Conv1D = None
 
+try:  # optional: quantized base layers (QLoRA-style 4- and 8-bit models)
+    import bitsandbytes as bnb
+except ImportError:  # s2ft works without it
+    bnb = None
+
 
 class LayerKind:
     """How one kind of torch layer is adapted: its weight seen as a ``(d_out, d_in)`` matrix (``ΔW``'s shape),
@@ -28,6 +33,10 @@ class LayerKind:
     label = "torch.nn.Linear"  # how error messages name the layers of this kind
     all_linear = True  # whether target_modules="all-linear" adapts layers of this kind
     lora_fan_in_fan_out = False  # PEFT's LoRA flag for a weight stored (d_in, d_out)
+    quantized = False  # a weight that takes no gradient and cannot hold ΔW (merge needs dequantizing)
+    prior_from_activations = (
+        True  # whether weight_gradient gives ∂L/∂W from a call's input and output gradient
+    )
 
     def matrix(self, layer: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` (the weight, or its gradient) in the ``(d_out, d_in)`` matrix view."""
@@ -56,6 +65,13 @@ class LayerKind:
         """PEFT's ``lora_A`` and ``lora_B`` weights for this layer from the factors ``A`` ``(r, d_in)`` and ``B``
         ``(d_out, r)`` of ``ΔW ≈ B A``: the matrices themselves for a linear map."""
         return a, b
+
+    def weight_gradient(self, layer: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """``∂L/∂W`` in the ``(d_out, d_in)`` matrix view from one call's input ``x`` ``(..., d_in)`` and output
+        gradient ``delta`` ``(..., d_out)``: ``Σ_tokens δᵀ x``, in float32 (float64 for float64 tensors). What
+        calibration uses for a weight that cannot take a gradient itself."""
+        dtype = torch.promote_types(torch.promote_types(x.dtype, delta.dtype), torch.float32)
+        return delta.reshape(-1, delta.shape[-1]).to(dtype).T @ x.reshape(-1, x.shape[-1]).to(dtype)
 
 
 class Conv1DKind(LayerKind):
@@ -89,6 +105,7 @@ class Conv2dKind(LayerKind):
     name = "conv2d"
     label = "torch.nn.Conv2d"
     all_linear = False  # as in PEFT: "all-linear" means the linear layers
+    prior_from_activations = False
 
     def matrix(self, layer: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.reshape(tensor.shape[0], -1)
@@ -120,6 +137,9 @@ class Conv2dKind(LayerKind):
         zero_bias = None if layer.bias is None else torch.zeros_like(delta[:, 0, 0, 0])
         return torch.func.functional_call(layer, {"weight": delta, "bias": zero_bias}, (x.float(),))
 
+    def weight_gradient(self, layer: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        raise TypeError("a Conv2d's prior is taken from its weight's gradient, not from its activations")
+
     def lora_weights(
         self, layer: nn.Module, a: torch.Tensor, b: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,6 +148,85 @@ class Conv2dKind(LayerKind):
         if layer.groups != 1:
             raise ValueError("a grouped Conv2d has no PEFT LoRA form; merge the adapter instead")
         return a.reshape(a.shape[0], *layer.weight.shape[1:]), b[:, :, None, None]
+
+
+class QuantizedKind(LayerKind):
+    """A quantized linear layer (bitsandbytes): ``y = base(x) + ΔW x``, ``ΔW x`` computed in float32 beside the
+    quantized base output and added in that output's dtype. The shape comes from ``in_features`` and
+    ``out_features`` (the stored weight is packed); the weight takes no gradient, so calibration takes the prior
+    from the layer's inputs and output gradients (:meth:`LayerKind.weight_gradient`), and merging needs a float
+    weight (:meth:`dequantized`)."""
+
+    quantized = True
+
+    def shape(self, layer: nn.Module) -> tuple[int, int]:
+        return (layer.out_features, layer.in_features)
+
+    def matrix(self, layer: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+        raise TypeError(f"a {self.label} weight is quantized: it has no float matrix view (see dequantized)")
+
+    to_weight = matrix
+
+    def dequantized(self, layer: nn.Module) -> torch.Tensor:
+        """The weight the layer computes with, ``(d_out, d_in)`` float32."""
+        raise NotImplementedError
+
+    def float_linear(self, layer: nn.Module, dtype: torch.dtype | None = None) -> nn.Linear:
+        """An ``nn.Linear`` computing what ``layer`` computes, its weight dequantized, in ``dtype`` (default: the
+        layer's :meth:`compute_dtype`)."""
+        dtype = dtype or self.compute_dtype(layer)
+        weight = self.dequantized(layer)
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        linear = linear.to(device=weight.device, dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if layer.bias is not None:
+                linear.bias.copy_(layer.bias)
+        return linear.requires_grad_(False).train(layer.training)
+
+    def compute_dtype(self, layer: nn.Module) -> torch.dtype:
+        """The float dtype the layer computes in (float32 if it does not say)."""
+        return torch.float32
+
+
+class Linear4bitKind(QuantizedKind):
+    """bitsandbytes' ``Linear4bit`` (nf4 and fp4, QLoRA's base layers)."""
+
+    name = "linear4bit"
+    label = "bitsandbytes' Linear4bit"
+
+    def dequantized(self, layer: nn.Module) -> torch.Tensor:
+        weight = layer.weight
+        if weight.dtype.is_floating_point:  # not quantized yet
+            return weight.detach().float()
+        state = weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):  # repacked by bitsandbytes for AVX512-BF16 CPUs
+            from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+            weight.quant_state = state
+        matrix = bnb.functional.dequantize_4bit(weight.data, state)
+        return matrix.reshape(layer.out_features, layer.in_features).float()
+
+    def compute_dtype(self, layer: nn.Module) -> torch.dtype:
+        return layer.compute_dtype or torch.float32
+
+
+class Linear8bitKind(QuantizedKind):
+    """bitsandbytes' ``Linear8bitLt`` (LLM.int8()): int8 rows with one float scale each (``SCB``)."""
+
+    name = "linear8bit"
+    label = "bitsandbytes' Linear8bitLt"
+
+    def dequantized(self, layer: nn.Module) -> torch.Tensor:
+        weight = layer.weight
+        if weight.dtype.is_floating_point:  # has_fp16_weights, or not quantized yet
+            return weight.detach().float()
+        scales = weight.SCB if getattr(weight, "SCB", None) is not None else layer.state.SCB
+        return weight.data.float() * (scales.float()[:, None] / 127)
+
+    def compute_dtype(self, layer: nn.Module) -> torch.dtype:
+        return layer.bias.dtype if layer.bias is not None else torch.float32
 
 
 def _padding(layer: nn.Conv2d) -> tuple[int, ...]:
@@ -140,6 +239,22 @@ def _padding(layer: nn.Conv2d) -> tuple[int, ...]:
 KINDS: dict[type[nn.Module], LayerKind] = {nn.Linear: LayerKind(), nn.Conv2d: Conv2dKind()}
 if Conv1D is not None:
     KINDS[Conv1D] = Conv1DKind()
+if bnb is not None:
+    KINDS[bnb.nn.Linear4bit] = Linear4bitKind()
+    KINDS[bnb.nn.Linear8bitLt] = Linear8bitKind()
+
+# Quantized layers s2ft cannot adapt (GPTQ, AWQ, HQQ, EETQ, ...), known by class name or the package defining it
+_OTHER_QUANTIZED_CLASSES = ("QuantLinear", "WQLinear", "HQQLinear", "EetqLinear", "QLinear", "FP8Linear")
+_OTHER_QUANTIZED_PACKAGES = (
+    "auto_gptq",
+    "gptqmodel",
+    "awq",
+    "hqq",
+    "eetq",
+    "optimum.quanto",
+    "quanto",
+    "aqlm",
+)
 
 
 def supported_names() -> str:
@@ -150,6 +265,23 @@ def supported_names() -> str:
 
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = tuple(KINDS)  # as registered at import
 SUPPORTED_NAMES = supported_names()
+
+
+def unsupported_quantized(layer: nn.Module) -> bool:
+    """Whether ``layer`` is a quantized linear layer of a kind s2ft cannot adapt: a known class (GPTQ's
+    ``QuantLinear``, AWQ's ``WQLinear*``, ``HQQLinear``, ...) or any layer with ``in_features``/``out_features``
+    whose weight is not floating point."""
+    if find_kind(layer) is not None:
+        return False
+    cls = type(layer)
+    module = cls.__module__ + "."
+    if cls.__name__.startswith(_OTHER_QUANTIZED_CLASSES) or module.startswith(
+        tuple(p + "." for p in _OTHER_QUANTIZED_PACKAGES)
+    ):
+        return True
+    weight = getattr(layer, "weight", None)
+    linear_like = hasattr(layer, "in_features") and hasattr(layer, "out_features")
+    return linear_like and isinstance(weight, torch.Tensor) and not weight.dtype.is_floating_point
 
 
 def find_kind(layer: nn.Module) -> LayerKind | None:

@@ -17,7 +17,7 @@ from torch import nn
 from s2ft.config import ALL_LINEAR, FourierFTConfig
 from s2ft.ops.bases import get_basis
 from s2ft.ops.locations import check_n_frequency
-from s2ft.tuner.kinds import find_kind, layer_shape, supported_names
+from s2ft.tuner.kinds import find_kind, layer_shape, supported_names, unsupported_quantized
 from s2ft.tuner.layers import BASE, SpectralLayer, TrainedCopy
 
 
@@ -46,7 +46,8 @@ def is_target(name: str, module: nn.Module, config: FourierFTConfig, output: nn.
         base = module.base_layer if isinstance(module, SpectralLayer) else module
         saved = bool(config.modules_to_save) and matches(name, config.modules_to_save)
         kind = find_kind(base)
-        return kind is not None and kind.all_linear and base is not output and not saved
+        linear = (kind is not None and kind.all_linear) or unsupported_quantized(base)
+        return linear and base is not output and not saved
     return matches(name, config.target_modules)
 
 
@@ -85,6 +86,13 @@ def resolve(
             and not any(name.startswith(s + ".") for s, _ in saves)
         ):
             saves.append((name, module))
+    quantized = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if unsupported_quantized(m)]
+    if quantized and any(u in quantized for u in unsupported):
+        raise TypeError(
+            f"the model holds quantized layers of a kind s2ft cannot adapt: {', '.join(quantized[:5])}; "
+            f"the quantized layers it adapts are bitsandbytes' (load the model with a BitsAndBytesConfig); "
+            f"supported: {supported_names()}"
+        )
     if unsupported:
         raise TypeError(
             f"target_modules matched modules s2ft cannot adapt: {', '.join(unsupported[:5])}; "
