@@ -23,6 +23,7 @@ from s2ft.tuner.kinds import (  # noqa: F401 (their home before kinds.py)
     LayerKind,
     kind_of,
     layer_shape,
+    quantized_merge_error,
     weight_matrix,
 )
 from s2ft.tuner.serving import serve_mixed
@@ -325,6 +326,8 @@ class SpectralLayer(nn.Module):
         so that unmerging restores it bit for bit; a float32 weight is restored by subtraction (within float32
         rounding).
         """
+        if self.kind.quantized:
+            raise quantized_merge_error(type(self.base_layer).__name__, self.base_layer)
         weight = self.base_layer.weight
         for name in adapter_names if adapter_names is not None else list(self.active):
             if name in self._merged:

@@ -18,6 +18,7 @@ from torch import nn
 
 from s2ft.config import FourierFTConfig
 from s2ft.tuner.calibration import LossFn
+from s2ft.tuner.distributed import is_sharded_model, refuse_sharded
 from s2ft.tuner.layers import BASE, DEFAULT, SpectralLayer, TrainedCopy, example_adapters
 from s2ft.tuner.planner import calibrate_adapter, replan_adapter
 from s2ft.tuner.saving import (
@@ -317,7 +318,8 @@ class SpectralModel(nn.Module):
         self._require_plannable(name, "calibrate")
         layers = self._layers_of(name)
         config = self.peft_config[name]
-        return calibrate_adapter(self.model, layers, name, config, batches, loss_fn, progress, force)
+        runner = self if is_sharded_model(self) else self.model  # FSDP: through the root's hooks
+        return calibrate_adapter(runner, layers, name, config, batches, loss_fn, progress, force)
 
     def replan(
         self, adapter_name: str | None = None, priors: dict[str, torch.Tensor] | None = None
@@ -346,6 +348,7 @@ class SpectralModel(nn.Module):
         for name in names:
             self._require_known(name)
             self._require_planned(name)
+        refuse_sharded(self, "merge")
         for layer in self.spectral_layers().values():
             layer.merge([n for n in names if n in layer.adapters])
 

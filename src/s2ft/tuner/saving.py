@@ -24,12 +24,13 @@ from s2ft.tuner.adapter_io import (
     read_adapter,
     write_adapter_folder,
 )
+from s2ft.tuner.distributed import copy_into, full, is_sharded_model, on_main_then_wait
 from s2ft.tuner.layers import DEFAULT, SpectralLayer, TrainedCopy
 from s2ft.tuner.peft_fourierft import (
     fourierft_to_peft,
     is_peft_folder,
     read_peft_fourierft,
-    save_peft_fourierft,
+    write_peft_folder,
 )
 from s2ft.tuner.targets import base_of, resolve, shape_of
 
@@ -47,13 +48,14 @@ def adapter_state(
     """The tensors of adapter ``adapter_name``'s file, contiguous on the CPU: ``{module}.coeffs`` ``(n,)`` in
     ``coefficient_dtype``; if ``config.stores_locations``, ``{module}.rows``/``.cols`` ``(n,)``; any permutations
     ``perm_rows`` ``(d_out,)`` and ``perm_cols`` ``(d_in,)`` (indices in the smallest integer dtype that fits); and
-    ``modules_to_save.{module}.{key}`` of its trained copies."""
+    ``modules_to_save.{module}.{key}`` of its trained copies. Under FSDP the sharded tensors are gathered whole
+    (every rank calls this and gets the same tensors)."""
     state: dict[str, torch.Tensor] = {}
     for module, layer in layers.items():
         adapter = layer.adapters[adapter_name]
         adapter._require_ready()
         rows_dtype, cols_dtype = smallest_int_dtype(layer.d_out - 1), smallest_int_dtype(layer.d_in - 1)
-        state[f"{module}.coeffs"] = adapter.coeffs.detach().to(coefficient_dtype)
+        state[f"{module}.coeffs"] = full(adapter.coeffs.detach()).to(coefficient_dtype)
         if config.stores_locations:  # else they follow from the seed
             state[f"{module}.rows"] = adapter.rows.to(rows_dtype)
             state[f"{module}.cols"] = adapter.cols.to(cols_dtype)
@@ -63,7 +65,7 @@ def adapter_state(
     for module, copy in copies.items():
         if adapter_name in copy.copies:
             for key, value in copy.copies[adapter_name].state_dict().items():
-                state[f"{SAVE_PREFIX}{module}.{key}"] = value.detach()
+                state[f"{SAVE_PREFIX}{module}.{key}"] = full(value.detach())
     return {k: v.contiguous().cpu() for k, v in state.items()}
 
 
@@ -98,21 +100,28 @@ def write_adapters(
     coefficient_dtype: torch.dtype = torch.float32,
 ) -> None:
     """Write adapters ``names`` of a :class:`s2ft.SpectralModel` (:meth:`s2ft.SpectralModel.save_pretrained`):
-    :data:`DEFAULT` in ``save_directory``, the others in subfolders named after them; each folder as a whole."""
+    :data:`DEFAULT` in ``save_directory``, the others in subfolders named after them; each folder as a whole.
+
+    Under ``torch.distributed`` every rank calls this: the tensors are gathered whole on every rank (FSDP), rank 0
+    writes, and the others wait for it."""
     if format == "peft":
-        for name in names:
-            fourierft_to_peft(
-                model, name
-            )  # refuses an adapter without a PEFT type before anything is written
+        for name in names:  # refuses an adapter without a PEFT type before anything is written
+            fourierft_to_peft(model, name)
     for name in names:
         directory = os.fspath(save_directory) if name == DEFAULT else os.path.join(save_directory, name)
-        os.makedirs(directory, exist_ok=True)
         if format == "peft":
-            save_peft_fourierft(model, directory, name)
-            continue
-        config_text = json.dumps(model.peft_config[name].to_dict(), indent=2) + "\n"
-        state = model.adapter_state_dict(name, coefficient_dtype)
-        write_adapter_folder(directory, state, model._metadata(name), config_text)
+            peft_config, state = fourierft_to_peft(model, name)
+            state = {key: full(value) for key, value in state.items()}
+        else:
+            state = model.adapter_state_dict(name, coefficient_dtype)
+        with on_main_then_wait() as main:
+            if main:
+                os.makedirs(directory, exist_ok=True)
+                if format == "peft":
+                    write_peft_folder(directory, peft_config, state)
+                else:
+                    config_text = json.dumps(model.peft_config[name].to_dict(), indent=2) + "\n"
+                    write_adapter_folder(directory, state, model._metadata(name), config_text)
 
 
 def read_folder(
@@ -142,11 +151,12 @@ def fill(
     adapter_name: str,
     state: dict[str, torch.Tensor],
 ) -> None:
-    """Copy a checked file's tensors (:func:`read_folder`) into adapter ``adapter_name``'s layers and copies."""
+    """Copy a checked file's tensors (:func:`read_folder`) into adapter ``adapter_name``'s layers and copies
+    (sharded ones keep their slice: under FSDP every rank passes the whole file)."""
     with torch.no_grad():
         for name, layer in layers.items():
             adapter = layer.adapters[adapter_name]
-            adapter.coeffs.copy_(state[f"{name}.coeffs"])
+            copy_into(adapter.coeffs, state[f"{name}.coeffs"])  # a sharded one keeps its slice
             if f"{name}.rows" in state:  # else the seeded ones are in place
                 perms = [state.get(f"{name}.perm_rows"), state.get(f"{name}.perm_cols")]
                 adapter.set_locations(state[f"{name}.rows"], state[f"{name}.cols"], *perms)
@@ -154,4 +164,12 @@ def fill(
             if adapter_name in copy.copies:
                 prefix = f"{SAVE_PREFIX}{name}."
                 sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-                copy.copies[adapter_name].load_state_dict(sub, strict=True)
+                module = copy.copies[adapter_name]
+                if not is_sharded_model(module):
+                    module.load_state_dict(sub, strict=True)
+                    continue
+                target = module.state_dict(keep_vars=True)  # FSDP: each rank keeps its slice
+                for key in set(sub) | set(target):
+                    if key not in sub or key not in target:
+                        raise KeyError(f"{prefix}{key}: in the file or the module but not both")
+                    copy_into(target[key], sub[key])

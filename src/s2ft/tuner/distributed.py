@@ -1,0 +1,152 @@
+"""s2ft under ``torch.distributed``, and under FSDP2 (``torch.distributed.fsdp.fully_shard``, which Accelerate's FSDP
+plugin also uses): sharded parameters are ``DTensor`` s, each rank holding a slice.
+
+- :func:`full`: a tensor whole on every rank (a collective for a ``DTensor``: every rank calls it);
+- :func:`copy_into`: a whole tensor copied into a possibly sharded parameter (each rank keeps its slice);
+- :func:`agreed_batches`: calibration batches taken in step on every rank, with one error on every rank (no hang)
+  when one rank runs out before another;
+- :class:`LocalGradients`: each rank's own, whole gradient of a sharded weight, caught in backward before FSDP
+  reduces and shards it (calibration sums it and all-reduces one layer's sum at a time, as under DDP);
+- :func:`on_main_then_wait`: rank 0 writes, the others wait for it.
+
+Without ``torch.distributed`` (or with plain tensors) each of them does what one process does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+try:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # a torch without distributed support
+    DTensor, distribute_tensor = None, None
+
+
+def is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def is_sharded(tensor: Any) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (a parameter FSDP has sharded, or its gradient)."""
+    return DTensor is not None and isinstance(tensor, DTensor)
+
+
+def is_sharded_model(model: nn.Module) -> bool:
+    """Whether any parameter of ``model`` is sharded."""
+    return any(is_sharded(p) for p in model.parameters())
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` whole, as a plain tensor: a ``DTensor`` is gathered (every rank must call this), others are
+    returned as they are."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+@torch.no_grad()
+def copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy the whole ``value`` (same shape as ``param``'s global shape) into ``param``; a sharded ``param`` keeps
+    its own slice of it (every rank passes the same ``value``)."""
+    if is_sharded(param):
+        value = distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements)
+    param.copy_(value)
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if is_distributed() else 0
+
+
+def is_main_process() -> bool:
+    return _rank() == 0
+
+
+@contextlib.contextmanager
+def on_main_then_wait() -> Iterator[bool]:
+    """Yield whether this is rank 0 (the one that writes); on leaving, every rank waits for the others (a
+    barrier), so no rank reads a file before rank 0 has written it. An error on rank 0 is raised there before
+    the barrier; the other ranks then wait for it (the launcher ends them)."""
+    yield is_main_process()
+    if is_distributed():
+        torch.distributed.barrier()
+
+
+def agreed_batches(batches: Iterable[Any], limit: int | None = None) -> Iterator[Any]:
+    """The first ``limit`` (all if None) of ``batches``, taken in step with the other ranks: before each batch the
+    ranks agree (a one-element all-reduce) that every one of them has one. If some have and others have not, every
+    rank raises the same ``ValueError``, instead of the ranks that still have batches waiting for the others in
+    the model's next collective."""
+    iterator, index = iter(batches), 0
+    end = object()
+    while True:
+        batch = end if limit is not None and index >= limit else next(iterator, end)
+        if is_distributed():
+            counts = torch.tensor([int(batch is not end), int(batch is end)])
+            torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.SUM)
+            if counts[0] > 0 and counts[1] > 0:
+                raise ValueError(
+                    f"calibration batches differ across processes: {int(counts[1])} of "
+                    f"{torch.distributed.get_world_size()} ranks ran out after {index} batches while the others "
+                    f"have more (this is rank {_rank()}); give every rank the same number of batches"
+                )
+        if batch is end:
+            return
+        yield batch
+        index += 1
+
+
+class LocalGradients:
+    """Each rank's own, whole gradient of the weights of ``layers`` (``{name: SpectralLayer}``), per backward.
+
+    Under FSDP a weight is whole only inside its module's forward, and its gradient is reduced across ranks and
+    sharded as soon as backward produces it. A forward pre-hook on each ``base_layer`` puts a tensor hook on the
+    whole weight in use, which sees the gradient first. :meth:`take` returns ``{name: gradient}`` (the weight's
+    shape) for the last backward and removes the tensor hooks. Use as a context manager (the pre-hooks go on
+    exit)."""
+
+    def __init__(self, layers: Mapping[str, nn.Module]) -> None:
+        self._grads: dict[str, torch.Tensor] = {}
+        self._tensor_hooks: dict[str, Any] = {}
+        self._hooks = [
+            layer.base_layer.register_forward_pre_hook(self._pre_hook(name)) for name, layer in layers.items()
+        ]
+
+    def _pre_hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: Any) -> None:
+            weight = module.weight
+            if (
+                weight.requires_grad and name not in self._tensor_hooks
+            ):  # one hook per backward, even if reused
+                self._tensor_hooks[name] = weight.register_hook(lambda grad: self._store(name, grad))
+
+        return hook
+
+    def _store(self, name: str, grad: torch.Tensor) -> None:
+        self._grads[name] = grad.detach().clone()
+
+    def take(self) -> dict[str, torch.Tensor]:
+        for handle in self._tensor_hooks.values():
+            handle.remove()
+        grads, self._grads, self._tensor_hooks = self._grads, {}, {}
+        return grads
+
+    def __enter__(self) -> LocalGradients:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.take()
+        for handle in self._hooks:
+            handle.remove()
+
+
+def refuse_sharded(model: nn.Module, action: str) -> None:
+    """Refuse ``action`` (merge) on a model whose weights FSDP has sharded, naming the way that works."""
+    if is_sharded_model(model):
+        raise RuntimeError(
+            f"cannot {action} adapters into weights that FSDP has sharded (DTensor): save the adapter with "
+            "save_pretrained (rank 0 writes it), then, in one process, load it onto the unsharded base model and "
+            "merge there: SpectralModel.from_pretrained(base_model, folder).merge_and_unload()"
+        )

@@ -1,0 +1,140 @@
+"""Two CPU processes (gloo) with a tiny Llama sharded by FSDP2 (``fully_shard``, tests/fsdp_worker.py): calibration
+gives every rank the plan one process makes from all the batches, uneven batches fail on every rank, training
+matches one process with the whole batch, rank 0 saves the file one process saves, a saved adapter resumes, and
+merging a sharded model is refused with the way that works."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import fsdp_worker as worker  # noqa: E402
+from conftest import tiny_llama  # noqa: E402
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed"),
+]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """What each of the two ranks saw, and the folder they worked in (the worker runs once per module)."""
+    out = tmp_path_factory.mktemp("fsdp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29531",
+    ]
+    subprocess.run(
+        [*command, os.path.join(HERE, "fsdp_worker.py"), str(out)], env=env, check=True, timeout=600
+    )
+    return [torch.load(out / f"rank{r}.pt") for r in (0, 1)], out
+
+
+@pytest.fixture(scope="module")
+def single():
+    """One process: calibrated on all the worker's calibration batches, then trained on whole batches."""
+    from s2ft import get_spectral_model
+
+    model = get_spectral_model(tiny_llama(), worker.config())
+    model.calibrate(worker.batches(4, seed=0))
+    plans = worker.plans(model)
+    worker.train(model, worker.batches(worker.STEPS, seed=2))
+    return model, plans
+
+
+def assert_same_plans(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        for key in ("rows", "cols", "perm_rows", "perm_cols"):
+            assert torch.equal(a[name][key], b[name][key]), (name, key)
+
+
+def test_calibration_equals_one_process_on_all_batches(ranks, single):
+    (rank0, rank1), _ = ranks
+    assert_same_plans(rank0["plans"], rank1["plans"])
+    assert_same_plans(rank0["plans"], single[1])
+
+
+def test_uneven_batches_fail_on_every_rank_and_change_nothing(ranks):
+    for seen in ranks[0]:
+        assert "calibration batches differ across processes" in seen["uneven_error"]
+        assert "same number of batches" in seen["uneven_error"]
+        assert_same_plans(seen["plans_after_uneven"], seen["plans"])
+
+
+def test_training_matches_one_process_with_the_whole_batch(ranks, single):
+    (rank0, rank1), _ = ranks
+    model, _ = single
+    for name, layer in model.spectral_layers().items():
+        assert torch.equal(rank0["coeffs"][name], rank1["coeffs"][name])
+        assert layer.coeffs.abs().max() > 0.05  # it trained
+        torch.testing.assert_close(rank0["coeffs"][name], layer.coeffs.detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_rank0_writes_the_file_one_process_writes(ranks, tmp_path):
+    from s2ft import get_spectral_model
+
+    (rank0, rank1), out = ranks
+    assert (
+        rank0["saved_when_done"]
+        == rank1["saved_when_done"]
+        == [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+        ]
+    )
+    model = get_spectral_model(tiny_llama(), worker.config())
+    with torch.no_grad():
+        for name, layer in model.spectral_layers().items():
+            plan = rank0["plans"][name]
+            layer.set_locations(plan["rows"], plan["cols"], plan["perm_rows"], plan["perm_cols"])
+            layer.coeffs.copy_(rank0["coeffs"][name])
+    model.save_pretrained(tmp_path / "one")
+    for file in rank0["saved_when_done"]:
+        assert (out / "adapter" / file).read_bytes() == (tmp_path / "one" / file).read_bytes(), file
+
+
+def test_a_saved_adapter_resumes_sharded(ranks):
+    """Loaded before sharding, the adapter holds on both ranks what one process loads from the file, and its ΔW
+    is the trained one."""
+    from s2ft import SpectralModel
+    from s2ft.ops.bases import get_basis
+
+    (rank0, rank1), out = ranks
+    model = SpectralModel.from_pretrained(tiny_llama(), out / "adapter")
+    basis = get_basis("fourier")
+    for name, layer in model.spectral_layers().items():
+        plan = rank0["plans"][name]
+        trained = basis.delta_weight(
+            rank0["coeffs"][name],
+            plan["rows"],
+            plan["cols"],
+            layer.d_out,
+            layer.d_in,
+            layer.scaling,
+            plan["perm_rows"],
+            plan["perm_cols"],
+        )
+        for seen in (rank0, rank1):
+            assert torch.equal(seen["resumed_coeffs"][name], layer.coeffs.detach())
+        torch.testing.assert_close(layer.delta_weight(), trained, atol=1e-6, rtol=0)
+
+
+def test_merging_a_sharded_model_is_refused(ranks):
+    for seen in ranks[0]:
+        assert "FSDP" in seen["merge_error"] and "from_pretrained" in seen["merge_error"]
+        assert seen["spectral_after_merge"] == 4  # nothing was unloaded
