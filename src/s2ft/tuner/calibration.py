@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from s2ft.config import PRIORS
-from s2ft.tuner.kinds import LayerKind, kind_of, weight_matrix
 from s2ft.tuner.distributed import agreed_batches
+from s2ft.tuner.kinds import LayerKind, kind_of, weight_matrix
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -194,7 +194,7 @@ def iter_priors(
         raise ValueError(f"the calibration group size must be a positive integer or None, got {group_size!r}")
     hooked = _activation_layers(layers, from_activations)
     if kind == "trajectory" and hooked:
-        name = next(iter(hooked))
+        name = next(n for n in layers if n in hooked)  # the first in module order
         raise ValueError(
             f"the trajectory prior steps the weights themselves, and {name!r} ({kind_of(layers[name].base_layer).label}"
             f"{'' if len(hooked) == 1 else f', and {len(hooked) - 1} more'}) has a weight that takes no gradient: "

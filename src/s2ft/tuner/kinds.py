@@ -310,3 +310,35 @@ def weight_matrix(layer: nn.Module, grad: bool = False) -> torch.Tensor:
     """The layer's weight (or, with ``grad``, its gradient) as a ``(d_out, d_in)`` matrix view."""
     tensor = layer.weight.grad if grad else layer.weight
     return kind_of(layer).matrix(layer, tensor)
+
+
+def quantized_merge_error(name: str, layer: nn.Module) -> RuntimeError:
+    """The error of merging into a quantized layer ``name``: it names the two ways out."""
+    return RuntimeError(
+        f"cannot merge into {name!r}: it is a quantized {kind_of(layer).label}, whose weight cannot hold ΔW. "
+        "Either merge_and_unload(dequantize=True), which returns a float model (nn.Linear layers in the "
+        "compute dtype) with ΔW merged, or keep serving unmerged: the adapters add ΔW x beside the quantized "
+        "base layers"
+    )
+
+
+def dequantize_modules(model: nn.Module, dtype: torch.dtype | None = None) -> list[str]:
+    """Replace every quantized layer of ``model`` (an adapted layer's ``base_layer`` too) by an ``nn.Linear``
+    computing the same with its dequantized weight, in ``dtype``: by default that of the model's input
+    embeddings (a transformers model's activations), else each layer's compute dtype. A transformers model
+    loses its ``quantization_config``. Returns the names of the replaced modules."""
+    getter = getattr(model, "get_input_embeddings", None)
+    embeddings = getter() if callable(getter) else None
+    if dtype is None and embeddings is not None and embeddings.weight.dtype.is_floating_point:
+        dtype = embeddings.weight.dtype
+    replaced = []
+    for name, module in list(model.named_modules()):
+        kind = find_kind(module)
+        if kind is not None and kind.quantized:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, kind.float_linear(module, dtype))
+            replaced.append(name)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if replaced and quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    return replaced
