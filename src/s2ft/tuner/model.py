@@ -19,6 +19,7 @@ from torch import nn
 from s2ft.config import FourierFTConfig
 from s2ft.tuner.calibration import LossFn
 from s2ft.tuner.distributed import is_sharded_model, refuse_sharded
+from s2ft.tuner.kinds import dequantize_modules, kind_of, quantized_merge_error
 from s2ft.tuner.layers import BASE, DEFAULT, SpectralLayer, TrainedCopy, example_adapters
 from s2ft.tuner.planner import calibrate_adapter, replan_adapter
 from s2ft.tuner.saving import (
@@ -349,7 +350,11 @@ class SpectralModel(nn.Module):
             self._require_known(name)
             self._require_planned(name)
         refuse_sharded(self, "merge")
-        for layer in self.spectral_layers().values():
+        layers = self.spectral_layers()
+        for module, layer in layers.items():
+            if layer.kind.quantized and any(n in layer.adapters for n in names):
+                raise quantized_merge_error(module, layer.base_layer)
+        for layer in layers.values():
             layer.merge([n for n in names if n in layer.adapters])
 
     def unmerge(self) -> None:
@@ -377,10 +382,22 @@ class SpectralModel(nn.Module):
         """PEFT's name for :meth:`disable_adapters`: ``with model.disable_adapter(): ...`` runs the base model."""
         return self.disable_adapters()
 
-    def merge_and_unload(self, adapter_names: list[str] | None = None) -> nn.Module:
+    def merge_and_unload(self, adapter_names: list[str] | None = None, dequantize: bool = False) -> nn.Module:
         """Merge ``adapter_names`` (default: the active adapters), take every adapter out, and return the original
-        model class with merged weights (and, in ``modules_to_save``, the first merged adapter's trained copy)."""
+        model class with merged weights (and, in ``modules_to_save``, the first merged adapter's trained copy).
+
+        A quantized base (bitsandbytes) cannot hold ``ΔW``: ``dequantize=True`` first replaces every quantized
+        layer by an ``nn.Linear`` with its dequantized weight (:func:`s2ft.tuner.kinds.dequantize_modules`, in
+        the model's float dtype) and returns that float model, ``ΔW`` merged; without it such a model is refused,
+        unchanged."""
         names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
+        if dequantize:
+            for name in names:
+                self._require_known(name)
+                self._require_planned(name)
+            dequantize_modules(self.model)
+            for layer in self.spectral_layers().values():
+                layer.kind = kind_of(layer.base_layer)
         self.merge(names)
         return self._unload(names)
 
