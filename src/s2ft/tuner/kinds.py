@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from s2ft.tuner.serving import cached_delta
+from s2ft.tuner.serving import cached_delta, serve_one
 
 try:  # transformers' GPT-2 style layer: y = x @ W + b with W stored (d_in, d_out)
     from transformers.pytorch_utils import Conv1D
@@ -51,12 +51,12 @@ class LayerKind:
 
     def apply(self, layer: nn.Module, adapter: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``adapter``'s ``ΔW`` applied to the layer's input ``x`` ``(..., d_in)``: ``(..., d_out)``, float32.
-        Without autograd (serving), a dense ``ΔW`` is used only from the model's bounded serving cache, when one is
-        set (:func:`s2ft.tuner.serving.set_serving_cache`); otherwise the adapter's path, as in training."""
+        Without autograd (serving), :func:`s2ft.tuner.serving.serve_one`: the model's bounded dense cache if one is
+        set, else the adapter's path as in training (the FFT one through the layer's bank), no dense ``ΔW`` kept."""
         if not torch.is_grad_enabled():
-            dense = cached_delta(layer, adapter)
-            if dense is not None:
-                return torch.nn.functional.linear(x.float(), dense)
+            served = serve_one(layer, adapter, x)
+            if served is not None:
+                return served
         return adapter.basis.apply(x, *adapter._spectrum(), path=adapter.forward_path)
 
     def lora_weights(

@@ -2,12 +2,12 @@
 
 No dense ``ΔW`` is kept per adapter by default:
 
-- a mixed batch (``adapter_names``) goes through one :class:`s2ft.ops.mixed.MixedBank` per layer, assembled from
-  the bank *pieces* of the distinct adapters it names (a piece is one adapter's sparse spectral map, ``O(n)``
-  floats, built on first use and rebuilt when its coefficients, locations or permutations change) and kept for
-  the next batch naming the same adapters (generation steps);
-- a single adapter, or an adapter whose basis has no bank (DCT), is applied per call on the path its
-  ``forward_path`` names (``"auto"``: :func:`s2ft.ops.apply.choose_path`), as in training;
+- a mixed batch (``adapter_names``) goes through one :class:`s2ft.ops.mixed.MixedBank` per layer
+  (:class:`LayerBank`): each adapter's sparse spectral map, ``O(n)`` floats, packed on its first use and again
+  when its coefficients, locations or permutations change; one pass serves any number of distinct adapters;
+- a single adapter is applied per call on the path its ``forward_path`` names (``"auto"``:
+  :func:`s2ft.ops.apply.choose_path`), as in training, the FFT path through the layer's bank (which keeps no
+  per-adapter plan); an adapter whose basis has no bank (DCT) on its basis's own path;
 - :func:`set_serving_cache` turns on a :class:`DenseCache`, shared by every layer of a model and bounded in
   bytes, that keeps the most recently used adapters' dense ``ΔW`` (a small matmul per adapter: it wins at widths
   of 384 and less and on thin layers, ``benchmarks/results/cpu/mixed_apply.md``).
@@ -23,7 +23,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from s2ft.ops.apply import _PLANS
+from s2ft.ops.apply import _PLANS, choose_path
 from s2ft.ops.mixed import MixedBank
 
 BANK_BASES = ("fourier",)  # the bases whose adapters a MixedBank serves
@@ -74,35 +74,76 @@ def cached_delta(layer: nn.Module, adapter: nn.Module) -> torch.Tensor | None:
     return None if cache is None else cache.get(adapter)
 
 
-def bank_piece(adapter: nn.Module) -> MixedBank | None:
-    """A one-adapter :class:`MixedBank` of ``adapter`` on its device, kept on the adapter until its tensors
-    change; None for a basis without a bank."""
-    if getattr(adapter.basis, "name", None) not in BANK_BASES:
+def bankable(adapter: nn.Module) -> bool:
+    return getattr(adapter.basis, "name", None) in BANK_BASES
+
+
+class LayerBank:
+    """One layer's :class:`MixedBank` of the adapters served so far, grown as new ones are named and kept in
+    ``layer.__dict__`` (never saved or moved). An adapter whose coefficients, locations or permutations change
+    (:func:`version_key`) is packed again; the bank starts over when most of it is stale."""
+
+    def __init__(self) -> None:
+        self.bank: MixedBank | None = None
+        self.index: dict[str, tuple[tuple, int]] = {}  # name -> (version key, position in the bank)
+
+    @staticmethod
+    def of(layer: nn.Module) -> LayerBank:
+        if "_bank" not in layer.__dict__:
+            layer.__dict__["_bank"] = LayerBank()
+        return layer.__dict__["_bank"]
+
+    def positions(self, layer: nn.Module, names: list[str]) -> list[int]:
+        """The bank positions of adapters ``names`` (distinct) of ``layer``, packing those not in it."""
+        keys = [version_key(layer.adapters[name]) for name in names]
+        stale = [name for name, key in zip(names, keys) if self.index.get(name, (None,))[0] != key]
+        if stale:
+            self._add(layer, stale)
+        return [self.index[name][1] for name in names]
+
+    def _add(self, layer: nn.Module, names: list[str]) -> None:
+        live = [
+            name
+            for name, (key, _) in self.index.items()
+            if name not in names and name in layer.adapters and version_key(layer.adapters[name]) == key
+        ]
+        if self.bank is not None and 2 * len(live) < self.bank.num_adapters:  # mostly stale: start over
+            self.bank, self.index, names = None, {}, live + names
+        adapters = [layer.adapters[name] for name in names]
+        for adapter in adapters:
+            adapter._require_ready()
+        piece = MixedBank.pack(adapters, layer.d_out, layer.d_in).to(adapters[0].coeffs.device)
+        start = 0 if self.bank is None else self.bank.num_adapters
+        self.bank = piece if self.bank is None else MixedBank.concat([self.bank, piece])
+        for i, (name, adapter) in enumerate(zip(names, adapters)):
+            self.index[name] = (version_key(adapter), start + i)
+
+    def apply(
+        self, layer: nn.Module, x: torch.Tensor, names: list[str], position: torch.Tensor
+    ) -> torch.Tensor:
+        """``ΔW x`` ``(T, d_out)`` for ``x`` ``(T, d_in)``, token ``t`` through adapter ``names[position[t]]``
+        (none where ``position[t] == -1``)."""
+        table = torch.tensor([*self.positions(layer, names), -1])
+        return self.bank.apply(x, table[position].to(x.device))
+
+
+def serve_one(layer: nn.Module, adapter: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """``ΔW x`` of one adapter without autograd from the dense cache, or through the layer's bank where the
+    adapter's path is the FFT one; None where the basis's own (dense) path should run."""
+    dense = cached_delta(layer, adapter)
+    if dense is not None:
+        return torch.nn.functional.linear(x.float(), dense)
+    if not bankable(adapter) or x.numel() == 0:
         return None
-    key = version_key(adapter)
-    cached = adapter.__dict__.get("_bank_piece")
-    if cached is None or cached[0] != key:
-        adapter._require_ready()
-        piece = MixedBank.pack([adapter], adapter.d_out, adapter.d_in).to(adapter.coeffs.device)
-        cached = (key, piece)
-        adapter.__dict__["_bank_piece"] = cached  # not a buffer: never saved or moved
-    return cached[1]
-
-
-def layer_bank(layer: nn.Module, names: list[str]) -> MixedBank:
-    """The bank of adapters ``names`` of ``layer``, in that order; the last one assembled is kept for the next
-    call with the same pieces."""
-    pieces = tuple(bank_piece(layer.adapters[name]) for name in names)
-    cached = layer.__dict__.get("_bank")
-    if (
-        cached is not None
-        and len(cached[0]) == len(pieces)
-        and all(a is b for a, b in zip(cached[0], pieces))
-    ):
-        return cached[1]
-    bank = MixedBank.concat(pieces)
-    layer.__dict__["_bank"] = (pieces, bank)
-    return bank
+    path = adapter.forward_path
+    if path == "auto":
+        path = choose_path(layer.d_out, layer.d_in, adapter.n_frequency, x.numel() // layer.d_in, x.device)
+    if path != "fft":
+        return None
+    name = next(n for n, a in layer.adapters.items() if a is adapter)
+    flat = x.reshape(-1, layer.d_in)
+    out = LayerBank.of(layer).apply(layer, flat, [name], torch.zeros(flat.shape[0], dtype=torch.long))
+    return out.view(*x.shape[:-1], layer.d_out)
 
 
 def serve_mixed(
@@ -114,7 +155,7 @@ def serve_mixed(
     banked = []
     for name, rows in groups.items():
         adapter = layer.adapters[name]
-        if cached_delta(layer, adapter) is None and bank_piece(adapter) is not None:
+        if cached_delta(layer, adapter) is None and bankable(adapter):
             banked.append(name)
             continue
         index = torch.tensor(rows, device=x.device)
@@ -126,8 +167,8 @@ def serve_mixed(
     for i, name in enumerate(banked):
         position[groups[name]] = i
     flat = x.reshape(-1, x.shape[-1])  # (B * L, d_in)
-    which = position.to(x.device).repeat_interleave(flat.shape[0] // x.shape[0])  # (B * L,)
-    delta = layer_bank(layer, banked).apply(flat, which)  # (B * L, d_out)
+    position = position.repeat_interleave(flat.shape[0] // x.shape[0])  # (B * L,)
+    delta = LayerBank.of(layer).apply(layer, flat, banked, position)  # (B * L, d_out)
     result += delta.view(result.shape).to(result.dtype)
 
 
@@ -144,7 +185,7 @@ def serving_nbytes(model: nn.Module) -> dict[str, int]:
     """Bytes the model's adapters hold, by what holds them (tensors shared between them counted once):
 
     - ``adapters``: their own tensors (coefficients, locations, permutations);
-    - ``banks``: bank pieces and each layer's last assembled bank (mixed batches);
+    - ``banks``: each layer's bank (:class:`LayerBank`);
     - ``plans``: the FFT path's index plans (:func:`s2ft.ops.apply._plan`) of the adapters' locations;
     - ``dense_cache``: the :func:`set_serving_cache` cache;
     - ``total``.
@@ -158,10 +199,10 @@ def serving_nbytes(model: nn.Module) -> dict[str, int]:
                 (adapter.coeffs, adapter.rows, adapter.cols, adapter.perm_rows, adapter.perm_cols), seen
             )
         for adapter in layer.adapters.values():
-            report["banks"] += tensor_bytes(adapter.__dict__.get("_bank_piece"), seen)
             if adapter.rows is not None:
                 report["plans"] += tensor_bytes(_PLANS.get(adapter.rows), seen)
-        report["banks"] += tensor_bytes(layer.__dict__.get("_bank"), seen)
+        bank = layer.__dict__.get("_bank")
+        report["banks"] += tensor_bytes(None if bank is None else bank.bank, seen)
         cache = layer.__dict__.get("_dense_cache")
         if cache is not None:
             caches[id(cache)] = cache
@@ -191,3 +232,13 @@ def tensor_bytes(obj, seen: set[int]) -> int:
 
 def _spectral_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if hasattr(m, "adapters") and hasattr(m, "kind")]
+
+
+def names_per_sequence(names: list[str], model: nn.Module, kwargs: dict) -> list[str]:
+    """``names`` (one per prompt) repeated for the sequences ``model.generate(**kwargs)`` expands each prompt
+    into: ``max(num_beams, num_return_sequences)``, from ``kwargs`` or the generation config."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    beams = kwargs.get("num_beams") or getattr(config, "num_beams", None) or 1
+    returned = kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", None) or 1
+    expand = max(int(beams), int(returned))
+    return [name for name in names for _ in range(expand)]
