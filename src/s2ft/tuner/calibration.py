@@ -202,6 +202,12 @@ def iter_priors(
         )
     names = list(layers)
     size = len(names) if group_size is None else group_size
+    if kind == "trajectory" and size < len(names):
+        raise ValueError(
+            "the trajectory prior steps every layer's weights together (each layer's path depends on the "
+            f"others'), so it cannot be computed in groups of {size} of {len(names)} layers: give no group size, "
+            "or use prior='gradient' or prior='adam'"
+        )
     groups = [names[i : i + size] for i in range(0, len(names), size)]
     if len(groups) > 1:  # every group sees the very same batches
         batches = list(batches if max_batches is None else itertools.islice(batches, max_batches))
@@ -228,6 +234,7 @@ def _grouped(model, layers, groups, batches, loss_fn, max_batches, progress, kin
         )
         priors = _group_prior(
             model,
+            layers,
             {n: layers[n] for n in group},
             batches,
             loss_fn,
@@ -244,6 +251,7 @@ def _grouped(model, layers, groups, batches, loss_fn, max_batches, progress, kin
 
 def _group_prior(
     model: nn.Module,
+    everyone: Mapping[str, nn.Module],
     layers: Mapping[str, nn.Module],
     batches: Iterable[Any],
     loss_fn: LossFn | None,
@@ -254,7 +262,8 @@ def _group_prior(
     hooked: set[str],
     label: str,
 ) -> dict[str, torch.Tensor]:
-    """The priors of ``layers`` (one group) over ``batches``: see :func:`compute_prior`."""
+    """The priors of ``layers`` (one group) over ``batches``, the ΔW of ``everyone`` off meanwhile: see
+    :func:`compute_prior`."""
     weights = [layer.base_layer.weight for n, layer in layers.items() if n not in hooked]
     device = next(iter(layers.values())).base_layer.weight.device
     sums = {n: _hold(torch.zeros((layer.d_out, layer.d_in), device=device)) for n, layer in layers.items()}
@@ -272,7 +281,7 @@ def _group_prior(
         torch.optim.Adam(masters, lr=lr, betas=_ADAM_BETAS, eps=_ADAM_EPS, foreach=False) if masters else None
     )
     seen = 0
-    disabled = {name: layer.disabled for name, layer in layers.items()}
+    disabled = {name: layer.disabled for name, layer in everyone.items()}
     iterator = agreed_batches(batches, max_batches)  # in step across ranks; one error on all if uneven
     if progress:
         from tqdm.auto import tqdm
@@ -281,7 +290,7 @@ def _group_prior(
         iterator = tqdm(iterator, total=total, desc=label, unit="batch")
     handles = []
     try:
-        for layer in layers.values():
+        for layer in everyone.values():
             layer.disabled = True
         into = {n: per_batch[n] if per_batch else sums[n] for n in hooked if n in layers}
         handles = _attach_hooks(layers, into, sign=1.0 if per_batch else -1.0)
@@ -320,7 +329,7 @@ def _group_prior(
             with torch.no_grad():
                 for w, w0 in zip(weights, start):
                     w.copy_(w0)
-        for name, layer in layers.items():
+        for name, layer in everyone.items():
             layer.disabled = disabled[name]
         if progress:
             iterator.close()
@@ -343,7 +352,9 @@ def _accumulate(layers, hooked, sums, squares, per_batch) -> None:
     for name, layer in layers.items():
         if name in per_batch:
             grad = per_batch[name]
-        elif name in hooked or layer.base_layer.weight.grad is None:  # hooked: subtracted by the hooks already
+        elif (
+            name in hooked or layer.base_layer.weight.grad is None
+        ):  # hooked: subtracted by the hooks already
             continue
         else:
             _hold(layer.base_layer.weight.grad)
