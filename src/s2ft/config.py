@@ -17,6 +17,9 @@ from s2ft.ops.permutation import SEARCHES
 PRIORS = ("gradient", "adam", "trajectory")
 
 LOCATIONS = ("prior", "prior-half", "uniform")
+# Where an S2FT plan's permutations (S2FTConfig.plan_from) and locations (locations_from) come from: the prior
+# (stored in the file) or the base weights W0 and the seed (recomputed when loading, not stored).
+PLAN_SOURCES = ("prior", "base")
 
 CONFIG_NAME = "adapter_config.json"
 ALL_LINEAR = "all-linear"  # target_modules: every Linear/Conv1D but the output layer, as in PEFT
@@ -58,6 +61,10 @@ class FourierFTConfig:
     basis: ClassVar[str] = "fourier"  # the coefficients' basis, a key of s2ft.ops.bases.BASES
     planned: ClassVar[bool] = False  # True: locations come from calibrate() (S2FT), not from the seed
     stores_locations: ClassVar[bool] = False  # the file holds the locations (else they follow from the seed)
+    # The file holds the permutations, if the adapter has any (else they follow from W0 and the seed).
+    stores_permutations: ClassVar[bool] = True
+    # Part of the plan follows from the base weights W0 (the file holds W0's fingerprint; loading recomputes it).
+    plan_from_base: ClassVar[bool] = False
     peft_type: ClassVar[str | None] = "FOURIERFT"  # Hugging Face PEFT's type for the same adapter, if any
 
     # Modules to adapt. A list: each entry matches a module name exactly or as a ".suffix" ("query" matches
@@ -197,7 +204,6 @@ class S2FTConfig(FourierFTConfig):
 
     method: ClassVar[str] = "s2ft"
     planned: ClassVar[bool] = True
-    stores_locations: ClassVar[bool] = True
     peft_type: ClassVar[str | None] = None
 
     # Exponent of the power spectrum in the location sampling (the paper's ablation: 0.5 < 1.5 > 5).
@@ -219,9 +225,41 @@ class S2FTConfig(FourierFTConfig):
     # calibration batch, at learning rate prior_lr.
     prior: str = "gradient"
     prior_lr: float = 1e-4
+    # The permutations' source (PLAN_SOURCES): "prior", the ordering of the prior's rows and columns, stored in the
+    # file (the paper); "base", the same search on the base weights W0 with the seed, recomputed when loading (the
+    # file holds W0's fingerprint instead, and loading on another base model is refused).
+    plan_from: str = "prior"
+    # The locations' source: "prior", sampled from the prior's permuted spectrum and stored; "base" (needs
+    # plan_from="base"), sampled from W0's permuted spectrum and recomputed: the file holds the coefficients only.
+    locations_from: str = "prior"
+
+    @property
+    def stores_locations(self) -> bool:  # type: ignore[override]
+        return self.locations_from == "prior"
+
+    @property
+    def stores_permutations(self) -> bool:  # type: ignore[override]
+        return self.plan_from == "prior"
+
+    @property
+    def plan_from_base(self) -> bool:  # type: ignore[override]
+        return self.plan_from == "base"
+
+    @property
+    def needs_prior(self) -> bool:
+        """Whether calibration needs batches: a gradient prior is only computed for what comes from it."""
+        return self.plan_from == "prior" or self.locations_from == "prior"
 
     def validate(self) -> None:
         super().validate()
+        for field in ("plan_from", "locations_from"):
+            if getattr(self, field) not in PLAN_SOURCES:
+                raise ValueError(f"{field} must be one of {PLAN_SOURCES}, got {getattr(self, field)!r}")
+        if self.locations_from == "base" and self.plan_from != "base":
+            raise ValueError(
+                "locations_from='base' needs plan_from='base' (locations of W0's spectrum are taken in W0's own "
+                "row and column order)"
+            )
         if not _is_number(self.gamma) or not math.isfinite(self.gamma) or self.gamma <= 0:
             raise ValueError(f"gamma must be a finite number > 0, got {self.gamma!r}")
         self.gamma = float(self.gamma)

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from s2ft.config import LOCATIONS, PRIORS, FourierFTConfig, S2FTConfig
+from s2ft.config import LOCATIONS, PLAN_SOURCES, PRIORS, FourierFTConfig, S2FTConfig
 from s2ft.errors import RunError
 from s2ft.methods.base import Method, Option, Variant, finite_non_negative, finite_positive, positive
 from s2ft.methods.full import Full
@@ -62,20 +62,39 @@ class Spectral(Method):
     def stored_bytes(self, model: torch.nn.Module, directory: str) -> int:
         return model.adapter_nbytes()
 
-    def stored_parts(self, model: torch.nn.Module) -> dict[str, int]:
-        """Tensor bytes by part of the adapter file, and its header (names, shapes, metadata)."""
+    def stored_parts(
+        self, model: torch.nn.Module, coefficient_dtype: torch.dtype = torch.float32
+    ) -> dict[str, int]:
+        """Bytes by part of the adapter file as it is written (:func:`s2ft.tuner.adapter_io.encode_plans`):
+        coefficients, locations, permutations, ``modules_to_save``, the base weights' fingerprints (only when the
+        plan follows from them), and the header (8-byte length, names, shapes, metadata, padding)."""
+        from s2ft.ops.codec import permutation_nbytes
+        from s2ft.tuner.adapter_io import FINGERPRINTS, PLAN_KEY, encode_plans
+
+        state, metadata = encode_plans(model.adapter_state_dict(None, coefficient_dtype), model._metadata())
         parts = {"coefficients": 0, "locations": 0, "permutations": 0, "modules_to_save": 0}
-        for key, value in model.adapter_state_dict().items():
+        layers = model.spectral_layers()
+        for key, value in state.items():
             size = value.numel() * value.element_size()
-            if key.startswith("modules_to_save."):
+            if key == FINGERPRINTS:
+                parts["fingerprint"] = size
+            elif key.startswith("modules_to_save."):
                 parts["modules_to_save"] += size
             elif key.endswith(".coeffs"):
                 parts["coefficients"] += size
+            elif key.endswith(
+                ".plan"
+            ):  # the permutations' codes first, of a known length; the locations' after
+                layer = layers[key.removesuffix(".plan")]
+                perms = permutation_nbytes(layer.d_out) + permutation_nbytes(layer.d_in)
+                perms = perms if "p" in metadata[PLAN_KEY] else 0
+                parts["permutations"] += perms
+                parts["locations"] += size - perms
             elif key.endswith((".rows", ".cols")):
                 parts["locations"] += size
             else:
                 parts["permutations"] += size
-        parts["header"] = model.adapter_nbytes() - sum(parts.values())
+        parts["header"] = model.adapter_nbytes(None, coefficient_dtype) - sum(parts.values())
         return parts
 
     def load(self, base: torch.nn.Module, directory: str) -> torch.nn.Module:
@@ -128,6 +147,22 @@ S2FT_OPTIONS = (
         check=finite_positive,
     ),
     Option(
+        "plan_from",
+        str,
+        "prior",
+        "where the permutations come from: the prior (stored in the file) or the base weights W0 and the seed "
+        "(recomputed when loading; the file holds W0's fingerprint)",
+        choices=PLAN_SOURCES,
+    ),
+    Option(
+        "locations_from",
+        str,
+        "prior",
+        "where the locations come from: the prior's permuted spectrum (stored) or W0's (needs --plan-from "
+        "base; not stored: the file holds the coefficients only)",
+        choices=PLAN_SOURCES,
+    ),
+    Option(
         "replan_at",
         float,
         0.0,
@@ -148,6 +183,11 @@ _ABLATIONS = {
     "adam": ({"locations": "prior", "prior": "adam"}, "Adam-normalized prior"),
     "trajectory": ({"locations": "prior", "prior": "trajectory"}, "trajectory prior"),
     "replan": ({"locations": "prior", "replan_at": 0.2}, "re-planned after 20% of the steps"),
+    "w0perm": ({"locations": "prior", "plan_from": "base"}, "permutations of W0 (not stored)"),
+    "w0": (
+        {"locations": "prior", "plan_from": "base", "locations_from": "base"},
+        "plan of W0 (nothing stored)",
+    ),
 }
 
 
@@ -171,7 +211,9 @@ class S2FT(Spectral):
     def plan(
         self, model: torch.nn.Module, batches: Callable[[], list[Any]], args: Any, progress: bool
     ) -> dict[str, Any]:
-        return model.calibrate(batches(), progress=progress)
+        # A plan of the base weights alone needs no batches (none are made)
+        needed = args.plan_from == "prior" or args.locations_from == "prior"
+        return model.calibrate(batches() if needed else [], progress=progress)
 
     def callbacks(self, model: torch.nn.Module, args: Any) -> list[Any]:
         if not args.replan_at:

@@ -1,9 +1,17 @@
 """The adapter folder: ``adapter_config.json`` and ``adapter_model.safetensors``, read and checked against a model.
 
-The weights file holds float32 coefficients, locations and permutations in the smallest integer dtype that fits,
+The weights file holds each adapted module's coefficients ``{module}.coeffs`` (float32 unless saved in 16 bits)
 and the trained ``modules_to_save``; its metadata ``s2ft_shapes`` lists the ``[d_out, d_in]`` of the adapted
 modules in the sorted order of their names (files of earlier versions map names to shapes in ``s2ft_layers``).
-Everything is checked before the model is touched.
+A file whose adapter stores a plan (S2FT) is of format 2 (metadata ``s2ft_format``): each module's plan is one
+``uint8`` tensor ``{module}.plan`` holding, in the order metadata ``s2ft_plan`` names them, the permutations
+(``p``: the Lehmer codes of ``perm_rows`` and ``perm_cols``, :func:`s2ft.ops.codec.encode_permutation`) and the
+locations (``l``: the Golomb-coded set, :func:`s2ft.ops.codec.encode_locations`), the coefficients then in the
+set's canonical order (increasing ``rows * d_in + cols``). A plan derived from the base weights is not stored:
+the tensor ``s2ft.fingerprints`` holds 8 bytes of SHA-256 of each module's ``W0`` and 8 of the plans recomputed
+from them (:mod:`s2ft.tuner.planner`). Files of format 1 (integer tensors ``rows``, ``cols``, ``perm_rows``,
+``perm_cols``) still load; FourierFT files are as they always were. Everything is checked before the model is
+touched.
 """
 
 from __future__ import annotations
@@ -13,16 +21,179 @@ import os
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from s2ft.config import CONFIG_NAME, FourierFTConfig
 from s2ft.io import atomic_write_group
+from s2ft.ops.codec import (
+    decode_locations,
+    decode_permutation,
+    encode_locations,
+    encode_permutation,
+    permutation_nbytes,
+)
 from s2ft.ops.permutation import is_permutation
 from s2ft.tuner.kinds import layer_shape
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 SAVE_PREFIX = "modules_to_save."
+FORMAT_KEY, FORMAT_VERSION = "s2ft_format", "2"  # metadata: the version of a file that stores a plan
+PLAN_KEY = "s2ft_plan"  # metadata: what each {module}.plan holds, in order ("p" permutations, "l" locations)
+FINGERPRINTS = "s2ft.fingerprints"  # uint8: W0's and the base-derived plans' digests (s2ft.tuner.planner)
+_PLAN_PARTS = {"p": ("perm_rows", "perm_cols"), "l": ("rows", "cols")}
+
+
+def _names(state: dict[str, torch.Tensor]) -> list[str]:
+    """The adapted modules of a file's tensors, sorted (the order of metadata ``s2ft_shapes``)."""
+    return sorted(k.removesuffix(".coeffs") for k in state if k.endswith(".coeffs"))
+
+
+def fold_groups(rows: torch.Tensor, cols: torch.Tensor, d_out: int, d_in: int) -> list[torch.Tensor]:
+    """Positions (increasing) in ``rows``/``cols`` ``(n,)`` of the locations that share a folded frequency
+    ``(min(u, d_out - u), min(v, d_in - v))`` with two or three others: the FFT path
+    (:func:`s2ft.ops.apply.spectral_apply`) adds their terms in the order of the locations, and three or more
+    terms add to different float results in different orders. Groups in increasing folded frequency."""
+    key = torch.minimum(rows, (-rows) % d_out) * (d_in // 2 + 1) + torch.minimum(cols, (-cols) % d_in)
+    values, counts = torch.unique(key, return_counts=True)
+    return [torch.nonzero(key == v).flatten() for v in values[counts >= 3].tolist()]
+
+
+def _varint(value: int) -> torch.Tensor:
+    out = []
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return torch.tensor(out, dtype=torch.uint8)
+
+
+def _read_varint(blob: torch.Tensor) -> tuple[int, int]:
+    value = 0
+    for i, byte in enumerate(blob.tolist()):
+        value |= (byte & 0x7F) << (7 * i)
+        if byte < 0x80:
+            return value, i + 1
+    raise ValueError("a plan ends inside its count of ordered groups")
+
+
+def _encode_locations(rows, cols, d_out, d_in) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(blob, groups, order)``: the locations' set code, the trained order of every :func:`fold_groups` group
+    (a count, then one permutation code per group), and the order ``(n,)`` to store the coefficients in: the
+    set's canonical order but for each group, whose members keep their trained relative order."""
+    blob, order = encode_locations(rows, cols, d_out, d_in)
+    load = torch.arange(order.numel())
+    codes = []
+    for group in fold_groups(rows.long()[order], cols.long()[order], d_out, d_in):
+        sigma = torch.argsort(order[group])  # the group's members by their trained position
+        load[group] = group[sigma]
+        codes.append(encode_permutation(sigma))
+    return blob, torch.cat([_varint(len(codes)), *codes]), order[load]
+
+
+def _decode_locations(plan: torch.Tensor, n: int, d_out: int, d_in: int, ordered: bool):
+    """Invert :func:`_encode_locations` on ``plan`` (the group orders first when ``ordered``, then the set)."""
+    sigmas = []
+    if ordered:
+        count, start = _read_varint(plan)
+        sigmas, plan = plan[start : start + count], plan[start + count :]
+        if sigmas.numel() != count:
+            raise ValueError("a plan ends inside its ordered groups")
+    rows, cols = decode_locations(plan, n, d_out, d_in)
+    groups = fold_groups(rows, cols, d_out, d_in)
+    if len(groups) != len(sigmas):  # a file without part "o" has no such groups
+        raise ValueError(f"a plan orders {len(sigmas)} groups of locations; its locations have {len(groups)}")
+    index = torch.arange(n)
+    for group, code in zip(groups, sigmas):
+        index[group] = group[decode_permutation(code.reshape(1), group.numel())]
+    return rows[index], cols[index]
+
+
+def encode_plans(
+    state: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The file's tensors and metadata (format 2) from an adapter's state (:func:`s2ft.tuner.saving.
+    adapter_state`: int ``rows``/``cols`` ``(n,)``, ``perm_rows`` ``(d_out,)``, ``perm_cols`` ``(d_in,)``): each
+    module's plan as one ``uint8`` ``{module}.plan`` (its parts in the order ``p``, ``o``, ``l`` of metadata
+    ``s2ft_plan``) and its coefficients in the locations' canonical order, where the members of a
+    :func:`fold_groups` group keep their trained relative order (part ``o``, in files that have such groups), so
+    that every forward path computes what it computed before saving, bit for bit. A state without any plan
+    (FourierFT) comes back as it is."""
+    names = _names(state)
+    layout = "".join(c for c, (key, _) in _PLAN_PARTS.items() if any(f"{n}.{key}" in state for n in names))
+    if not layout and FINGERPRINTS not in state:
+        return state, metadata
+    for keys in _PLAN_PARTS.values():
+        present = [f"{n}.{k}" in state for n in names for k in keys]
+        if any(present) and not all(present):
+            raise ValueError(f"every adapted module must store the same parts of its plan ({keys})")
+    shapes = json.loads(metadata["s2ft_shapes"])
+    out = {k: v for k, v in state.items() if not k.startswith(tuple(f"{n}." for n in names))}
+    perms, locations = {}, {}
+    for name, (d_out, d_in) in zip(names, shapes):
+        coeffs = state[f"{name}.coeffs"]
+        if "p" in layout:
+            perms[name] = [
+                encode_permutation(state[f"{name}.perm_rows"]),
+                encode_permutation(state[f"{name}.perm_cols"]),
+            ]
+        if "l" in layout:
+            blob, groups, order = _encode_locations(state[f"{name}.rows"], state[f"{name}.cols"], d_out, d_in)
+            coeffs = coeffs[order]  # the order _decode_locations gives back
+            locations[name] = (groups, blob)
+        out[f"{name}.coeffs"] = coeffs.contiguous()
+    if any(groups.numel() > 1 for groups, _ in locations.values()):
+        layout = layout.replace("l", "ol")
+    for name in names:
+        blobs = perms.get(name, [])
+        if name in locations:
+            groups, blob = locations[name]
+            blobs += [groups, blob] if "o" in layout else [blob]
+        if blobs:
+            out[f"{name}.plan"] = torch.cat(blobs)
+    return out, {**metadata, FORMAT_KEY: FORMAT_VERSION, PLAN_KEY: layout}
+
+
+def decode_plans(
+    state: dict[str, torch.Tensor], metadata: dict[str, str], shapes: dict[str, list[int]]
+) -> dict[str, torch.Tensor]:
+    """Invert :func:`encode_plans`: a format-2 file's tensors with each ``{module}.plan`` decoded to int64
+    ``rows``/``cols`` ``(n,)`` and ``perm_rows``/``perm_cols``. Earlier files come back as they are. Raises
+    ``ValueError`` for a plan that is not the encoding of one."""
+    version = metadata.get(FORMAT_KEY)
+    if version is None:
+        return state
+    if version != FORMAT_VERSION:
+        raise ValueError(f"format {version} of a newer s2ft; this one reads up to {FORMAT_VERSION}")
+    layout = metadata.get(PLAN_KEY, "")
+    if layout not in ("", "p", "l", "ol", "pl", "pol"):
+        raise ValueError(f"unknown plan layout {layout!r}")
+    state = dict(state)
+    for name in _names(state):
+        plan = state.pop(f"{name}.plan", None)
+        if not layout:
+            continue
+        if plan is None or plan.dtype != torch.uint8 or plan.dim() != 1:
+            raise ValueError(f"{name}.plan is missing or not a 1-D uint8 tensor")
+        (d_out, d_in), n = shapes[name], state[f"{name}.coeffs"].numel()
+        if "p" in layout:
+            split = (permutation_nbytes(d_out), permutation_nbytes(d_in))
+            state[f"{name}.perm_rows"] = decode_permutation(plan[: split[0]], d_out)
+            state[f"{name}.perm_cols"] = decode_permutation(plan[split[0] : sum(split)], d_in)
+            plan = plan[sum(split) :]
+        if "l" in layout:
+            state[f"{name}.rows"], state[f"{name}.cols"] = _decode_locations(
+                plan, n, d_out, d_in, "o" in layout
+            )
+        elif plan.numel():
+            raise ValueError(f"{name}.plan has {plan.numel()} bytes more than its permutations")
+    return state
+
+
+def adapter_file_bytes(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The bytes of the weights file of an adapter's state and metadata (:func:`encode_plans`, then
+    safetensors): what :func:`write_adapter_folder` writes and ``adapter_nbytes`` counts."""
+    return save(*encode_plans(state, metadata))
 
 
 def read_adapter(path: str) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
@@ -35,11 +206,12 @@ def read_adapter(path: str) -> tuple[dict[str, torch.Tensor], dict[str, list[int
         if "s2ft_layers" in metadata:
             shapes = json.loads(metadata["s2ft_layers"])
         else:
-            names = sorted(k.removesuffix(".coeffs") for k in state if k.endswith(".coeffs"))
+            names = _names(state)
             listed = json.loads(metadata["s2ft_shapes"])
             if len(listed) != len(names):
                 raise ValueError(f"{len(listed)} shapes for {len(names)} adapted modules")
             shapes = dict(zip(names, listed))
+        state = decode_plans(state, metadata, shapes)
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(
             f"adapter file {path} is truncated or corrupt ({type(e).__name__}: {e}); save the adapter again"
@@ -117,7 +289,13 @@ def check_adapter(
 def write_adapter_folder(
     directory: str | os.PathLike, state: dict[str, torch.Tensor], metadata: dict[str, str], config_text: str
 ) -> None:
-    """Write the weights file and the config of an adapter folder together (all or nothing)."""
+    """Write the weights file (:func:`adapter_file_bytes`) and the config of an adapter folder together (all or
+    nothing)."""
+    weights = adapter_file_bytes(state, metadata)
+
+    def write_weights(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(weights)
 
     def write_config(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -125,7 +303,7 @@ def write_adapter_folder(
 
     atomic_write_group(
         {
-            os.path.join(directory, WEIGHTS_NAME): lambda tmp: save_file(state, tmp, metadata=metadata),
+            os.path.join(directory, WEIGHTS_NAME): write_weights,
             os.path.join(directory, CONFIG_NAME): write_config,
         }
     )

@@ -13,10 +13,10 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
-from safetensors.torch import save
 from torch import nn
 
 from s2ft.config import FourierFTConfig
+from s2ft.tuner.adapter_io import adapter_file_bytes
 from s2ft.tuner.calibration import LossFn
 from s2ft.tuner.distributed import is_sharded_model, refuse_sharded
 from s2ft.tuner.kinds import dequantize_modules, kind_of, quantized_merge_error
@@ -433,7 +433,7 @@ class SpectralModel(nn.Module):
     ) -> int:
         """Size in bytes of the adapter file ``save_pretrained`` writes (header included; the JSON config aside)."""
         state = self.adapter_state_dict(adapter_name, coefficient_dtype)
-        return len(save(state, metadata=self._metadata(adapter_name)))
+        return len(adapter_file_bytes(state, self._metadata(adapter_name)))
 
     def save_pretrained(
         self,

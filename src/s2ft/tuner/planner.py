@@ -6,6 +6,10 @@ One planner for calibration (:meth:`s2ft.SpectralModel.calibrate`, :func:`calibr
 that calibration installs. Each matrix's plan draws from its own
 generator, seeded by ``(seed, module name)``: a layer's plan does not depend on which other layers are targeted,
 nor on their order.
+
+With ``plan_from="base"`` the permutations (and with ``locations_from="base"`` the locations too) are those of the
+base weights ``W0`` rather than of the prior: :func:`base_fingerprints` records ``W0`` and the plans in a few bytes
+when saving, and :func:`recompute_base_plans` plans again from ``W0`` when loading, refusing another base model.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ from torch import nn
 from s2ft.ops.locations import fourierft_locations, power_spectrum, sample_locations
 from s2ft.ops.permutation import path_length, search_order
 from s2ft.tuner.calibration import LossFn, compute_prior
+from s2ft.tuner.kinds import weight_matrix
 from s2ft.tuner.layers import SpectralLayer
 
 PLANNED_BASIS = "fourier"  # the basis (s2ft.ops.bases) whose spectrum plan_layer samples from
+DIGEST_BYTES = 8  # of SHA-256, per module's W0 and for all the base-derived plans of an adapter
 
 
 @dataclass
@@ -54,10 +60,12 @@ def plan_layer(
     permute: bool = True,
     locations: str = "prior",
     seed: int = 0,
+    order_from: torch.Tensor | None = None,
 ) -> LayerPlan:
     """Order the prior's rows and columns, then sample ``n`` locations ``∝ |DFT2(permuted prior)|^gamma``.
 
-    ``prior`` is ``(d_out, d_in)``. ``permute=False`` keeps identity orders. ``locations``: ``"prior"`` samples
+    ``prior`` is ``(d_out, d_in)``; ``order_from`` (same shape), if given, is ordered instead (the base weights,
+    ``plan_from="base"``). ``permute=False`` keeps identity orders. ``locations``: ``"prior"`` samples
     from the whole spectrum (the paper), ``"prior-half"`` from one location of each mirror pair (no two
     coefficients on the same basis function; see :func:`s2ft.ops.locations.sample_locations`), ``"uniform"`` takes
     FourierFT's locations for ``seed``.
@@ -66,8 +74,8 @@ def plan_layer(
     perm_rows = perm_cols = None
     permuted = prior
     if permute:
-        perm_rows = search_order(prior, search, generator)
-        perm_cols = search_order(prior.T, search, generator)
+        perm_rows, perm_cols = orders(prior if order_from is None else order_from, search, generator)
+        perm_rows, perm_cols = perm_rows.to(prior.device), perm_cols.to(prior.device)
         permuted = prior[perm_rows][:, perm_cols]
     after = path_length(permuted) + path_length(permuted.T)
     if locations == "uniform":
@@ -78,16 +86,31 @@ def plan_layer(
     return LayerPlan(rows, cols, perm_rows, perm_cols, before, after)
 
 
-def plan_for(prior: torch.Tensor, name: str, config) -> LayerPlan:
+def orders(
+    matrix: torch.Tensor, search: str, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row order ``(d_out,)`` and then the column order ``(d_in,)`` of ``matrix`` by ``search``."""
+    return search_order(matrix, search, generator), search_order(matrix.T, search, generator)
+
+
+def plan_for(prior: torch.Tensor | None, name: str, config, base: torch.Tensor | None = None) -> LayerPlan:
     """The plan of module ``name`` under an :class:`s2ft.S2FTConfig`: what calibration installs there.
 
-    The plan samples from the prior's 2-D DFT power spectrum, so it is the plan of a Fourier-basis adapter; a
-    planned config in another basis is refused rather than given locations of the wrong spectrum."""
+    With ``config.plan_from == "base"`` the rows and columns of ``base`` (``W0``, ``(d_out, d_in)``) are ordered
+    instead of the prior's, and with ``locations_from == "base"`` the locations are sampled from ``base``'s
+    permuted spectrum (``prior`` is then not needed). The plan samples from a 2-D DFT power spectrum, so it is the
+    plan of a Fourier-basis adapter; a planned config in another basis is refused rather than given locations of
+    the wrong spectrum."""
     if config.basis != PLANNED_BASIS:
         raise ValueError(
             f"S2FT's planner samples locations from the DFT power spectrum (basis {PLANNED_BASIS!r}); a "
             f"{config.method!r} adapter lives in basis {config.basis!r}, which has no planner"
         )
+    order_from = None
+    if config.plan_from_base:
+        order_from = base.detach().float()
+        if config.locations_from == "base":
+            prior = order_from
     return plan_layer(
         prior,
         config.n_frequency,
@@ -97,6 +120,7 @@ def plan_for(prior: torch.Tensor, name: str, config) -> LayerPlan:
         permute=config.permute,
         locations=config.locations,
         seed=config.seed,
+        order_from=order_from,
     )
 
 
@@ -122,23 +146,29 @@ def calibrate_adapter(
             "force=True to re-plan and reset the coefficients to zero"
         )
     others = [m for m in model.modules() if isinstance(m, SpectralLayer) and not m.disabled]
+    if not getattr(config, "needs_prior", True):  # the whole plan follows from W0: no batches needed
+        others, batches = [], []
     try:
         for layer in others:  # the prior is the base model's gradient: every adapter off
             layer.disabled = True
-        priors = compute_prior(
-            model,
-            layers,
-            batches,
-            loss_fn,
-            config.calibration_batches,
-            progress,
-            kind=config.prior,
-            lr=config.prior_lr,
+        priors = (
+            compute_prior(
+                model,
+                layers,
+                batches,
+                loss_fn,
+                config.calibration_batches,
+                progress,
+                kind=config.prior,
+                lr=config.prior_lr,
+            )
+            if getattr(config, "needs_prior", True)
+            else dict.fromkeys(layers)
         )
     finally:
         for layer in others:
             layer.disabled = False
-    plans = {n: plan_for(prior, n, config) for n, prior in priors.items()}
+    plans = {n: plan_for(prior, n, config, _base(layers[n], config)) for n, prior in priors.items()}
     for n, plan in plans.items():
         adapters[n].set_locations(plan.rows, plan.cols, plan.perm_rows, plan.perm_cols)
         if force:
@@ -187,7 +217,7 @@ def replan_adapter(
             adapter.coeffs.double(), adapter.rows, adapter.cols, *shape, adapter.perm_rows, adapter.perm_cols
         )
         prior = priors[n] if priors is not None else delta
-        plan = plan_for(prior.detach().float().to(delta.device), n, config)
+        plan = plan_for(prior.detach().float().to(delta.device), n, config, _base(layers[n], config))
         coeffs = basis.project(delta, plan.rows, plan.cols, adapter.scaling, plan.perm_rows, plan.perm_cols)
         projected = basis.delta_weight(coeffs, plan.rows, plan.cols, *shape, plan.perm_rows, plan.perm_cols)
         total = float(delta.square().sum())
@@ -195,3 +225,98 @@ def replan_adapter(
         adapter.coeffs.copy_(coeffs)
         report[n] = {"energy_kept": float(projected.square().sum()) / total if total > 0 else 1.0}
     return report
+
+
+# ---------------------------------------------------------------------------------------------- base-derived plans
+def _base(layer: SpectralLayer, config: Any) -> torch.Tensor | None:
+    """``W0`` ``(d_out, d_in)`` in float32 on the CPU when ``config``'s plan comes from it, else None."""
+    return base_matrix(layer.base_layer) if getattr(config, "plan_from_base", False) else None
+
+
+def base_matrix(module: nn.Module) -> torch.Tensor:
+    """A layer's weight in the ``(d_out, d_in)`` matrix view, float32, whole (a sharded ``DTensor`` gathered),
+    on the CPU: what base-derived plans and fingerprints are computed from, the same wherever it is loaded."""
+    matrix = weight_matrix(module).detach()
+    if hasattr(matrix, "full_tensor"):
+        matrix = matrix.full_tensor()
+    return matrix.to("cpu", torch.float32).contiguous()
+
+
+def _digest(*tensors: torch.Tensor) -> bytes:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.digest()[:DIGEST_BYTES]
+
+
+def _plan_digest(plans: Mapping[str, Mapping[str, torch.Tensor]], config: Any) -> bytes:
+    """The digest of the base-derived parts of ``plans`` (int64 tensors by key, per module), in name order."""
+    keys = ("perm_rows", "perm_cols") + (("rows", "cols") if config.locations_from == "base" else ())
+    parts = [plans[n][k].long() for n in sorted(plans) for k in keys if plans[n].get(k) is not None]
+    return _digest(*parts)
+
+
+def base_fingerprints(layers: Mapping[str, SpectralLayer], adapter_name: str, config: Any) -> torch.Tensor:
+    """What a file stores of a plan derived from ``W0``: ``uint8`` ``(8 * (len(layers) + 1),)``, the digest of
+    each module's ``W0`` in name order, then that of the adapter's base-derived permutations (and locations), so
+    that loading refuses another base model and notices a plan recomputed differently."""
+    merged = sorted(n for n, layer in layers.items() if layer.merged)
+    if merged:
+        raise RuntimeError(
+            f"{merged[0]} holds a merged adapter, so its weight is not W0: unmerge() before saving an adapter "
+            "whose plan comes from the base weights"
+        )
+    digests = [_digest(base_matrix(layers[n].base_layer)) for n in sorted(layers)]
+    plans = {
+        n: {k: getattr(layer.adapters[adapter_name], k) for k in ("perm_rows", "perm_cols", "rows", "cols")}
+        for n, layer in layers.items()
+    }
+    return torch.frombuffer(bytearray(b"".join(digests) + _plan_digest(plans, config)), dtype=torch.uint8)
+
+
+def recompute_base_plans(
+    state: dict[str, torch.Tensor], config: Any, modules: Mapping[str, nn.Module], fingerprints: str
+) -> dict[str, torch.Tensor]:
+    """``state`` (a checked adapter file's tensors) with the plans derived from the base weights of ``modules``
+    (the target layers, by name) added: int64 ``perm_rows``/``perm_cols``, and ``rows``/``cols`` when
+    ``locations_from == "base"``, bit for bit those the adapter was trained with. Raises ``ValueError`` if a
+    module's ``W0`` is not the one the adapter was trained on, or if the plans come out different."""
+    names = sorted(modules)
+    stored = state.get(fingerprints)
+    if stored is None or stored.dtype != torch.uint8 or stored.numel() != DIGEST_BYTES * (len(names) + 1):
+        raise ValueError(
+            f"adapter file: its plan follows from the base weights, but {fingerprints} (their fingerprints) is "
+            "missing or of the wrong size"
+        )
+    blob = bytes(stored.tolist())
+    state = dict(state)
+    plans = {}
+    for i, name in enumerate(names):
+        base = base_matrix(modules[name])
+        if _digest(base) != blob[i * DIGEST_BYTES : (i + 1) * DIGEST_BYTES]:
+            raise ValueError(
+                f"this adapter was trained on other base weights: {name}'s weight differs from the one its plan "
+                "was computed from (its plan follows from the base model, plan_from='base'); load it on the base "
+                "model it was trained on (unmerged, in the same dtype)"
+            )
+        generator = layer_generator(config.seed, name)
+        if config.locations_from == "base":
+            plan = plan_for(None, name, config, base)
+            found = {
+                "perm_rows": plan.perm_rows,
+                "perm_cols": plan.perm_cols,
+                "rows": plan.rows,
+                "cols": plan.cols,
+            }
+        else:
+            perms = orders(base, config.permutation, generator) if config.permute else (None, None)
+            found = dict(zip(("perm_rows", "perm_cols"), perms))
+        plans[name] = found
+        state.update({f"{name}.{k}": v for k, v in found.items() if v is not None})
+    if _plan_digest(plans, config) != blob[-DIGEST_BYTES:]:
+        raise ValueError(
+            "the plan recomputed from the base weights differs from the one the adapter was trained with "
+            "(the base weights match: a different torch version or device may order them differently)"
+        )
+    return state

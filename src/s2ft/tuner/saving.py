@@ -17,6 +17,7 @@ from torch import nn
 from s2ft.config import FourierFTConfig, load_config
 from s2ft.ops.locations import smallest_int_dtype
 from s2ft.tuner.adapter_io import (
+    FINGERPRINTS,
     SAVE_PREFIX,
     WEIGHTS_NAME,
     check_adapter,
@@ -32,6 +33,7 @@ from s2ft.tuner.peft_fourierft import (
     read_peft_fourierft,
     write_peft_folder,
 )
+from s2ft.tuner.planner import base_fingerprints, recompute_base_plans
 from s2ft.tuner.targets import base_of, resolve, shape_of
 
 FORMATS = ("s2ft", "peft")
@@ -59,13 +61,15 @@ def adapter_state(
         if config.stores_locations:  # else they follow from the seed
             state[f"{module}.rows"] = adapter.rows.to(rows_dtype)
             state[f"{module}.cols"] = adapter.cols.to(cols_dtype)
-        if adapter.perm_rows is not None:
+        if adapter.perm_rows is not None and config.stores_permutations:  # else they follow from W0
             state[f"{module}.perm_rows"] = adapter.perm_rows.to(rows_dtype)
             state[f"{module}.perm_cols"] = adapter.perm_cols.to(cols_dtype)
     for module, copy in copies.items():
         if adapter_name in copy.copies:
             for key, value in copy.copies[adapter_name].state_dict().items():
                 state[f"{SAVE_PREFIX}{module}.{key}"] = full(value.detach())
+    if config.plan_from_base:  # the plan follows from W0: its fingerprint instead
+        state[FINGERPRINTS] = base_fingerprints(layers, adapter_name, config)
     return {k: v.contiguous().cpu() for k, v in state.items()}
 
 
@@ -102,8 +106,9 @@ def write_adapters(
     """Write adapters ``names`` of a :class:`s2ft.SpectralModel` (:meth:`s2ft.SpectralModel.save_pretrained`):
     :data:`DEFAULT` in ``save_directory``, the others in subfolders named after them; each folder as a whole.
 
-    Under ``torch.distributed`` every rank calls this: the tensors are gathered whole on every rank (FSDP), rank 0
-    writes, and the others wait for it."""
+    A model sharded by FSDP is saved by every rank together: the tensors are gathered whole on every rank, rank 0
+    writes, and the others wait for it. Otherwise the calling process writes (under DDP, rank 0 alone may call)."""
+    sharded = is_sharded_model(model)
     if format == "peft":
         for name in names:  # refuses an adapter without a PEFT type before anything is written
             fourierft_to_peft(model, name)
@@ -114,7 +119,7 @@ def write_adapters(
             state = {key: full(value) for key, value in state.items()}
         else:
             state = model.adapter_state_dict(name, coefficient_dtype)
-        with on_main_then_wait() as main:
+        with on_main_then_wait(collective=sharded) as main:
             if main:
                 os.makedirs(directory, exist_ok=True)
                 if format == "peft":
@@ -142,6 +147,8 @@ def read_folder(
     check_adapter(
         state, shapes, config, [(n, base_of(m)) for n, m in targets], [(n, base_of(m)) for n, m in saves]
     )
+    if config.plan_from_base:  # recomputed from W0, or refused on another base model
+        state = recompute_base_plans(state, config, {n: base_of(m) for n, m in targets}, FINGERPRINTS)
     return config, state
 
 
