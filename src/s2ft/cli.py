@@ -225,6 +225,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adapter", required=True, help="a finetune --output folder (or its adapter/ folder)")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
     p.add_argument("--dataset", default=None, help="another data set of the same task (default: the run's)")
+    p.add_argument(
+        "--task", default=None, choices=list(TASKS), help="optional: the run's task, checked against the run"
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=_evaluate)
 
@@ -232,7 +235,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _evaluate(ns: argparse.Namespace) -> None:
     from s2ft.jobs.evaluate import run_evaluate
 
-    print(json.dumps(run_evaluate(ns.adapter, ns.split, ns.dataset, ns.quiet), indent=2))
+    print(json.dumps(run_evaluate(ns.adapter, ns.split, ns.dataset, ns.quiet, ns.task), indent=2))
 
 
 def _add_merge(sub: argparse._SubParsersAction) -> None:
