@@ -65,13 +65,16 @@ def is_main_process() -> bool:
 
 
 @contextlib.contextmanager
-def on_main_then_wait() -> Iterator[bool]:
-    """Yield whether this is rank 0 (the one that writes); on leaving, every rank waits for the others (a
-    barrier), so no rank reads a file before rank 0 has written it. An error on rank 0 is raised there before
-    the barrier; the other ranks then wait for it (the launcher ends them)."""
+def on_main_then_wait(collective: bool = True) -> Iterator[bool]:
+    """Yield whether this process writes: with ``collective`` (every rank is here, as for a sharded model) rank 0
+    writes and, on leaving, every rank waits for the others (a barrier), so no rank reads a file before rank 0 has
+    written it; without it, whoever calls writes and nobody waits (a DDP job's rank 0 saving alone). An error on
+    rank 0 is raised there before the barrier; the other ranks then wait for it (the launcher ends them)."""
+    if not collective or not is_distributed():
+        yield True
+        return
     yield is_main_process()
-    if is_distributed():
-        torch.distributed.barrier()
+    torch.distributed.barrier()
 
 
 def agreed_batches(batches: Iterable[Any], limit: int | None = None) -> Iterator[Any]:
