@@ -65,37 +65,12 @@ class Spectral(Method):
     def stored_parts(
         self, model: torch.nn.Module, coefficient_dtype: torch.dtype = torch.float32
     ) -> dict[str, int]:
-        """Bytes by part of the adapter file as it is written (:func:`s2ft.tuner.adapter_io.encode_plans`):
+        """Bytes by part of the adapter file as it is written (:func:`s2ft.tuner.adapter_io.file_parts`):
         coefficients, locations, permutations, ``modules_to_save``, the base weights' fingerprints (only when the
-        plan follows from them), and the header (8-byte length, names, shapes, metadata, padding)."""
-        from s2ft.ops.codec import permutation_nbytes
-        from s2ft.tuner.adapter_io import FINGERPRINTS, PLAN_KEY, encode_plans
+        plan follows from them), and the header; they add up to :meth:`s2ft.SpectralModel.adapter_nbytes`."""
+        from s2ft.tuner.adapter_io import file_parts
 
-        state, metadata = encode_plans(model.adapter_state_dict(None, coefficient_dtype), model._metadata())
-        parts = {"coefficients": 0, "locations": 0, "permutations": 0, "modules_to_save": 0}
-        layers = model.spectral_layers()
-        for key, value in state.items():
-            size = value.numel() * value.element_size()
-            if key == FINGERPRINTS:
-                parts["fingerprint"] = size
-            elif key.startswith("modules_to_save."):
-                parts["modules_to_save"] += size
-            elif key.endswith(".coeffs"):
-                parts["coefficients"] += size
-            elif key.endswith(
-                ".plan"
-            ):  # the permutations' codes first, of a known length; the locations' after
-                layer = layers[key.removesuffix(".plan")]
-                perms = permutation_nbytes(layer.d_out) + permutation_nbytes(layer.d_in)
-                perms = perms if "p" in metadata[PLAN_KEY] else 0
-                parts["permutations"] += perms
-                parts["locations"] += size - perms
-            elif key.endswith((".rows", ".cols")):
-                parts["locations"] += size
-            else:
-                parts["permutations"] += size
-        parts["header"] = model.adapter_nbytes(None, coefficient_dtype) - sum(parts.values())
-        return parts
+        return file_parts(model.adapter_state_dict(None, coefficient_dtype), model._metadata())
 
     def load(self, base: torch.nn.Module, directory: str) -> torch.nn.Module:
         from s2ft import SpectralModel

@@ -196,6 +196,35 @@ def adapter_file_bytes(state: dict[str, torch.Tensor], metadata: dict[str, str])
     return save(*encode_plans(state, metadata))
 
 
+def file_parts(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, int]:
+    """Bytes by part of the weights file of an adapter's state and metadata (as :func:`adapter_file_bytes`
+    writes it): ``coefficients``, ``locations`` (with any fold-group orders), ``permutations``,
+    ``modules_to_save``, ``fingerprint`` (only in a file whose plan follows from the base weights) and
+    ``header`` (the 8-byte length, names, shapes, metadata and padding); they add up to the file's size."""
+    encoded, meta = encode_plans(state, metadata)
+    shapes = dict(zip(_names(encoded), json.loads(metadata["s2ft_shapes"])))
+    parts = {"coefficients": 0, "locations": 0, "permutations": 0, "modules_to_save": 0}
+    for key, value in encoded.items():
+        size = value.numel() * value.element_size()
+        if key == FINGERPRINTS:
+            parts["fingerprint"] = size
+        elif key.startswith(SAVE_PREFIX):
+            parts["modules_to_save"] += size
+        elif key.endswith(".coeffs"):
+            parts["coefficients"] += size
+        elif key.endswith(".plan"):  # the permutations' codes first, of a known length; the locations' after
+            d_out, d_in = shapes[key.removesuffix(".plan")]
+            perms = permutation_nbytes(d_out) + permutation_nbytes(d_in) if "p" in meta[PLAN_KEY] else 0
+            parts["permutations"] += perms
+            parts["locations"] += size - perms
+        elif key.endswith((".rows", ".cols")):  # format 1, as written before
+            parts["locations"] += size
+        else:
+            parts["permutations"] += size
+    parts["header"] = len(save(encoded, metadata=meta)) - sum(parts.values())
+    return parts
+
+
 def read_adapter(path: str) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no adapter weights at {path}")
