@@ -108,6 +108,10 @@ def plan_for(prior: torch.Tensor | None, name: str, config, base: torch.Tensor |
         )
     order_from = None
     if config.plan_from_base:
+        if base is None:
+            raise ValueError(
+                f"the plan of {name!r} follows from its base weights (plan_from='base'): pass base=W0"
+            )
         order_from = base.detach().float()
         if config.locations_from == "base":
             prior = order_from
