@@ -280,7 +280,9 @@ def test_two_compare_processes_share_a_folder(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(compare, "run_finetune", record)
     codes = []
     worker = threading.Thread(target=lambda: codes.append(main(base_argv)))
-    # another process holds fourierft: this one runs s2ft first, then waits for fourierft until it is released
+    # another process made the folder and holds fourierft: this one runs s2ft first, then waits for fourierft
+    # until it is released
+    compare.results_folder(str(out), "compare")
     with compare.claimed(str(out / "runs" / "fourierft-seed0"), wait=True):
         worker.start()
         worker.join(timeout=20)

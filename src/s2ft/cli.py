@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from s2ft.errors import names_jobs_extra
+from s2ft.io import storage_problem
 from s2ft.jobs.args import COMMON_DEFAULTS, FinetuneArgs
 from s2ft.methods import METHODS, Option, owners
 from s2ft.methods import options as method_options
@@ -191,8 +192,9 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--output",
         default=None,
-        help="results folder (default: runs/compare-TASK); finished runs with the same options are reused, and "
-        "several compare processes may share it (each run is claimed with a lock file)",
+        help="results folder (default: runs/compare-TASK): a new or empty folder, or an earlier comparison's, "
+        "whose finished runs with the same options are reused; several compare processes may share it (each "
+        "run is claimed with a lock file)",
     )
     _add_job_options(p)
     p.set_defaults(handler=_compare)
@@ -288,7 +290,10 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
         "length, before and after the permutations. Writes analysis.json, PNG figures and report.md.",
     )
     p.add_argument(
-        "--output", default="runs/analysis", help="folder for analysis.json, figures and report.md"
+        "--output",
+        default="runs/analysis",
+        help="folder for analysis.json, figures and report.md: a new or empty folder, or an earlier analysis "
+        "(replaced once the new one is complete)",
     )
     p.add_argument(
         "--full-finetune-steps",
@@ -334,6 +339,12 @@ def main(argv: list[str] | None = None) -> int:
         ns.handler(ns)
     except RunError as e:
         print(f"s2ft {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        problem = storage_problem(e)  # a full disk outside a job's staged output (compare's tables)
+        if problem is None:
+            raise
+        print(f"s2ft {ns.command}: error: {problem}; free some space and run again", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         kept = str(e) or "nothing was written"

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from s2ft.jobs.args import FinetuneArgs
+from s2ft.jobs.output import staged_output
 from s2ft.jobs.splits import calibration_batches, training_subset, with_targets
 from s2ft.jobs.training import make_trainer, warm_up_head
 from s2ft.methods import full_method, planning_method
@@ -36,12 +37,20 @@ def run_analyze(
     args: FinetuneArgs, output: str, full_finetune_steps: int = 0, layers_per_pass: int | None = None
 ) -> dict[str, Any]:
     """Analyse every targeted matrix of the job's model (the plan of :func:`s2ft.methods.planning_method`, S2FT's,
-    whatever ``args.method``)."""
+    whatever ``args.method``) into ``output``: a new or empty folder, or an earlier analysis, which is replaced
+    when the new one is complete (:func:`s2ft.jobs.output.staged_output`)."""
+    args = args.resolved()
+    with staged_output(output, True, True, kind="analysis") as work_dir:
+        return _analyze(args, work_dir, full_finetune_steps, layers_per_pass)
+
+
+def _analyze(
+    args: FinetuneArgs, output: str, full_finetune_steps: int, layers_per_pass: int | None
+) -> dict[str, Any]:
     from transformers import set_seed
 
     from s2ft.analysis.measures import analyze_model
 
-    args = args.resolved()
     task = get_task(args.task)
     set_seed(args.seed)
     data = task.load_data(args)

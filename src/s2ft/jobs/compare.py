@@ -25,6 +25,7 @@ from typing import Any
 from s2ft.io import atomic_write_text
 from s2ft.jobs.args import FinetuneArgs
 from s2ft.jobs.finetune import run_finetune
+from s2ft.jobs.output import results_folder
 from s2ft.methods import VARIANTS, paired_baseline
 from s2ft.tasks import RunError, Task, get_task
 
@@ -326,7 +327,7 @@ def run_compare(
             for budget in budgets_of(variant, budgets, lora_ranks):
                 run_dir = os.path.join(output, "runs", run_name(variant, budget, seed))
                 planned.append((variant, run_dir, variant_args(base, variant, seed, run_dir, budget)))
-    os.makedirs(output, exist_ok=True)
+    results_folder(output, "compare")  # new, empty or a comparison's: refused before anything is written
     done: dict[str, dict[str, Any]] = {}
     start = time.perf_counter()
     results: dict[str, Any] = {}

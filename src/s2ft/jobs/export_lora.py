@@ -4,11 +4,12 @@ each ΔW), for serving stacks that load only LoRA."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
 from s2ft.io import atomic_write_text
-from s2ft.jobs.output import staged_output
+from s2ft.jobs.output import check_output, refuse_overlap, staged_output
 from s2ft.jobs.runs import load_trained
 from s2ft.tasks import RunError
 
@@ -19,7 +20,7 @@ def parse_rank(text: str) -> float:
         value = float(text)
     except ValueError:
         raise RunError(f"--rank {text!r} is neither a rank (e.g. 8) nor an energy share (e.g. 0.9)") from None
-    if not (value > 0 and (value < 1 or value == int(value))):
+    if not (math.isfinite(value) and value > 0 and (value < 1 or value == int(value))):
         raise RunError(f"--rank must be a positive integer or a share in (0, 1), got {text}")
     return value
 
@@ -29,6 +30,9 @@ def run_export_lora(path: str, rank: float, output: str, overwrite: bool = False
     from s2ft.tuner.model import SpectralModel
     from s2ft.tuner.peft_formats import export_lora
 
+    parse_rank(str(rank))  # a Python caller's rank checked as the command line's
+    refuse_overlap(path, output, "exports")
+    check_output(output, overwrite, "lora-export")  # before the model is loaded; checked again when written
     model, _, run = load_trained(path)
     if not isinstance(model, SpectralModel):
         raise RunError(f"{path} holds a {run['method']!r} run; export-lora takes an s2ft or fourierft run")
