@@ -1,7 +1,7 @@
 """Run by tests/test_fsdp.py as two gloo processes (``torchrun --nproc_per_node 2``) on a tiny Llama sharded with
 FSDP2 (``fully_shard`` on each decoder layer and on the :class:`s2ft.SpectralModel`): calibrate on this rank's
 share of the batches, calibrate with uneven batches (must fail on every rank), train a few steps, save, reload,
-and try to merge. Each rank writes what it saw to ``{out}/rank{r}.pt``."""
+try to merge, and train and save a FourierFT adapter in both formats. Each rank writes what it saw to ``{out}/rank{r}.pt``."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch.distributed.fsdp import fully_shard
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from conftest import tiny_llama  # noqa: E402
-from s2ft import S2FTConfig, SpectralModel, get_spectral_model  # noqa: E402
+from s2ft import FourierFTConfig, S2FTConfig, SpectralModel, get_spectral_model  # noqa: E402
 from s2ft.tuner.distributed import full  # noqa: E402
 
 STEPS, LR = 3, 0.05
@@ -23,6 +23,10 @@ STEPS, LR = 3, 0.05
 
 def config() -> S2FTConfig:
     return S2FTConfig(target_modules=["q_proj", "v_proj"], n_frequency=20, seed=3)
+
+
+def fourierft_config() -> FourierFTConfig:
+    return FourierFTConfig(target_modules=["q_proj", "v_proj"], n_frequency=20, scaling=50.0)
 
 
 def batches(count: int, seed: int) -> list[dict[str, torch.Tensor]]:
@@ -99,6 +103,13 @@ def main(out: str) -> None:
     # 5. resume: load the saved adapter into a fresh model, shard it, compare and train one more step on both
     resumed = shard(SpectralModel.from_pretrained(tiny_llama(), f"{out}/adapter", is_trainable=True))
     seen["resumed_coeffs"] = coefficients(resumed)
+
+    # 6. FourierFT: trains the same way, and saves in s2ft's and PEFT's formats
+    fourierft = shard(get_spectral_model(tiny_llama(), fourierft_config()))
+    train(fourierft, steps)
+    seen["fourierft_coeffs"] = coefficients(fourierft)
+    fourierft.save_pretrained(f"{out}/fourierft")
+    fourierft.save_pretrained(f"{out}/fourierft-peft", format="peft")
     torch.save(seen, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
