@@ -279,6 +279,27 @@ def test_full_disk_during_finetune(tiny, trained, tmp_path, capsys, monkeypatch,
         assert "nothing was written" in err and os.listdir(tmp_path) == []
 
 
+def test_full_disk_while_logging(tiny, tmp_path, capsys, monkeypatch):
+    """The run's log.txt cannot be written: no traceback per message, and the run ends as on any full disk."""
+    import s2ft.jobs.logs as logs
+
+    class FullDisk:
+        def write(self, text):
+            disk_full()
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(logs._LogFile, "_open", lambda self: FullDisk())
+    out = tmp_path / "run"
+    assert finetune(tiny, out, "--method", "fourierft", "--max-steps", "1") == 2
+    assert "the disk is full" in one_line_error(capsys)  # and no traceback per message
+    assert os.listdir(tmp_path) == []
+
+
 def test_full_disk_during_merge_and_export_lora(trained, tmp_path, capsys, monkeypatch):
     import transformers
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,14 +15,35 @@ from transformers import TrainerCallback
 logger = logging.getLogger("s2ft")
 
 
+class _LogFile(logging.FileHandler):
+    """A log file that, when the disk fills up, stops writing and keeps the error (``failed``) instead of
+    printing a traceback at every message, as :class:`logging.FileHandler` does."""
+
+    failed: BaseException | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.failed is None:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        from s2ft.io import storage_problem
+
+        error = sys.exc_info()[1]
+        if error is None or storage_problem(error) is None:
+            super().handleError(record)
+        elif self.failed is None:
+            self.failed = error
+
+
 @contextlib.contextmanager
 def log_to(path: str | None, quiet: bool) -> Iterator[None]:
-    """Log s2ft's and transformers' messages to ``path``, and to the console unless ``quiet``."""
+    """Log s2ft's and transformers' messages to ``path``, and to the console unless ``quiet``. If the disk
+    fills up while the log is written, the log stops and the error is raised when the block ends."""
     import transformers
 
     handlers: list[logging.Handler] = []
     if path is not None:
-        handlers.append(logging.FileHandler(path))
+        handlers.append(_LogFile(path))
     if not quiet:
         handlers.append(logging.StreamHandler())
     formatter = logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s", "%H:%M:%S")
@@ -56,6 +78,9 @@ def log_to(path: str | None, quiet: bool) -> Iterator[None]:
             handler.close()
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+    failed = next((h.failed for h in handlers if isinstance(h, _LogFile) and h.failed), None)
+    if failed is not None:
+        raise failed
 
 
 class LogToFile(TrainerCallback):
