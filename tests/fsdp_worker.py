@@ -103,6 +103,12 @@ def main(out: str) -> None:
     # 5. resume: load the saved adapter into a fresh model, shard it, compare and train one more step on both
     resumed = shard(SpectralModel.from_pretrained(tiny_llama(), f"{out}/adapter", is_trainable=True))
     seen["resumed_coeffs"] = coefficients(resumed)
+    try:  # adapters added after sharding would train unsharded: refused
+        resumed.add_adapter("other", config())
+    except RuntimeError as error:
+        seen["add_error"] = str(error)
+    seen["replan"] = resumed.replan()  # re-planned from the trained ΔW, gathered layer by layer
+    seen["replanned"] = {"plans": plans(resumed), "coeffs": coefficients(resumed)}
 
     # 6. FourierFT: trains the same way, and saves in s2ft's and PEFT's formats
     fourierft = shard(get_spectral_model(tiny_llama(), fourierft_config()))

@@ -149,6 +149,24 @@ def test_a_saved_adapter_resumes_sharded(ranks):
         torch.testing.assert_close(layer.delta_weight(), trained, atol=1e-6, rtol=0)
 
 
+def test_replan_on_a_sharded_model_equals_one_process(ranks):
+    from s2ft import SpectralModel
+
+    (rank0, rank1), out = ranks
+    model = SpectralModel.from_pretrained(tiny_llama(), out / "adapter", is_trainable=True)
+    report = model.replan()
+    for seen in (rank0, rank1):
+        assert seen["replan"] == report
+        assert_same_plans(seen["replanned"]["plans"], worker.plans(model))
+        for name, layer in model.spectral_layers().items():
+            assert torch.equal(seen["replanned"]["coeffs"][name], layer.coeffs.detach()), name
+
+
+def test_adding_an_adapter_to_a_sharded_model_is_refused(ranks):
+    for seen in ranks[0]:
+        assert "FSDP" in seen["add_error"] and "before sharding" in seen["add_error"]
+
+
 def test_merging_a_sharded_model_is_refused(ranks):
     for seen in ranks[0]:
         assert "FSDP" in seen["merge_error"] and "from_pretrained" in seen["merge_error"]

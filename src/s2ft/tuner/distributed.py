@@ -145,11 +145,13 @@ class LocalGradients:
             handle.remove()
 
 
-def refuse_sharded(model: nn.Module, action: str) -> None:
-    """Refuse ``action`` (merge) on a model whose weights FSDP has sharded, naming the way that works."""
+MERGE_UNSHARDED = (
+    "save the adapter with save_pretrained (rank 0 writes it), then, in one process, load it onto the unsharded "
+    "base model and merge there: SpectralModel.from_pretrained(base_model, folder).merge_and_unload()"
+)
+
+
+def refuse_sharded(model: nn.Module, action: str, remedy: str) -> None:
+    """Refuse ``action`` (merge, add an adapter to) on a model whose weights FSDP has sharded, naming ``remedy``."""
     if is_sharded_model(model):
-        raise RuntimeError(
-            f"cannot {action} adapters into weights that FSDP has sharded (DTensor): save the adapter with "
-            "save_pretrained (rank 0 writes it), then, in one process, load it onto the unsharded base model and "
-            "merge there: SpectralModel.from_pretrained(base_model, folder).merge_and_unload()"
-        )
+        raise RuntimeError(f"cannot {action} a model whose weights FSDP has sharded (DTensor): {remedy}")

@@ -18,7 +18,7 @@ from torch import nn
 from s2ft.config import FourierFTConfig
 from s2ft.tuner.adapter_io import adapter_file_bytes
 from s2ft.tuner.calibration import LossFn
-from s2ft.tuner.distributed import is_sharded_model, refuse_sharded
+from s2ft.tuner.distributed import MERGE_UNSHARDED, is_sharded_model, refuse_sharded
 from s2ft.tuner.kinds import dequantize_modules, kind_of, quantized_merge_error
 from s2ft.tuner.layers import BASE, DEFAULT, SpectralLayer, TrainedCopy, example_adapters
 from s2ft.tuner.planner import calibrate_adapter, replan_adapter
@@ -202,6 +202,7 @@ class SpectralModel(nn.Module):
         check_name(adapter_name, self.peft_config)
         if any(layer.merged for layer in self.spectral_layers().values()):
             raise RuntimeError("unmerge() before adding an adapter")
+        refuse_sharded(self, "add an adapter to", "add every adapter (or load it) before sharding")
         self._inject(adapter_name, config)
         self.set_adapter(self.active_adapters, check=False)
 
@@ -349,7 +350,7 @@ class SpectralModel(nn.Module):
         for name in names:
             self._require_known(name)
             self._require_planned(name)
-        refuse_sharded(self, "merge")
+        refuse_sharded(self, "merge", MERGE_UNSHARDED)
         layers = self.spectral_layers()
         for module, layer in layers.items():
             if layer.kind.quantized and any(n in layer.adapters for n in names):

@@ -25,6 +25,7 @@ from torch import nn
 from s2ft.ops.locations import fourierft_locations, power_spectrum, sample_locations
 from s2ft.ops.permutation import path_length, search_order
 from s2ft.tuner.calibration import LossFn, compute_prior
+from s2ft.tuner.distributed import copy_into, full
 from s2ft.tuner.kinds import weight_matrix
 from s2ft.tuner.layers import SpectralLayer
 
@@ -218,7 +219,12 @@ def replan_adapter(
         basis, shape = adapter.basis, (adapter.d_out, adapter.d_in, adapter.scaling)
         # float64: the projection is exact to rounding where it should be
         delta = basis.delta_weight(
-            adapter.coeffs.double(), adapter.rows, adapter.cols, *shape, adapter.perm_rows, adapter.perm_cols
+            full(adapter.coeffs).double(),
+            adapter.rows,
+            adapter.cols,
+            *shape,
+            adapter.perm_rows,
+            adapter.perm_cols,
         )
         prior = priors[n] if priors is not None else delta
         plan = plan_for(prior.detach().float().to(delta.device), n, config, _base(layers[n], config))
@@ -226,7 +232,7 @@ def replan_adapter(
         projected = basis.delta_weight(coeffs, plan.rows, plan.cols, *shape, plan.perm_rows, plan.perm_cols)
         total = float(delta.square().sum())
         adapter.set_locations(plan.rows, plan.cols, plan.perm_rows, plan.perm_cols)
-        adapter.coeffs.copy_(coeffs)
+        copy_into(adapter.coeffs, coeffs)  # sharded (FSDP): each rank keeps its slice
         report[n] = {"energy_kept": float(projected.square().sum()) / total if total > 0 else 1.0}
     return report
 
