@@ -127,20 +127,36 @@ def test_save_load_roundtrip(model_kind, method, tmp_path):
     assert trainable.num_trainable_parameters() == model.num_trainable_parameters()
 
 
-def test_adapter_file_stores_small_integers_and_no_base_weights(tmp_path):
+def test_adapter_file_stores_compact_plans_and_no_base_weights(tmp_path):
     from safetensors.torch import load_file
+
+    from s2ft.ops.codec import encode_locations, permutation_nbytes
+    from s2ft.tuner.adapter_io import fold_groups
 
     _, model, _, _ = build("bert", "s2ft")
     model.save_pretrained(tmp_path)
     state = load_file(tmp_path / "adapter_model.safetensors")
     name = "bert.encoder.layer.0.attention.self.query"
-    assert state[f"{name}.rows"].dtype == torch.uint8  # 32 rows fit a byte
-    assert state[f"{name}.perm_cols"].dtype == torch.uint8
+    assert state[f"{name}.plan"].dtype == torch.uint8  # file format 2: one compact plan per matrix
     assert state[f"{name}.coeffs"].dtype == torch.float32
     assert not any(k.endswith("base_layer.weight") or "embeddings" in k for k in state)
-    # 4 layers x (40 coeffs + 2x40 locations + 2x32 permutation entries) + the classifier head (3x32 + 3)
-    expected = 4 * (40 * 4 + 2 * 40 + 2 * 32) + (3 * 32 + 3) * 4
-    assert sum(t.numel() * t.element_size() for t in state.values()) == expected
+    # each plan: two permutations of 32 (Lehmer codes), the location set's code and, if any matrix has fold
+    # groups, their count and orders
+    layers = model.spectral_layers()
+    ordered = any(
+        fold_groups(a.rows, a.cols, 32, 32) for a in (layer.adapters["default"] for layer in layers.values())
+    )
+    plans = 0
+    for module, layer in layers.items():
+        adapter = layer.adapters["default"]
+        groups = len(fold_groups(adapter.rows, adapter.cols, 32, 32))
+        size = 2 * permutation_nbytes(32) + encode_locations(adapter.rows, adapter.cols, 32, 32)[0].numel()
+        assert state[f"{module}.plan"].numel() == size + (1 + groups if ordered else 0)
+        plans += state[f"{module}.plan"].numel()
+    # 4 layers x 40 float32 coefficients + the plans + the classifier head (3x32 + 3), under format 1's
+    # 4 x (2x40 + 2x32) one-byte integers
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    assert total == 4 * 40 * 4 + plans + (3 * 32 + 3) * 4 and plans < 4 * (2 * 40 + 2 * 32)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
