@@ -169,6 +169,19 @@ def test_tampered_permutation_is_caught(tmp_path):
 
     with safe_open(path, "pt") as f:
         metadata = f.metadata()
+    # file format 2: a permutation's code whose rank is not below d! is no permutation
+    from s2ft.ops.codec import permutation_nbytes
+    from s2ft.tuner.adapter_io import FORMAT_KEY, PLAN_KEY, read_adapter
+
+    bad = state["fc1.plan"].clone()
+    bad[: permutation_nbytes(20)] = 255
+    save_file({**state, "fc1.plan": bad}, path, metadata=metadata)
+    with pytest.raises(ValueError, match="corrupt"):
+        SpectralModel.from_pretrained(MODELS["mlp"][0](), tmp_path)
+    # file format 1 (integer plans), which loading still checks
+    save_file(state, path, metadata=metadata)
+    state, _ = read_adapter(path)
+    metadata = {k: v for k, v in metadata.items() if k not in (FORMAT_KEY, PLAN_KEY)}
     state["fc1.perm_rows"][0] = state["fc1.perm_rows"][1]
     save_file(state, path, metadata=metadata)
     with pytest.raises(ValueError, match="not permutations"):

@@ -21,7 +21,7 @@ import os
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file, save, save_file
 from torch import nn
 
 from s2ft.config import CONFIG_NAME, FourierFTConfig
@@ -320,11 +320,10 @@ def write_adapter_folder(
 ) -> None:
     """Write the weights file (:func:`adapter_file_bytes`) and the config of an adapter folder together (all or
     nothing)."""
-    weights = adapter_file_bytes(state, metadata)
+    encoded, encoded_metadata = encode_plans(state, metadata)  # what adapter_file_bytes counts
 
     def write_weights(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(weights)
+        save_file(encoded, tmp, metadata=encoded_metadata)
 
     def write_config(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
