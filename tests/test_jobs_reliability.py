@@ -333,3 +333,18 @@ def test_compare_gives_each_variant_its_own_methods_learning_rate():
     assert variant_args(base, "s2ft-half", 0, "out", budget=300).n_frequency == 150
     given = FinetuneArgs(task="image-classification", lr=1e-3)  # what the user sets holds for every variant
     assert {variant_args(given, v, 0, "out").lr for v in ("s2ft", "lora", "full")} == {1e-3}
+
+
+def test_evaluate_scores_a_file_whose_unscored_split_holds_an_unknown_label(trained, tmp_path):
+    """The test split is all evaluate reads: a label only in the training rows of the file does not matter."""
+    from s2ft.jobs.evaluate import run_evaluate
+
+    rows = run_rows(trained)[:60]
+    for i, row in enumerate(rows):
+        row["split"] = "test" if i % 2 else "train"
+        if not i % 2:
+            row["label"] = "desert"  # a label the model never saw, in a split evaluate does not score
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scored = run_evaluate(str(trained), "test", dataset=str(mixed), quiet=True)
+    assert scored["examples"] == 30 and 0.0 <= scored["accuracy"] <= 1.0

@@ -37,9 +37,9 @@ def run_evaluate(
     args = dataclasses.replace(FinetuneArgs(**saved), dataset=dataset or run["dataset"], quiet=quiet)
     args = args.resolved()
     run_task = get_task(run["task"])
-    raw = _load_data(run_task, args, path, given=dataset is not None)
+    raw = _load_data(run_task, args, path, given=dataset is not None, scored=split)
     model, processor, run = load_trained(path)
-    data = run_task.align(raw, run.get("info", {}))
+    data = run_task.align(raw, run.get("info", {}), scored=split)
     chosen = getattr(data, split) if split == "train" else held_out(getattr(data, split), args)
     prepared = run_task.prepare(chosen, processor, args, split)
     with tempfile.TemporaryDirectory() as tmp:
@@ -48,11 +48,11 @@ def run_evaluate(
     return {"adapter": path, "dataset": data.name, "split": split, "examples": len(prepared), **metrics}
 
 
-def _load_data(task: Task, args: FinetuneArgs, path: str, given: bool) -> TaskData:
+def _load_data(task: Task, args: FinetuneArgs, path: str, given: bool, scored: str | None = None) -> TaskData:
     """The task's data for ``args.dataset``. When a ``--dataset`` the user gave cannot be read as the run's
     task's data but a local one reads as another task's, the error names both tasks."""
     try:
-        return task.load_data(args)
+        return task.load_data(args, scored=scored)
     except RunError as original:
         if not (given and os.path.exists(args.dataset)):
             raise

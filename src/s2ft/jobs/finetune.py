@@ -56,7 +56,7 @@ class Run:
     processes: Any  # Accelerate's PartialState: this process's index, their number, the main one
     work_dir: str  # the staging folder that becomes --output when the job succeeds
     data: Any  # the task's TaskData: raw splits, name, info
-    train_examples: int  # raw training examples used (after --max-train-samples)
+    train_examples: int  # training examples trained on (after --max-train-samples and any the task dropped)
     splits: dict[str, Any]  # "train", "validation", "test", prepared by the task
     model: Any
     processor: Any
@@ -130,7 +130,7 @@ def setup(args: FinetuneArgs, processes: Any, work_dir: str) -> Run:
         processes=processes,
         work_dir=work_dir,
         data=data,
-        train_examples=len(train_raw),
+        train_examples=len(splits["train"]),
         splits=splits,
         model=loaded.model,
         processor=loaded.processor,
