@@ -318,3 +318,46 @@ def test_compare_and_analyze_on_causal_lm(tiny, tmp_path):
     assert main(["analyze", *common, "--output", str(tmp_path / "an")]) == 0
     analysis = json.loads((tmp_path / "an" / "analysis.json").read_text())
     assert len(analysis["prior"]) == 4  # q_proj and v_proj of two layers
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_quantized_base_end_to_end(tiny, tmp_path, bits):
+    """--quantize: the base's linear layers are bitsandbytes layers (the LM head stays float), S2FT trains on
+    them, evaluate reloads the same quantized base and reproduces the run, and merge writes a float model that
+    plain transformers loads and that computes what the adapted model computes on its dequantized weights (the
+    8-bit layers also round their inputs, so the quantized forward itself differs by that rounding)."""
+    pytest.importorskip("bitsandbytes")
+    from s2ft.jobs.evaluate import run_evaluate
+    from s2ft.jobs.runs import load_trained
+
+    model, corpus, _ = tiny
+    out, merged = tmp_path / "run", tmp_path / "merged"
+    assert finetune(model, corpus, out, "--quantize", bits) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_perplexity"] < metrics["base_test_perplexity"]
+    adapted, tokenizer, run = load_trained(str(out))
+    assert run["args"]["quantize"] == bits
+    kinds = {type(m.base_layer).__name__ for m in adapted.get_base_model().modules() if hasattr(m, "base_layer")}
+    assert kinds == {"Linear4bit" if bits == "4bit" else "Linear8bitLt"}
+    assert type(adapted.get_base_model().lm_head).__name__ == "Linear"
+    assert run_evaluate(str(out), "test", quiet=True)["perplexity"] == pytest.approx(
+        metrics["test_perplexity"], rel=1e-5
+    )
+    assert main(["merge", "--adapter", str(out), "--output", str(merged)]) == 0
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(str(merged)).eval()
+    assert not any("bitsandbytes" in type(m).__module__ for m in plain.modules())
+    from s2ft.tuner.kinds import dequantize_modules
+
+    dequantize_modules(adapted.get_base_model(), torch.float32)  # unmerged: ΔW x still beside the layer
+    ids = tokenizer("emma and harriet", return_tensors="pt")
+    with torch.no_grad():
+        expected = adapted.eval()(**ids).logits
+        got = plain(**ids).logits
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_quantize_is_refused_for_other_tasks(capsys):
+    assert main(["finetune", "--task", "text-classification", "--quantize", "4bit", "--quiet"]) == 2
+    assert "--quantize is for the causal-lm task" in capsys.readouterr().err

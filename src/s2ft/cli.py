@@ -14,6 +14,7 @@ from s2ft.jobs.args import COMMON_DEFAULTS, FinetuneArgs
 from s2ft.methods import METHODS, Option, owners
 from s2ft.methods import options as method_options
 from s2ft.tasks import TASKS, RunError
+from s2ft.tasks.quantize import QUANTIZE
 
 _DEFAULTS = FinetuneArgs()
 
@@ -80,6 +81,13 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help=f"validation/test examples scored, 0: all; {_per_task('eval_samples')}",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=QUANTIZE,
+        default=None,
+        help="load the base model's linear layers (not the output layer) in 4 bits (nf4) or 8 bits with "
+        "bitsandbytes, QLoRA-style; causal-lm only",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars or console log")
     _add_method_options(p)

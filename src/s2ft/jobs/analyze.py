@@ -54,7 +54,7 @@ def _analyze(
     task = get_task(args.task)
     set_seed(args.seed)
     data = task.load_data(args)
-    loaded = task.load_model(args.model, data.info)
+    loaded = task.load_model(args.model, data.info, quantize=args.quantize)
     model, processor, head = loaded.model, loaded.processor, loaded.head
     args = with_targets(task, args, model)
     train = task.prepare(training_subset(data.train, args), processor, args, "train")

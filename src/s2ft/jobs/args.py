@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from s2ft.methods import DEFAULT_METHOD, get_method, options, owners
-from s2ft.tasks import DEFAULT_TASK, RunError, get_task
+from s2ft.tasks import DEFAULT_TASK, TASKS, RunError, get_task
+from s2ft.tasks.quantize import QUANTIZE
 
 # Defaults of the task-dependent fields that a task does not set.
 COMMON_DEFAULTS: dict[str, Any] = {
@@ -56,6 +57,8 @@ class JobArgs:
     image_column: str = "image"
     # A folder of warmed heads to reuse across runs that share every warm-up option (``s2ft compare``).
     head_warmup_cache: str | None = None
+    # Load the base model's linear layers in 4 or 8 bits (bitsandbytes; tasks with ``quantizable``), QLoRA-style.
+    quantize: str | None = None
 
     def resolved(self) -> JobArgs:
         """A copy with every ``None`` filled from the task's defaults, then :data:`COMMON_DEFAULTS`; validated."""
@@ -94,6 +97,12 @@ class JobArgs:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise RunError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+        if self.quantize is not None:
+            if self.quantize not in QUANTIZE:
+                raise RunError(f"--quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
+            if not get_task(self.task).quantizable:
+                quantizable = ", ".join(t.name for t in TASKS.values() if t.quantizable)
+                raise RunError(f"--quantize is for the {quantizable} task; --task is {self.task!r}")
         if self.targets is not None and not self.targets and not isinstance(self.targets, str):
             raise RunError("--targets needs at least one module name")
         for option in options().values():

@@ -113,7 +113,7 @@ def setup(args: FinetuneArgs, processes: Any, work_dir: str) -> Run:
         len(data.validation),
         len(data.test),
     )
-    loaded = task.load_model(args.model, data.info)
+    loaded = task.load_model(args.model, data.info, quantize=args.quantize)
     given, args = args, with_targets(task, args, loaded.model)
     task.check_args(args, loaded.model)
     raw = {

@@ -38,5 +38,8 @@ def load_trained(path: str) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
 
     run, adapter = read_run(path)
     task, method = get_task(run["task"]), get_method(run["method"])
-    loaded = task.load_model(adapter if method.saves_whole_model else run["model"], run.get("info", {}))
+    quantize = run.get("args", {}).get("quantize")
+    loaded = task.load_model(
+        adapter if method.saves_whole_model else run["model"], run.get("info", {}), quantize=quantize
+    )
     return method.load(loaded.model, adapter), loaded.processor, run

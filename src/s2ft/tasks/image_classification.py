@@ -112,7 +112,7 @@ class ImageClassification(Classification):
             raise RunError(str(e)) from None
 
     # ------------------------------------------------------------------ model
-    def load_model(self, model: str, info: dict[str, Any]) -> Loaded:
+    def load_model(self, model: str, info: dict[str, Any], quantize: str | None = None) -> Loaded:
         labels = info["label_names"]
         if model == EFFICIENTNET:
             loaded = freeze_batchnorm(load_efficientnet(len(labels)))

@@ -57,7 +57,7 @@ class TextClassification(Classification):
         except DataError as e:
             raise RunError(str(e)) from None
 
-    def load_model(self, model: str, info: dict[str, Any]) -> Loaded:
+    def load_model(self, model: str, info: dict[str, Any], quantize: str | None = None) -> Loaded:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         loaded, tokenizer, head = self.from_pretrained(

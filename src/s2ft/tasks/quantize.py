@@ -1,0 +1,56 @@
+"""``--quantize``: a loaded model's linear layers replaced by bitsandbytes' 4-bit (nf4) or 8-bit layers, QLoRA-style.
+
+The job quantizes after loading, so the same path serves a hub model and the default SmolLM2, which is rebuilt from
+its GGUF file as float32 first. The output layer (an LM head, often tied to the input embeddings) stays as it is.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from s2ft.errors import RunError
+
+QUANTIZE = ("4bit", "8bit")
+
+
+def quantize_linears(model: nn.Module, bits: str) -> list[str]:
+    """Replace every ``nn.Linear`` of ``model`` but its output layer by a bitsandbytes layer holding the same
+    weight quantized (``"4bit"``: ``Linear4bit``, nf4, compute dtype float32; ``"8bit"``: ``Linear8bitLt``).
+    Returns the replaced modules' names."""
+    if bits not in QUANTIZE:
+        raise RunError(f"--quantize must be one of {', '.join(QUANTIZE)}, got {bits!r}")
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise RunError(
+            '--quantize needs bitsandbytes: pip install "s2ft[dev]" or pip install bitsandbytes'
+        ) from None
+    getter = getattr(model, "get_output_embeddings", None)
+    output = getter() if callable(getter) else None
+    names = [
+        name for name, module in model.named_modules() if type(module) is nn.Linear and module is not output
+    ]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, _quantized(getattr(parent, child), bits, bnb))
+    return names
+
+
+def _quantized(linear: nn.Linear, bits: str, bnb) -> nn.Module:
+    weight = linear.weight.detach().float().cpu()
+    bias = linear.bias is not None
+    if bits == "4bit":
+        layer = bnb.nn.Linear4bit(
+            linear.in_features, linear.out_features, bias=bias, compute_dtype=torch.float32, quant_type="nf4"
+        )
+        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+    else:
+        layer = bnb.nn.Linear8bitLt(
+            linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False
+        )
+        layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    if bias:
+        layer.bias = nn.Parameter(linear.bias.detach().float().cpu(), requires_grad=False)
+    return layer.to(linear.weight.device).train(linear.training)
