@@ -337,7 +337,9 @@ def test_quantized_base_end_to_end(tiny, tmp_path, bits):
     assert metrics["test_perplexity"] < metrics["base_test_perplexity"]
     adapted, tokenizer, run = load_trained(str(out))
     assert run["args"]["quantize"] == bits
-    kinds = {type(m.base_layer).__name__ for m in adapted.get_base_model().modules() if hasattr(m, "base_layer")}
+    kinds = {
+        type(m.base_layer).__name__ for m in adapted.get_base_model().modules() if hasattr(m, "base_layer")
+    }
     assert kinds == {"Linear4bit" if bits == "4bit" else "Linear8bitLt"}
     assert type(adapted.get_base_model().lm_head).__name__ == "Linear"
     assert run_evaluate(str(out), "test", quiet=True)["perplexity"] == pytest.approx(
