@@ -130,7 +130,7 @@ def test_unsupported_layers_are_named():
             super().__init__()
             self.conv = nn.Conv3d(2, 2, 1)
 
-    with pytest.raises(TypeError, match="Conv3d.*Linear, torch.nn.Conv2d and transformers' Conv1D"):
+    with pytest.raises(TypeError, match="Conv3d.*Linear, torch.nn.Conv2d, transformers' Conv1D"):
         get_spectral_model(Net(), FourierFTConfig(target_modules=["conv"], n_frequency=2))
 
 
