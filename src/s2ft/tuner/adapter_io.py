@@ -225,23 +225,55 @@ def file_parts(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict
     return parts
 
 
+def _shapes(metadata: dict[str, str], names: list[str]) -> dict[str, list[int]]:
+    """``{module: [d_out, d_in]}`` from a file's metadata (``s2ft_shapes``, or ``s2ft_layers`` of earlier
+    versions), for its adapted modules ``names``; a ``ValueError`` saying what is expected otherwise."""
+    key = "s2ft_layers" if "s2ft_layers" in metadata else "s2ft_shapes"
+    if key not in metadata:
+        raise ValueError(
+            "no s2ft_shapes metadata (the [d_out, d_in] of each adapted module, in the sorted order of their "
+            "names), so it was not written by s2ft's save_pretrained; save the adapter again with it"
+        )
+    try:
+        listed = json.loads(metadata[key])
+    except ValueError:
+        listed = None
+    if key == "s2ft_layers" and isinstance(listed, dict):
+        names, listed = list(listed), list(listed.values())
+    if not isinstance(listed, list) or len(listed) != len(names):
+        expected = "a JSON object {module: [d_out, d_in]}" if key == "s2ft_layers" else "a JSON list"
+        expected += f" of the {len(names)} adapted modules' [d_out, d_in]"
+        raise ValueError(
+            f"metadata {key} must be {expected}, not {metadata[key][:80]!r}; save the adapter again"
+        )
+    for shape in listed:
+        if not (isinstance(shape, list) and len(shape) == 2 and all(type(d) is int and d > 0 for d in shape)):
+            raise ValueError(f"metadata {key} holds {shape!r}, not a [d_out, d_in] of positive integers")
+    return dict(zip(names, listed))
+
+
 def read_adapter(path: str) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
+    """The tensors (plans decoded to int64 ``rows``/``cols``/``perm_rows``/``perm_cols``) and the shapes
+    ``{module: [d_out, d_in]}`` of an adapter weights file; a one-line ``ValueError`` naming the file for a
+    truncated or corrupt file or metadata of another kind."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no adapter weights at {path}")
+    corrupt = (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError)
     try:
         state = load_file(path)
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
-        if "s2ft_layers" in metadata:
-            shapes = json.loads(metadata["s2ft_layers"])
-        else:
-            names = _names(state)
-            listed = json.loads(metadata["s2ft_shapes"])
-            if len(listed) != len(names):
-                raise ValueError(f"{len(listed)} shapes for {len(names)} adapted modules")
-            shapes = dict(zip(names, listed))
+    except corrupt as e:
+        raise ValueError(
+            f"adapter file {path} is truncated or corrupt ({type(e).__name__}: {e}); save the adapter again"
+        ) from None
+    try:
+        shapes = _shapes(metadata, _names(state))
+    except ValueError as e:
+        raise ValueError(f"adapter file {path}: {e}") from None
+    try:
         state = decode_plans(state, metadata, shapes)
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+    except corrupt as e:
         raise ValueError(
             f"adapter file {path} is truncated or corrupt ({type(e).__name__}: {e}); save the adapter again"
         ) from None
@@ -291,6 +323,7 @@ def check_adapter(
             t = state.get(f"{name}.{key}")
             if t is not None and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
                 raise ValueError(f"adapter file: {name}.{key} is {t.dtype}; indices must be integers")
+        _check_permutations(state, name, config)
         if "rows" not in needed:
             continue
         rows, cols = state[f"{name}.rows"].long(), state[f"{name}.cols"].long()
@@ -313,6 +346,29 @@ def check_adapter(
         found = {k[len(prefix) :]: tuple(v.shape) for k, v in state.items() if k.startswith(prefix)}
         if expected != found:
             raise ValueError(f"adapter file: the saved weights of {name} do not fit that module of the model")
+        for key, value in state.items():
+            if key.startswith(prefix) and value.is_floating_point() and not torch.isfinite(value).all():
+                raise ValueError(
+                    f"adapter file: the saved weights of {name} ({key[len(prefix) :]}) hold NaN or infinite values; "
+                    "save the adapter again from a model whose weights are finite"
+                )
+
+
+def _check_permutations(state: dict[str, torch.Tensor], name: str, config: FourierFTConfig) -> None:
+    """Refuse a module whose stored permutations disagree with its config: S2FT with ``permute=True`` (plans
+    from a prior) stores both; any other config stores none (a plan of the base weights recomputes them)."""
+    stored = [k for k in ("perm_rows", "perm_cols") if f"{name}.{k}" in state]
+    wanted = bool(getattr(config, "permute", False)) and config.stores_permutations
+    if wanted and not stored:
+        raise ValueError(
+            f"adapter file: {name} stores no permutations (perm_rows, perm_cols), but its config says "
+            "permute=True, so it would load with another ΔW; save the adapter again with its permutations"
+        )
+    if stored and not wanted:
+        raise ValueError(
+            f"adapter file: {name} stores permutations its {config.method!r} config does not use; the weights "
+            "file and adapter_config.json are of different adapters: save the adapter again"
+        )
 
 
 def write_adapter_folder(
