@@ -225,7 +225,7 @@ def file_parts(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict
     return parts
 
 
-def _shapes(metadata: dict[str, str], names: list[str]) -> dict[str, list[int]]:
+def metadata_shapes(metadata: dict[str, str], names: list[str]) -> dict[str, list[int]]:
     """``{module: [d_out, d_in]}`` from a file's metadata (``s2ft_shapes``, or ``s2ft_layers`` of earlier
     versions), for its adapted modules ``names``; a ``ValueError`` saying what is expected otherwise."""
     key = "s2ft_layers" if "s2ft_layers" in metadata else "s2ft_shapes"
@@ -268,7 +268,7 @@ def read_adapter(path: str) -> tuple[dict[str, torch.Tensor], dict[str, list[int
             f"adapter file {path} is truncated or corrupt ({type(e).__name__}: {e}); save the adapter again"
         ) from None
     try:
-        shapes = _shapes(metadata, _names(state))
+        shapes = metadata_shapes(metadata, _names(state))
     except ValueError as e:
         raise ValueError(f"adapter file {path}: {e}") from None
     try:

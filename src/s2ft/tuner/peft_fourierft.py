@@ -14,10 +14,12 @@ import os
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from s2ft.config import CONFIG_NAME, FourierFTConfig
 from s2ft.io import atomic_write, atomic_write_text
+from s2ft.tuner.adapter_io import metadata_shapes
 
 PEFT_PREFIX = "base_model.model."
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -72,13 +74,28 @@ def fourierft_to_peft(
 def save_peft_fourierft(model: Any, directory: str | os.PathLike, adapter_name: str | None = None) -> None:
     """Write a FourierFT adapter as PEFT writes it, for ``peft.PeftModel.from_pretrained``."""
     peft_config, state = fourierft_to_peft(model, adapter_name)
-    write_peft_folder(directory, peft_config, state)
+    write_peft_folder(directory, peft_config, state, peft_shapes(model, adapter_name or model.active_adapter))
+
+
+def peft_shapes(model: Any, adapter_name: str) -> dict[str, list[int]]:
+    """``{module: [d_out, d_in]}`` of an adapter's layers: s2ft writes them in the PEFT file's metadata (PEFT
+    ignores it), so that loading it on a model of other shapes is refused."""
+    return {module: [layer.d_out, layer.d_in] for module, layer in model._layers_of(adapter_name).items()}
+
+
+_PEFT_FIELDS = {
+    "target_modules": "the names of the adapted modules",
+    "n_frequency": "the number of spectral coefficients per layer",
+    "scaling": "the scale of ΔW",
+}
 
 
 def read_peft_fourierft(directory: str | os.PathLike) -> tuple[FourierFTConfig, dict[str, torch.Tensor]]:
     """A PEFT FourierFT adapter folder as an s2ft config and the s2ft-format tensors ``{module}.coeffs`` and
-    ``modules_to_save.{module}.{key}`` (locations follow from the seed). Another PEFT type is refused."""
-    with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as f:
+    ``modules_to_save.{module}.{key}`` (locations follow from the seed). Another PEFT type, a config missing a
+    field and an unreadable weights file are refused with a one-line ``ValueError`` naming the file."""
+    config_path = os.path.join(directory, CONFIG_NAME)
+    with open(config_path, encoding="utf-8") as f:
         data = json.load(f)
     peft_type = str(data.get("peft_type", "")).upper()
     if peft_type != FOURIERFT:
@@ -88,23 +105,63 @@ def read_peft_fourierft(directory: str | os.PathLike) -> tuple[FourierFTConfig, 
         )
     if data.get("fan_in_fan_out"):
         raise ValueError(f"{directory}: fan_in_fan_out=True PEFT FourierFT adapters are not supported")
-    config = FourierFTConfig(
-        target_modules=data["target_modules"],
-        modules_to_save=data.get("modules_to_save") or None,
-        n_frequency=data["n_frequency"],
-        scaling=data["scaling"],
-        seed=data.get("random_loc_seed", 777),
-        init="zeros" if data.get("init_weights", False) else "normal",
-    )
-    raw = load_file(os.path.join(directory, PEFT_WEIGHTS))
+    for field, meaning in _PEFT_FIELDS.items():
+        if data.get(field) is None:
+            raise ValueError(
+                f"PEFT FourierFT config {config_path} has no {field!r} ({meaning}); add it, or save the adapter "
+                "again with PEFT or s2ft"
+            )
+    try:
+        config = FourierFTConfig(
+            target_modules=data["target_modules"],
+            modules_to_save=data.get("modules_to_save") or None,
+            n_frequency=data["n_frequency"],
+            scaling=data["scaling"],
+            seed=data.get("random_loc_seed", 777),
+            init="zeros" if data.get("init_weights", False) else "normal",
+        )
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"PEFT FourierFT config {config_path}: {e}") from None
     state = {}
-    for key, value in raw.items():
+    for key, value in _read_weights(directory)[0].items():
         name = key.removeprefix(PEFT_PREFIX)
         if name.endswith(".fourierft_spectrum"):
             state[name.removesuffix(".fourierft_spectrum") + ".coeffs"] = value
         else:
             state[f"modules_to_save.{name}"] = value
     return config, state
+
+
+def _read_weights(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a PEFT folder's weights file, or a one-line error naming it."""
+    path = os.path.join(directory, PEFT_WEIGHTS)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no adapter weights at {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(path), metadata
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(
+            f"adapter file {path} is truncated or corrupt ({type(e).__name__}: {e}); save the adapter again"
+        ) from None
+
+
+def read_peft_shapes(directory: str | os.PathLike) -> dict[str, list[int]] | None:
+    """The ``{module: [d_out, d_in]}`` s2ft wrote in a PEFT folder's weights file (:func:`peft_shapes`), or None
+    for a file written by PEFT (it records no shapes)."""
+    state, metadata = _read_weights(directory)
+    if "s2ft_shapes" not in metadata:
+        return None
+    names = sorted(
+        k.removeprefix(PEFT_PREFIX).removesuffix(".fourierft_spectrum")
+        for k in state
+        if k.endswith(".fourierft_spectrum")
+    )
+    try:
+        return metadata_shapes(metadata, names)
+    except ValueError as e:
+        raise ValueError(f"adapter file {os.path.join(directory, PEFT_WEIGHTS)}: {e}") from None
 
 
 def saved_modules(model: Any, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -118,11 +175,17 @@ def saved_modules(model: Any, adapter_name: str) -> dict[str, torch.Tensor]:
 
 
 def write_peft_folder(
-    directory: str | os.PathLike, peft_config: dict[str, Any], state: dict[str, torch.Tensor]
+    directory: str | os.PathLike,
+    peft_config: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    shapes: dict[str, list[int]] | None = None,
 ) -> None:
-    """A PEFT adapter folder: ``adapter_model.safetensors`` and ``adapter_config.json``."""
+    """A PEFT adapter folder: ``adapter_model.safetensors`` and ``adapter_config.json``; with ``shapes``
+    (:func:`peft_shapes`), the weights file's metadata ``s2ft_shapes`` lists them in the sorted order of the
+    modules' names."""
+    metadata = {"format": "pt"}
+    if shapes is not None:
+        metadata["s2ft_shapes"] = json.dumps([shapes[n] for n in sorted(shapes)], separators=(",", ":"))
     os.makedirs(directory, exist_ok=True)
-    atomic_write(
-        os.path.join(directory, PEFT_WEIGHTS), lambda tmp: save_file(state, tmp, metadata={"format": "pt"})
-    )
+    atomic_write(os.path.join(directory, PEFT_WEIGHTS), lambda tmp: save_file(state, tmp, metadata=metadata))
     atomic_write_text(os.path.join(directory, CONFIG_NAME), json.dumps(peft_config, indent=2) + "\n")

@@ -30,7 +30,9 @@ from s2ft.tuner.layers import DEFAULT, SpectralLayer, TrainedCopy
 from s2ft.tuner.peft_fourierft import (
     fourierft_to_peft,
     is_peft_folder,
+    peft_shapes,
     read_peft_fourierft,
+    read_peft_shapes,
     write_peft_folder,
 )
 from s2ft.tuner.planner import base_fingerprints, recompute_base_plans
@@ -123,7 +125,7 @@ def write_adapters(
             if main:
                 os.makedirs(directory, exist_ok=True)
                 if format == "peft":
-                    write_peft_folder(directory, peft_config, state)
+                    write_peft_folder(directory, peft_config, state, peft_shapes(model, name))
                 else:
                     config_text = json.dumps(model.peft_config[name].to_dict(), indent=2) + "\n"
                     write_adapter_folder(directory, state, model._metadata(name), config_text)
@@ -135,18 +137,22 @@ def read_folder(
     """The config and tensors of an s2ft or PEFT FourierFT adapter folder, checked against ``model`` (which, with
     ``wrapped``, may hold adapters already). Changes nothing."""
     directory = check_adapter_folder(directory)
+    weights = os.path.join(directory, WEIGHTS_NAME)  # PEFT's file has the same name
     if is_peft_folder(directory):
         config, state = read_peft_fourierft(directory)
-        shapes = None
+        shapes = read_peft_shapes(directory)  # None in a file PEFT wrote: it records no shapes
     else:
         config = load_config(directory)
-        state, shapes = read_adapter(os.path.join(directory, WEIGHTS_NAME))
+        state, shapes = read_adapter(weights)
     targets, saves = resolve(model, config, wrapped_ok=wrapped)
     if shapes is None:
         shapes = {name: list(shape_of(module)) for name, module in targets}
-    check_adapter(
-        state, shapes, config, [(n, base_of(m)) for n, m in targets], [(n, base_of(m)) for n, m in saves]
-    )
+    try:
+        check_adapter(
+            state, shapes, config, [(n, base_of(m)) for n, m in targets], [(n, base_of(m)) for n, m in saves]
+        )
+    except ValueError as e:  # one line naming the file
+        raise ValueError(f"adapter file {weights}: {str(e).removeprefix('adapter file: ')}") from None
     if config.plan_from_base:  # recomputed from W0, or refused on another base model
         state = recompute_base_plans(state, config, {n: base_of(m) for n, m in targets}, FINGERPRINTS)
     return config, state
