@@ -329,8 +329,9 @@ def dequantize_modules(model: nn.Module, dtype: torch.dtype | None = None) -> li
     loses its ``quantization_config``. Returns the names of the replaced modules."""
     getter = getattr(model, "get_input_embeddings", None)
     embeddings = getter() if callable(getter) else None
-    if dtype is None and embeddings is not None and embeddings.weight.dtype.is_floating_point:
-        dtype = embeddings.weight.dtype
+    weight = getattr(embeddings, "weight", None)  # a ViT's patch embeddings have none
+    if dtype is None and isinstance(weight, torch.Tensor) and weight.dtype.is_floating_point:
+        dtype = weight.dtype
     replaced = []
     for name, module in list(model.named_modules()):
         kind = find_kind(module)
