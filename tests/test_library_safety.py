@@ -4,6 +4,8 @@ with one line naming the file (or adapter) and what to do, and the model is left
 from __future__ import annotations
 
 import json
+import re
+import warnings
 
 import pytest
 import torch
@@ -143,3 +145,44 @@ def test_truncated_peft_file_names_the_file(tmp_path):
     data = (folder / WEIGHTS).read_bytes()
     (folder / WEIGHTS).write_bytes(data[:20])
     assert str(folder / WEIGHTS) in load_refused(folder, r"truncated or corrupt.*save the adapter again")
+
+
+def test_deleting_the_active_adapter_warns_naming_the_new_one_and_its_forward_names_it():
+    model = get_spectral_model(tiny_mlp(), FourierFTConfig(target_modules=["fc1"], n_frequency=8))
+    model.add_adapter("planned", S2FTConfig(target_modules=["fc1"], n_frequency=8))
+    with pytest.warns(
+        UserWarning, match=r"active adapter is now 'planned'.*calibrate\(batches, adapter_name='planned'\)"
+    ):
+        model.delete_adapter("default")
+    assert model.active_adapters == ["planned"]
+    with pytest.raises(RuntimeError, match=r"adapter 'planned' has no locations.*adapter_name='planned'"):
+        model(torch.randn(2, 12))
+    model.calibrate(make_batches("mlp"), loss_fn=mlp_loss, adapter_name="planned")
+    model(torch.randn(2, 12))
+
+
+def test_deleting_an_inactive_adapter_does_not_warn():
+    model = get_spectral_model(tiny_mlp(), FourierFTConfig(target_modules=["fc1"], n_frequency=8))
+    model.add_adapter("other", FourierFTConfig(target_modules=["fc1"], n_frequency=8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.delete_adapter("other")
+    assert model.active_adapters == ["default"]
+
+
+@pytest.mark.parametrize(
+    "loss_fn, match",
+    [
+        (lambda o, b: torch.nn.functional.cross_entropy(o, b[1], reduction="none"), r"shape \(4,\)"),
+        (lambda o, b: 1.0, r"returned float"),
+    ],
+)
+def test_calibrate_with_a_non_scalar_loss_is_one_line(loss_fn, match):
+    model = get_spectral_model(tiny_mlp(), S2FTConfig(target_modules=["fc1"], n_frequency=8))
+    before = {k: v.clone() for k, v in model.state_dict().items() if v is not None}
+    with pytest.raises(ValueError, match=r"loss_fn returned") as info:
+        model.calibrate(make_batches("mlp"), loss_fn=loss_fn)
+    assert re.search(match, str(info.value)) and "scalar tensor" in str(info.value)
+    assert "\n" not in str(info.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if k in before)
+    assert not model.spectral_layers()["fc1"].adapters["default"].is_ready

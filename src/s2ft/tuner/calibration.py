@@ -47,7 +47,18 @@ def batch_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None) -> torch.Te
     else:
         outputs = model(batch)
     if loss_fn is not None:
-        return loss_fn(outputs, batch)
+        loss = loss_fn(outputs, batch)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            got = (
+                f"a tensor of shape {tuple(loss.shape)}"
+                if isinstance(loss, torch.Tensor)
+                else type(loss).__name__
+            )
+            raise ValueError(
+                f"loss_fn returned {got}; it must return the batch's loss as a scalar tensor (reduce it, e.g. "
+                "with .mean(), and keep it a tensor computed from the outputs)"
+            )
+        return loss
     loss = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
     if loss is None:
         raise ValueError(

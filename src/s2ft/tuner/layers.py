@@ -63,9 +63,11 @@ class SpectralAdapter(nn.Module):
         forward_path: str = "auto",
         basis: Any = "fourier",
         device: torch.device | None = None,
+        name: str | None = None,
     ) -> None:
         super().__init__()
         self.d_out, self.d_in = d_out, d_in
+        self.adapter_name = name  # for errors
         self.n_frequency, self.scaling, self.forward_path = n_frequency, scaling, forward_path
         self.basis = get_basis(basis) if isinstance(basis, str) else basis
         coeffs = (
@@ -95,9 +97,12 @@ class SpectralAdapter(nn.Module):
 
     def _require_ready(self) -> None:
         if not self.is_ready:
+            known = self.__dict__.get("adapter_name")  # None in an adapter pickled before it had a name
+            name = "this adapter" if known is None else f"adapter {known!r}"
+            calibrate = "batches" if known is None else f"batches, adapter_name={known!r}"
             raise RuntimeError(
-                "this adapter has no locations yet (its method, S2FT, plans them from data): call "
-                "model.calibrate(batches) before training, or load a trained adapter with "
+                f"{name} has no locations yet (its method, S2FT, plans them from data): call "
+                f"model.calibrate({calibrate}) before using it, or load a trained adapter with "
                 "SpectralModel.from_pretrained"
             )
 
@@ -185,6 +190,7 @@ class SpectralLayer(nn.Module):
             forward_path,
             basis,
             self.base_layer.weight.device,
+            name,
         )
         self.adapters[name].train(self.training)
 

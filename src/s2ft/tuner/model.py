@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -233,6 +234,18 @@ class SpectralModel(nn.Module):
         del self.peft_config[adapter_name]
         self._trainable.discard(adapter_name)
         remaining = [n for n in self.active_adapters if n != adapter_name] or [next(iter(self.peft_config))]
+        if adapter_name in self.active_adapters and remaining[0] not in self.active_adapters:
+            new = remaining[0]
+            ready = not self.peft_config[new].planned or all(
+                layer.adapters[new].is_ready for layer in self._layers_of(new).values()
+            )
+            warnings.warn(
+                f"deleted the active adapter {adapter_name!r}; the active adapter is now {new!r}"
+                + (
+                    "" if ready else f" (no spectrum locations yet: calibrate(batches, adapter_name={new!r}))"
+                ),
+                stacklevel=2,
+            )
         self.set_adapter(remaining, check=False)
 
     def _require_known(self, name: str) -> None:
