@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import tiny_llama
 from s2ft import S2FTConfig, get_spectral_model
 from s2ft.tuner.calibration import compute_prior, iter_priors, prior_memory
 from s2ft.tuner.kinds import kind_of
@@ -158,3 +159,75 @@ def test_group_size_checked():
     spectral = wrapped(2)
     with pytest.raises(ValueError, match="group size must be a positive integer"):
         iter_priors(spectral.model, spectral.spectral_layers(), batches(), loss_fn, group_size=0)
+
+
+def _plans(spectral) -> dict[str, tuple[torch.Tensor, ...]]:
+    return {
+        n: (a.rows, a.cols, a.perm_rows, a.perm_cols)
+        for n, layer in spectral.spectral_layers().items()
+        for a in [layer.adapters["default"]]
+    }
+
+
+@pytest.mark.parametrize("prior", ["gradient", "adam"])
+def test_calibrate_in_groups_same_plans_bounded_memory(prior):
+    """``S2FTConfig(calibration_group_size=k)``: ``calibrate`` plans each prior as it comes, so the prior memory is
+    one group's whatever the number of layers, and the plans are those of one pass over all layers."""
+    plans, peaks = {}, {}
+    for size in (None, 2):
+        for depth in (3, 6):
+            config = S2FTConfig(
+                target_modules=r"layers\.\d+",
+                n_frequency=30,
+                scaling=10.0,
+                prior=prior,
+                calibration_group_size=size,
+            )
+            spectral = get_spectral_model(Stack(depth), config)
+            with prior_memory() as memory:
+                spectral.calibrate(batches(), loss_fn)
+            peaks[size, depth] = memory.peak
+            plans[size, depth] = _plans(spectral)
+    for depth in (3, 6):
+        for name, plan in plans[None, depth].items():
+            assert all(torch.equal(a, b) for a, b in zip(plan, plans[2, depth][name]))
+    assert peaks[2, 3] == peaks[2, 6] < peaks[None, 6]
+
+
+def test_calibration_group_size_validated():
+    with pytest.raises(ValueError, match="calibration_group_size must be a positive integer"):
+        S2FTConfig(target_modules=["q"], calibration_group_size=0)
+    with pytest.raises(ValueError, match="trajectory prior .* cannot be calibrated in groups"):
+        S2FTConfig(target_modules=["q"], prior="trajectory", calibration_group_size=4)
+    config = S2FTConfig(target_modules=["q"], calibration_group_size=4)
+    assert S2FTConfig.from_dict(config.to_dict()).calibration_group_size == 4
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("hooks", [False, True])
+def test_calibration_keeps_gradient_checkpointing(reentrant, hooks):
+    """With transformers' gradient checkpointing on, calibration checkpoints too (each layer's forward runs again
+    in the backward pass) and gets the very priors of a run without it, float64; every module's mode is as before."""
+    targets = ["q_proj", "v_proj"]
+    g = torch.Generator().manual_seed(1)
+    data = [
+        {"input_ids": (ids := torch.randint(0, 64, (2, 8), generator=g)), "labels": ids} for _ in range(2)
+    ]
+    priors, calls = {}, {}
+    for checkpointing in (False, True):
+        model = tiny_llama().double()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        spectral = get_spectral_model(model, S2FTConfig(target_modules=targets, n_frequency=10))
+        modes = {n: m.training for n, m in spectral.named_modules()}
+        layers = spectral.spectral_layers()
+        counter = []
+        first = next(iter(layers.values())).base_layer
+        handle = first.register_forward_hook(lambda *args, c=counter: c.append(1))
+        priors[checkpointing] = compute_prior(spectral.model, layers, data, from_activations=hooks)
+        handle.remove()
+        calls[checkpointing] = len(counter)
+        assert {n: m.training for n, m in spectral.named_modules()} == modes
+    assert calls == {False: 2, True: 4}  # two batches; checkpointing runs each layer's forward twice
+    for name, prior in priors[False].items():
+        torch.testing.assert_close(priors[True][name], prior, rtol=1e-12, atol=1e-14)

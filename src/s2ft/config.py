@@ -210,6 +210,11 @@ class S2FTConfig(FourierFTConfig):
     gamma: float = 1.5
     # Calibration uses at most this many batches of what it is given (None: all of them).
     calibration_batches: int | None = None
+    # Calibration holds the priors of this many layers at a time (None: of all the adapter's layers): each group
+    # of layers runs over the same batches (kept in memory), so the prior memory stays that of one group's
+    # matrices whatever the number of targeted layers, for one forward and backward per batch and group. The
+    # plans are the same whatever the grouping.
+    calibration_group_size: int | None = None
     # The row/column ordering search (s2ft.ops.permutation.SEARCHES): "greedy" nearest-neighbour path, as in the
     # paper; "multistart", "2opt", "2opt-cyclic" (shorter paths, more compaction) and "svd" (spectral ordering).
     permutation: str = "greedy"
@@ -271,6 +276,15 @@ class S2FTConfig(FourierFTConfig):
             raise ValueError(
                 f"calibration_batches must be a positive integer or None, got {self.calibration_batches!r}"
             )
+        if self.calibration_group_size is not None and (
+            not isinstance(self.calibration_group_size, int)
+            or isinstance(self.calibration_group_size, bool)
+            or self.calibration_group_size <= 0
+        ):
+            raise ValueError(
+                "calibration_group_size must be a positive integer or None, got "
+                f"{self.calibration_group_size!r}"
+            )
         if self.permutation not in SEARCHES:
             raise ValueError(f"permutation must be one of {SEARCHES}, got {self.permutation!r}")
         if self.locations not in LOCATIONS:
@@ -282,6 +296,11 @@ class S2FTConfig(FourierFTConfig):
         if not _is_number(self.prior_lr) or not math.isfinite(self.prior_lr) or self.prior_lr <= 0:
             raise ValueError(f"prior_lr must be a finite number > 0, got {self.prior_lr!r}")
         self.prior_lr = float(self.prior_lr)
+        if self.prior == "trajectory" and self.calibration_group_size is not None:
+            raise ValueError(
+                "the trajectory prior steps every layer's weights together, so it cannot be calibrated in groups "
+                "(calibration_group_size): leave calibration_group_size=None, or use prior='gradient' or 'adam'"
+            )
 
 
 CONFIGS[FourierFTConfig.method] = FourierFTConfig

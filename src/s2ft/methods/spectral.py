@@ -106,6 +106,14 @@ S2FT_OPTIONS = (
         fallback=16,
         check=positive,
     ),
+    Option(
+        "calibration_group_size",
+        int,
+        None,
+        "plan this many layers per calibration pass over the batches, so the prior memory is one group's "
+        "(default: all layers in one pass)",
+        check=positive,
+    ),
     Option("permutation", str, "greedy", "the row/column ordering search", choices=SEARCHES),
     Option("permute", bool, True, "permute rows and columns (--no-permute: an ablation without them)"),
     Option("locations", str, "prior", "where the coefficients go", choices=LOCATIONS),

@@ -70,11 +70,21 @@ def batch_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None) -> torch.Te
 
 @contextlib.contextmanager
 def _only_weights_require_grad(model: nn.Module, weights: list[nn.Parameter]) -> Any:
-    """Inside: eval mode, and only ``weights`` require grad. On exit everything is as it was, grads included."""
+    """Inside: eval mode, and only ``weights`` require grad. On exit everything is as it was, grads included.
+
+    A model with gradient checkpointing on (transformers' ``gradient_checkpointing_enable``) keeps it: its
+    checkpointed layers alone are flagged as training (their dropouts and everything inside stay in eval mode),
+    and the input embeddings' output requires grad so that reentrant checkpointing passes gradients through."""
+    modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad, p.grad) for p in model.parameters()]
-    was_training = model.training
+    handle = None
     try:
         model.eval()
+        checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+        for m in checkpointed:
+            m.training = True  # this module only: what transformers' checkpointing tests
+        if checkpointed:
+            handle = _input_embeddings_require_grad(model)
         for p, _, _ in flags:
             p.requires_grad_(False)
             p.grad = None
@@ -82,10 +92,27 @@ def _only_weights_require_grad(model: nn.Module, weights: list[nn.Parameter]) ->
             w.requires_grad_(True)
         yield
     finally:
+        if handle is not None:
+            handle.remove()
         for p, flag, grad in flags:
             p.requires_grad_(flag)
             p.grad = grad
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
+
+
+def _input_embeddings_require_grad(model: nn.Module) -> Any:
+    getter = getattr(model, "get_input_embeddings", None)
+    embeddings = getter() if callable(getter) else None
+    if not isinstance(embeddings, nn.Module):
+        return None
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        if isinstance(output, torch.Tensor) and output.is_floating_point() and torch.is_grad_enabled():
+            return output.requires_grad_(True) if output.is_leaf else output
+        return None
+
+    return embeddings.register_forward_hook(hook)
 
 
 _ADAM_BETAS = (0.9, 0.999)

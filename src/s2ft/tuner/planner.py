@@ -24,7 +24,7 @@ from torch import nn
 
 from s2ft.ops.locations import fourierft_locations, power_spectrum, sample_locations
 from s2ft.ops.permutation import path_length, search_order
-from s2ft.tuner.calibration import LossFn, compute_prior
+from s2ft.tuner.calibration import LossFn, iter_priors
 from s2ft.tuner.distributed import copy_into, full
 from s2ft.tuner.kinds import weight_matrix
 from s2ft.tuner.layers import SpectralLayer
@@ -150,30 +150,36 @@ def calibrate_adapter(
             f"{trained[0]}); calibrating again would move them to new locations, where they mean nothing. Pass "
             "force=True to re-plan and reset the coefficients to zero"
         )
-    others = [m for m in model.modules() if isinstance(m, SpectralLayer) and not m.disabled]
-    if not getattr(config, "needs_prior", True):  # the whole plan follows from W0: no batches needed
-        others, batches = [], []
+    needs_prior = getattr(config, "needs_prior", True)  # False: the whole plan follows from W0, no batches
+    others = (
+        [m for m in model.modules() if isinstance(m, SpectralLayer) and not m.disabled] if needs_prior else []
+    )
+    priors = (
+        iter_priors(
+            model,
+            layers,
+            batches,
+            loss_fn,
+            config.calibration_batches,
+            progress,
+            kind=config.prior,
+            lr=config.prior_lr,
+            group_size=getattr(config, "calibration_group_size", None),
+        )
+        if needs_prior
+        else ((n, None) for n in layers)
+    )
+    plans = {}
     try:
         for layer in others:  # the prior is the base model's gradient: every adapter off
             layer.disabled = True
-        priors = (
-            compute_prior(
-                model,
-                layers,
-                batches,
-                loss_fn,
-                config.calibration_batches,
-                progress,
-                kind=config.prior,
-                lr=config.prior_lr,
-            )
-            if getattr(config, "needs_prior", True)
-            else dict.fromkeys(layers)
-        )
+        # each prior is planned as it comes and dropped: at most one group's priors are held
+        for n, prior in priors:
+            plans[n] = plan_for(prior, n, config, _base(layers[n], config))
+            del prior  # before the next group's sums are made
     finally:
         for layer in others:
             layer.disabled = False
-    plans = {n: plan_for(prior, n, config, _base(layers[n], config)) for n, prior in priors.items()}
     for n, plan in plans.items():
         adapters[n].set_locations(plan.rows, plan.cols, plan.perm_rows, plan.perm_cols)
         if force:
