@@ -223,3 +223,35 @@ def test_analyze_model_one_layer_per_pass_gives_the_same_priors(tmp_path):
         )
     with pytest.raises(ValueError, match="re-iterable"):
         analyze_model(model, iter(batches), output_dir=tmp_path / "c", layers_per_pass=1)
+
+
+def test_analyze_model_measures_the_plans_from_the_base_weights(tmp_path):
+    """With a real ΔW, the analysis reports how much of it the plans of ``plan_from="base"`` catch, and those plans
+    are the ones calibration installs for such a config: the energy at them equals the energy at the installed
+    adapter's permutations and locations."""
+    from s2ft.analysis.measures import energy_at
+
+    config = S2FTConfig(target_modules=["query", "value"], n_frequency=40)
+    model = get_spectral_model(tiny_bert(), config)
+    names = model.adapted_modules
+    real = {
+        name: torch.randn(32, 32, generator=torch.Generator().manual_seed(i)) for i, name in enumerate(names)
+    }
+    analysis = analyze_model(model, make_batches("bert"), full_finetune_delta=real, output_dir=tmp_path)
+    for kind, overrides in (
+        ("w0perm_plan", {"plan_from": "base"}),
+        ("w0_plan", {"plan_from": "base", "locations_from": "base"}),
+    ):
+        installed = get_spectral_model(
+            tiny_bert(), S2FTConfig(target_modules=["query", "value"], n_frequency=40, **overrides)
+        )
+        installed.calibrate(make_batches("bert"))
+        for name in names:
+            adapter = installed.spectral_layers()[name].adapters["default"]
+            permuted = real[name][adapter.perm_rows][:, adapter.perm_cols]
+            expected = energy_at(permuted, adapter.rows, adapter.cols)
+            got = analysis["full_finetune"][name][kind]["s2ft_location_energy"]
+            assert got == pytest.approx(expected, rel=1e-6)
+        assert f"{kind}.s2ft_location_energy" in analysis["summary"]["full_finetune"]
+    report = (tmp_path / "report.md").read_text()
+    assert "plan from the base weights (permutations and locations of W0)" in report

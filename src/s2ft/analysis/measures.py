@@ -12,6 +12,7 @@ and the permutation search's ``(d, d)`` distances: about five times the matrix's
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -26,7 +27,7 @@ from s2ft.io import atomic_write_text
 from s2ft.ops.locations import fourierft_locations, mirror_of
 from s2ft.ops.permutation import path_length
 from s2ft.tuner.calibration import LossFn, compute_prior
-from s2ft.tuner.planner import LayerPlan, layer_generator, plan_for
+from s2ft.tuner.planner import LayerPlan, base_matrix, layer_generator, plan_for
 
 # Fractions of the coefficients at which energy curves are sampled: 10^-5 .. 1, 10 per decade.
 CURVE_FRACTIONS: tuple[float, ...] = tuple(10 ** (k / 10) for k in range(-50, 1))
@@ -159,11 +160,13 @@ def _analyze(
     fractions: Sequence[float],
     image_size: int | None = None,
     prior_plan: LayerPlan | None = None,
+    base_plans: dict[str, LayerPlan] | None = None,
 ) -> tuple[dict[str, Any], LayerPlan, dict[str, torch.Tensor]]:
     """:func:`analyze_matrix` of module ``name``'s matrix under the S2FT ``config`` (its plan is the one
     :func:`s2ft.tuner.planner.plan_for` gives, the one calibration installs), plus the plan, the before/after
     :func:`spectrum_image` when ``image_size`` is set, and, given the ``prior_plan`` of a prior, how much of
-    ``matrix`` that plan's permutation and locations catch."""
+    ``matrix`` that plan's permutation and locations catch; the same for each of ``base_plans``
+    (:func:`_base_plans`)."""
     if matrix.dim() != 2:
         raise ValueError(f"expected a 2-D matrix, got shape {tuple(matrix.shape)}")
     x = matrix.detach().to("cpu", torch.float64 if matrix.dtype == torch.float64 else torch.float32)
@@ -197,7 +200,30 @@ def _analyze(
     }
     if prior_plan is not None:
         result["prior_plan"] = _under_plan(x, prior_plan, n, rel_error, fractions)
+    for kind, base_plan in (base_plans or {}).items():
+        result[kind] = _under_plan(x, base_plan, n, rel_error, fractions)
     return result, plan, images
+
+
+BASE_PLANS = {
+    "w0perm_plan": "permutations of W0, locations from the prior",
+    "w0_plan": "permutations and locations of W0",
+}
+
+
+def _base_plans(prior: torch.Tensor, name: str, config: Any, base: torch.Tensor) -> dict[str, LayerPlan]:
+    """The plans of module ``name`` that follow from its base weights ``base`` (``plan_from="base"``), as S2FT
+    installs them: W0's permutations with locations from ``prior``'s permuted spectrum (``w0perm_plan``, stored
+    locations) and W0's permutations and locations (``w0_plan``, nothing stored)."""
+    if not config.permute:
+        return {}
+    x = prior.detach().to("cpu", torch.float32)
+    return {
+        "w0perm_plan": plan_for(x, name, dataclasses.replace(config, plan_from="base"), base),
+        "w0_plan": plan_for(
+            x, name, dataclasses.replace(config, plan_from="base", locations_from="base"), base
+        ),
+    }
 
 
 def _random_baseline(
@@ -303,6 +329,7 @@ def analyze_model(
     analysis: dict[str, Any] = {"settings": settings, "fractions": list(CURVE_FRACTIONS), "prior": {}}
     images: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]] = {"prior": []}
     plans: dict[str, LayerPlan] = {}
+    base_plans: dict[str, dict[str, LayerPlan]] = {}
     for name, prior in _priors(
         spectral_model, layers, batches, loss_fn, max_batches, layers_per_pass, progress, settings
     ):
@@ -310,6 +337,8 @@ def analyze_model(
         analysis["prior"][name], plans[name], image = _analyze(
             prior, name, config, rel_error, CURVE_FRACTIONS, image_size=size
         )
+        if full_finetune_delta and name in full_finetune_delta:
+            base_plans[name] = _base_plans(prior, name, config, base_matrix(layers[name].base_layer))
         if image:
             images["prior"].append((name, image["before"], image["after"]))
     if full_finetune_delta:
@@ -318,7 +347,14 @@ def analyze_model(
         for name, delta in full_finetune_delta.items():
             size = 256 if name in shown_deltas else None
             analysis["full_finetune"][name], _, image = _analyze(
-                delta, name, config, rel_error, CURVE_FRACTIONS, image_size=size, prior_plan=plans.get(name)
+                delta,
+                name,
+                config,
+                rel_error,
+                CURVE_FRACTIONS,
+                image_size=size,
+                prior_plan=plans.get(name),
+                base_plans=base_plans.get(name),
             )
             if image:
                 images["full_finetune"].append((name, image["before"], image["after"]))
@@ -503,6 +539,13 @@ def _summary_table(summary: dict[str, dict[str, float]], rel_error: float) -> li
             f"{_cell(summary['prior_plan.energy_compaction'])} / "
             f"{_cell(summary['prior_plan.s2ft_location_energy'])} | |"
         )
+    for kind, label in BASE_PLANS.items():
+        if f"{kind}.energy_compaction" in summary:
+            lines.append(
+                f"| plan from the base weights ({label}): top-n share / at its locations | | "
+                f"{_cell(summary[f'{kind}.energy_compaction'])} / "
+                f"{_cell(summary[f'{kind}.s2ft_location_energy'])} | |"
+            )
     return lines
 
 
