@@ -192,3 +192,70 @@ def test_other_quantized_layers_refused_model_unchanged(targets):
         get_spectral_model(model, FourierFTConfig(target_modules=targets, n_frequency=40))
     assert dict(model.named_modules()) == modules
     assert all(p.requires_grad for p in model.head.parameters())
+
+
+def _llama_4bit(evaluated: bool) -> nn.Module:
+    """A Llama of 4-bit layers wide enough for bitsandbytes' AVX512-BF16 CPU repacking (as from_pretrained leaves
+    them: repacking allowed), run once in eval mode without gradients when ``evaluated``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from s2ft.tasks.quantize import quantize_linears
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = LlamaForCausalLM(config).eval()
+    quantize_linears(model, "4bit")
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = bnb.functional.has_avx512bf16()
+    if evaluated:
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 4, dtype=torch.long))
+    return model
+
+
+def _packed(model: nn.Module) -> list[bool]:
+    return [
+        bool(getattr(m.weight.quant_state, "packing_format_for_cpu", False))
+        for m in model.modules()
+        if isinstance(m, bnb.nn.Linear4bit)
+    ]
+
+
+def test_4bit_layers_evaluated_on_the_cpu_still_pass_gradients():
+    """bitsandbytes repacks an evaluated Linear4bit for a CPU kernel that takes no gradient (rounding its scales to
+    bfloat16); a wrapped model undoes the repacking on every 4-bit layer (targeted or not), so its calibration
+    prior and its training gradients are those of the same model with its layers dequantized to float."""
+    if not bnb.functional.has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never repacks here, nothing to undo")
+    model = _llama_4bit(evaluated=True)
+    assert all(_packed(model))  # what the user's model looks like after an evaluation
+    spectral = get_spectral_model(model, S2FTConfig(target_modules=["q_proj", "v_proj"], n_frequency=10))
+    assert not any(_packed(spectral))
+    twin = copy.deepcopy(spectral)
+    assert dequantize_modules(twin.model)  # the float model the quantized one computes
+    g = torch.Generator().manual_seed(1)
+    data = [
+        {"input_ids": (ids := torch.randint(0, 64, (2, 8), generator=g)), "labels": ids} for _ in range(2)
+    ]
+    quantized_prior = compute_prior(spectral.model, spectral.spectral_layers(), data)
+    float_prior = compute_prior(twin.model, twin.spectral_layers(), data)
+    grads = []
+    for m in (spectral, twin):
+        m.calibrate(data)
+        m.train()
+        for layer in m.spectral_layers().values():
+            with torch.no_grad():
+                layer.adapters["default"].coeffs.fill_(0.01)
+        m(**data[0]).loss.backward()
+        grads.append({n: layer.adapters["default"].coeffs.grad for n, layer in m.spectral_layers().items()})
+    for name, prior in float_prior.items():
+        torch.testing.assert_close(quantized_prior[name], prior, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-8)

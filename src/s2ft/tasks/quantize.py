@@ -46,6 +46,9 @@ def _quantized(linear: nn.Linear, bits: str, bnb) -> nn.Module:
             linear.in_features, linear.out_features, bias=bias, compute_dtype=torch.float32, quant_type="nf4"
         )
         layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+        # one 4-bit path for the base model's evaluation and for training: bitsandbytes' AVX512-BF16 CPU kernel
+        # takes no gradients, and the wrapped model turns it off (s2ft.tuner.kinds.keep_differentiable)
+        layer.support_avx512bf16_for_cpu = False
     else:
         layer = bnb.nn.Linear8bitLt(
             linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False

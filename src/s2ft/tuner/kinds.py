@@ -199,17 +199,42 @@ class Linear4bitKind(QuantizedKind):
         weight = layer.weight
         if weight.dtype.is_floating_point:  # not quantized yet
             return weight.detach().float()
-        state = weight.quant_state
-        if getattr(state, "packing_format_for_cpu", False):  # repacked by bitsandbytes for AVX512-BF16 CPUs
-            from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
-
-            weight.data, state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
-            weight.quant_state = state
-        matrix = bnb.functional.dequantize_4bit(weight.data, state)
+        _unpack_for_cpu(weight)
+        matrix = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
         return matrix.reshape(layer.out_features, layer.in_features).float()
 
     def compute_dtype(self, layer: nn.Module) -> torch.dtype:
         return layer.compute_dtype or torch.float32
+
+
+def _unpack_for_cpu(weight: nn.Parameter) -> bool:
+    """Undo bitsandbytes' repacking of a 4-bit weight for its AVX512-BF16 CPU kernel; whether there was any."""
+    state = getattr(weight, "quant_state", None)
+    if not getattr(state, "packing_format_for_cpu", False):
+        return False
+    from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+    weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+    return True
+
+
+def keep_differentiable(model: nn.Module) -> int:
+    """Keep every bitsandbytes ``Linear4bit`` of ``model`` on its differentiable path; returns how many were not.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a ``Linear4bit``'s weight the first time the layer runs in
+    eval mode without gradients (an evaluation), and from then on computes it with a kernel autograd cannot
+    differentiate, in train mode too: gradients stop at the layer, the adapters before it train on a wrong
+    gradient, and calibration's activation prior gets none. This turns the repacking off on every such layer,
+    targeted or not, and undoes it where it has happened (the weight's values are unchanged); inference on the CPU
+    then uses bitsandbytes' general 4-bit path."""
+    if bnb is None:
+        return 0
+    unpacked = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            unpacked += _unpack_for_cpu(module.weight)
+    return unpacked
 
 
 class Linear8bitKind(QuantizedKind):

@@ -20,7 +20,7 @@ from s2ft.config import FourierFTConfig
 from s2ft.tuner.adapter_io import adapter_file_bytes
 from s2ft.tuner.calibration import LossFn
 from s2ft.tuner.distributed import MERGE_UNSHARDED, is_sharded_model, refuse_sharded
-from s2ft.tuner.kinds import dequantize_modules, kind_of, quantized_merge_error
+from s2ft.tuner.kinds import dequantize_modules, keep_differentiable, kind_of, quantized_merge_error
 from s2ft.tuner.layers import BASE, DEFAULT, SpectralLayer, TrainedCopy, example_adapters
 from s2ft.tuner.planner import calibrate_adapter, replan_adapter
 from s2ft.tuner.saving import (
@@ -86,6 +86,7 @@ class SpectralModel(nn.Module):
     def _inject(self, adapter_name: str, config: FourierFTConfig) -> None:
         """Add adapter ``adapter_name`` on every target of ``config``, or, on any error, nothing."""
         inject(self.model, adapter_name, config, wrapped_ok=bool(self.peft_config))
+        keep_differentiable(self.model)  # bitsandbytes' CPU inference kernel would stop gradients
         self.peft_config[adapter_name] = config
         self._trainable.add(adapter_name)
 
