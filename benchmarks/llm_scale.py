@@ -257,6 +257,9 @@ def quantize_4bit(model: torch.nn.Module, compute_dtype: torch.dtype) -> None:
             device="meta",
         )
         layer.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4")
+        # every method on bitsandbytes' differentiable path: its AVX512-BF16 CPU kernel (used in eval mode without
+        # gradients, e.g. S2FT's calibration of layers before the first target) takes no gradient
+        layer.support_avx512bf16_for_cpu = False
         if linear.bias is not None:
             layer.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
         setattr(parent, child, layer.to(linear.weight.device))
