@@ -14,7 +14,8 @@ with permutations, n = 1000) and ``D`` distinct adapters in the batch (1, 8, 64;
 
 Each adapter path returns ``ΔW x`` only; the base matmul comes on top in a served layer. The FourierFT rows use
 1,000 adapters of one seed and ``n``, which share their locations. Memory per adapter: the adapter's own tensors
-(float32 coefficients, int64 locations and permutations), the bank's share, and a float32 dense ``ΔW``.
+(float32 coefficients, locations and permutations in the int16 adapters keep; the bank references them and
+holds nothing of its own), and a float32 dense ``ΔW``.
 
     python benchmarks/mixed_apply.py                 # ~2 min at one thread -> results/cpu/mixed_apply.md
     python benchmarks/mixed_apply.py --device cuda   # -> results/cuda/mixed_apply.md
@@ -31,7 +32,7 @@ import torch
 
 from s2ft.io import atomic_write_text
 from s2ft.ops.apply import delta_weight, spectral_apply
-from s2ft.ops.locations import fourierft_locations
+from s2ft.ops.locations import fourierft_locations, index_dtype
 from s2ft.ops.mixed import MixedBank, Spectral
 
 SHAPES = [(384, 384, "MiniLM query/value"), (576, 576, "SmolLM2 q_proj"), (192, 576, "SmolLM2 k_proj/v_proj")]
@@ -59,22 +60,27 @@ def timed(calls: dict, repeats: int, device: torch.device) -> dict[str, float]:
 
 def random_adapters(d_out: int, d_in: int, count: int, method: str, generator) -> list[Spectral]:
     """``count`` adapters with random coefficients: S2FT (own locations, permutations) or FourierFT (seed 777)."""
+    rows_dtype, cols_dtype = index_dtype(d_out), index_dtype(d_in)
     if method == "fourierft":
         rows, cols = fourierft_locations(d_out, d_in, N, 777)
+        rows, cols = rows.to(rows_dtype), cols.to(cols_dtype)
         return [Spectral(torch.randn(N, generator=generator), rows, cols, 150.0) for _ in range(count)]
     adapters = []
     for _ in range(count):
         flat = torch.randperm(d_out * d_in, generator=generator)[:N]
-        perms = torch.randperm(d_out, generator=generator), torch.randperm(d_in, generator=generator)
-        adapters.append(
-            Spectral(torch.randn(N, generator=generator), flat // d_in, flat % d_in, 150.0, *perms)
+        rows, cols = (flat // d_in).to(rows_dtype), (flat % d_in).to(cols_dtype)
+        perms = (
+            torch.randperm(d_out, generator=generator).to(rows_dtype),
+            torch.randperm(d_in, generator=generator).to(cols_dtype),
         )
+        adapters.append(Spectral(torch.randn(N, generator=generator), rows, cols, 150.0, *perms))
     return adapters
 
 
-def own_bytes(adapter: Spectral) -> int:
-    ints = [adapter.rows, adapter.cols, adapter.perm_rows, adapter.perm_cols]
-    return 4 * adapter.coeffs.numel() + 8 * sum(t.numel() for t in ints if t is not None)
+def own_bytes(adapters: list[Spectral]) -> int:
+    """Bytes of the adapters' tensors, each tensor once (FourierFT's adapters here share their locations)."""
+    tensors = {id(t): t for a in adapters for t in a if isinstance(t, torch.Tensor)}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def on(adapter: Spectral, device: torch.device) -> Spectral:
@@ -92,15 +98,15 @@ def grouped(x: torch.Tensor, which: torch.Tensor, d_out: int, branch) -> torch.T
 
 def measure_shape(d_out: int, d_in: int, method: str, loaded: list[int], device, repeats: int) -> list[dict]:
     generator = torch.Generator().manual_seed(0)
-    adapters = random_adapters(d_out, d_in, max(loaded), method, generator)
+    adapters = [on(a, device) for a in random_adapters(d_out, d_in, max(loaded), method, generator)]
     x = torch.randn(TOKENS, d_in, generator=generator).to(device)
     weight = torch.randn(d_out, d_in, generator=generator).to(device)
     rows = []
     for count in loaded:
         start = time.perf_counter()
-        bank = MixedBank.pack(adapters[:count], d_out, d_in).to(device)
+        bank = MixedBank.pack(adapters[:count], d_out, d_in)
         pack_ms = 1e3 * (time.perf_counter() - start) / count
-        own = sum(own_bytes(a) for a in adapters[:count]) / count
+        own = own_bytes(adapters[:count]) / count
         for distinct in (d for d in DISTINCT if d <= count):
             chosen = [(i % distinct) * (count // distinct) for i in range(SEQUENCES)]
             which = torch.tensor(chosen, device=device).repeat_interleave(TOKENS // SEQUENCES)
@@ -110,7 +116,7 @@ def measure_shape(d_out: int, d_in: int, method: str, loaded: list[int], device,
                 row = timed({"base": lambda: x @ weight.T, **methods}, repeats, device)
             row.update(
                 shape=f"{d_out}x{d_in}", method=method, loaded=count, distinct=distinct,
-                pack_ms=pack_ms, own_bytes=own, bank_bytes=bank.nbytes() / count, dense_bytes=4 * d_out * d_in,
+                pack_ms=pack_ms, own_bytes=own, dense_bytes=4 * d_out * d_in,
             )  # fmt: skip
             rows.append(row)
             print(row, file=sys.stderr, flush=True)
@@ -149,12 +155,12 @@ def table(rows: list[dict], device: str) -> str:
         "",
         "Generated by `python benchmarks/mixed_apply.py`. Milliseconds per call of `ΔW x` alone; in brackets, "
         "against the base layer's own matmul `x @ W.T` over the same tokens (a served layer pays base + branch). "
-        "Memory in KiB per loaded adapter: its own tensors, its share of the `MixedBank`, and the float32 dense "
-        "`ΔW` that `cached dense` keeps.",
+        "Memory in KiB per loaded adapter: its own tensors (the `MixedBank` holds nothing of its own), and the "
+        "float32 dense `ΔW` that `cached dense` keeps.",
         "",
         "| shape | method | loaded | distinct | base ms | mixed | grouped fft | dense on the fly | cached dense "
-        "| pack ms/adapter | own KiB | bank KiB | dense ΔW KiB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| pack ms/adapter | own KiB | dense ΔW KiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         cells = [
@@ -164,7 +170,7 @@ def table(rows: list[dict], device: str) -> str:
         lines.append(
             f"| {r['shape']} | {r['method']} | {r['loaded']} | {r['distinct']} | {r['base']:.1f} | "
             + " | ".join(cells)
-            + f" | {r['pack_ms']:.2f} | {r['own_bytes'] / 1024:.1f} | {r['bank_bytes'] / 1024:.1f} | "
+            + f" | {r['pack_ms']:.2f} | {r['own_bytes'] / 1024:.1f} | "
             f"{r['dense_bytes'] / 1024:.0f} |"
         )
     return "\n".join(lines) + "\n"

@@ -153,9 +153,10 @@ def test_serving_holds_no_dense_delta_and_reports_every_byte(kind, path):
     report = model.serving_nbytes()
     assert report["dense_cache"] == 0 and not dense_sized(model, held)
     assert report["total"] == sum(t.untyped_storage().nbytes() for t in held.values())
-    if kind == "llama":  # the mixed batch built bank pieces of the two Fourier-basis adapters
-        assert report["banks"] > 0
-        assert report["adapters"] + report["banks"] == report["total"]  # no FFT plan kept per adapter
+    if (
+        kind == "llama"
+    ):  # the mixed batch's banks reference the adapters' tensors; no FFT plan kept per adapter
+        assert report["adapters"] == report["total"]
 
 
 def test_bounded_dense_cache():

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
+from s2ft.ops.locations import widen
+
 PATHS = ("dense", "fft")
 
 # torch warns once per process ("Sparse CSR tensor support is in beta state") at the first compressed sparse
@@ -50,6 +52,7 @@ def delta_weight(coeffs, rows, cols, d_out, d_in, scaling, perm_rows=None, perm_
     ``ΔW[perm_rows[i], perm_cols[j]] = ΔW̄[i, j]``, i.e. ``ΔW = ΔW̄[argsort(perm_rows)][:, argsort(perm_cols)]``.
     Float32, or float64 for float64 ``coeffs``. Differentiable wrt ``coeffs``.
     """
+    rows, cols, perm_rows, perm_cols = widen(rows, cols, perm_rows, perm_cols)
     complex_dtype = torch.complex128 if coeffs.dtype == torch.float64 else torch.complex64
     spectrum = torch.zeros(d_out, d_in, dtype=complex_dtype, device=coeffs.device)
     spectrum = spectrum.index_put((rows, cols), coeffs.to(complex_dtype))
@@ -74,6 +77,7 @@ def project_delta(delta, rows, cols, scaling, perm_rows=None, perm_cols=None) ->
     else float32.
     """
     d_out, d_in = delta.shape
+    rows, cols, perm_rows, perm_cols = widen(rows, cols, perm_rows, perm_cols)
     dtype = torch.float64 if delta.dtype == torch.float64 else torch.float32
     permuted = delta.to(dtype)
     if perm_rows is not None:
@@ -118,7 +122,7 @@ def spectral_apply(
 
     Computed and returned in float32 (float64 when ``x`` or ``coeffs`` is float64); the caller casts.
     ``coeffs``, ``rows``, ``cols`` are ``(n,)``; ``rows``, ``cols`` and the optional permutations
-    ``perm_rows`` ``(d_out,)``, ``perm_cols`` ``(d_in,)`` are int64 on the device of ``coeffs``.
+    ``perm_rows`` ``(d_out,)``, ``perm_cols`` ``(d_in,)`` are integers (any dtype) on the device of ``coeffs``.
     ``path`` is one of :data:`PATHS` or ``"auto"`` (:func:`choose_path`).
     """
     if x.shape[-1] != d_in:
@@ -212,6 +216,7 @@ class _Plan:
 
     @staticmethod
     def build(rows, cols, d_out, d_in, perm_rows, perm_cols) -> _Plan:
+        rows, cols, perm_rows, perm_cols = widen(rows, cols, perm_rows, perm_cols)
         rows_high, cols_high = 2 * rows > d_out, 2 * cols > d_in
         row_fold = torch.where(rows_high, d_out - rows, rows)
         col_fold = torch.where(cols_high, d_in - cols, cols)

@@ -32,7 +32,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from s2ft.ops.locations import fourierft_locations
+from s2ft.ops.locations import fourierft_locations, widen
 
 PATHS = ("dense", "fft")
 
@@ -91,6 +91,7 @@ def delta_weight(coeffs, rows, cols, d_out, d_in, scaling, perm_rows=None, perm_
 
     Float32, or float64 for float64 ``coeffs``. Differentiable wrt ``coeffs``.
     """
+    rows, cols, perm_rows, perm_cols = widen(rows, cols, perm_rows, perm_cols)
     dtype = _real_dtype(coeffs)
     spectrum = torch.zeros(d_out, d_in, dtype=dtype, device=coeffs.device)
     spectrum = spectrum.index_put((rows, cols), coeffs.to(dtype), accumulate=True)  # a repeated location: sum
@@ -109,6 +110,7 @@ def project(delta, rows, cols, scaling, perm_rows=None, perm_cols=None) -> torch
     ``delta`` lies in the span. Float64 for float64 input, else float32.
     """
     d_out, d_in = delta.shape
+    rows, cols, perm_rows, perm_cols = widen(rows, cols, perm_rows, perm_cols)
     permuted = delta.to(_real_dtype(delta))
     if perm_rows is not None:
         permuted = permuted[perm_rows]
@@ -167,6 +169,7 @@ def apply(
         return F.linear(x.to(dtype), delta)
     if path != "fft":
         raise ValueError(f"unknown path {path!r}; expected one of {PATHS + ('auto',)}")
+    rows, cols, perm_rows, perm_cols = widen(rows, cols, perm_rows, perm_cols)
     flat = x.reshape(-1, d_in).to(dtype)
     if perm_cols is not None:
         flat = flat[:, perm_cols]

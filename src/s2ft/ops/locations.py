@@ -20,6 +20,19 @@ def fourierft_locations(d_out: int, d_in: int, n: int, seed: int) -> tuple[torch
     return flat // d_in, flat % d_in
 
 
+def index_dtype(size: int) -> torch.dtype:
+    """The integer dtype adapters keep their locations and permutations in (indices below ``size``): int32, half
+    of int64's bytes, unless ``size`` needs int64. int32 indexes tensors directly, cannot overflow on a flat
+    position ``rows * d_in + cols`` of any layer below 2**31 entries, and travels through NCCL and Gloo
+    (int16 does neither of the last two)."""
+    return torch.int32 if size <= 2**31 else torch.int64
+
+
+def widen(*indices: torch.Tensor | None) -> tuple:
+    """``indices`` as int64 (no copy where they already are; None stays None), for indexing."""
+    return tuple(None if t is None else t.long() for t in indices)
+
+
 def power_spectrum(matrix: torch.Tensor) -> torch.Tensor:
     """``|DFT2(matrix)|``, the magnitude of the 2-D spectrum, in float32 (or float64 for float64 input)."""
     dtype = torch.float64 if matrix.dtype == torch.float64 else torch.float32

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from s2ft.ops.bases import get_basis
+from s2ft.ops.locations import index_dtype
 from s2ft.tuner.kinds import (  # noqa: F401 (their home before kinds.py)
     KINDS,
     SUPPORTED_LAYERS,
@@ -88,12 +89,14 @@ class SpectralAdapter(nn.Module):
         return self.rows is not None
 
     def set_locations(self, rows, cols, perm_rows=None, perm_cols=None) -> None:
-        """Install locations (and S2FT's permutations) as int64 buffers on the coefficients' device."""
+        """Install locations (and S2FT's permutations) as int32 buffers on the coefficients' device
+        (:func:`s2ft.ops.locations.index_dtype`)."""
         device = self.coeffs.device
-        self.rows = rows.to(device, torch.long)
-        self.cols = cols.to(device, torch.long)
-        self.perm_rows = None if perm_rows is None else perm_rows.to(device, torch.long)
-        self.perm_cols = None if perm_cols is None else perm_cols.to(device, torch.long)
+        rows_dtype, cols_dtype = index_dtype(self.d_out), index_dtype(self.d_in)
+        self.rows = rows.to(device, rows_dtype)
+        self.cols = cols.to(device, cols_dtype)
+        self.perm_rows = None if perm_rows is None else perm_rows.to(device, rows_dtype)
+        self.perm_cols = None if perm_cols is None else perm_cols.to(device, cols_dtype)
 
     def _require_ready(self) -> None:
         if not self.is_ready:

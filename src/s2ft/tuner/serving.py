@@ -3,8 +3,9 @@
 No dense ``ΔW`` is kept per adapter by default:
 
 - a mixed batch (``adapter_names``) goes through one :class:`s2ft.ops.mixed.MixedBank` per layer
-  (:class:`LayerBank`): each adapter's sparse spectral map, ``O(n)`` floats, packed on its first use and again
-  when its coefficients, locations or permutations change; one pass serves any number of distinct adapters;
+  (:class:`LayerBank`), which references the adapters' own tensors and builds the sparse spectral maps of the
+  adapters in the batch on each call: one pass serves any number of distinct adapters, and a loaded adapter
+  costs its own tensors only;
 - a single adapter is applied per call on the path its ``forward_path`` names (``"auto"``:
   :func:`s2ft.ops.apply.choose_path`), as in training, the FFT path through the layer's bank (which keeps no
   per-adapter plan); an adapter whose basis has no bank (DCT) on its basis's own path;
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from s2ft.ops.apply import _PLANS, choose_path
-from s2ft.ops.mixed import MixedBank
+from s2ft.ops.mixed import MixedBank, check
 
 BANK_BASES = ("fourier",)  # the bases whose adapters a MixedBank serves
 
@@ -79,13 +80,13 @@ def bankable(adapter: nn.Module) -> bool:
 
 
 class LayerBank:
-    """One layer's :class:`MixedBank` of the adapters served so far, grown as new ones are named and kept in
-    ``layer.__dict__`` (never saved or moved). An adapter whose coefficients, locations or permutations change
-    (:func:`version_key`) is packed again; the bank starts over when most of it is stale."""
+    """Which of a layer's adapters have been checked for mixed batches (:func:`s2ft.ops.mixed.check`), kept in
+    ``layer.__dict__`` (never saved or moved). The :class:`MixedBank` of a batch references the adapters' own
+    tensors, so it holds nothing; an adapter is checked again when its locations or permutations change
+    (:func:`version_key`)."""
 
     def __init__(self) -> None:
-        self.bank: MixedBank | None = None
-        self.index: dict[str, tuple[tuple, int]] = {}  # name -> (version key, position in the bank)
+        self.checked: dict[str, tuple] = {}  # name -> version key when checked
 
     @staticmethod
     def of(layer: nn.Module) -> LayerBank:
@@ -93,38 +94,23 @@ class LayerBank:
             layer.__dict__["_bank"] = LayerBank()
         return layer.__dict__["_bank"]
 
-    def positions(self, layer: nn.Module, names: list[str]) -> list[int]:
-        """The bank positions of adapters ``names`` (distinct) of ``layer``, packing those not in it."""
-        keys = [version_key(layer.adapters[name]) for name in names]
-        stale = [name for name, key in zip(names, keys) if self.index.get(name, (None,))[0] != key]
-        if stale:
-            self._add(layer, stale)
-        return [self.index[name][1] for name in names]
-
-    def _add(self, layer: nn.Module, names: list[str]) -> None:
-        live = [
-            name
-            for name, (key, _) in self.index.items()
-            if name not in names and name in layer.adapters and version_key(layer.adapters[name]) == key
-        ]
-        if self.bank is not None and 2 * len(live) < self.bank.num_adapters:  # mostly stale: start over
-            self.bank, self.index, names = None, {}, live + names
+    def bank(self, layer: nn.Module, names: list[str]) -> MixedBank:
+        """The bank of adapters ``names`` of ``layer``, in this order."""
         adapters = [layer.adapters[name] for name in names]
-        for adapter in adapters:
-            adapter._require_ready()
-        piece = MixedBank.pack(adapters, layer.d_out, layer.d_in).to(adapters[0].coeffs.device)
-        start = 0 if self.bank is None else self.bank.num_adapters
-        self.bank = piece if self.bank is None else MixedBank.concat([self.bank, piece])
-        for i, (name, adapter) in enumerate(zip(names, adapters)):
-            self.index[name] = (version_key(adapter), start + i)
+        for name, adapter in zip(names, adapters):
+            key = version_key(adapter)[1:]  # the coefficients' values do not matter here
+            if self.checked.get(name) != key:
+                adapter._require_ready()
+                check(adapter, layer.d_out, layer.d_in)
+                self.checked[name] = key
+        return MixedBank(layer.d_out, layer.d_in, tuple(adapters))
 
     def apply(
         self, layer: nn.Module, x: torch.Tensor, names: list[str], position: torch.Tensor
     ) -> torch.Tensor:
         """``ΔW x`` ``(T, d_out)`` for ``x`` ``(T, d_in)``, token ``t`` through adapter ``names[position[t]]``
         (none where ``position[t] == -1``)."""
-        table = torch.tensor([*self.positions(layer, names), -1])
-        return self.bank.apply(x, table[position].to(x.device))
+        return self.bank(layer, names).apply(x, position.to(x.device))
 
 
 def serve_one(layer: nn.Module, adapter: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -185,13 +171,12 @@ def serving_nbytes(model: nn.Module) -> dict[str, int]:
     """Bytes the model's adapters hold, by what holds them (tensors shared between them counted once):
 
     - ``adapters``: their own tensors (coefficients, locations, permutations);
-    - ``banks``: each layer's bank (:class:`LayerBank`);
     - ``plans``: the FFT path's index plans (:func:`s2ft.ops.apply._plan`) of the adapters' locations;
     - ``dense_cache``: the :func:`set_serving_cache` cache;
     - ``total``.
     """
     seen: set[int] = set()
-    report = dict.fromkeys(("adapters", "banks", "plans", "dense_cache"), 0)
+    report = dict.fromkeys(("adapters", "plans", "dense_cache"), 0)
     caches = {}
     for layer in _spectral_layers(model):
         for adapter in layer.adapters.values():
@@ -201,8 +186,6 @@ def serving_nbytes(model: nn.Module) -> dict[str, int]:
         for adapter in layer.adapters.values():
             if adapter.rows is not None:
                 report["plans"] += tensor_bytes(_PLANS.get(adapter.rows), seen)
-        bank = layer.__dict__.get("_bank")
-        report["banks"] += tensor_bytes(None if bank is None else bank.bank, seen)
         cache = layer.__dict__.get("_dense_cache")
         if cache is not None:
             caches[id(cache)] = cache
