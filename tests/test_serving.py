@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 import torch
 
+import s2ft.ops.mixed as mixed_ops
 from conftest import MODELS, make_batches, mlp_loss
 from s2ft import DCTConfig, FourierFTConfig, S2FTConfig, get_spectral_model
 from s2ft.ops.apply import _PLANS
@@ -101,6 +102,31 @@ def test_generation_per_prompt_equals_each_prompt_alone():
                 model.set_adapter(name)
                 expected = model.generate(**one)
             assert torch.equal(mixed[i * per_prompt : (i + 1) * per_prompt], expected), (beams, name)
+
+
+def test_generation_builds_each_layers_maps_once_and_keeps_none(monkeypatch):
+    """The decode steps of one ``generate`` serve the same adapters: each layer builds their maps once (for the
+    prompt) and reuses them; after it, nothing more is held than before."""
+    model, _ = three_adapters("llama", "fft")
+    prompts = torch.randint(64, (3, 5), generator=torch.Generator().manual_seed(4))
+    names = ["s2ft", "default", "s2ft"]
+    before = model.serving_nbytes()
+    built = []
+    original = mixed_ops._Maps.build
+    monkeypatch.setattr(mixed_ops._Maps, "build", lambda *a: built.append(1) or original(*a))
+    model.generate(
+        input_ids=prompts, adapter_names=names, max_new_tokens=5, min_new_tokens=5, do_sample=False
+    )
+    assert len(built) == len(model.spectral_layers())
+    assert model.serving_nbytes() == before
+    model.generate(
+        input_ids=prompts, adapter_names=names, max_new_tokens=2, min_new_tokens=2, do_sample=False
+    )
+    assert len(built) == 2 * len(model.spectral_layers())  # nothing kept from one call to the next
+    with torch.no_grad():
+        model(input_ids=prompts, adapter_names=names)
+        model(input_ids=prompts, adapter_names=names)
+    assert len(built) == 4 * len(model.spectral_layers())  # forward calls reuse nothing
 
 
 def held_tensors(model) -> dict[int, torch.Tensor]:

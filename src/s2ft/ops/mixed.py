@@ -79,10 +79,12 @@ class MixedBank(NamedTuple):
         return MixedBank(d_out, d_in, tuple(adapters))
 
     @torch.no_grad()
-    def apply(self, x: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, which: torch.Tensor, memo: dict | None = None) -> torch.Tensor:
         """``ΔW_{which[t]} x[t]`` for every token: ``(T, d_out)`` float32, zero where ``which[t] == -1``.
 
         ``x``: ``(T, d_in)`` of any float dtype; ``which``: ``(T,)`` integers in ``[-1, A)``. Not differentiable.
+        ``memo``: a dict in which to keep the maps built, by the set of adapters present, and from which to take
+        them again; the caller drops it when any adapter changes (generation reuses them at every step).
         """
         if x.dim() != 2 or x.shape[1] != self.d_in:
             raise ValueError(f"x must be (tokens, {self.d_in}), got {tuple(x.shape)}")
@@ -96,7 +98,8 @@ class MixedBank(NamedTuple):
         if tokens.numel() == 0:
             return torch.zeros(x.shape[0], self.d_out, device=x.device)
         present, group = torch.unique(which[tokens], return_inverse=True)
-        adapters = [self.adapters[a] for a in present.tolist()]
+        present = tuple(present.tolist())
+        adapters = [self.adapters[a] for a in present]
         nnz = 2 * sum(a.coeffs.numel() for a in adapters) / len(adapters)
         slot_cost = SLOT_COST[0] * (self.d_in + self.d_out) + SLOT_COST[1] * nnz
         layout = _Layout.build(group, tokens, slot_cost, TILE_COST * nnz)
@@ -105,7 +108,11 @@ class MixedBank(NamedTuple):
         slots = _permute(slots, layout, [a.perm_cols for a in adapters], scatter=False)
         spectrum = torch.view_as_real(torch.fft.rfft(slots, dim=1)).reshape(layout.tile, -1)
         half = spectrum.new_empty(layout.tile, layout.tiles * 2 * (self.d_out // 2 + 1))
-        maps = _Maps.build(adapters, self.d_out, self.d_in, x.device)
+        maps = None if memo is None else memo.get(present)
+        if maps is None:
+            maps = _Maps.build(adapters, self.d_out, self.d_in, x.device)
+            if memo is not None:
+                memo[present] = maps
         torch.addmm(half, spectrum, maps.block_diagonal(layout.adapters), beta=0.0, out=half)
         signal = torch.fft.irfft(
             torch.view_as_complex(half.view(-1, self.d_out // 2 + 1, 2)), n=self.d_out, dim=1
@@ -129,35 +136,45 @@ class _Maps(NamedTuple):
 
     @staticmethod
     def build(adapters: list, d_out: int, d_in: int, device) -> _Maps:
-        half_in, half_out = 2 * (d_in // 2 + 1), 2 * (d_out // 2 + 1)
+        """The maps of ``adapters``, on ``device``: ``O(n log n)`` per adapter (one sort by folded frequency)."""
+        count, k_in, k_out = len(adapters), d_in // 2 + 1, d_out // 2 + 1
         sizes = torch.tensor([a.coeffs.numel() for a in adapters], device=device)
         scales = torch.tensor([float(a.scaling) / d_in for a in adapters], device=device)
-        owner = torch.repeat_interleave(torch.arange(len(adapters), device=device), sizes)
-        rows = torch.cat([a.rows for a in adapters]).to(device, torch.long)
-        cols = torch.cat([a.cols for a in adapters]).to(device, torch.long)
+        rows = torch.cat([a.rows for a in adapters]).to(device)
+        cols = torch.cat([a.cols for a in adapters]).to(device)
         coeffs = torch.cat([a.coeffs.detach().reshape(-1) for a in adapters]).to(device, torch.float32)
-        # Folding and weights as in s2ft.ops.apply._Plan.build.
-        rows_high, cols_high = 2 * rows > d_out, 2 * cols > d_in
-        row_fold = torch.where(rows_high, d_out - rows, rows)
-        col_fold = torch.where(cols_high, d_in - cols, cols)
-        weight = torch.where((row_fold == 0) | (2 * row_fold == d_out), 1.0, 0.5)
-        real = coeffs * weight * scales[owner]
-        imag = torch.where(rows_high ^ cols_high, real, -real)
-        column = torch.cat([owner * half_out + 2 * row_fold, owner * half_out + 2 * row_fold + 1])
-        key = column * half_in + torch.cat(
-            [2 * col_fold, 2 * col_fold + 1]
-        )  # (adapter, output bin, input bin)
-        # CSC: entries by key. Locations that fold onto one entry (up to four) share it, their terms added in the
-        # order of the locations, as on the FFT path: the order is fixed by the adapter alone (files keep it).
+        owner = torch.repeat_interleave(torch.arange(count, device=device), sizes)
+        # (index_select and index_copy_ below: several times faster than indexing with a tensor on the CPU)
+        # Folding and weights as in s2ft.ops.apply._Plan.build: location k adds w c_k to the real entry and
+        # ±w c_k to the imaginary entry of folded frequency (u', v') = (min(u, M - u), min(v, N - v)).
+        u, v = torch.minimum(rows, d_out - rows), torch.minimum(cols, d_in - cols)
+        real = coeffs * scales.index_select(0, owner) * torch.where((u == 0) | (2 * u == d_out), 1.0, 0.5)
+        imag = torch.where((2 * rows > d_out) ^ (2 * cols > d_in), real, -real)
+        # Locations that fold onto one entry (up to four) share it, their terms added in the order of the
+        # locations (stable sort), as on the FFT path: the sums depend on the adapter alone (files keep the order).
+        key = (owner * k_out + u) * k_in + v  # (adapter, u', v'), increasing in the CSC order
         order = torch.argsort(key, stable=True)
-        entries, slot = torch.unique_consecutive(key[order], return_inverse=True)
-        values = torch.zeros(entries.numel(), device=device).index_add_(
-            0, slot, torch.cat([real, imag])[order]
-        )
-        column = entries // half_in
-        counts = torch.bincount(column, minlength=len(adapters) * half_out).view(len(adapters), half_out)
+        entries, slot = torch.unique_consecutive(key.index_select(0, order), return_inverse=True)
+        group = (
+            entries // k_in
+        )  # (adapter, u') of each entry: its real part goes to column 2u', imaginary 2u'+1
+        sizes = torch.bincount(group, minlength=count * k_out)
+        first = sizes.cumsum(0) - sizes
+        # Entry e, the (e - first)-th of its group, sits at 2 first + (e - first) (real) and that + size (imaginary).
+        at_real = torch.arange(entries.numel(), device=device) + first.index_select(0, group)
+        at_imag = at_real + sizes.index_select(0, group)
+        bins = 2 * (entries % k_in)
+        row_idx = torch.empty(2 * entries.numel(), dtype=torch.long, device=device)
+        row_idx.index_copy_(0, at_real, bins).index_copy_(0, at_imag, bins + 1)
+        values = torch.empty(2 * entries.numel(), device=device)
+        for part, at in ((real, at_real), (imag, at_imag)):
+            summed = torch.zeros(entries.numel(), device=device).index_add_(
+                0, slot, part.index_select(0, order)
+            )
+            values.index_copy_(0, at, summed)
+        counts = sizes.view(count, k_out).repeat_interleave(2, dim=1)  # (P, 2 K_M)
         nnz = counts.sum(1)
-        return _Maps(counts, nnz.cumsum(0) - nnz, nnz, entries % half_in, values, half_in, half_out)
+        return _Maps(counts, nnz.cumsum(0) - nnz, nnz, row_idx, values, 2 * k_in, 2 * k_out)
 
     def block_diagonal(self, tile_of: torch.Tensor) -> torch.Tensor:
         """CSC ``(tiles · 2 K_N, tiles · 2 K_M)``: block ``i`` is the map of adapter ``tile_of[i]``."""

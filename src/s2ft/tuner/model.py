@@ -31,7 +31,7 @@ from s2ft.tuner.saving import (
     shapes_metadata,
     write_adapters,
 )
-from s2ft.tuner.serving import names_per_sequence, serving_nbytes, set_serving_cache
+from s2ft.tuner.serving import names_per_sequence, reusing_maps, serving_nbytes, set_serving_cache
 from s2ft.tuner.signature import new_specialized, specialized
 from s2ft.tuner.targets import activate, check_name, inject, remove, unwrap
 from s2ft.tuner.targets import (
@@ -99,7 +99,7 @@ class SpectralModel(nn.Module):
         or ``num_return_sequences``, each name serves all of its prompt's sequences)."""
         if adapter_names is not None and not isinstance(adapter_names, str):
             adapter_names = names_per_sequence(adapter_names, self.model, kwargs)
-        with self._serving(adapter_names):
+        with self._serving(adapter_names), reusing_maps():
             return self.model.generate(*args, **kwargs)
 
     def set_serving_cache(self, max_bytes: int | None) -> None:

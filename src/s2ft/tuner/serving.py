@@ -18,8 +18,11 @@ No dense ``ΔW`` is kept per adapter by default:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from collections import OrderedDict
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -110,7 +113,26 @@ class LayerBank:
     ) -> torch.Tensor:
         """``ΔW x`` ``(T, d_out)`` for ``x`` ``(T, d_in)``, token ``t`` through adapter ``names[position[t]]``
         (none where ``position[t] == -1``)."""
-        return self.bank(layer, names).apply(x, position.to(x.device))
+        memo = _REUSED_MAPS.get()
+        if memo is not None:  # inside reusing_maps(): per layer, adapters and their versions
+            key = (id(layer), tuple(names), tuple(version_key(layer.adapters[name]) for name in names))
+            memo = memo.setdefault(key, {})
+        return self.bank(layer, names).apply(x, position.to(x.device), memo)
+
+
+_REUSED_MAPS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("s2ft_reused_maps", default=None)
+
+
+@contextlib.contextmanager
+def reusing_maps() -> Iterator[None]:
+    """Inside, every layer keeps the sparse maps of the batches it serves and reuses them while the same
+    adapters, unchanged, come again: ``generate`` serves the same adapters at every new token. All are dropped
+    on exit, so nothing stays held after serving."""
+    token = _REUSED_MAPS.set({})
+    try:
+        yield
+    finally:
+        _REUSED_MAPS.reset(token)
 
 
 def serve_one(layer: nn.Module, adapter: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
