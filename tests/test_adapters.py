@@ -10,7 +10,7 @@ import torch
 
 from conftest import MODELS, make_batches, mlp_loss, tiny_bert, tiny_llama
 from s2ft import FourierFTConfig, S2FTConfig, SpectralModel, get_spectral_model
-from s2ft.tuner.layers import BASE
+from s2ft.tuner.layers import BASE, SpectralLayer, TrainedCopy, outer_modules
 
 KINDS = ["mlp", "bert", "gpt2", "llama"]
 
@@ -320,3 +320,32 @@ def test_coefficients_stored_in_16_bits(tmp_path, dtype):
         assert layer.coeffs.dtype == torch.float32 and torch.equal(layer.coeffs, expected)
     with pytest.raises(ValueError, match="coefficient_dtype"):
         model.save_pretrained(tmp_path / "8", coefficient_dtype=torch.int8)
+
+
+def test_walks_over_the_model_do_not_grow_with_the_adapters():
+    """``outer_modules`` is ``named_modules`` without the per-adapter subtrees, in the same order, and visits as
+    many modules with 20 adapters as with one (loading and serving walk the model on every call)."""
+    factory, targets, saves = MODELS["bert"]
+    options = {"target_modules": targets, "modules_to_save": saves, "n_frequency": 8}
+    model = get_spectral_model(factory(), FourierFTConfig(**options))
+    one = [name for name, _ in outer_modules(model)]
+    for i in range(19):
+        model.add_adapter(f"a{i}", FourierFTConfig(seed=i, **options))
+    walked = list(outer_modules(model))
+    assert [name for name, _ in walked] == one
+    inside = [
+        prefix + "." + key
+        for prefix, module in model.named_modules()
+        for key in (
+            ("adapters",)
+            if isinstance(module, SpectralLayer)
+            else ("copies",)
+            if isinstance(module, TrainedCopy)
+            else ()
+        )
+    ]
+    expected = [
+        (n, m) for n, m in model.named_modules() if not any(n == p or n.startswith(p + ".") for p in inside)
+    ]
+    assert [(n, id(m)) for n, m in walked] == [(n, id(m)) for n, m in expected]
+    assert len(list(model.named_modules())) > len(walked) + 19 * 2  # the adapters are there, unvisited

@@ -21,7 +21,7 @@ from s2ft.tuner.adapter_io import adapter_file_bytes
 from s2ft.tuner.calibration import LossFn
 from s2ft.tuner.distributed import MERGE_UNSHARDED, is_sharded_model, refuse_sharded
 from s2ft.tuner.kinds import dequantize_modules, keep_differentiable, kind_of, quantized_merge_error
-from s2ft.tuner.layers import BASE, DEFAULT, SpectralLayer, TrainedCopy, example_adapters
+from s2ft.tuner.layers import BASE, DEFAULT, SpectralLayer, TrainedCopy, example_adapters, outer_modules
 from s2ft.tuner.planner import calibrate_adapter, replan_adapter
 from s2ft.tuner.saving import (
     adapter_state,
@@ -104,11 +104,11 @@ class SpectralModel(nn.Module):
 
     def set_serving_cache(self, max_bytes: int | None) -> None:
         """Keep up to ``max_bytes`` of dense ``ΔW`` while serving (off by default; see :mod:`s2ft.tuner.serving`)."""
-        set_serving_cache(self.model, max_bytes)
+        set_serving_cache(self.spectral_layers().values(), max_bytes)
 
     def serving_nbytes(self) -> dict[str, int]:
         """Bytes the adapters hold, by what holds them (:func:`s2ft.tuner.serving.serving_nbytes`)."""
-        return serving_nbytes(self.model)
+        return serving_nbytes(self.spectral_layers().values())
 
     @contextlib.contextmanager
     def _serving(self, adapter_names: list[str] | None) -> Iterator[None]:
@@ -277,10 +277,10 @@ class SpectralModel(nn.Module):
     # ------------------------------------------------------------------ inspection
     def spectral_layers(self) -> dict[str, SpectralLayer]:
         """The adapted layers by the name of the module they wrap, in module order."""
-        return {n: m for n, m in self.model.named_modules() if isinstance(m, SpectralLayer)}
+        return {n: m for n, m in outer_modules(self.model) if isinstance(m, SpectralLayer)}
 
     def _trained_copies(self) -> dict[str, TrainedCopy]:
-        return {n: m for n, m in self.model.named_modules() if isinstance(m, TrainedCopy)}
+        return {n: m for n, m in outer_modules(self.model) if isinstance(m, TrainedCopy)}
 
     def _layers_of(self, adapter_name: str) -> dict[str, SpectralLayer]:
         return {n: layer for n, layer in self.spectral_layers().items() if adapter_name in layer.adapters}

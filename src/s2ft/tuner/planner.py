@@ -27,7 +27,7 @@ from s2ft.ops.permutation import path_length, search_order
 from s2ft.tuner.calibration import LossFn, iter_priors
 from s2ft.tuner.distributed import copy_into, full
 from s2ft.tuner.kinds import weight_matrix
-from s2ft.tuner.layers import SpectralLayer
+from s2ft.tuner.layers import SpectralLayer, outer_modules
 
 PLANNED_BASIS = "fourier"  # the basis (s2ft.ops.bases) whose spectrum plan_layer samples from
 DIGEST_BYTES = 8  # of SHA-256, per module's W0 and for all the base-derived plans of an adapter
@@ -152,7 +152,9 @@ def calibrate_adapter(
         )
     needs_prior = getattr(config, "needs_prior", True)  # False: the whole plan follows from W0, no batches
     others = (
-        [m for m in model.modules() if isinstance(m, SpectralLayer) and not m.disabled] if needs_prior else []
+        [m for _, m in outer_modules(model) if isinstance(m, SpectralLayer) and not m.disabled]
+        if needs_prior
+        else []
     )
     priors = (
         iter_priors(

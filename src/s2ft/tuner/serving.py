@@ -22,7 +22,7 @@ import contextlib
 import contextvars
 import dataclasses
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -181,16 +181,17 @@ def serve_mixed(
 
 
 # ---------------------------------------------------------------------------------------------- model level
-def set_serving_cache(model: nn.Module, max_bytes: int | None) -> None:
+def set_serving_cache(layers: Iterable[nn.Module], max_bytes: int | None) -> None:
     """Keep up to ``max_bytes`` of dense ``ΔW`` (most recently used adapters, all layers together) while
     serving; ``None`` or 0 turns the cache off and frees it."""
     cache = DenseCache(max_bytes) if max_bytes else None
-    for layer in _spectral_layers(model):
+    for layer in layers:
         layer.__dict__["_dense_cache"] = cache
 
 
-def serving_nbytes(model: nn.Module) -> dict[str, int]:
-    """Bytes the model's adapters hold, by what holds them (tensors shared between them counted once):
+def serving_nbytes(layers: Iterable[nn.Module]) -> dict[str, int]:
+    """Bytes the adapters of a model's spectral ``layers`` hold, by what holds them (tensors shared between them
+    counted once):
 
     - ``adapters``: their own tensors (coefficients, locations, permutations);
     - ``plans``: the FFT path's index plans (:func:`s2ft.ops.apply._plan`) of the adapters' locations;
@@ -200,7 +201,7 @@ def serving_nbytes(model: nn.Module) -> dict[str, int]:
     seen: set[int] = set()
     report = dict.fromkeys(("adapters", "plans", "dense_cache"), 0)
     caches = {}
-    for layer in _spectral_layers(model):
+    for layer in layers:
         for adapter in layer.adapters.values():
             report["adapters"] += tensor_bytes(
                 (adapter.coeffs, adapter.rows, adapter.cols, adapter.perm_rows, adapter.perm_cols), seen
@@ -233,10 +234,6 @@ def tensor_bytes(obj, seen: set[int]) -> int:
     if isinstance(obj, (tuple, list)):
         return sum(tensor_bytes(item, seen) for item in obj)
     return 0
-
-
-def _spectral_layers(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if hasattr(m, "adapters") and hasattr(m, "kind")]
 
 
 def names_per_sequence(names: list[str], model: nn.Module, kwargs: dict) -> list[str]:

@@ -18,7 +18,7 @@ from s2ft.config import ALL_LINEAR, FourierFTConfig
 from s2ft.ops.bases import get_basis
 from s2ft.ops.locations import check_n_frequency
 from s2ft.tuner.kinds import find_kind, layer_shape, supported_names, unsupported_quantized
-from s2ft.tuner.layers import BASE, SpectralLayer, TrainedCopy
+from s2ft.tuner.layers import BASE, SpectralLayer, TrainedCopy, outer_modules
 
 
 def matches(name: str, targets: list[str] | str) -> bool:
@@ -62,7 +62,7 @@ def resolve(
     output = output_layer(model)
     targets, saves, unsupported, inside = [], [], [], []
     linear_names = []
-    for name, module in model.named_modules():
+    for name, module in outer_modules(model):
         if not name or any(name.startswith(prefix + ".") for prefix in inside):
             continue
         if isinstance(module, (SpectralLayer, TrainedCopy)):
@@ -86,7 +86,7 @@ def resolve(
             and not any(name.startswith(s + ".") for s, _ in saves)
         ):
             saves.append((name, module))
-    quantized = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if unsupported_quantized(m)]
+    quantized = [f"{n} ({type(m).__name__})" for n, m in outer_modules(model) if unsupported_quantized(m)]
     if quantized and any(u in quantized for u in unsupported):
         raise TypeError(
             f"the model holds quantized layers of a kind s2ft cannot adapt: {', '.join(quantized[:5])}; "
@@ -131,8 +131,10 @@ def resolve(
 def warn_tied(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> None:
     """Warn, as PEFT does, when a target's weight is tied to another parameter: merging changes both."""
     owners: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(param), []).append(name)
+    for prefix, module in outer_modules(model):  # the adapters' own coefficients tie nothing
+        for key, param in module._parameters.items():
+            if param is not None:
+                owners.setdefault(id(param), []).append(f"{prefix}.{key}" if prefix else key)
     for name, module in targets:
         weight = (module.base_layer if isinstance(module, SpectralLayer) else module).weight
         tied = [n for n in owners.get(id(weight), []) if not n.startswith(name + ".")]
@@ -198,7 +200,7 @@ def inject(model: nn.Module, adapter_name: str, config: FourierFTConfig, wrapped
 def activate(model: nn.Module, names: list[str], trainable: set[str]) -> None:
     """Make ``names`` the active adapters of every wrapper in ``model`` (a layer applies those it holds, their
     ``ΔW`` added; a trained copy runs the first one's copy); only active adapters in ``trainable`` train."""
-    for module in model.modules():
+    for _, module in outer_modules(model):
         if isinstance(module, SpectralLayer):
             module.active = [n for n in names if n in module.adapters]
             for name, adapter in module.adapters.items():
@@ -212,7 +214,7 @@ def activate(model: nn.Module, names: list[str], trainable: set[str]) -> None:
 def remove(model: nn.Module, adapter_name: str) -> None:
     """Take adapter ``adapter_name`` off every layer and trained copy of ``model``; a wrapper left without adapters
     is replaced by the module it wraps."""
-    for name, module in list(model.named_modules()):
+    for name, module in list(outer_modules(model)):
         if isinstance(module, SpectralLayer) and adapter_name in module.adapters:
             module.delete_adapter(adapter_name)
             if not module.adapters:
@@ -226,7 +228,7 @@ def remove(model: nn.Module, adapter_name: str) -> None:
 def unwrap(model: nn.Module, names: list[str]) -> nn.Module:
     """``model`` with every wrapper replaced by what it wraps: a layer's base layer; for a trained copy, the copy
     of the first adapter in ``names`` that has one, else the original module. Returns ``model``."""
-    for name, module in list(model.named_modules()):
+    for name, module in list(outer_modules(model)):
         if isinstance(module, SpectralLayer):
             set_submodule(model, name, module.base_layer)
         elif isinstance(module, TrainedCopy):
