@@ -10,7 +10,8 @@ import torch
 
 from conftest import MODELS, make_batches, mlp_loss, tiny_bert, tiny_llama
 from s2ft import FourierFTConfig, S2FTConfig, SpectralModel, get_spectral_model
-from s2ft.tuner.layers import BASE, SpectralLayer, TrainedCopy, outer_modules
+from s2ft.tuner.layers import BASE, SpectralLayer, TrainedCopy
+from s2ft.tuner.walk import outer_modules
 
 KINDS = ["mlp", "bert", "gpt2", "llama"]
 

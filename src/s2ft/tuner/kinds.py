@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from s2ft.tuner.serving import cached_delta, serve_one
+from s2ft.tuner.walk import outer_modules
 
 try:  # transformers' GPT-2 style layer: y = x @ W + b with W stored (d_in, d_out)
     from transformers.pytorch_utils import Conv1D
@@ -230,7 +231,7 @@ def keep_differentiable(model: nn.Module) -> int:
     if bnb is None:
         return 0
     unpacked = 0
-    for module in model.modules():
+    for _, module in outer_modules(model):
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
             unpacked += _unpack_for_cpu(module.weight)

@@ -152,6 +152,8 @@ class SpectralLayer(nn.Module):
     Shapes: ``x`` ``(..., d_in)`` -> ``(..., d_out)`` for Linear and Conv1D; ``(N, C, H, W)`` for Conv2d.
     """
 
+    per_adapter_children = ("adapters",)  # what s2ft.tuner.walk.outer_modules does not visit
+
     def __init__(
         self,
         base_layer: nn.Module,
@@ -384,6 +386,8 @@ class TrainedCopy(nn.Module):
     original is kept. With adapters disabled the original runs, so the model computes exactly what it computed
     before wrapping; with several active adapters, the first one's copy runs."""
 
+    per_adapter_children = ("copies",)  # what s2ft.tuner.walk.outer_modules does not visit
+
     def __init__(self, module: nn.Module, adapter_name: str = DEFAULT) -> None:
         super().__init__()
         self.original_module = module
@@ -431,26 +435,3 @@ class TrainedCopy(nn.Module):
             result = out.new_zeros((x.shape[0], *out.shape[1:])) if result is None else result
             result.index_copy_(0, index, out)
         return result
-
-
-def outer_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``model.named_modules()`` without what the wrappers hold once per adapter (a :class:`SpectralLayer`'s
-    adapters, a :class:`TrainedCopy`'s copies), in the same order: a walk over a model with 1,000 adapters costs
-    what it costs with one."""
-    seen: set[int] = set()
-    stack: list[tuple[str, nn.Module]] = [("", model)]
-    while stack:
-        name, module = stack.pop()
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        yield name, module
-        per_adapter = (
-            "adapters"
-            if isinstance(module, SpectralLayer)
-            else "copies"
-            if isinstance(module, TrainedCopy)
-            else None
-        )
-        children = [(k, c) for k, c in module._modules.items() if c is not None and k != per_adapter]
-        stack.extend((f"{name}.{k}" if name else k, c) for k, c in reversed(children))

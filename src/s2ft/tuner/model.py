@@ -21,7 +21,7 @@ from s2ft.tuner.adapter_io import adapter_file_bytes
 from s2ft.tuner.calibration import LossFn
 from s2ft.tuner.distributed import MERGE_UNSHARDED, is_sharded_model, refuse_sharded
 from s2ft.tuner.kinds import dequantize_modules, keep_differentiable, kind_of, quantized_merge_error
-from s2ft.tuner.layers import BASE, DEFAULT, SpectralLayer, TrainedCopy, example_adapters, outer_modules
+from s2ft.tuner.layers import BASE, DEFAULT, SpectralLayer, TrainedCopy, example_adapters
 from s2ft.tuner.planner import calibrate_adapter, replan_adapter
 from s2ft.tuner.saving import (
     adapter_state,
@@ -37,6 +37,7 @@ from s2ft.tuner.targets import activate, check_name, inject, remove, unwrap
 from s2ft.tuner.targets import (
     matches as matches,  # its home before targets.py; s2ft.jobs and s2ft.methods use it
 )
+from s2ft.tuner.walk import outer_modules
 
 logger = logging.getLogger("s2ft")
 

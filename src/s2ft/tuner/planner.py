@@ -27,7 +27,8 @@ from s2ft.ops.permutation import path_length, search_order
 from s2ft.tuner.calibration import LossFn, iter_priors
 from s2ft.tuner.distributed import copy_into, full
 from s2ft.tuner.kinds import weight_matrix
-from s2ft.tuner.layers import SpectralLayer, outer_modules
+from s2ft.tuner.layers import SpectralLayer
+from s2ft.tuner.walk import outer_modules
 
 PLANNED_BASIS = "fourier"  # the basis (s2ft.ops.bases) whose spectrum plan_layer samples from
 DIGEST_BYTES = 8  # of SHA-256, per module's W0 and for all the base-derived plans of an adapter

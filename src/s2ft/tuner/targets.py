@@ -18,7 +18,8 @@ from s2ft.config import ALL_LINEAR, FourierFTConfig
 from s2ft.ops.bases import get_basis
 from s2ft.ops.locations import check_n_frequency
 from s2ft.tuner.kinds import find_kind, layer_shape, supported_names, unsupported_quantized
-from s2ft.tuner.layers import BASE, SpectralLayer, TrainedCopy, outer_modules
+from s2ft.tuner.layers import BASE, SpectralLayer, TrainedCopy
+from s2ft.tuner.walk import outer_modules
 
 
 def matches(name: str, targets: list[str] | str) -> bool:
@@ -204,7 +205,9 @@ def activate(model: nn.Module, names: list[str], trainable: set[str]) -> None:
         if isinstance(module, SpectralLayer):
             module.active = [n for n in names if n in module.adapters]
             for name, adapter in module.adapters.items():
-                adapter.coeffs.requires_grad_(name in names and name in trainable)
+                wanted = name in names and name in trainable
+                if adapter.coeffs.requires_grad != wanted:
+                    adapter.coeffs.requires_grad_(wanted)
         elif isinstance(module, TrainedCopy):
             module.active = next((n for n in names if n in module.copies), None)
             for name, copy in module.copies.items():
