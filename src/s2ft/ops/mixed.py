@@ -103,28 +103,28 @@ class MixedBank(NamedTuple):
         nnz = 2 * sum(a.coeffs.numel() for a in adapters) / len(adapters)
         slot_cost = SLOT_COST[0] * (self.d_in + self.d_out) + SLOT_COST[1] * nnz
         layout = _Layout.build(group, tokens, slot_cost, TILE_COST * nnz)
-        # Padding slots repeat a token of their tile; their outputs are never read.
-        slots = x.index_select(0, layout.slot_tokens).float()  # (b * tiles, d_in)
-        slots = _permute(slots, layout, [a.perm_cols for a in adapters], scatter=False)
-        spectrum = torch.view_as_real(torch.fft.rfft(slots, dim=1)).reshape(layout.tile, -1)
-        half = spectrum.new_empty(layout.tile, layout.tiles * 2 * (self.d_out // 2 + 1))
         maps = None if memo is None else memo.get(present)
         if maps is None:
             maps = _Maps.build(adapters, self.d_out, self.d_in, x.device)
             if memo is not None:
                 memo[present] = maps
+        # Padding slots repeat a token of their tile; their outputs are never read.
+        slots = x.index_select(0, layout.slot_tokens).float()  # (b * tiles, d_in)
+        slots = _permute(slots, layout, maps.perm_cols, scatter=False)
+        spectrum = torch.view_as_real(torch.fft.rfft(slots, dim=1)).reshape(layout.tile, -1)
+        half = spectrum.new_empty(layout.tile, layout.tiles * 2 * (self.d_out // 2 + 1))
         torch.addmm(half, spectrum, maps.block_diagonal(layout.adapters), beta=0.0, out=half)
         signal = torch.fft.irfft(
             torch.view_as_complex(half.view(-1, self.d_out // 2 + 1, 2)), n=self.d_out, dim=1
         )
-        signal = _permute(signal, layout, [a.perm_rows for a in adapters], scatter=True)
+        signal = _permute(signal, layout, maps.perm_rows, scatter=True)
         token_slot = torch.zeros_like(which).index_copy_(0, layout.tokens, layout.slots)  # base-only: slot 0
         out = signal.index_select(0, token_slot)
         return out if tokens.numel() == which.numel() else out.masked_fill_(base_only[:, None], 0.0)
 
 
 class _Maps(NamedTuple):
-    """The sparse maps ``S_a`` of ``P`` adapters, each in CSC form, adapters back to back."""
+    """The sparse maps ``S_a`` of ``P`` adapters, each in CSC form, adapters back to back, and their permutations."""
 
     counts: torch.Tensor  # int64 (P, 2 K_M): entries per output column of each adapter
     start: torch.Tensor  # int64 (P,): offset of each adapter's entries
@@ -133,6 +133,8 @@ class _Maps(NamedTuple):
     values: torch.Tensor  # float32 (Σ nnz_a,)
     half_in: int  # 2 K_N
     half_out: int  # 2 K_M
+    perm_rows: torch.Tensor | None  # int64 (P, d_out): each adapter's row permutation (identity for none)
+    perm_cols: torch.Tensor | None  # int64 (P, d_in), the same for the columns; None where no adapter has one
 
     @staticmethod
     def build(adapters: list, d_out: int, d_in: int, device) -> _Maps:
@@ -174,7 +176,11 @@ class _Maps(NamedTuple):
             values.index_copy_(0, at, summed)
         counts = sizes.view(count, k_out).repeat_interleave(2, dim=1)  # (P, 2 K_M)
         nnz = counts.sum(1)
-        return _Maps(counts, nnz.cumsum(0) - nnz, nnz, row_idx, values, 2 * k_in, 2 * k_out)
+        perm_rows = _table([a.perm_rows for a in adapters], d_out, device)
+        perm_cols = _table([a.perm_cols for a in adapters], d_in, device)
+        return _Maps(
+            counts, nnz.cumsum(0) - nnz, nnz, row_idx, values, 2 * k_in, 2 * k_out, perm_rows, perm_cols
+        )
 
     def block_diagonal(self, tile_of: torch.Tensor) -> torch.Tensor:
         """CSC ``(tiles · 2 K_N, tiles · 2 K_M)``: block ``i`` is the map of adapter ``tile_of[i]``."""
@@ -240,14 +246,20 @@ def tile_width(counts: list[int], slot_cost: float, tile_cost: float) -> int:
         width *= 2
 
 
-def _permute(rows: torch.Tensor, layout: _Layout, perms: list, scatter: bool) -> torch.Tensor:
-    """``rows`` ``(b * tiles, L)`` with each tile's columns permuted by its adapter's ``perms[a]`` (None: kept):
-    gathered (``rows[:, perm]``) or, with ``scatter``, scattered (``out[:, perm] = rows``)."""
+def _table(perms: list, size: int, device) -> torch.Tensor | None:
+    """``perms`` (each ``(size,)`` or None: the identity) stacked as int64 ``(P, size)``; None if all are None."""
     if all(perm is None for perm in perms):
+        return None
+    identity = torch.arange(size, device=device)
+    return torch.stack([identity if perm is None else perm.to(device, torch.long) for perm in perms])
+
+
+def _permute(rows: torch.Tensor, layout: _Layout, table: torch.Tensor | None, scatter: bool) -> torch.Tensor:
+    """``rows`` ``(b * tiles, L)`` with each tile's columns permuted by its adapter's row of ``table`` (None: all
+    kept): gathered (``rows[:, perm]``) or, with ``scatter``, scattered (``out[:, perm] = rows``)."""
+    if table is None:
         return rows
     width = rows.shape[1]
-    identity = torch.arange(width, device=rows.device)
-    table = torch.stack([identity if perm is None else perm.to(rows.device, torch.long) for perm in perms])
     index = table.index_select(0, layout.adapters).expand(layout.tile, -1, -1)  # (b, tiles, L)
     view = rows.view(layout.tile, layout.tiles, width)
     if scatter:

@@ -172,8 +172,8 @@ def serve_mixed(
     if not banked:
         return
     position = torch.full((x.shape[0],), -1, dtype=torch.long)
-    for i, name in enumerate(banked):
-        position[groups[name]] = i
+    examples = [row for name in banked for row in groups[name]]
+    position[examples] = torch.tensor([i for i, name in enumerate(banked) for _ in groups[name]])
     flat = x.reshape(-1, x.shape[-1])  # (B * L, d_in)
     position = position.repeat_interleave(flat.shape[0] // x.shape[0])  # (B * L,)
     delta = LayerBank.of(layer).apply(layer, flat, banked, position)  # (B * L, d_out)
