@@ -16,12 +16,12 @@ i mod distinct):
 
 Writes ``benchmarks/results/<device>/serving.json`` and ``serving.md``.
 
-    OMP_NUM_THREADS=2 python benchmarks/serving.py      # the full run, ~8 min on 2 CPU threads
+    OMP_NUM_THREADS=2 python benchmarks/serving.py      # the full run, ~13 min on 2 CPU threads
     python benchmarks/serving.py --quick                # two layers, 1 and 8 adapters: a check that it works
     python benchmarks/serving.py --device cuda
 
 Without autograd no adapter keeps a dense ``ΔW`` (``s2ft.tuner.serving``): a mixed batch goes through one
-``MixedBank`` per layer, whose cost hardly depends on the number of distinct adapters in the batch.
+``MixedBank`` per layer, which copies nothing and builds the maps of the batch's adapters on each call.
 """
 
 from __future__ import annotations
