@@ -187,5 +187,6 @@ class DCTBasis:
     name = "dct"
     delta_weight = staticmethod(delta_weight)
     apply = staticmethod(apply)
+    choose_path = staticmethod(choose_path)
     project = staticmethod(project)
     seeded_locations = staticmethod(seeded_locations)
