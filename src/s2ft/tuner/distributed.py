@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from s2ft.tuner.walk import outer_parameters
+from s2ft.tuner.walk import outer_named_parameters
 
 try:
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -40,7 +40,9 @@ def is_sharded(tensor: Any) -> bool:
 
 def is_sharded_model(model: nn.Module) -> bool:
     """Whether any parameter of ``model`` is sharded."""
-    return any(is_sharded(p) for p in outer_parameters(model))  # sharded adapters come with a sharded base
+    return any(
+        is_sharded(p) for _, p in outer_named_parameters(model)
+    )  # sharded adapters come with a sharded base
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from s2ft.ops.bases import get_basis
 from s2ft.ops.locations import check_n_frequency
 from s2ft.tuner.kinds import find_kind, layer_shape, supported_names, unsupported_quantized
 from s2ft.tuner.layers import BASE, SpectralLayer, TrainedCopy
-from s2ft.tuner.walk import outer_modules
+from s2ft.tuner.walk import outer_modules, outer_named_parameters
 
 
 def matches(name: str, targets: list[str] | str) -> bool:
@@ -132,10 +132,8 @@ def resolve(
 def warn_tied(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> None:
     """Warn, as PEFT does, when a target's weight is tied to another parameter: merging changes both."""
     owners: dict[int, list[str]] = {}
-    for prefix, module in outer_modules(model):  # the adapters' own coefficients tie nothing
-        for key, param in module._parameters.items():
-            if param is not None:
-                owners.setdefault(id(param), []).append(f"{prefix}.{key}" if prefix else key)
+    for name, param in outer_named_parameters(model):  # the adapters' own coefficients tie nothing
+        owners.setdefault(id(param), []).append(name)
     for name, module in targets:
         weight = (module.base_layer if isinstance(module, SpectralLayer) else module).weight
         tied = [n for n in owners.get(id(weight), []) if not n.startswith(name + ".")]

@@ -24,7 +24,10 @@ def outer_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         stack.extend((f"{name}.{k}" if name else k, c) for k, c in reversed(children))
 
 
-def outer_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
-    """The parameters of :func:`outer_modules` (the base model's and the wrappers' own, not the adapters')."""
-    for _, module in outer_modules(model):
-        yield from (p for p in module._parameters.values() if p is not None)
+def outer_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """The parameters of :func:`outer_modules` by name (the base model's and the wrappers' own, not the
+    adapters'), every name of a parameter shared between modules."""
+    for prefix, module in outer_modules(model):
+        for key, param in module._parameters.items():
+            if param is not None:
+                yield (f"{prefix}.{key}" if prefix else key), param
