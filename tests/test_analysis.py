@@ -194,7 +194,7 @@ def test_analyze_model_writes_json_figures_and_report(tmp_path):
         "search": "greedy",
         "permute": True,
         "locations": "prior",
-        "prior": "gradient",
+        "prior": "adam",  # the config's (its default)
         "prior_lr": 1e-4,
         "rel_error": 0.1,
     }

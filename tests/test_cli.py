@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from s2ft.cli import main
+from s2ft.tasks import RunError
 
 WORDS = {
     "sea": ["wave", "ship", "salt", "tide", "harbour", "sail", "anchor", "gull"],
@@ -317,6 +319,36 @@ def test_head_warmup_trains_only_the_head(tiny, tmp_path):
     changed = {name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])}
     assert changed == {"classifier.weight", "classifier.bias"}
     assert all(p.requires_grad for p in model.parameters())  # flags restored
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_lr_schedule_and_warmup_reach_the_trainer(tmp_path, schedule):
+    from s2ft.jobs.args import FinetuneArgs
+    from s2ft.jobs.training import make_trainer
+
+    model = torch.nn.Linear(2, 2)
+    args = FinetuneArgs(lr=0.1, lr_schedule=schedule, warmup_ratio=0.1, quiet=True).resolved()
+    trainer = make_trainer(model, None, args, str(tmp_path), groups=[{"params": list(model.parameters())}])
+    trainer.args.learning_rate = 0.1
+    trainer.optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = trainer.create_scheduler(num_training_steps=100, optimizer=trainer.optimizer)
+    lrs = []
+    for _ in range(100):
+        lrs.append(scheduler.get_last_lr()[0])
+        trainer.optimizer.step()
+        scheduler.step()
+    # a linear warm-up over 10 of the 100 steps, then the schedule's decay from the peak over the other 90
+    decay = {
+        "cosine": lambda t: 0.5 * (1 + math.cos(math.pi * t)),
+        "linear": lambda t: 1 - t,
+        "constant": lambda t: 1.0,
+    }[schedule]
+    expected = [0.1 * s / 10 if s < 10 else 0.1 * decay((s - 10) / 90) for s in range(100)]
+    assert lrs == pytest.approx(expected, abs=1e-9)
+    with pytest.raises(RunError, match="--warmup-ratio must be a number in"):
+        FinetuneArgs(warmup_ratio=1.0).resolved()
+    with pytest.raises(RunError, match="--lr-schedule must be one of"):
+        FinetuneArgs(lr_schedule="step").resolved()
 
 
 def test_finetune_with_head_warmup(tiny, tmp_path):

@@ -27,7 +27,7 @@ FLAGS_BEFORE = {
     "gamma": 1.5,
     "permutation": "greedy",
     "locations": "prior",
-    "prior": "gradient",
+    "prior": "adam",  # "gradient" until the default changed (issue 19)
     "prior_lr": None,
     "replan_at": 0.0,
     "calibration_batches": None,

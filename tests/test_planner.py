@@ -49,7 +49,8 @@ def test_layer_generator_is_seeded_by_seed_and_name():
 def test_analyze_reports_the_locations_calibrate_installs(tmp_path, options):
     model = calibrated(["query", "value"], **options)
     layers = model.spectral_layers()
-    priors = compute_prior(model.get_base_model(), layers, make_batches("bert"))
+    config = model.spectral_config
+    priors = compute_prior(model.get_base_model(), layers, make_batches("bert"), kind=config.prior)
     analysis = analyze_model(model, make_batches("bert"), output_dir=tmp_path, heatmaps=0)
     for name, layer in layers.items():
         prior = priors[name]

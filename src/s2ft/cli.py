@@ -10,7 +10,7 @@ from typing import Any
 
 from s2ft.errors import names_jobs_extra
 from s2ft.io import storage_problem
-from s2ft.jobs.args import COMMON_DEFAULTS, FinetuneArgs
+from s2ft.jobs.args import COMMON_DEFAULTS, LR_SCHEDULES, FinetuneArgs
 from s2ft.methods import METHODS, Option, owners
 from s2ft.methods import options as method_options
 from s2ft.tasks import TASKS, RunError
@@ -63,6 +63,18 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--epochs", type=float, default=None, help=_per_task("epochs"))
     p.add_argument("--max-steps", type=int, default=d.max_steps, help="overrides --epochs when > 0")
+    p.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        default=d.lr_schedule,
+        help="the learning rate's decay after the warm-up (default: %(default)s)",
+    )
+    p.add_argument(
+        "--warmup-ratio",
+        type=float,
+        default=d.warmup_ratio,
+        help="a linear warm-up of the learning rate over this fraction of the steps (default: %(default)s)",
+    )
     p.add_argument(
         "--head-lr", type=float, default=None, help=f"learning rate of a new head; {_per_task('head_lr')}"
     )

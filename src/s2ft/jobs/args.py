@@ -17,6 +17,9 @@ from s2ft.methods import DEFAULT_METHOD, get_method, options, owners
 from s2ft.tasks import DEFAULT_TASK, TASKS, RunError, get_task
 from s2ft.tasks.quantize import QUANTIZE
 
+# The learning-rate schedules of --lr-schedule (transformers' names).
+LR_SCHEDULES = ("linear", "cosine", "constant")
+
 # Defaults of the task-dependent fields that a task does not set.
 COMMON_DEFAULTS: dict[str, Any] = {
     "max_length": 64,
@@ -42,6 +45,10 @@ class JobArgs:
     head_warmup_steps: int | None = None  # train the new head alone this many steps first
     epochs: float | None = None
     max_steps: int = -1
+    # The learning rate's schedule after a linear warm-up over warmup_ratio of the steps (the head warm-up
+    # keeps its own: linear decay, no warm-up).
+    lr_schedule: str = "linear"
+    warmup_ratio: float = 0.0
     lr: float | None = None  # None: the method's default learning rate
     head_lr: float | None = None
     batch_size: int | None = None
@@ -93,6 +100,12 @@ class JobArgs:
             raise RunError(f"--seed must be >= 0, got {self.seed}")
         if (self.epochs is not None and self.epochs <= 0) and self.max_steps <= 0:
             raise RunError("give --epochs > 0 or --max-steps > 0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise RunError(
+                f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"
+            )
+        if not (isinstance(self.warmup_ratio, (int, float)) and 0 <= self.warmup_ratio < 1):
+            raise RunError(f"--warmup-ratio must be a number in [0, 1), got {self.warmup_ratio!r}")
         for name in ("lr", "head_lr"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):

@@ -99,8 +99,9 @@ def make_trainer(
         max_steps=args.max_steps,
         learning_rate=args.learning_rate,
         weight_decay=0.0,
-        lr_scheduler_type="linear",
-        warmup_steps=0,
+        # transformers' "constant" would ignore the warm-up
+        lr_scheduler_type={"constant": "constant_with_warmup"}.get(args.lr_schedule, args.lr_schedule),
+        warmup_steps=float(args.warmup_ratio),  # a float in [0, 1): a fraction of the steps
         logging_steps=50,
         save_strategy="no",
         report_to=[],
@@ -145,7 +146,9 @@ def warm_up_head(
     model.requires_grad_(False)
     for name in head:
         model.get_submodule(name).requires_grad_(True)
-    warm = dataclasses.replace(args, lr=args.head_lr, max_steps=args.head_warmup_steps)
+    warm = dataclasses.replace(
+        args, lr=args.head_lr, max_steps=args.head_warmup_steps, lr_schedule="linear", warmup_ratio=0.0
+    )
     try:
         make_trainer(model, collator, warm, work_dir, train, head_warmup_groups(model, warm)).train()
     finally:
@@ -160,6 +163,8 @@ AFTER_WARMUP = {
     "targets",
     "epochs",
     "max_steps",
+    "lr_schedule",
+    "warmup_ratio",
     "lr",
     "output",
     "overwrite",

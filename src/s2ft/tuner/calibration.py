@@ -378,7 +378,8 @@ def _group_prior(
         for name in sums:
             scale = squares[name].sqrt()
             sums[name] = _hold(
-                torch.where(scale > 0, sums[name] / scale.clamp_min(torch.finfo(scale.dtype).tiny), 0.0)
+                # 0 only where every g_b was 0; a NaN or inf stays one, for _check_priors to report
+                torch.where(scale == 0, 0.0, sums[name] / scale.clamp_min(torch.finfo(scale.dtype).tiny))
             )
             del scale
     _check_priors(sums, seen)
