@@ -225,6 +225,44 @@ def test_state_dict_roundtrip_and_to():
     assert math.isfinite(float(forward(model, (batches[0][0].double(), None)).sum().detach()))
 
 
+def test_locations_are_kept_flat_and_old_state_dicts_load():
+    _, model, batches, loss_fn = build("mlp", "s2ft", init="normal")
+    layer = next(iter(model.spectral_layers().values()))
+    adapter = layer.adapters["default"]
+    rows, cols = adapter.rows.clone(), adapter.cols.clone()
+    assert adapter.locations.dtype == torch.int32 and adapter.locations.shape == rows.shape
+    assert torch.equal(adapter.locations.long(), rows.long() * layer.d_in + cols.long())
+    state = model.state_dict()
+    assert not any(k.endswith((".rows", ".cols")) for k in state)
+    # a state dict of the (rows, cols) buffers that adapters had before loads into the flat form
+    old = {}
+    for key, value in state.items():
+        if key.endswith(".locations"):
+            prefix = key[: -len("locations")]
+            d_in = model.get_submodule(prefix[:-1]).d_in
+            old[prefix + "rows"] = torch.div(value, d_in, rounding_mode="floor")
+            old[prefix + "cols"] = value % d_in
+        else:
+            old[key] = value
+    _, other, _, _ = build("mlp", "s2ft", seed=1, init="normal")
+    other.load_state_dict(old)
+    torch.testing.assert_close(forward(other, batches[0]), forward(model, batches[0]))
+    assert torch.equal(other.spectral_layers()[next(iter(model.spectral_layers()))].rows, rows)
+    # no-grad use (serving) keeps nothing derived from the locations; training reads the same (rows, cols)
+    # tensors every step (the FFT path's plan is cached per rows tensor); in-place changes are followed
+    _, fresh, _, _ = build("mlp", "s2ft", init="normal")
+    adapter = next(iter(fresh.spectral_layers().values())).adapters["default"]
+    with torch.no_grad():
+        forward(fresh, batches[0])
+        assert adapter.rows is not adapter.rows and "_kept_locations" not in vars(adapter)
+    with torch.enable_grad():
+        assert adapter.rows is adapter.rows
+        rows, cols = adapter.rows.clone(), adapter.cols.clone()
+        with torch.no_grad():
+            adapter.locations[0] = adapter.locations[1] + 0
+        assert adapter.rows[0] == rows[1] and adapter.cols[0] == cols[1]
+
+
 class PixelBasis:
     """A toy basis for the test below: coefficient ``k`` is the entry ``ΔW̄[rows[k], cols[k]] / scaling``."""
 

@@ -158,7 +158,8 @@ def held_tensors(model) -> dict[int, torch.Tensor]:
             walk(dict(adapter.named_parameters()))
             walk(dict(adapter.named_buffers()))
             walk({k: v for k, v in vars(adapter).items() if k not in ("_parameters", "_buffers", "_modules")})
-            walk(_PLANS.get(adapter.rows))
+            kept = vars(adapter).get("_kept_locations")
+            walk(_PLANS.get(kept[2][0]) if kept else None)
     return found
 
 

@@ -53,7 +53,12 @@ class SpectralAdapter(nn.Module):
     of a ``d_out x d_in`` grid in the adapter's ``basis`` (an object of :data:`s2ft.ops.bases.BASES`), and,
     optionally (S2FT), the permutations ``perm_rows`` ``(d_out,)`` and ``perm_cols`` ``(d_in,)``. In the Fourier
     basis ``ΔW[perm_rows[i], perm_cols[j]] = scaling * Re(ifft2(F))[i, j]``, ``F`` zero but for the coefficients.
-    All of ``ΔW``'s math goes through the basis. The coefficients stay float32 whatever the base layer's dtype."""
+    All of ``ΔW``'s math goes through the basis. The coefficients stay float32 whatever the base layer's dtype.
+
+    The locations are kept as one buffer ``locations`` of flat positions ``rows * d_in + cols`` (int32 below
+    2**31 entries: 4 bytes a location, half of a (rows, cols) pair); ``rows`` and ``cols`` are derived from it
+    when read, and kept (with the FFT path's plan, which is cached per ``rows`` tensor) only while gradients are
+    enabled, i.e. for training. A served adapter holds its coefficients, locations and permutations only."""
 
     def __init__(
         self,
@@ -78,8 +83,7 @@ class SpectralAdapter(nn.Module):
             else torch.randn(n_frequency).to(device)
         )
         self.coeffs = nn.Parameter(coeffs)
-        self.register_buffer("rows", None)
-        self.register_buffer("cols", None)
+        self.register_buffer("locations", None)
         self.register_buffer("perm_rows", None)
         self.register_buffer("perm_cols", None)
 
@@ -87,17 +91,55 @@ class SpectralAdapter(nn.Module):
     def is_ready(self) -> bool:
         """Whether the locations are set (from the seed at creation; for a planned method such as S2FT, after
         calibration or loading)."""
-        return self.rows is not None
+        return self.locations is not None
 
     def set_locations(self, rows, cols, perm_rows=None, perm_cols=None) -> None:
         """Install locations (and S2FT's permutations) as int32 buffers on the coefficients' device
         (:func:`s2ft.ops.locations.index_dtype`)."""
         device = self.coeffs.device
-        rows_dtype, cols_dtype = index_dtype(self.d_out), index_dtype(self.d_in)
-        self.rows = rows.to(device, rows_dtype)
-        self.cols = cols.to(device, cols_dtype)
-        self.perm_rows = None if perm_rows is None else perm_rows.to(device, rows_dtype)
-        self.perm_cols = None if perm_cols is None else perm_cols.to(device, cols_dtype)
+        rows, cols = rows.to(device, torch.int64), cols.to(device, torch.int64)
+        self.locations = (rows * self.d_in + cols).to(index_dtype(self.d_out * self.d_in))
+        self.perm_rows = None if perm_rows is None else perm_rows.to(device, index_dtype(self.d_out))
+        self.perm_cols = None if perm_cols is None else perm_cols.to(device, index_dtype(self.d_in))
+
+    @property
+    def rows(self) -> torch.Tensor | None:
+        """The locations' rows ``(n,)`` (int32), derived from ``locations``."""
+        unpacked = self._unpacked()
+        return None if unpacked is None else unpacked[0]
+
+    @property
+    def cols(self) -> torch.Tensor | None:
+        """The locations' columns ``(n,)`` (int32), derived from ``locations``."""
+        unpacked = self._unpacked()
+        return None if unpacked is None else unpacked[1]
+
+    def _unpacked(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(rows, cols)`` of ``locations``; kept while gradients are enabled (training: the same tensors every
+        step, so the FFT path's plan stays cached), for as long as ``locations`` is the same unchanged tensor."""
+        flat = self.locations
+        if flat is None:
+            return None
+        key = (flat._version,) if not flat.is_inference() else None
+        kept = self.__dict__.get("_kept_locations")
+        if kept is not None and kept[0] is flat and key is not None and kept[1] == key:
+            return kept[2]
+        rows = torch.div(flat, self.d_in, rounding_mode="floor")
+        unpacked = (rows.to(index_dtype(self.d_out)), (flat - rows * self.d_in).to(index_dtype(self.d_in)))
+        if torch.is_grad_enabled() and key is not None:
+            self.__dict__["_kept_locations"] = (flat, key, unpacked)
+        else:
+            self.__dict__.pop("_kept_locations", None)
+        return unpacked
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # State dicts from before the flat locations hold "rows" and "cols" instead
+        rows, cols = state_dict.get(prefix + "rows"), state_dict.get(prefix + "cols")
+        if rows is not None and cols is not None and prefix + "locations" not in state_dict:
+            flat = rows.long() * self.d_in + cols.long()
+            state_dict[prefix + "locations"] = flat.to(index_dtype(self.d_out * self.d_in))
+            del state_dict[prefix + "rows"], state_dict[prefix + "cols"]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _require_ready(self) -> None:
         if not self.is_ready:

@@ -36,7 +36,7 @@ BANK_BASES = ("fourier",)  # the bases whose adapters a MixedBank serves
 def version_key(adapter: nn.Module) -> tuple:
     """What a served structure of ``adapter`` depends on: its coefficients, locations and permutations (each
     tensor's identity, version counter and device)."""
-    tensors = (adapter.coeffs, adapter.rows, adapter.cols, adapter.perm_rows, adapter.perm_cols)
+    tensors = (adapter.coeffs, adapter.locations, adapter.perm_rows, adapter.perm_cols)
     return tuple((id(t), t._version, t.device) if t is not None else None for t in tensors)
 
 
@@ -194,7 +194,8 @@ def serving_nbytes(layers: Iterable[nn.Module]) -> dict[str, int]:
     counted once):
 
     - ``adapters``: their own tensors (coefficients, locations, permutations);
-    - ``plans``: the FFT path's index plans (:func:`s2ft.ops.apply._plan`) of the adapters' locations;
+    - ``plans``: what training keeps of them: the ``(rows, cols)`` derived from the flat locations and the FFT
+      path's index plans (:func:`s2ft.ops.apply._plan`);
     - ``dense_cache``: the :func:`set_serving_cache` cache;
     - ``total``.
     """
@@ -204,11 +205,12 @@ def serving_nbytes(layers: Iterable[nn.Module]) -> dict[str, int]:
     for layer in layers:
         for adapter in layer.adapters.values():
             report["adapters"] += tensor_bytes(
-                (adapter.coeffs, adapter.rows, adapter.cols, adapter.perm_rows, adapter.perm_cols), seen
+                (adapter.coeffs, adapter.locations, adapter.perm_rows, adapter.perm_cols), seen
             )
         for adapter in layer.adapters.values():
-            if adapter.rows is not None:
-                report["plans"] += tensor_bytes(_PLANS.get(adapter.rows), seen)
+            kept = adapter.__dict__.get("_kept_locations")  # (rows, cols) kept for training
+            if kept is not None:
+                report["plans"] += tensor_bytes(kept[2], seen) + tensor_bytes(_PLANS.get(kept[2][0]), seen)
         cache = layer.__dict__.get("_dense_cache")
         if cache is not None:
             caches[id(cache)] = cache
