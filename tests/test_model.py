@@ -248,13 +248,17 @@ def test_locations_are_kept_flat_and_old_state_dicts_load():
     other.load_state_dict(old)
     torch.testing.assert_close(forward(other, batches[0]), forward(model, batches[0]))
     assert torch.equal(other.spectral_layers()[next(iter(model.spectral_layers()))].rows, rows)
-    # no-grad use (serving) keeps nothing derived from the locations; training reads the same (rows, cols)
-    # tensors every step (the FFT path's plan is cached per rows tensor); in-place changes are followed
+    # no-grad or eval-mode use (serving, merging) keeps nothing derived from the locations; training reads the
+    # same (rows, cols) tensors every step (the FFT path's plan is cached per rows tensor); in-place changes are followed
     _, fresh, _, _ = build("mlp", "s2ft", init="normal")
     adapter = next(iter(fresh.spectral_layers().values())).adapters["default"]
     with torch.no_grad():
         forward(fresh, batches[0])
         assert adapter.rows is not adapter.rows and "_kept_locations" not in vars(adapter)
+    fresh.eval()
+    with torch.enable_grad():  # e.g. merging in eval mode
+        assert adapter.rows is not adapter.rows and "_kept_locations" not in vars(adapter)
+    fresh.train()
     with torch.enable_grad():
         assert adapter.rows is adapter.rows
         rows, cols = adapter.rows.clone(), adapter.cols.clone()

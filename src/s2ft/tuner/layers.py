@@ -57,8 +57,8 @@ class SpectralAdapter(nn.Module):
 
     The locations are kept as one buffer ``locations`` of flat positions ``rows * d_in + cols`` (int32 below
     2**31 entries: 4 bytes a location, half of a (rows, cols) pair); ``rows`` and ``cols`` are derived from it
-    when read, and kept (with the FFT path's plan, which is cached per ``rows`` tensor) only while gradients are
-    enabled, i.e. for training. A served adapter holds its coefficients, locations and permutations only."""
+    when read, and kept (with the FFT path's plan, which is cached per ``rows`` tensor) only while training (train
+    mode, gradients enabled). A served adapter holds its coefficients, locations and permutations only."""
 
     def __init__(
         self,
@@ -115,8 +115,9 @@ class SpectralAdapter(nn.Module):
         return None if unpacked is None else unpacked[1]
 
     def _unpacked(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(rows, cols)`` of ``locations``; kept while gradients are enabled (training: the same tensors every
-        step, so the FFT path's plan stays cached), for as long as ``locations`` is the same unchanged tensor."""
+        """``(rows, cols)`` of ``locations``; kept while training (train mode, gradients enabled: the same tensors
+        every step, so the FFT path's plan stays cached), for as long as ``locations`` is the same unchanged
+        tensor. A merge or an eval-mode forward keeps nothing."""
         flat = self.locations
         if flat is None:
             return None
@@ -126,7 +127,7 @@ class SpectralAdapter(nn.Module):
             return kept[2]
         rows = torch.div(flat, self.d_in, rounding_mode="floor")
         unpacked = (rows.to(index_dtype(self.d_out)), (flat - rows * self.d_in).to(index_dtype(self.d_in)))
-        if torch.is_grad_enabled() and key is not None:
+        if torch.is_grad_enabled() and self.training and key is not None:
             self.__dict__["_kept_locations"] = (flat, key, unpacked)
         else:
             self.__dict__.pop("_kept_locations", None)
