@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location(
-        "llm_scale", os.path.join(ROOT, "benchmarks", "llm_scale.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
 def test_tiny_run_writes_the_table_and_the_json(tmp_path):
-    script = load_script()
+    script = load_benchmark("llm_scale")
     argv = [
         "--sizes",
         "tiny",

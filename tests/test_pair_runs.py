@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location(
-        "pair_runs", os.path.join(ROOT, "benchmarks", "pair_runs.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
 def write_runs(root, prefix, key, values, nbytes):
@@ -33,7 +22,7 @@ def row(capsys):
 
 
 def test_accuracy_higher_is_better(tmp_path, capsys):
-    script = load_script()
+    script = load_benchmark("pair_runs")
     a = write_runs(tmp_path, "a", "test_accuracy", [0.5, 0.4, 0.7], 100)
     b = write_runs(tmp_path, "b", "test_accuracy", [0.4, 0.5, 0.6], 200)
     assert script.main([a, b]) == 0
@@ -43,7 +32,7 @@ def test_accuracy_higher_is_better(tmp_path, capsys):
 
 
 def test_perplexity_lower_is_better_and_mixed_metrics_refused(tmp_path, capsys):
-    script = load_script()
+    script = load_benchmark("pair_runs")
     a = write_runs(tmp_path, "a", "test_perplexity", [40.0, 41.0, 43.0], 1)
     b = write_runs(tmp_path, "b", "test_perplexity", [41.0, 40.0, 44.0], 1)
     assert script.main([a, b]) == 0
