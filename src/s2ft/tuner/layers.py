@@ -157,10 +157,11 @@ class SpectralAdapter(nn.Module):
         """The arguments the basis's ``delta_weight`` and (after ``x``) ``apply`` take."""
         self._require_ready()
         coeffs = self.coeffs if coeffs is None else coeffs
+        rows, cols = self._unpacked()  # once: outside training each read derives them anew
         return (
             coeffs.float(),
-            self.rows,
-            self.cols,
+            rows,
+            cols,
             self.d_out,
             self.d_in,
             self.scaling,
