@@ -320,13 +320,16 @@ def test_compare_and_analyze_on_causal_lm(tiny, tmp_path):
     assert len(analysis["prior"]) == 4  # q_proj and v_proj of two layers
 
 
-@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+@pytest.mark.parametrize("bits", ["4bit", "8bit", "torchao-int8", "torchao-int4"])
 def test_quantized_base_end_to_end(tiny, tmp_path, bits):
-    """--quantize: the base's linear layers are bitsandbytes layers (the LM head stays float), S2FT trains on
-    them, evaluate reloads the same quantized base and reproduces the run, and merge writes a float model that
-    plain transformers loads and that computes what the adapted model computes on its dequantized weights (the
-    8-bit layers also round their inputs, so the quantized forward itself differs by that rounding)."""
-    pytest.importorskip("bitsandbytes")
+    """--quantize: the base's linear layers are bitsandbytes layers or hold torchao's quantized weights (the LM
+    head stays float), S2FT trains on them, evaluate reloads the same quantized base and reproduces the run, and
+    merge writes a float model that plain transformers loads and that computes what the adapted model computes on
+    its dequantized weights (bitsandbytes' 8-bit layers also round their inputs, so the quantized forward itself
+    differs by that rounding)."""
+    pytest.importorskip("torchao" if bits.startswith("torchao") else "bitsandbytes")
+    from s2ft.tuner.kinds import find_kind
+
     from s2ft.jobs.evaluate import run_evaluate
     from s2ft.jobs.runs import load_trained
 
@@ -340,8 +343,12 @@ def test_quantized_base_end_to_end(tiny, tmp_path, bits):
     kinds = {
         type(m.base_layer).__name__ for m in adapted.get_base_model().modules() if hasattr(m, "base_layer")
     }
-    assert kinds == {"Linear4bit" if bits == "4bit" else "Linear8bitLt"}
-    assert type(adapted.get_base_model().lm_head).__name__ == "Linear"
+    expected = {"4bit": ("Linear4bit", "linear4bit"), "8bit": ("Linear8bitLt", "linear8bit")}
+    layer_class, kind = expected.get(bits, ("Linear", "torchao"))
+    assert kinds == {layer_class}
+    layers = [m.base_layer for m in adapted.get_base_model().modules() if hasattr(m, "base_layer")]
+    assert {find_kind(m).name for m in layers} == {kind}
+    assert find_kind(adapted.get_base_model().lm_head).name == "linear"
     assert run_evaluate(str(out), "test", quiet=True)["perplexity"] == pytest.approx(
         metrics["test_perplexity"], rel=1e-5
     )
@@ -350,6 +357,7 @@ def test_quantized_base_end_to_end(tiny, tmp_path, bits):
 
     plain = AutoModelForCausalLM.from_pretrained(str(merged)).eval()
     assert not any("bitsandbytes" in type(m).__module__ for m in plain.modules())
+    assert all(type(p) is torch.nn.Parameter for p in plain.parameters())  # no torchao tensor left
     from s2ft.tuner.kinds import dequantize_modules
 
     dequantize_modules(adapted.get_base_model(), torch.float32)  # unmerged: ΔW x still beside the layer

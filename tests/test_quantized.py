@@ -187,7 +187,7 @@ def test_other_quantized_layers_refused_model_unchanged(targets):
     with pytest.raises(
         TypeError,
         match=r"quantized layers of a kind s2ft cannot adapt: up \(QuantLinear\), "
-        r"down \(IntWeightLinear\).*Linear4bit and bitsandbytes' Linear8bitLt",
+        r"down \(IntWeightLinear\).*Linear4bit, bitsandbytes' Linear8bitLt and torchao's quantized",
     ):
         get_spectral_model(model, FourierFTConfig(target_modules=targets, n_frequency=40))
     assert dict(model.named_modules()) == modules

@@ -99,7 +99,7 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
         choices=QUANTIZE,
         default=None,
         help="load the base model's linear layers (not the output layer) in 4 bits (nf4) or 8 bits with "
-        "bitsandbytes, QLoRA-style; causal-lm only",
+        "bitsandbytes, QLoRA-style, or with torchao's weight-only int8 or int4 (groups of 32); causal-lm only",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars or console log")
     _add_method_options(p)

@@ -152,7 +152,7 @@ class Conv2dKind(LayerKind):
 
 
 class QuantizedKind(LayerKind):
-    """A quantized linear layer (bitsandbytes): ``y = base(x) + ΔW x``, ``ΔW x`` computed in float32 beside the
+    """A quantized linear layer (bitsandbytes', torchao's): ``y = base(x) + ΔW x``, ``ΔW x`` computed in float32 beside the
     quantized base output and added in that output's dtype. The shape comes from ``in_features`` and
     ``out_features`` (the stored weight is packed); the weight takes no gradient, so calibration takes the prior
     from the layer's inputs and output gradients (:meth:`LayerKind.weight_gradient`), and merging needs a float
@@ -255,6 +255,21 @@ class Linear8bitKind(QuantizedKind):
         return layer.bias.dtype if layer.bias is not None else torch.float32
 
 
+class TorchAOKind(QuantizedKind):
+    """An ``nn.Linear`` whose weight torchao quantized (``quantize_(model, Int8WeightOnlyConfig())``,
+    ``IntxWeightOnlyConfig(weight_dtype=torch.int4)``, ...): a tensor subclass that computes the layer's
+    ``F.linear`` itself, takes no gradient and cannot hold ``ΔW``."""
+
+    name = "torchao"
+    label = "torchao's quantized torch.nn.Linear"
+
+    def dequantized(self, layer: nn.Module) -> torch.Tensor:
+        return layer.weight.detach().dequantize().float().reshape(layer.out_features, layer.in_features)
+
+    def compute_dtype(self, layer: nn.Module) -> torch.dtype:
+        return layer.weight.dtype  # the dtype the subclass reports: its scales' and outputs'
+
+
 def _padding(layer: nn.Conv2d) -> tuple[int, ...]:
     """Explicit padding amounts; ``"same"`` counts as padding unless every kernel side is 1."""
     if isinstance(layer.padding, str):
@@ -268,6 +283,10 @@ if Conv1D is not None:
 if bnb is not None:
     KINDS[bnb.nn.Linear4bit] = Linear4bitKind()
     KINDS[bnb.nn.Linear8bitLt] = Linear8bitKind()
+
+# Layers whose weight is a tensor subclass of a kind of its own (torchao's quantized weights inside an nn.Linear), by
+# the subclass's qualified name, so that only the users of the package import it
+WEIGHT_KINDS: dict[str, LayerKind] = {"torchao.utils.TorchAOBaseTensor": TorchAOKind()}
 
 # Quantized layers s2ft cannot adapt (GPTQ, AWQ, HQQ, EETQ, ...), known by class name or the package defining it
 _OTHER_QUANTIZED_CLASSES = ("QuantLinear", "WQLinear", "HQQLinear", "EetqLinear", "QLinear", "FP8Linear")
@@ -285,7 +304,7 @@ _OTHER_QUANTIZED_PACKAGES = (
 
 def supported_names() -> str:
     """The supported layers as error messages name them: "torch.nn.Linear, torch.nn.Conv2d and ..."."""
-    labels = [kind.label for kind in KINDS.values()]
+    labels = [kind.label for kind in (*KINDS.values(), *WEIGHT_KINDS.values())]
     return labels[0] if len(labels) == 1 else f"{', '.join(labels[:-1])} and {labels[-1]}"
 
 
@@ -312,7 +331,14 @@ def unsupported_quantized(layer: nn.Module) -> bool:
 
 def find_kind(layer: nn.Module) -> LayerKind | None:
     """The :class:`LayerKind` of ``layer`` (that of the most specific class it is an instance of), or None if
-    s2ft cannot adapt it."""
+    s2ft cannot adapt it. A linear layer whose weight is a tensor subclass of :data:`WEIGHT_KINDS` is of that
+    kind."""
+    weight = getattr(layer, "weight", None)
+    if isinstance(layer, nn.Linear) and type(weight) not in (torch.Tensor, nn.Parameter):
+        for cls in type(weight).__mro__:
+            kind = WEIGHT_KINDS.get(f"{cls.__module__}.{cls.__qualname__}")
+            if kind is not None:
+                return kind
     for cls in type(layer).__mro__:
         if cls in KINDS:
             return KINDS[cls]

@@ -341,7 +341,7 @@ class SpectralLayer(nn.Module):
         ``nn.Linear`` whose weight is float32 or float64 like ``x`` (a 16-bit weight would round ``ΔW`` away), no
         autocast, and the adapter on its dense path."""
         base = self.base_layer
-        if not torch.is_grad_enabled() or type(base) is not nn.Linear:
+        if not torch.is_grad_enabled() or type(base) is not nn.Linear or self.kind.quantized:
             return False
         if base.weight.dtype not in (torch.float32, torch.float64) or x.dtype != base.weight.dtype:
             return False

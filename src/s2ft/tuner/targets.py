@@ -91,7 +91,8 @@ def resolve(
     if quantized and any(u in quantized for u in unsupported):
         raise TypeError(
             f"the model holds quantized layers of a kind s2ft cannot adapt: {', '.join(quantized[:5])}; "
-            f"the quantized layers it adapts are bitsandbytes' (load the model with a BitsAndBytesConfig); "
+            "the quantized layers it adapts are bitsandbytes' (load the model with a BitsAndBytesConfig) and "
+            "torchao's (quantize_ with a weight-only config); "
             f"supported: {supported_names()}"
         )
     if unsupported:
