@@ -52,8 +52,9 @@ def plans(model: SpectralModel) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def coefficients(model: SpectralModel) -> dict[str, torch.Tensor]:
-    """Every layer's coefficients, gathered whole (a collective)."""
-    return {n: full(layer.coeffs.detach()).clone() for n, layer in model.spectral_layers().items()}
+    """Every layer's coefficients, gathered whole (a collective; FSDP's DTensor or DeepSpeed's partitioned
+    parameter itself, not a detached view)."""
+    return {n: full(layer.coeffs).detach().clone() for n, layer in model.spectral_layers().items()}
 
 
 def train(model: SpectralModel, steps: list[dict[str, torch.Tensor]]) -> None:

@@ -328,10 +328,9 @@ def test_quantized_base_end_to_end(tiny, tmp_path, bits):
     its dequantized weights (bitsandbytes' 8-bit layers also round their inputs, so the quantized forward itself
     differs by that rounding)."""
     pytest.importorskip("torchao" if bits.startswith("torchao") else "bitsandbytes")
-    from s2ft.tuner.kinds import find_kind
-
     from s2ft.jobs.evaluate import run_evaluate
     from s2ft.jobs.runs import load_trained
+    from s2ft.tuner.kinds import find_kind
 
     model, corpus, _ = tiny
     out, merged = tmp_path / "run", tmp_path / "merged"

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from s2ft.config import PRIORS
-from s2ft.tuner.distributed import agreed_batches
+from s2ft.tuner.distributed import agreed_batches, is_partitioned, is_sharded
 from s2ft.tuner.kinds import LayerKind, kind_of, weight_matrix
 
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -160,10 +160,10 @@ def _hold(tensor: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def takes_weight_gradient(layer: nn.Module) -> bool:
-    """Whether a layer's weight can take a gradient itself (a float, unsharded weight of a float kind); the
-    prior of any other layer is taken from its activations."""
+    """Whether a layer's weight can take a gradient itself (a float weight of a float kind, neither sharded by FSDP
+    nor partitioned by DeepSpeed ZeRO-3); the prior of any other layer is taken from its activations."""
     weight = layer.weight
-    sharded = type(weight).__name__ == "DTensor"
+    sharded = is_sharded(weight) or is_partitioned(weight)
     return weight.dtype.is_floating_point and not kind_of(layer).quantized and not sharded
 
 

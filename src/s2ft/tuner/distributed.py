@@ -1,8 +1,12 @@
-"""s2ft under ``torch.distributed``, and under FSDP2 (``torch.distributed.fsdp.fully_shard``, which Accelerate's FSDP
-plugin also uses): sharded parameters are ``DTensor`` s, each rank holding a slice.
+"""s2ft under ``torch.distributed``, under FSDP2 (``torch.distributed.fsdp.fully_shard``, which Accelerate's FSDP
+plugin also uses): sharded parameters are ``DTensor`` s, each rank holding a slice; and under DeepSpeed ZeRO-3:
+*partitioned* parameters are empty outside the forward of the module that owns them, each rank holding a slice in
+``ds_tensor`` (DeepSpeed gathers a :class:`s2ft.tuner.layers.SpectralLayer`'s parameters, its base layer's and its
+adapters', for its forward: the layer is a ZeRO-3 leaf module).
 
-- :func:`full`: a tensor whole on every rank (a collective for a ``DTensor``: every rank calls it);
-- :func:`copy_into`: a whole tensor copied into a possibly sharded parameter (each rank keeps its slice);
+- :func:`full`: a tensor whole on every rank (a collective for a sharded or partitioned one: every rank calls it);
+- :func:`copy_into`: a whole tensor copied into a possibly sharded or partitioned parameter (each rank keeps its
+  slice);
 - :func:`agreed_batches`: calibration batches taken in step on every rank, with one error on every rank (no hang)
   when one rank runs out before another;
 - :class:`LocalGradients`: each rank's own, whole gradient of a sharded weight, caught in backward before FSDP
@@ -38,23 +42,41 @@ def is_sharded(tensor: Any) -> bool:
     return DTensor is not None and isinstance(tensor, DTensor)
 
 
+def is_partitioned(tensor: Any) -> bool:
+    """Whether ``tensor`` is a parameter DeepSpeed ZeRO-3 manages (partitioned across ranks)."""
+    return hasattr(tensor, "ds_id") and hasattr(tensor, "ds_tensor")
+
+
 def is_sharded_model(model: nn.Module) -> bool:
-    """Whether any parameter of ``model`` is sharded."""
+    """Whether any parameter of ``model`` is sharded (FSDP) or partitioned (DeepSpeed ZeRO-3)."""
     return any(
-        is_sharded(p) for _, p in outer_named_parameters(model)
+        is_sharded(p) or is_partitioned(p) for _, p in outer_named_parameters(model)
     )  # sharded adapters come with a sharded base
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` whole, as a plain tensor: a ``DTensor`` is gathered (every rank must call this), others are
-    returned as they are."""
-    return tensor.full_tensor() if is_sharded(tensor) else tensor
+    """``tensor`` whole, as a plain tensor: a ``DTensor`` or a ZeRO-3 parameter is gathered (every rank must call
+    this; pass the parameter itself, not a detached view), others are returned as they are."""
+    if is_sharded(tensor):
+        return tensor.full_tensor()
+    if is_partitioned(tensor):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([tensor]):
+            return tensor.detach().clone()
+    return tensor
 
 
 @torch.no_grad()
 def copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
-    """Copy the whole ``value`` (same shape as ``param``'s global shape) into ``param``; a sharded ``param`` keeps
-    its own slice of it (every rank passes the same ``value``)."""
+    """Copy the whole ``value`` (same shape as ``param``'s global shape) into ``param``; a sharded or partitioned
+    ``param`` keeps its own slice of it (every rank passes the same ``value``)."""
+    if is_partitioned(param):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            param.copy_(value)
+        return
     if is_sharded(param):
         value = distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements)
     param.copy_(value)
@@ -156,6 +178,11 @@ MERGE_UNSHARDED = (
 
 
 def refuse_sharded(model: nn.Module, action: str, remedy: str) -> None:
-    """Refuse ``action`` (merge, add an adapter to) on a model whose weights FSDP has sharded, naming ``remedy``."""
+    """Refuse ``action`` (merge, add an adapter to) on a model whose weights FSDP has sharded or DeepSpeed ZeRO-3
+    has partitioned, naming ``remedy``."""
+    if any(is_partitioned(p) for _, p in outer_named_parameters(model)):
+        raise RuntimeError(
+            f"cannot {action} a model whose weights DeepSpeed ZeRO-3 has partitioned: {remedy}"
+        )
     if is_sharded_model(model):
         raise RuntimeError(f"cannot {action} a model whose weights FSDP has sharded (DTensor): {remedy}")

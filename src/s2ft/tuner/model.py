@@ -19,7 +19,7 @@ from torch import nn
 from s2ft.config import FourierFTConfig
 from s2ft.tuner.adapter_io import adapter_file_bytes
 from s2ft.tuner.calibration import LossFn
-from s2ft.tuner.distributed import MERGE_UNSHARDED, is_sharded_model, refuse_sharded
+from s2ft.tuner.distributed import MERGE_UNSHARDED, is_partitioned, is_sharded_model, refuse_sharded
 from s2ft.tuner.kinds import dequantize_modules, keep_differentiable, kind_of, quantized_merge_error
 from s2ft.tuner.layers import BASE, DEFAULT, SpectralLayer, TrainedCopy, example_adapters
 from s2ft.tuner.planner import calibrate_adapter, replan_adapter
@@ -355,6 +355,12 @@ class SpectralModel(nn.Module):
         self._require_known(name)
         self._require_plannable(name, "replan")
         self._require_planned(name)
+        if any(is_partitioned(layer.coeffs) for layer in self._layers_of(name).values()):
+            raise RuntimeError(
+                "cannot replan under DeepSpeed ZeRO-3: its optimizer keeps its own copy of the coefficients, which "
+                "re-planning would not reach. Save the adapter, replan in one process "
+                "(SpectralModel.from_pretrained(base, folder, is_trainable=True).replan()), save it and resume from it"
+            )
         return replan_adapter(self._layers_of(name), name, self.peft_config[name], priors)
 
     # ------------------------------------------------------------------ merge

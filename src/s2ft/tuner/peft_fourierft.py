@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from s2ft.config import CONFIG_NAME, FourierFTConfig
 from s2ft.io import atomic_write, atomic_write_text
 from s2ft.tuner.adapter_io import metadata_shapes
+from s2ft.tuner.distributed import full
 
 PEFT_PREFIX = "base_model.model."
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -49,7 +50,7 @@ def fourierft_to_peft(
             "s2ft merge) or export it as LoRA (s2ft export-lora, s2ft.export_lora)"
         )
     state = {
-        f"{PEFT_PREFIX}{module}.fourierft_spectrum": layer.adapters[name].coeffs.detach().float()
+        f"{PEFT_PREFIX}{module}.fourierft_spectrum": full(layer.adapters[name].coeffs).detach().float()
         for module, layer in model._layers_of(name).items()
     }
     state.update(saved_modules(model, name))

@@ -26,7 +26,7 @@ from s2ft.ops.locations import fourierft_locations, power_spectrum, sample_locat
 from s2ft.ops.permutation import path_length, search_order
 from s2ft.tuner.calibration import LossFn, iter_priors
 from s2ft.tuner.distributed import copy_into, full
-from s2ft.tuner.kinds import weight_matrix
+from s2ft.tuner.kinds import kind_of
 from s2ft.tuner.layers import SpectralLayer
 from s2ft.tuner.walk import outer_modules
 
@@ -253,11 +253,9 @@ def _base(layer: SpectralLayer, config: Any) -> torch.Tensor | None:
 
 
 def base_matrix(module: nn.Module) -> torch.Tensor:
-    """A layer's weight in the ``(d_out, d_in)`` matrix view, float32, whole (a sharded ``DTensor`` gathered),
+    """A layer's weight in the ``(d_out, d_in)`` matrix view, float32, whole (a sharded or partitioned one gathered),
     on the CPU: what base-derived plans and fingerprints are computed from, the same wherever it is loaded."""
-    matrix = weight_matrix(module).detach()
-    if hasattr(matrix, "full_tensor"):
-        matrix = matrix.full_tensor()
+    matrix = kind_of(module).matrix(module, full(module.weight).detach())
     return matrix.to("cpu", torch.float32).contiguous()
 
 

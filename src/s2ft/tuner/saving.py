@@ -52,14 +52,14 @@ def adapter_state(
     """The tensors of adapter ``adapter_name``'s file, contiguous on the CPU: ``{module}.coeffs`` ``(n,)`` in
     ``coefficient_dtype``; if ``config.stores_locations``, ``{module}.rows``/``.cols`` ``(n,)``; any permutations
     ``perm_rows`` ``(d_out,)`` and ``perm_cols`` ``(d_in,)`` (indices in the smallest integer dtype that fits); and
-    ``modules_to_save.{module}.{key}`` of its trained copies. Under FSDP the sharded tensors are gathered whole
-    (every rank calls this and gets the same tensors)."""
+    ``modules_to_save.{module}.{key}`` of its trained copies. Under FSDP or DeepSpeed ZeRO-3 the sharded tensors
+    are gathered whole (every rank calls this and gets the same tensors)."""
     state: dict[str, torch.Tensor] = {}
     for module, layer in layers.items():
         adapter = layer.adapters[adapter_name]
         adapter._require_ready()
         rows_dtype, cols_dtype = smallest_int_dtype(layer.d_out - 1), smallest_int_dtype(layer.d_in - 1)
-        state[f"{module}.coeffs"] = full(adapter.coeffs.detach()).to(coefficient_dtype)
+        state[f"{module}.coeffs"] = full(adapter.coeffs).detach().to(coefficient_dtype)
         if config.stores_locations:  # else they follow from the seed
             state[f"{module}.rows"] = adapter.rows.to(rows_dtype)
             state[f"{module}.cols"] = adapter.cols.to(cols_dtype)
@@ -68,8 +68,8 @@ def adapter_state(
             state[f"{module}.perm_cols"] = adapter.perm_cols.to(cols_dtype)
     for module, copy in copies.items():
         if adapter_name in copy.copies:
-            for key, value in copy.copies[adapter_name].state_dict().items():
-                state[f"{SAVE_PREFIX}{module}.{key}"] = full(value.detach())
+            for key, value in copy.copies[adapter_name].state_dict(keep_vars=True).items():
+                state[f"{SAVE_PREFIX}{module}.{key}"] = full(value).detach()
     if config.plan_from_base:  # the plan follows from W0: its fingerprint instead
         state[FINGERPRINTS] = base_fingerprints(layers, adapter_name, config)
     return {k: v.contiguous().cpu() for k, v in state.items()}
@@ -108,7 +108,7 @@ def write_adapters(
     """Write adapters ``names`` of a :class:`s2ft.SpectralModel` (:meth:`s2ft.SpectralModel.save_pretrained`):
     :data:`DEFAULT` in ``save_directory``, the others in subfolders named after them; each folder as a whole.
 
-    A model sharded by FSDP is saved by every rank together: the tensors are gathered whole on every rank, rank 0
+    A model sharded by FSDP (or partitioned by DeepSpeed ZeRO-3) is saved by every rank together: the tensors are gathered whole on every rank, rank 0
     writes, and the others wait for it. Otherwise the calling process writes (under DDP, rank 0 alone may call)."""
     sharded = is_sharded_model(model)
     if format == "peft":
