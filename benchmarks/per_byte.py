@@ -1,10 +1,13 @@
 """Test metric against adapter bytes, over ``s2ft compare`` runs gathered from several results folders: one table,
 one plot, and every method against FourierFT's curve at equal bytes, seed by seed.
 
-    python benchmarks/per_byte.py runs/sweep-lm/runs runs/more-lm/runs --output docs/results/causal-lm/per-byte
+    python benchmarks/per_byte.py runs/sweep-lm/runs docs/results/causal-lm/compare/results.json:fourierft \
+        --output docs/results/causal-lm/per-byte
 
-Each folder holds compare's run folders, ``<variant>[-n<n>|-r<rank>]-seed<seed>`` with the ``metrics.json`` that
-``s2ft finetune`` writes; a run counts once (the same variant, budget and seed in two folders is refused). At equal
+A source is a folder of compare's run folders, ``<variant>[-n<n>|-r<rank>]-seed<seed>`` with the ``metrics.json``
+that ``s2ft finetune`` writes, or a ``results.json`` that ``s2ft compare`` wrote (its ``runs``, as committed under
+``docs/results``); ``SOURCE:VARIANT,VARIANT`` takes only those variants from it. A run counts once (the same label
+and seed from two sources is refused). At equal
 bytes: for each seed, FourierFT's test metric at a point's file size is interpolated linearly in log bytes between
 FourierFT's two nearest budgets of that seed (a point outside FourierFT's range of bytes is reported, not
 extrapolated); the point minus that value is the paired difference (runs of one seed share the split, the data
@@ -33,28 +36,60 @@ _RUN = re.compile(r"^(?P<variant>.+?)(-[nr]\d+)?-seed(?P<seed>\d+)$")
 BASELINE = "fourierft"
 
 
-def collect(folders: list[str]) -> list[dict[str, Any]]:
-    """Every finished run in ``folders``, with its variant and label (compare's)."""
-    runs: dict[tuple[str, int], dict[str, Any]] = {}
+def _source(spec: str) -> tuple[str, set[str] | None]:
+    """``PATH`` or ``PATH:VARIANT,VARIANT`` (a path may itself hold a colon only when a variant list follows)."""
+    path, sep, chosen = spec.rpartition(":")
+    if not sep or os.path.exists(spec):
+        return spec, None
+    variants = set(chosen.split(","))
+    unknown = sorted(variants - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"{spec}: unknown variants {unknown}; among: {', '.join(VARIANTS)}")
+    return path, variants
+
+
+def _runs_of(path: str) -> list[dict[str, Any]]:
+    """(variant, label, metrics) of every finished run a source holds."""
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            stored = json.load(f)
+        if not isinstance(stored, dict) or not isinstance(stored.get("runs"), list):
+            raise SystemExit(f"{path}: not a results.json of s2ft compare (no 'runs' list)")
+        return [{**r, "path": path} for r in stored["runs"]]
+    if not os.path.isdir(path):
+        raise SystemExit(f"{path}: no such folder or results.json")
     fields = {f.name for f in dataclasses.fields(FinetuneArgs)}
-    for folder in folders:
-        for name in sorted(os.listdir(folder)):
-            match = _RUN.match(name)
-            path = os.path.join(folder, name, "metrics.json")
-            if match is None or match["variant"] not in VARIANTS or not os.path.isfile(path):
+    found = []
+    for name in sorted(os.listdir(path)):
+        match = _RUN.match(name)
+        metrics_path = os.path.join(path, name, "metrics.json")
+        if match is None or match["variant"] not in VARIANTS or not os.path.isfile(metrics_path):
+            continue
+        with open(metrics_path, encoding="utf-8") as f:
+            metrics = json.load(f)
+        args = FinetuneArgs(**{k: v for k, v in metrics["args"].items() if k in fields})
+        label = variant_label(args, match["variant"])
+        found.append({**metrics, "variant": match["variant"], "label": label, "path": metrics_path})
+    return found
+
+
+def collect(sources: list[str]) -> list[dict[str, Any]]:
+    """Every finished run in ``sources`` (folders of run folders or compare results.json files), with its
+    variant and label (compare's)."""
+    runs: dict[tuple[str, int], dict[str, Any]] = {}
+    for spec in sources:
+        path, chosen = _source(spec)
+        for run in _runs_of(path):
+            if run["variant"] not in VARIANTS or (chosen is not None and run["variant"] not in chosen):
                 continue
-            with open(path, encoding="utf-8") as f:
-                metrics = json.load(f)
-            args = FinetuneArgs(**{k: v for k, v in metrics["args"].items() if k in fields})
-            label = variant_label(args, match["variant"])
-            key = (label, metrics["seed"])
+            key = (run["label"], run["seed"])
             if key in runs:
                 raise SystemExit(
-                    f"{label}, seed {metrics['seed']} is in two folders: {runs[key]['path']} and {path}"
+                    f"{run['label']}, seed {run['seed']} is in two sources: {runs[key]['path']} and {run['path']}"
                 )
-            runs[key] = {"variant": match["variant"], "label": label, "path": path, **metrics}
+            runs[key] = run
     if not runs:
-        raise SystemExit(f"no finished compare runs in {', '.join(folders)}")
+        raise SystemExit(f"no finished compare runs in {', '.join(sources)}")
     return list(runs.values())
 
 
@@ -131,11 +166,16 @@ def equal_bytes_table(rows: list[dict[str, Any]], runs: list[dict[str, Any]], me
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("folders", nargs="+", help="folders of compare's run folders (OUTPUT/runs)")
+    parser.add_argument(
+        "sources",
+        nargs="+",
+        help="folders of compare's run folders (OUTPUT/runs) or compare results.json files, each optionally "
+        "followed by :VARIANT,VARIANT",
+    )
     parser.add_argument("--output", required=True, help="where results.md, results.json and the plot go")
     parser.add_argument("--variants", nargs="+", help="only these variants (default: all found)")
     args = parser.parse_args(argv)
-    runs = collect(args.folders)
+    runs = collect(args.sources)
     if args.variants:
         runs = [r for r in runs if r["variant"] in args.variants]
     tasks = {r["task"] for r in runs}

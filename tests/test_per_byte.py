@@ -75,5 +75,29 @@ def test_lower_perplexity_is_better_and_duplicates_refused(tmp_path):
     assert rows[0]["differences"][0] == pytest.approx(-1.0, abs=0.02) and rows[0]["better_on"] == 1
     b = tmp_path / "b"
     write_run(b, "s2ft-seed0", "s2ft", 0, 45.0, 316, 300, task="causal-lm")
-    with pytest.raises(SystemExit, match="in two folders"):
+    with pytest.raises(SystemExit, match="in two sources"):
         script.collect([str(a), str(b)])
+
+
+def test_committed_results_json_as_a_source_with_chosen_variants(tmp_path):
+    script = load_benchmark("per_byte")
+    a = tmp_path / "a"
+    write_run(a, "fourierft-n100-seed0", "fourierft", 0, 0.30, 100, 100)
+    write_run(a, "fourierft-n1000-seed0", "fourierft", 0, 0.50, 1000, 1000)
+    write_run(a, "s2ft-seed0", "s2ft", 0, 0.45, 316, 300)
+    assert script.main([str(a), "--output", str(tmp_path / "first")]) == 0
+    committed = tmp_path / "first" / "results.json"
+    # the committed runs stand in for the folder's; taking only FourierFT from them leaves S2FT to the folder
+    b = tmp_path / "b"
+    write_run(b, "s2ft-seed0", "s2ft", 0, 0.41, 316, 300)
+    runs = script.collect([f"{committed}:fourierft", str(b)])
+    assert sorted(r["variant"] for r in runs) == ["fourierft", "fourierft", "s2ft"]
+    rows = script.equal_bytes(runs, "accuracy", higher_is_better=True)
+    assert rows[0]["differences"][0] == pytest.approx(0.01, abs=2e-3)
+    with pytest.raises(SystemExit, match="in two sources"):
+        script.collect([str(committed), str(b)])
+    with pytest.raises(SystemExit, match="unknown variants"):
+        script.collect([f"{committed}:fourierft,nosuch"])
+    (tmp_path / "other.json").write_text("[]")
+    with pytest.raises(SystemExit, match="not a results.json"):
+        script.collect([str(tmp_path / "other.json")])
