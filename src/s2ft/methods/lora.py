@@ -14,7 +14,9 @@ from s2ft.methods.base import Method, Option, positive
 class LoRA(Method):
     name = "lora"
     label = "LoRA (PEFT)"
-    default_lr = 5e-4
+    # chosen on validation accuracy of the text task (r = 4, seed 0, 2,000 sentences): 2e-4 0.310, 5e-4 0.320,
+    # 2e-3 0.354, 5e-3 0.376, 1e-2 0.397, 2e-2 0.242 (diverged); per-task rates in the tasks' defaults
+    default_lr = 1e-2
     options = (Option("lora_r", int, 8, "LoRA rank", check=positive),)
     budget = "lora_r"
     budget_symbol = "r"

@@ -18,7 +18,9 @@ class WaveFT(LoRA):
 
     name = "waveft"
     label = "WaveFT (PEFT)"
-    default_lr = 1e-2
+    # chosen on validation (n = 1000, seed 0): text accuracy 1e-3 0.349, 3e-3 0.382, 1e-2 0.224, 3e-2 0.199;
+    # causal-LM perplexity 1e-3 45.03, 3e-3 44.14, 1e-2 58.10, 3e-2 670
+    default_lr = 3e-3
     options = (N_FREQUENCY,)
     budget = "n_frequency"
     budget_symbol = "n"
