@@ -356,3 +356,13 @@ def test_finetune_with_head_warmup(tiny, tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["head_warmup_seconds"] > 0 and metrics["args"]["head_warmup_steps"] == 2
     assert finetune(tiny, tmp_path / "bad", "--head-warmup-steps", "-1") == 2
+
+
+def test_options_are_not_abbreviated(capsys):
+    """compare has no --lr: it must be refused, not read as --lr-schedule (an abbreviation)."""
+    from s2ft.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["compare", "--lr", "constant"])
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --lr" in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 from typing import Any
@@ -346,7 +347,9 @@ def _analyze(ns: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="s2ft", description="Spectral parameter-efficient fine-tuning.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # no abbreviations: compare has no --lr, and "--lr 5e-3" must not be read as --lr-schedule
+    commands = functools.partial(argparse.ArgumentParser, allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=commands)
     for add in (_add_finetune, _add_evaluate, _add_merge, _add_export_lora, _add_compare, _add_analyze):
         add(sub)
     return parser
