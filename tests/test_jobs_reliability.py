@@ -322,13 +322,18 @@ def test_compare_gives_each_variant_its_own_methods_learning_rate():
     """A task's per-method learning rates reach every variant (LoRA once ran at the spectral rate)."""
     from s2ft.jobs.args import FinetuneArgs
     from s2ft.jobs.compare import variant_args
+    from s2ft.methods import get_method
     from s2ft.tasks import get_task
 
-    rates = get_task("image-classification").defaults["lr"]
+    rates = get_task("image-classification").defaults["lr"]  # a method it does not name takes its default_lr
     base = FinetuneArgs(task="image-classification")
     for variant in ("fourierft", "s2ft", "lora", "waveft", "full"):
         args = variant_args(base, variant, 0, "out")
-        assert args.lr == rates[args.method], variant
+        assert args.learning_rate == rates.get(args.method, get_method(args.method).default_lr), variant
+    assert (
+        variant_args(base, "lora", 0, "out").learning_rate
+        != variant_args(base, "s2ft", 0, "out").learning_rate
+    )
     assert variant_args(base, "lora", 0, "out", budget=4).lora_r == 4
     assert variant_args(base, "s2ft-half", 0, "out", budget=300).n_frequency == 150
     given = FinetuneArgs(task="image-classification", lr=1e-3)  # what the user sets holds for every variant
