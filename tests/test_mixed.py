@@ -193,3 +193,23 @@ def test_tile_width_balances_padding_and_assembly():
     width = tile_width([33, 5, 70], slot_cost=1.0, tile_cost=4.0)
     costs = {b: sum(-(-c // b) * (b + 4.0) for c in (33, 5, 70)) for b in (1, 2, 4, 8, 16, 32, 64, 128)}
     assert costs[width] == min(costs.values())
+
+
+def test_a_memo_serves_a_repeated_batch_from_its_plan(monkeypatch):
+    """With a memo, a batch's plan (layout, maps, block-diagonal map) is built once per ``which`` and the maps
+    once per set of adapters; the results equal those without a memo, for new inputs too."""
+    d_out, d_in = 10, 12
+    adapters = zoo(d_out, d_in, 5, seed=9)
+    bank = MixedBank.pack(adapters, d_out, d_in)
+    built = []
+    original = mixed._Maps.build
+    monkeypatch.setattr(mixed._Maps, "build", lambda *a: built.append(1) or original(*a))
+    g = torch.Generator().manual_seed(7)
+    prompt = torch.tensor([0, 0, 0, 3, 3, 3, -1, -1, -1, 4, 4, 4])  # three tokens per example
+    step = torch.tensor([0, 3, -1, 4])  # then one
+    memo = {}
+    for which in (prompt, step, step, step):
+        x = torch.randn(which.numel(), d_in, generator=g)
+        torch.testing.assert_close(bank.apply(x, which, memo), check(adapters, x, which, d_out, d_in))
+    assert len(memo) == 3  # two batches and one set of adapters
+    assert len(built) == 1 + 4  # the memo's, then one per call of check (no memo)
