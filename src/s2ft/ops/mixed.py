@@ -223,8 +223,12 @@ class _Maps(NamedTuple):
         count, k_in, k_out = len(adapters), d_in // 2 + 1, d_out // 2 + 1
         sizes = torch.tensor([a.coeffs.numel() for a in adapters], device=device)
         scales = torch.tensor([float(a.scaling) / d_in for a in adapters], device=device)
-        rows = torch.cat([a.rows for a in adapters]).to(device)
-        cols = torch.cat([a.cols for a in adapters]).to(device)
+        # One concatenation of the flat locations (an adapter module keeps them so; its rows and cols would be
+        # two divisions per adapter), then rows and columns of all at once, in int32 where they fit.
+        flat = torch.cat([_flat(a, d_in) for a in adapters]).to(device)
+        flat = flat.int() if d_out * d_in <= 2**31 else flat.long()
+        rows = torch.div(flat, d_in, rounding_mode="floor")
+        cols = flat - rows * d_in
         coeffs = torch.cat([a.coeffs.detach().reshape(-1) for a in adapters]).to(device, torch.float32)
         owner = torch.repeat_interleave(torch.arange(count, device=device), sizes)
         # (index_select and index_copy_ below: several times faster than indexing with a tensor on the CPU)
@@ -235,26 +239,27 @@ class _Maps(NamedTuple):
         imag = torch.where((2 * rows > d_out) ^ (2 * cols > d_in), real, -real)
         # Locations that fold onto one entry (up to four) share it, their terms added in the order of the
         # locations (stable sort), as on the FFT path: the sums depend on the adapter alone (files keep the order).
-        key = (owner * k_out + u) * k_in + v  # (adapter, u', v'), increasing in the CSC order
+        group_of = owner * k_out + u  # (adapter, u'): int64
+        key = group_of * k_in + v  # (adapter, u', v'), increasing in the CSC order
         order = torch.argsort(key, stable=True)
         entries, slot = torch.unique_consecutive(key.index_select(0, order), return_inverse=True)
-        group = (
-            entries // k_in
-        )  # (adapter, u') of each entry: its real part goes to column 2u', imaginary 2u'+1
+        merged = entries.numel() < key.numel()  # some locations fold onto one entry (rare at random)
+        # (adapter, u') of each entry: its real part goes to column 2u', imaginary 2u'+1
+        group = torch.div(entries, k_in, rounding_mode="floor") if merged else group_of.index_select(0, order)
         sizes = torch.bincount(group, minlength=count * k_out)
         first = sizes.cumsum(0) - sizes
         # Entry e, the (e - first)-th of its group, sits at 2 first + (e - first) (real) and that + size (imaginary).
         at_real = torch.arange(entries.numel(), device=device) + first.index_select(0, group)
         at_imag = at_real + sizes.index_select(0, group)
-        bins = 2 * (entries % k_in)
+        bins = 2 * (entries - group * k_in)
         row_idx = torch.empty(2 * entries.numel(), dtype=torch.long, device=device)
         row_idx.index_copy_(0, at_real, bins).index_copy_(0, at_imag, bins + 1)
         values = torch.empty(2 * entries.numel(), device=device)
         for part, at in ((real, at_real), (imag, at_imag)):
-            summed = torch.zeros(entries.numel(), device=device).index_add_(
-                0, slot, part.index_select(0, order)
-            )
-            values.index_copy_(0, at, summed)
+            part = part.index_select(0, order)
+            if merged:
+                part = torch.zeros(entries.numel(), device=device).index_add_(0, slot, part)
+            values.index_copy_(0, at, part)
         counts = sizes.view(count, k_out).repeat_interleave(2, dim=1)  # (P, 2 K_M)
         nnz = counts.sum(1)
         perm_rows = _table([a.perm_rows for a in adapters], d_out, device)
@@ -327,10 +332,20 @@ def tile_width(counts: list[int], slot_cost: float, tile_cost: float) -> int:
         width *= 2
 
 
+def _flat(adapter, d_in: int) -> torch.Tensor:
+    """The flat locations ``rows * d_in + cols`` of ``adapter``: its ``locations`` where it keeps them."""
+    flat = getattr(adapter, "locations", None)
+    if flat is not None:
+        return flat
+    return adapter.rows.long() * d_in + adapter.cols.long()
+
+
 def _table(perms: list, size: int, device) -> torch.Tensor | None:
     """``perms`` (each ``(size,)`` or None: the identity) stacked as int64 ``(P, size)``; None if all are None."""
     if all(perm is None for perm in perms):
         return None
+    if all(perm is not None and perm.dtype == perms[0].dtype for perm in perms):
+        return torch.stack(perms).to(device, torch.long)  # one stack, one conversion
     identity = torch.arange(size, device=device)
     return torch.stack([identity if perm is None else perm.to(device, torch.long) for perm in perms])
 
