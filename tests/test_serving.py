@@ -204,3 +204,41 @@ def test_bounded_dense_cache():
     assert_mixed_equals_alone(model, batches[0], names)
     model.set_serving_cache(None)
     assert model.serving_nbytes()["dense_cache"] == 0 and not dense_sized(model, held_tensors(model))
+
+
+def test_bounded_map_cache(monkeypatch):
+    """The optional map cache keeps at most its byte limit of adapters' maps: outputs equal those without it, a
+    batch whose adapters it holds builds no map, it follows changed coefficients and locations, and every byte
+    it holds is reported."""
+    model, batches = three_adapters("llama", "fft")
+    names = ["dct", BASE, "default", "s2ft", "s2ft"]
+    without = output(model, batches[0], adapter_names=names)
+    without_reversed = output(model, batches[1], adapter_names=names[::-1])
+    model.set_map_cache(1 << 30)
+    built = []
+    original = mixed_ops._Maps.build
+    monkeypatch.setattr(mixed_ops._Maps, "build", lambda *a: built.append(len(a[0])) or original(*a))
+    torch.testing.assert_close(output(model, batches[0], adapter_names=names), without, atol=1e-5, rtol=1e-5)
+    layers = len(model.spectral_layers())
+    assert built == [2] * layers  # the two banked adapters ("default", "s2ft") of each layer, built together
+    reversed_ = output(model, batches[1], adapter_names=names[::-1])
+    torch.testing.assert_close(reversed_, without_reversed, atol=1e-5, rtol=1e-5)
+    assert built == [2] * layers  # nothing built again
+    held = held_tensors(model)
+    report = model.serving_nbytes()
+    assert report["map_cache"] > 0 and report["dense_cache"] == 0
+    assert report["total"] == sum(t.untyped_storage().nbytes() for t in held.values())
+    assert_mixed_equals_alone(model, batches[0], names)
+    with torch.no_grad():
+        for layer in model.spectral_layers().values():
+            layer.adapters["s2ft"].coeffs.mul_(-2.0)
+    assert_mixed_equals_alone(model, batches[0], names)  # "s2ft" built again: its coefficients changed
+    assert built[-1] == 1
+    # A limit below two maps of the first layer keeps at most one of them at a time.
+    layer = next(iter(model.spectral_layers().values()))
+    one = original([layer.adapters["s2ft"]], layer.d_out, layer.d_in, "cpu").nbytes()
+    model.set_map_cache(one + 1)
+    assert_mixed_equals_alone(model, batches[0], names)
+    assert 0 < model.serving_nbytes()["map_cache"] <= one + 1
+    model.set_map_cache(None)
+    assert model.serving_nbytes()["map_cache"] == 0

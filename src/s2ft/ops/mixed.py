@@ -33,7 +33,7 @@ batch again (generation) passes a ``memo`` that keeps the whole plan of a batch 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -84,13 +84,17 @@ class MixedBank(NamedTuple):
         return MixedBank(d_out, d_in, tuple(adapters))
 
     @torch.no_grad()
-    def apply(self, x: torch.Tensor, which: torch.Tensor, memo: dict | None = None) -> torch.Tensor:
+    def apply(
+        self, x: torch.Tensor, which: torch.Tensor, memo: dict | None = None, cache: MapStore | None = None
+    ) -> torch.Tensor:
         """``ΔW_{which[t]} x[t]`` for every token: ``(T, d_out)`` float32, zero where ``which[t] == -1``.
 
         ``x``: ``(T, d_in)`` of any float dtype; ``which``: ``(T,)`` integers in ``[-1, A)``. Not differentiable.
         ``memo``: a dict in which to keep what a batch's ``which`` decides (the layout, the maps and their
         block-diagonal matrix) and from which to take it again for the same ``which``; the caller drops it when
         any adapter changes (generation serves the same batch at every new token).
+        ``cache``: where each adapter's map is kept between calls (:class:`MapStore`), so that a batch builds
+        only the maps of adapters it does not hold.
         """
         if x.dim() != 2 or x.shape[1] != self.d_in:
             raise ValueError(f"x must be (tokens, {self.d_in}), got {tuple(x.shape)}")
@@ -105,7 +109,7 @@ class MixedBank(NamedTuple):
         which = which.to(x.device, torch.long)
         if which.numel() and not bool(((which >= -1) & (which < self.num_adapters)).all()):
             raise ValueError(f"which must lie in [-1, {self.num_adapters}); -1 means the base model only")
-        batch = _Batch.build(self, which, memo)
+        batch = _Batch.build(self, which, memo, cache)
         if key is not None:
             memo[key] = batch
         return batch.run(x)
@@ -127,7 +131,9 @@ class _Batch(NamedTuple):
     tiles: int
 
     @staticmethod
-    def build(bank: MixedBank, which: torch.Tensor, memo: dict | None = None) -> _Batch:
+    def build(
+        bank: MixedBank, which: torch.Tensor, memo: dict | None = None, cache: MapStore | None = None
+    ) -> _Batch:
         """``memo``: as in :meth:`MixedBank.apply`; the maps of a set of adapters are kept there too, for
         batches with other ``which`` (a prompt and then its new tokens)."""
         device, count = which.device, which.shape[0]
@@ -143,7 +149,7 @@ class _Batch(NamedTuple):
         layout = _Layout.build(group, tokens, slot_cost, TILE_COST * nnz)
         maps = None if memo is None else memo.get(("maps", *present.tolist()))
         if maps is None:
-            maps = _Maps.build(adapters, bank.d_out, bank.d_in, device)
+            maps = _maps_of(adapters, bank.d_out, bank.d_in, device, cache)
             if memo is not None:
                 memo[("maps", *present.tolist())] = maps
         matrix = maps.block_diagonal(layout.adapters)
@@ -204,13 +210,35 @@ class _Batch(NamedTuple):
         return out if self.adapted is None else out.masked_fill_(~self.adapted[:, None], 0.0)
 
 
+class MapStore(Protocol):
+    """Keeps adapters' maps between calls (:class:`s2ft.tuner.serving.MapCache` bounds it in bytes)."""
+
+    def get(self, adapter) -> _Maps | None: ...
+
+    def put(self, adapter, maps: _Maps) -> None: ...
+
+
+def _maps_of(adapters: list, d_out: int, d_in: int, device, cache: MapStore | None) -> _Maps:
+    """The maps of ``adapters``: those ``cache`` holds, the others built together (and offered to it)."""
+    if cache is None:
+        return _Maps.build(adapters, d_out, d_in, device)
+    parts = [cache.get(adapter) for adapter in adapters]
+    missing = [i for i, part in enumerate(parts) if part is None]
+    if missing:
+        built = _Maps.build([adapters[i] for i in missing], d_out, d_in, device)
+        for i, part in zip(missing, built.split()):
+            parts[i] = part
+            cache.put(adapters[i], part)
+    return _Maps.concat(parts, adapters, d_out, d_in, device)
+
+
 class _Maps(NamedTuple):
     """The sparse maps ``S_a`` of ``P`` adapters, each in CSC form, adapters back to back, and their permutations."""
 
-    counts: torch.Tensor  # int64 (P, 2 K_M): entries per output column of each adapter
+    counts: torch.Tensor  # int32 (P, 2 K_M): entries per output column of each adapter
     start: torch.Tensor  # int64 (P,): offset of each adapter's entries
     nnz: torch.Tensor  # int64 (P,)
-    row_idx: torch.Tensor  # int64 (Σ nnz_a,): input bin (interleaved) of each entry
+    row_idx: torch.Tensor  # int32 (Σ nnz_a,): input bin (interleaved) of each entry
     values: torch.Tensor  # float32 (Σ nnz_a,)
     half_in: int  # 2 K_N
     half_out: int  # 2 K_M
@@ -251,8 +279,8 @@ class _Maps(NamedTuple):
         # Entry e, the (e - first)-th of its group, sits at 2 first + (e - first) (real) and that + size (imaginary).
         at_real = torch.arange(entries.numel(), device=device) + first.index_select(0, group)
         at_imag = at_real + sizes.index_select(0, group)
-        bins = 2 * (entries - group * k_in)
-        row_idx = torch.empty(2 * entries.numel(), dtype=torch.long, device=device)
+        bins = (2 * (entries - group * k_in)).int()
+        row_idx = torch.empty(2 * entries.numel(), dtype=torch.int32, device=device)
         row_idx.index_copy_(0, at_real, bins).index_copy_(0, at_imag, bins + 1)
         values = torch.empty(2 * entries.numel(), device=device)
         for part, at in ((real, at_real), (imag, at_imag)):
@@ -260,12 +288,55 @@ class _Maps(NamedTuple):
             if merged:
                 part = torch.zeros(entries.numel(), device=device).index_add_(0, slot, part)
             values.index_copy_(0, at, part)
-        counts = sizes.view(count, k_out).repeat_interleave(2, dim=1)  # (P, 2 K_M)
-        nnz = counts.sum(1)
+        counts = sizes.view(count, k_out).repeat_interleave(2, dim=1).int()  # (P, 2 K_M)
+        nnz = counts.sum(1, dtype=torch.long)
         perm_rows = _table([a.perm_rows for a in adapters], d_out, device)
         perm_cols = _table([a.perm_cols for a in adapters], d_in, device)
         return _Maps(
             counts, nnz.cumsum(0) - nnz, nnz, row_idx, values, 2 * k_in, 2 * k_out, perm_rows, perm_cols
+        )
+
+    def split(self) -> list[_Maps]:
+        """Each adapter's map alone, copied out (so that keeping one keeps nothing of the others), without
+        permutations (:meth:`concat` takes them from the adapters)."""
+        parts = []
+        for a, (start, nnz) in enumerate(zip(self.start.tolist(), self.nnz.tolist())):
+            entries = slice(start, start + nnz)
+            parts.append(
+                _Maps(
+                    self.counts[a : a + 1].clone(),
+                    self.start.new_zeros(1),
+                    self.nnz[a : a + 1].clone(),
+                    self.row_idx[entries].clone(),
+                    self.values[entries].clone(),
+                    self.half_in,
+                    self.half_out,
+                    None,
+                    None,
+                )
+            )
+        return parts
+
+    @staticmethod
+    def concat(parts: list[_Maps], adapters: list, d_out: int, d_in: int, device) -> _Maps:
+        """The maps of ``adapters`` from their maps alone (``parts``, as :meth:`split` makes them)."""
+        nnz = torch.cat([part.nnz for part in parts])
+        return _Maps(
+            torch.cat([part.counts for part in parts]),
+            nnz.cumsum(0) - nnz,
+            nnz,
+            torch.cat([part.row_idx for part in parts]),
+            torch.cat([part.values for part in parts]),
+            parts[0].half_in,
+            parts[0].half_out,
+            _table([a.perm_rows for a in adapters], d_out, device),
+            _table([a.perm_cols for a in adapters], d_in, device),
+        )
+
+    def nbytes(self) -> int:
+        return sum(
+            t.numel() * t.element_size()
+            for t in (self.counts, self.start, self.nnz, self.row_idx, self.values)
         )
 
     def block_diagonal(self, tile_of: torch.Tensor) -> torch.Tensor:
@@ -273,7 +344,8 @@ class _Maps(NamedTuple):
         tiles = tile_of.numel()
         nnz = self.nnz[tile_of]
         base = nnz.cumsum(0) - nnz  # (tiles,): where each block starts
-        pointers = self.counts[tile_of].cumsum(1) - self.counts[tile_of] + base[:, None]  # (tiles, 2 K_M)
+        counts = self.counts.index_select(0, tile_of)
+        pointers = counts.cumsum(1, dtype=torch.long) - counts + base[:, None]  # (tiles, 2 K_M)
         total = nnz.sum()
         col_ptr = torch.cat([pointers.reshape(-1), total.reshape(1)]).int()
         if tiles == self.nnz.numel():  # one tile per adapter, in order: the entries as they are
@@ -283,9 +355,10 @@ class _Maps(NamedTuple):
             source = entry + torch.repeat_interleave(self.start[tile_of] - base, nnz)
         row_idx = self.row_idx if source is None else self.row_idx.index_select(0, source)
         values = self.values if source is None else self.values.index_select(0, source)
-        shift = torch.repeat_interleave(torch.arange(tiles, device=tile_of.device) * self.half_in, nnz)
+        shift = torch.arange(tiles, device=tile_of.device, dtype=torch.int32) * self.half_in
+        row_idx = row_idx + torch.repeat_interleave(shift, nnz)
         size = (tiles * self.half_in, tiles * self.half_out)
-        return torch.sparse_csc_tensor(col_ptr, (row_idx + shift).int(), values, size, check_invariants=False)
+        return torch.sparse_csc_tensor(col_ptr, row_idx, values, size, check_invariants=False)
 
 
 class _Layout(NamedTuple):

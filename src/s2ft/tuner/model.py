@@ -31,7 +31,13 @@ from s2ft.tuner.saving import (
     shapes_metadata,
     write_adapters,
 )
-from s2ft.tuner.serving import names_per_sequence, reusing_maps, serving_nbytes, set_serving_cache
+from s2ft.tuner.serving import (
+    names_per_sequence,
+    reusing_maps,
+    serving_nbytes,
+    set_map_cache,
+    set_serving_cache,
+)
 from s2ft.tuner.signature import new_specialized, specialized
 from s2ft.tuner.targets import activate, check_name, inject, remove, unwrap
 from s2ft.tuner.targets import (
@@ -106,6 +112,11 @@ class SpectralModel(nn.Module):
     def set_serving_cache(self, max_bytes: int | None) -> None:
         """Keep up to ``max_bytes`` of dense ``ΔW`` while serving (off by default; see :mod:`s2ft.tuner.serving`)."""
         set_serving_cache(self.spectral_layers().values(), max_bytes)
+
+    def set_map_cache(self, max_bytes: int | None) -> None:
+        """Keep up to ``max_bytes`` of the served adapters' sparse maps, so that mixed batches need not build
+        them on each call (off by default; see :mod:`s2ft.tuner.serving`)."""
+        set_map_cache(self.spectral_layers().values(), max_bytes)
 
     def serving_nbytes(self) -> dict[str, int]:
         """Bytes the adapters hold, by what holds them (:func:`s2ft.tuner.serving.serving_nbytes`)."""

@@ -11,7 +11,10 @@ No dense ``ΔW`` is kept per adapter by default:
   per-adapter plan); an adapter whose basis has no bank (DCT) on its basis's own path;
 - :func:`set_serving_cache` turns on a :class:`DenseCache`, shared by every layer of a model and bounded in
   bytes, that keeps the most recently used adapters' dense ``ΔW`` (a small matmul per adapter: it wins at widths
-  of 384 and less and on thin layers, ``benchmarks/results/cpu/mixed_apply.md``).
+  of 384 and less and on thin layers, ``benchmarks/results/cpu/mixed_apply.md``);
+- :func:`set_map_cache` turns on a :class:`MapCache`, bounded in bytes, that keeps the served adapters' sparse
+  maps (about 12 bytes per location), which a mixed batch otherwise builds on each call: with short sequences
+  that build costs more than serving the tokens (``benchmarks/results/cpu/serving.md``).
 
 :func:`serving_nbytes` reports every byte these hold, with the adapters' own tensors.
 """
@@ -40,36 +43,70 @@ def version_key(adapter: nn.Module) -> tuple:
     return tuple((id(t), t._version, t.device) if t is not None else None for t in tensors)
 
 
-class DenseCache:
-    """Dense float32 ``ΔW`` of the most recently used adapters, at most ``max_bytes`` in all (least recently
-    used first out). One cache serves every layer of a model; entries are keyed by adapter object."""
+class _ByteLRU:
+    """Values derived from adapters, at most ``max_bytes`` in all, least recently used first out; keyed by
+    adapter object and valid while its tensors are unchanged (:func:`version_key`). One serves every layer of a
+    model."""
 
     def __init__(self, max_bytes: int) -> None:
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         self.max_bytes = int(max_bytes)
-        self._entries: OrderedDict[int, tuple[tuple, torch.Tensor]] = OrderedDict()
+        self._entries: OrderedDict[int, tuple[tuple, object, int]] = (
+            OrderedDict()
+        )  # id -> (key, value, bytes)
 
     def nbytes(self) -> int:
-        return sum(delta.numel() * delta.element_size() for _, delta in self._entries.values())
+        return sum(size for _, _, size in self._entries.values())
 
-    def get(self, adapter: nn.Module) -> torch.Tensor | None:
-        """``adapter``'s dense ``ΔW`` ``(d_out, d_in)``, built and kept if it fits; None if it never fits."""
-        key = version_key(adapter)
+    def values(self) -> list:
+        return [value for _, value, _ in self._entries.values()]
+
+    def lookup(self, adapter: nn.Module):
         entry = self._entries.get(id(adapter))
-        if entry is not None and entry[0] == key:
+        if entry is not None and entry[0] == version_key(adapter):
             self._entries.move_to_end(id(adapter))
             return entry[1]
         self._entries.pop(id(adapter), None)
+        return None
+
+    def store(self, adapter: nn.Module, value, size: int) -> None:
+        """Keep ``value`` (``size`` bytes) if it fits at all, evicting the least recently used."""
+        if size > self.max_bytes:
+            return
+        self._entries.pop(id(adapter), None)
+        while self._entries and self.nbytes() + size > self.max_bytes:
+            self._entries.popitem(last=False)
+        self._entries[id(adapter)] = (version_key(adapter), value, size)
+
+
+class DenseCache(_ByteLRU):
+    """Dense float32 ``ΔW`` of the most recently used adapters (:func:`set_serving_cache`)."""
+
+    def get(self, adapter: nn.Module) -> torch.Tensor | None:
+        """``adapter``'s dense ``ΔW`` ``(d_out, d_in)``, built and kept if it fits; None if it never fits."""
+        delta = self.lookup(adapter)
+        if delta is not None:
+            return delta
         size = adapter.d_out * adapter.d_in * 4
         if size > self.max_bytes:
             return None
-        while self._entries and self.nbytes() + size > self.max_bytes:
-            self._entries.popitem(last=False)
         with torch.no_grad():
             delta = adapter.delta_weight()
-        self._entries[id(adapter)] = (key, delta)
+        self.store(adapter, delta, size)
         return delta
+
+
+class MapCache(_ByteLRU):
+    """The sparse spectral maps of the most recently served adapters (:func:`set_map_cache`): about 12 bytes
+    per location, against ``4 d_out d_in`` for a dense ``ΔW``. A mixed batch then builds only the maps of the
+    adapters the cache does not hold (:class:`s2ft.ops.mixed.MapStore`)."""
+
+    def get(self, adapter: nn.Module):
+        return self.lookup(adapter)
+
+    def put(self, adapter: nn.Module, maps) -> None:
+        self.store(adapter, maps, maps.nbytes())
 
 
 def cached_delta(layer: nn.Module, adapter: nn.Module) -> torch.Tensor | None:
@@ -117,7 +154,8 @@ class LayerBank:
         if memo is not None:  # inside reusing_maps(): per layer, adapters and their versions
             key = (id(layer), tuple(names), tuple(version_key(layer.adapters[name]) for name in names))
             memo = memo.setdefault(key, {})
-        return self.bank(layer, names).apply(x, position.to(x.device), memo)
+        cache = layer.__dict__.get("_map_cache")
+        return self.bank(layer, names).apply(x, position.to(x.device), memo, cache)
 
 
 _REUSED_MAPS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("s2ft_reused_maps", default=None)
@@ -189,6 +227,14 @@ def set_serving_cache(layers: Iterable[nn.Module], max_bytes: int | None) -> Non
         layer.__dict__["_dense_cache"] = cache
 
 
+def set_map_cache(layers: Iterable[nn.Module], max_bytes: int | None) -> None:
+    """Keep up to ``max_bytes`` of the sparse maps of the most recently served adapters (all layers together),
+    so that mixed batches do not build them again; ``None`` or 0 turns the cache off and frees it."""
+    cache = MapCache(max_bytes) if max_bytes else None
+    for layer in layers:
+        layer.__dict__["_map_cache"] = cache
+
+
 def serving_nbytes(layers: Iterable[nn.Module]) -> dict[str, int]:
     """Bytes the adapters of a model's spectral ``layers`` hold, by what holds them (tensors shared between them
     counted once):
@@ -197,10 +243,11 @@ def serving_nbytes(layers: Iterable[nn.Module]) -> dict[str, int]:
     - ``plans``: what training keeps of them: the ``(rows, cols)`` derived from the flat locations and the FFT
       path's index plans (:func:`s2ft.ops.apply._plan`);
     - ``dense_cache``: the :func:`set_serving_cache` cache;
+    - ``map_cache``: the :func:`set_map_cache` cache;
     - ``total``.
     """
     seen: set[int] = set()
-    report = dict.fromkeys(("adapters", "plans", "dense_cache"), 0)
+    report = dict.fromkeys(("adapters", "plans", "dense_cache", "map_cache"), 0)
     caches = {}
     for layer in layers:
         for adapter in layer.adapters.values():
@@ -211,11 +258,12 @@ def serving_nbytes(layers: Iterable[nn.Module]) -> dict[str, int]:
             kept = adapter.__dict__.get("_kept_locations")  # (rows, cols) kept for training
             if kept is not None:
                 report["plans"] += tensor_bytes(kept[2], seen) + tensor_bytes(_PLANS.get(kept[2][0]), seen)
-        cache = layer.__dict__.get("_dense_cache")
-        if cache is not None:
-            caches[id(cache)] = cache
-    for cache in caches.values():
-        report["dense_cache"] += tensor_bytes(list(cache._entries.values()), seen)
+        for part in ("dense_cache", "map_cache"):
+            cache = layer.__dict__.get("_" + part)
+            if cache is not None:
+                caches[id(cache)] = (part, cache)
+    for part, cache in caches.values():
+        report[part] += tensor_bytes(cache.values(), seen)
     report["total"] = sum(report.values())
     return report
 
