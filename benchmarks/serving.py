@@ -14,11 +14,12 @@ i mod distinct):
 - memory per loaded adapter after serving, everything included (``SpectralModel.serving_nbytes``: the adapters'
   tensors, plans, any dense cache; a mixed batch's banks hold none of their own), against its weights file.
 
-Writes ``benchmarks/results/<device>/serving.json`` and ``serving.md``.
+Writes ``benchmarks/results/<device>/serving.json`` and ``serving.md`` (``serving-map-cache.*`` with ``--map-cache``).
 
     OMP_NUM_THREADS=2 python benchmarks/serving.py      # the full run, ~13 min on 2 CPU threads
     python benchmarks/serving.py --quick                # two layers, 1 and 8 adapters: a check that it works
     python benchmarks/serving.py --device cuda
+    OMP_NUM_THREADS=2 python benchmarks/serving.py --map-cache 256   # with a 256 MiB map cache: serving-map-cache.md
 
 Without autograd no adapter keeps a dense ``ΔW`` (``s2ft.tuner.serving``): a mixed batch goes through one
 ``MixedBank`` per layer, which copies nothing and builds the maps of the batch's adapters on each call.
@@ -143,6 +144,7 @@ def run_model(name: str, args) -> list[dict]:
         return S2FTConfig(target_modules=targets, n_frequency=args.n, seed=seed)
 
     model = get_spectral_model(base, config(0), adapter_name="a0")
+    model.set_map_cache(args.map_cache * 2**20)
     randomize(model, "a0", generator)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -204,20 +206,21 @@ def run_model(name: str, args) -> list[dict]:
     return rows
 
 
-def report(rows: list[dict], args, output: str) -> None:
+def report(rows: list[dict], args, output: str, name: str) -> None:
     command = "python benchmarks/serving.py " + " ".join(sys.argv[1:])
     meta = {"command": command, "threads": torch.get_num_threads(), "torch": torch.__version__}
     atomic_write_text(
-        os.path.join(output, "serving.json"), json.dumps({**meta, "rows": rows}, indent=2) + "\n"
+        os.path.join(output, name + ".json"), json.dumps({**meta, "rows": rows}, indent=2) + "\n"
     )
     lines = [
-        f"# Serving many adapters (S2FT n = {args.n}, random-weight MiniLM-L6 and SmolLM2-135M shapes)",
+        f"# Serving many adapters (S2FT n = {args.n}, random-weight MiniLM-L6 and SmolLM2-135M shapes)"
+        + (f", map cache {args.map_cache} MiB" if args.map_cache else ""),
         "",
         f"`{command}`, {meta['threads']} thread(s), {args.device}, torch {meta['torch']}. Prefill: batches of "
         f"B sequences of {args.tokens} tokens; generate: {args.new_tokens} new tokens after {args.prompt}. "
         "Tokens per second (medians) and their ratio to the merged model's; memory per loaded adapter "
-        "after serving, everything held (the adapters' tensors, plans, dense cache: `serving_nbytes()`), in KiB and "
-        "against its weights file.",
+        "after serving, everything held (the adapters' tensors, plans, dense and map caches: `serving_nbytes()`), "
+        "in KiB and against its weights file.",
         "",
         "| model | loaded | distinct | B | prefill tok/s | vs merged | generate tok/s | vs merged "
         "| load ms/adapter | file KiB | memory KiB | memory / file |",
@@ -236,7 +239,7 @@ def report(rows: list[dict], args, output: str) -> None:
             f"{r['file_bytes_per_adapter'] / 1024:.1f} | {r['memory_bytes_per_adapter'] / 1024:.1f} | "
             f"{r['memory_vs_file']:.2f} |"
         )
-    atomic_write_text(os.path.join(output, "serving.md"), "\n".join(lines) + "\n")
+    atomic_write_text(os.path.join(output, name + ".md"), "\n".join(lines) + "\n")
 
 
 def main() -> int:
@@ -253,6 +256,12 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument(
+        "--map-cache",
+        type=int,
+        default=0,
+        help="MiB of adapters' maps kept between batches (model.set_map_cache; default 0: off)",
+    )
     parser.add_argument("--quick", action="store_true", help="two layers, 1 and 8 adapters, small batches")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
@@ -264,7 +273,7 @@ def main() -> int:
         return 1
     rows = [row for name in args.models for row in run_model(name, args)]
     default = os.path.join("benchmarks", "results", args.device + ("-quick" if args.quick else ""))
-    report(rows, args, args.output or default)
+    report(rows, args, args.output or default, "serving-map-cache" if args.map_cache else "serving")
     return 0
 
 

@@ -300,6 +300,9 @@ class _Maps(NamedTuple):
         """Each adapter's map alone, copied out (so that keeping one keeps nothing of the others), without
         permutations (:meth:`concat` takes them from the adapters)."""
         parts = []
+        compact = (
+            torch.int16 if self.half_in <= 2**15 else torch.int32
+        )  # input bins: 2 bytes up to d_in 32,766
         for a, (start, nnz) in enumerate(zip(self.start.tolist(), self.nnz.tolist())):
             entries = slice(start, start + nnz)
             parts.append(
@@ -307,7 +310,7 @@ class _Maps(NamedTuple):
                     self.counts[a : a + 1].clone(),
                     self.start.new_zeros(1),
                     self.nnz[a : a + 1].clone(),
-                    self.row_idx[entries].clone(),
+                    self.row_idx[entries].to(compact, copy=True),
                     self.values[entries].clone(),
                     self.half_in,
                     self.half_out,
@@ -325,7 +328,7 @@ class _Maps(NamedTuple):
             torch.cat([part.counts for part in parts]),
             nnz.cumsum(0) - nnz,
             nnz,
-            torch.cat([part.row_idx for part in parts]),
+            torch.cat([part.row_idx for part in parts]).int(),
             torch.cat([part.values for part in parts]),
             parts[0].half_in,
             parts[0].half_out,

@@ -13,7 +13,7 @@ No dense ``ΔW`` is kept per adapter by default:
   bytes, that keeps the most recently used adapters' dense ``ΔW`` (a small matmul per adapter: it wins at widths
   of 384 and less and on thin layers, ``benchmarks/results/cpu/mixed_apply.md``);
 - :func:`set_map_cache` turns on a :class:`MapCache`, bounded in bytes, that keeps the served adapters' sparse
-  maps (about 12 bytes per location), which a mixed batch otherwise builds on each call: with short sequences
+  maps (12 bytes per location), which a mixed batch otherwise builds on each call: with short sequences
   that build costs more than serving the tokens (``benchmarks/results/cpu/serving.md``).
 
 :func:`serving_nbytes` reports every byte these hold, with the adapters' own tensors.
@@ -98,8 +98,8 @@ class DenseCache(_ByteLRU):
 
 
 class MapCache(_ByteLRU):
-    """The sparse spectral maps of the most recently served adapters (:func:`set_map_cache`): about 12 bytes
-    per location, against ``4 d_out d_in`` for a dense ``ΔW``. A mixed batch then builds only the maps of the
+    """The sparse spectral maps of the most recently served adapters (:func:`set_map_cache`): 12 bytes per
+    location and 8 per output frequency, against ``4 d_out d_in`` for a dense ``ΔW``. A mixed batch then builds only the maps of the
     adapters the cache does not hold (:class:`s2ft.ops.mixed.MapStore`)."""
 
     def get(self, adapter: nn.Module):
