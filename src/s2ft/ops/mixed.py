@@ -27,7 +27,9 @@ adapters in it:
 The maps of the adapters present in the batch are built on each call from their coefficients and locations
 (``O(n log n)`` per present adapter: one sort by output bin), so a bank holds nothing of its own: loading an
 adapter costs its own tensors only, and a changed coefficient is served at once. A caller that serves the same
-batch again (generation) passes a ``memo`` that keeps the whole plan of a batch (:class:`_Batch`) while it lasts. Padding costs at most
+batch again (generation) passes a ``memo`` that keeps the whole plan of a batch (:class:`_Batch`) while it lasts;
+one that serves the same adapters in many batches passes a ``cache`` (:class:`MapStore`) that keeps each adapter's
+map between calls, at 12 bytes per location, so that a batch builds only the maps it lacks. Padding costs at most
 ``b - 1`` slots per distinct adapter; ``b`` is chosen per batch to balance padding against assembly.
 """
 

@@ -134,10 +134,11 @@ class SpectralModel(nn.Module):
             raise ValueError(
                 f"unknown adapter names {unknown}; the model has {list(self.peft_config)} and {BASE!r}"
             )
-        if any(layer.merged for layer in self.spectral_layers().values()):
+        layers = self.spectral_layers()  # one walk of the model for every name (not one per name)
+        if any(layer.merged for layer in layers.values()):
             raise RuntimeError("adapter_names cannot be served while adapters are merged: unmerge() first")
         for name in set(adapter_names) - {BASE}:
-            self._require_planned(name)
+            self._require_planned(name, layers)
         with example_adapters(adapter_names):
             yield
 
@@ -265,10 +266,11 @@ class SpectralModel(nn.Module):
         if name not in self.peft_config:
             raise ValueError(f"no adapter named {name!r}; the model has {list(self.peft_config)}")
 
-    def _require_planned(self, name: str) -> None:
+    def _require_planned(self, name: str, layers: dict[str, SpectralLayer] | None = None) -> None:
         config = self.peft_config[name]
+        layers = self.spectral_layers() if layers is None else layers
         if config.planned and not all(
-            layer.adapters[name].is_ready for layer in self._layers_of(name).values()
+            layer.adapters[name].is_ready for layer in layers.values() if name in layer.adapters
         ):
             raise RuntimeError(
                 f"adapter {name!r} ({config.method}) has no spectrum locations yet: "

@@ -39,8 +39,21 @@ BANK_BASES = ("fourier",)  # the bases whose adapters a MixedBank serves
 def version_key(adapter: nn.Module) -> tuple:
     """What a served structure of ``adapter`` depends on: its coefficients, locations and permutations (each
     tensor's identity, version counter and device)."""
-    tensors = (adapter.coeffs, adapter.locations, adapter.perm_rows, adapter.perm_cols)
-    return tuple((id(t), t._version, t.device) if t is not None else None for t in tensors)
+    # straight from the module's dicts (four nn.Module.__getattr__ calls cost more: this runs for every adapter of
+    # a mixed batch at every layer call)
+    coeffs, buffers = adapter._parameters["coeffs"], adapter._buffers
+    locations, perm_rows, perm_cols = buffers["locations"], buffers["perm_rows"], buffers["perm_cols"]
+    return (
+        id(coeffs),
+        coeffs._version,
+        coeffs.device,  # the module's tensors move together (``to`` may keep a parameter's identity)
+        id(locations),
+        None if locations is None else locations._version,
+        id(perm_rows),
+        None if perm_rows is None else perm_rows._version,
+        id(perm_cols),
+        None if perm_cols is None else perm_cols._version,
+    )
 
 
 class _ByteLRU:
@@ -138,7 +151,7 @@ class LayerBank:
         """The bank of adapters ``names`` of ``layer``, in this order."""
         adapters = [layer.adapters[name] for name in names]
         for name, adapter in zip(names, adapters):
-            key = version_key(adapter)[1:]  # the coefficients' values do not matter here
+            key = version_key(adapter)[3:]  # the coefficients do not matter here
             if self.checked.get(name) != key:
                 adapter._require_ready()
                 check(adapter, layer.d_out, layer.d_in)
@@ -150,12 +163,17 @@ class LayerBank:
     ) -> torch.Tensor:
         """``ΔW x`` ``(T, d_out)`` for ``x`` ``(T, d_in)``, token ``t`` through adapter ``names[position[t]]``
         (none where ``position[t] == -1``)."""
-        memo = _REUSED_MAPS.get()
-        if memo is not None:  # inside reusing_maps(): per layer, adapters and their versions
-            key = (id(layer), tuple(names), tuple(version_key(layer.adapters[name]) for name in names))
-            memo = memo.setdefault(key, {})
         cache = layer.__dict__.get("_map_cache")
-        return self.bank(layer, names).apply(x, position.to(x.device), memo, cache)
+        reused = _REUSED_MAPS.get()
+        if reused is None:
+            return self.bank(layer, names).apply(x, position.to(x.device), None, cache)
+        # inside reusing_maps(): per layer and names, the bank and the plans of its batches, while the adapters'
+        # versions stay the same
+        versions = tuple(version_key(layer.adapters[name]) for name in names)
+        entry = reused.get((id(layer), tuple(names)))
+        if entry is None or entry[0] != versions:
+            entry = reused[(id(layer), tuple(names))] = (versions, self.bank(layer, names), {})
+        return entry[1].apply(x, position.to(x.device), entry[2], cache)
 
 
 _REUSED_MAPS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("s2ft_reused_maps", default=None)
