@@ -149,11 +149,12 @@ class _Batch(NamedTuple):
         nnz = 2 * sum(a.coeffs.numel() for a in adapters) / len(adapters)
         slot_cost = SLOT_COST[0] * (bank.d_in + bank.d_out) + SLOT_COST[1] * nnz
         layout = _Layout.build(group, tokens, slot_cost, TILE_COST * nnz)
-        maps = None if memo is None else memo.get(("maps", *present.tolist()))
+        maps_key = ("maps", *present.tolist())
+        maps = None if memo is None else memo.get(maps_key)
         if maps is None:
             maps = _maps_of(adapters, bank.d_out, bank.d_in, device, cache)
             if memo is not None:
-                memo[("maps", *present.tolist())] = maps
+                memo[maps_key] = maps
         matrix = maps.block_diagonal(layout.adapters)
         if layout.tile > 1:  # S^T as CSR (the same arrays): a sparse-times-dense product with b columns
             matrix = torch.sparse_csr_tensor(

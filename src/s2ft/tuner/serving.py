@@ -65,32 +65,38 @@ class _ByteLRU:
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         self.max_bytes = int(max_bytes)
-        self._entries: OrderedDict[int, tuple[tuple, object, int]] = (
-            OrderedDict()
-        )  # id -> (key, value, bytes)
+        self._entries: OrderedDict[int, tuple[tuple, object, int]] = OrderedDict()  # id: (key, value, bytes)
+        self._held = 0  # bytes of the entries, kept as they come and go
 
     def nbytes(self) -> int:
-        return sum(size for _, _, size in self._entries.values())
+        return self._held
 
     def values(self) -> list:
         return [value for _, value, _ in self._entries.values()]
+
+    def _drop(self, key: int | None = None) -> None:
+        """Drop the entry of adapter id ``key`` (if any), or the least recently used one."""
+        entry = self._entries.pop(key, None) if key is not None else self._entries.popitem(last=False)[1]
+        if entry is not None:
+            self._held -= entry[2]
 
     def lookup(self, adapter: nn.Module):
         entry = self._entries.get(id(adapter))
         if entry is not None and entry[0] == version_key(adapter):
             self._entries.move_to_end(id(adapter))
             return entry[1]
-        self._entries.pop(id(adapter), None)
+        self._drop(id(adapter))
         return None
 
     def store(self, adapter: nn.Module, value, size: int) -> None:
         """Keep ``value`` (``size`` bytes) if it fits at all, evicting the least recently used."""
         if size > self.max_bytes:
             return
-        self._entries.pop(id(adapter), None)
-        while self._entries and self.nbytes() + size > self.max_bytes:
-            self._entries.popitem(last=False)
+        self._drop(id(adapter))
+        while self._entries and self._held + size > self.max_bytes:
+            self._drop()
         self._entries[id(adapter)] = (version_key(adapter), value, size)
+        self._held += size
 
 
 class DenseCache(_ByteLRU):
@@ -112,8 +118,8 @@ class DenseCache(_ByteLRU):
 
 class MapCache(_ByteLRU):
     """The sparse spectral maps of the most recently served adapters (:func:`set_map_cache`): 12 bytes per
-    location and 8 per output frequency, against ``4 d_out d_in`` for a dense ``ΔW``. A mixed batch then builds only the maps of the
-    adapters the cache does not hold (:class:`s2ft.ops.mixed.MapStore`)."""
+    location and 8 per output frequency, against ``4 d_out d_in`` for a dense ``ΔW``. A mixed batch then builds
+    only the maps of the adapters the cache does not hold (:class:`s2ft.ops.mixed.MapStore`)."""
 
     def get(self, adapter: nn.Module):
         return self.lookup(adapter)
