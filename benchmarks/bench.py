@@ -347,12 +347,8 @@ def bench_calibration(args, device: torch.device) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ 4. profile
-def bench_profile(args, device: torch.device) -> dict:
-    """Where the S2FT FFT path's time goes: operators of one branch step at the largest width and token count."""
-    width, tokens, n = max(args.widths), max(args.tokens), min(args.n)
-    branch = Branch(width, n, "fft").to(device)
-    x = torch.randn(tokens, width, device=device, requires_grad=True)
-    grad = torch.randn(tokens, width, device=device)
+def profile_branch(branch: nn.Module, x: torch.Tensor, grad: torch.Tensor, device: torch.device):
+    """Operators of one step of ``branch`` (self time, descending) and their total, in ms."""
     for _ in range(2):
         train_step(branch, x, grad)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -362,11 +358,35 @@ def bench_profile(args, device: torch.device) -> dict:
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
     total = sum(getattr(e, key) for e in events)
-    top = [
-        {"op": e.key, "calls": e.count, "ms": getattr(e, key) / 1e3, "share": getattr(e, key) / total}
-        for e in events[:12]
-    ]
-    return {"width": width, "tokens": tokens, "n": n, "total_ms": total / 1e3, "top": top}
+    return events, key, total
+
+
+def bench_profile(args, device: torch.device) -> list[dict]:
+    """Where the S2FT FFT path's time goes: operators of one branch step at the largest width, at the fewest
+    and the most tokens, beside the LoRA r=8 branch's total at the same shape."""
+    width, n = max(args.widths), min(args.n)
+    shapes = sorted({min(args.tokens), max(args.tokens)})
+    out = []
+    for tokens in shapes:
+        x = torch.randn(tokens, width, device=device, requires_grad=True)
+        grad = torch.randn(tokens, width, device=device)
+        events, key, total = profile_branch(Branch(width, n, "fft").to(device), x, grad, device)
+        *_, lora_total = profile_branch(Branch(width, n, None).to(device), x, grad, device)
+        top = [
+            {"op": e.key, "calls": e.count, "ms": getattr(e, key) / 1e3, "share": getattr(e, key) / total}
+            for e in events[:12]
+        ]
+        out.append(
+            {
+                "width": width,
+                "tokens": tokens,
+                "n": n,
+                "total_ms": total / 1e3,
+                "lora_total_ms": lora_total / 1e3,
+            }
+            | {"top": top}
+        )
+    return out
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -439,13 +459,23 @@ def markdown(report: dict) -> str:
         f"{c['plan_seconds']:.2f} s.",
         "",
     ]
-    prof = report.get("profile")
-    if prof:
+    profiles = report.get("profile") or []
+    if isinstance(profiles, dict):  # a bench.json from before profiles became a list
+        profiles = [profiles]
+    if profiles:
         out += [
             "## 4. Where the FFT path's time goes",
             "",
-            f"One forward + backward of the S2FT branch alone (`fft` path), width {prof['width']}, "
-            f"{prof['tokens']} tokens, n = {prof['n']}: {prof['total_ms']:.1f} ms of operator self time.",
+            "Operators of one forward + backward of the S2FT branch alone (`fft` path, random permutations), "
+            "by self time under the profiler (which adds a few microseconds to every call, so many small calls "
+            "weigh more than they do untraced); the LoRA r = 8 branch's total at the same shape for scale.",
+            "",
+        ]
+    for prof in profiles:
+        lora = prof.get("lora_total_ms")
+        out += [
+            f"Width {prof['width']}, {prof['tokens']} tokens, n = {prof['n']}: {prof['total_ms']:.1f} ms of "
+            "operator self time" + (f" (LoRA r = 8's branch: {lora:.1f} ms)." if lora else "."),
             "",
             "| operator | calls | ms | share |",
             "|---|---|---|---|",

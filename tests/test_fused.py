@@ -28,7 +28,7 @@ def models(config_class, dtype):
                 layer.coeffs.normal_()
     separate = copy.deepcopy(fused)
     for layer in separate.spectral_layers().values():
-        layer._fusable = lambda *args: False
+        layer._fusion_path = lambda *args: None
     return fused, separate
 
 
@@ -71,3 +71,36 @@ def test_fusion_only_where_it_keeps_the_numbers():
     half, _ = models(FourierFTConfig, torch.bfloat16)
     layer16 = half.spectral_layers()["0"]
     assert not layer16._fusable(layer16.adapters["default"], x.bfloat16())
+
+
+def test_auto_in_training_takes_the_path_of_the_fused_cost_model(monkeypatch):
+    """Where the dense path would fuse, ``auto`` weighs the fused dense path against the FFT path (a choice that
+    depends on the tokens), and when the FFT path wins the branch runs on it: never on the separate dense path,
+    which the unfused rule would pick at this shape."""
+    import s2ft.ops.apply as apply_module
+    from s2ft.ops.apply import choose_path
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # both rules depend on the threads
+    assert choose_path(384, 384, 1000, 128, "cpu", fused=True) == "fft"
+    assert choose_path(384, 384, 1000, 2048, "cpu", fused=True) == "dense"
+    assert choose_path(384, 384, 1000, 128, "cpu") == "dense"  # the unfused rule
+    assert choose_path(192, 576, 1000, 2048, "cpu", fused=True) == "dense"
+    assert choose_path(2048, 2048, 1000, 128, "cpu", fused=True) == "fft"
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(384, 384))
+    weight, bias = base[0].weight.detach().clone(), base[0].bias.detach().clone()
+    model = get_spectral_model(base, FourierFTConfig(target_modules=["0"], n_frequency=1000, init="normal"))
+    layer = model.spectral_layers()["0"]
+    x = torch.randn(128, 384, requires_grad=True)
+    expected_out = (x @ (weight + layer.delta_weight().detach()).T + bias).detach()
+
+    def no_dense(*args, **kwargs):
+        raise AssertionError("the separate dense branch ran")
+
+    monkeypatch.setattr(apply_module, "delta_weight", no_dense)
+    assert not layer._fusable(layer.adapters["default"], x)
+    out = model(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, expected_out, rtol=1e-4, atol=1e-4)
+    assert layer.coeffs.grad is not None and x.grad is not None

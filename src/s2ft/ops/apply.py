@@ -92,11 +92,13 @@ def project_delta(delta, rows, cols, scaling, perm_rows=None, perm_cols=None) ->
     return (inner * factor.to(dtype) / scaling).to(dtype)
 
 
-def choose_path(d_out: int, d_in: int, n: int, num_tokens: int, device) -> str:
-    """The path ``"auto"`` takes for a layer of shape ``(d_out, d_in)`` with ``n`` coefficients.
+def choose_path(d_out: int, d_in: int, n: int, num_tokens: int, device, fused: bool = False) -> str:
+    """The path ``"auto"`` takes for a layer of shape ``(d_out, d_in)`` with ``n`` coefficients and ``num_tokens``
+    tokens; ``fused``: whether the dense path would run fused into the base layer's GEMM (a float32 or float64
+    ``nn.Linear`` in training, :meth:`s2ft.tuner.layers.SpectralLayer.forward`).
 
-    CPU: ``"fft"`` when ``d_out * d_in > threads * (64 * (d_out + d_in) + 25 * n)``, else ``"dense"``, with
-    ``threads = torch.get_num_threads()``. Model, from a sweep of layer sizes at one thread (float32,
+    CPU, not fused: ``"fft"`` when ``d_out * d_in > threads * (64 * (d_out + d_in) + 25 * n)``, else ``"dense"``,
+    with ``threads = torch.get_num_threads()``. Model, from a sweep of layer sizes at one thread (float32,
     forward+backward): per token, the dense path costs about ``0.24 ns * d_out * d_in`` (three GEMMs) and the FFT
     path about ``30 ns`` per feature (five real FFTs with their copies) plus ``6 ns`` per coefficient (two sparse
     products and a sampled one, memory-bound). The GEMMs speed up with threads, the memory-bound FFT path hardly:
@@ -104,14 +106,27 @@ def choose_path(d_out: int, d_in: int, n: int, num_tokens: int, device) -> str:
     at n = 3000, and the FFT path 4x ahead at 1024 and 4-30x at 2048-4096. The number of tokens (8 to 4096)
     barely moves the crossover.
 
+    CPU, fused: the dense path adds one GEMM (the weight gradient) per step and a few passes over the weight
+    (``ifft2``, the permutations, ``fft2`` of the gradient) however few the tokens; ``"dense"`` when
+    ``d_out * d_in * (35 + 0.022 * T) < sqrt(threads) * (T + 100) * (8 * (d_out + d_in) + 5 * n)`` (ns, with
+    ``T = num_tokens``). Fitted to ``benchmarks/path_choice.py`` (shapes 192x576 to 2048x2048, 128 to 2,048
+    tokens, one and two threads, ``benchmarks/results/cpu/path_choice-*.md``): the fused overhead is about
+    ``d_out * d_in * (35 ns + 22 ps * T) / threads``, the FFT path's ``(T + 100) * (8 ns * (d_out + d_in) +
+    5 ns * n)``, which two threads speed up by about 1.4x. The tokens matter here: at 192x576 the FFT path wins
+    at 128 tokens on one thread, the fused dense path at 512 and beyond.
+
     CUDA (not measured: no GPU was available): the dense path is a few fp32 GEMMs, fast on a GPU, while the FFT
     path is some twenty small memory-bound kernels per chunk, whose launch cost dominates small problems. Our
     guess is ``"dense"`` while ``num_tokens * d_out * d_in < 2**28`` (e.g. 2048 tokens at width 384) and
-    ``"fft"`` above, where the dense weight and its gradient also start to cost memory.
+    ``"fft"`` above, where the dense weight and its gradient also start to cost memory; fused or not.
     """
     if torch.device(device).type == "cuda":
         return "dense" if num_tokens * d_out * d_in < 2**28 else "fft"
     threads = torch.get_num_threads()
+    if fused:
+        dense_ns = d_out * d_in * (35 + 0.022 * num_tokens)
+        fft_ns = threads**0.5 * (num_tokens + 100) * (8 * (d_out + d_in) + 5 * n)
+        return "dense" if dense_ns < fft_ns else "fft"
     return "fft" if d_out * d_in > threads * (64 * (d_out + d_in) + 25 * n) else "dense"
 
 

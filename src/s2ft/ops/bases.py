@@ -9,7 +9,8 @@ optionally, row and column permutations) into a weight change, and back:
   ``(..., d_out)`` for ``x`` ``(..., d_in)``, float32 (float64 for float64 input), differentiable wrt both;
 - ``project(delta, rows, cols, scaling, perm_rows=None, perm_cols=None)``: the coefficients whose ``ΔW`` is
   nearest ``delta`` in Frobenius norm;
-- ``choose_path(d_out, d_in, n, num_tokens, device)`` (optional): the path ``apply(path="auto")`` takes;
+- ``choose_path(d_out, d_in, n, num_tokens, device, fused=False)`` (optional): the path ``apply(path="auto")``
+  takes (``fused``: the dense path would run fused into the base layer's GEMM);
 - ``seeded_locations(d_out, d_in, n, seed)``: ``n`` distinct locations drawn uniformly for a seed (int64, CPU).
 
 An adapter config names its basis (``config.basis``); the layers look it up here and never ask which method

@@ -128,8 +128,10 @@ def seeded_locations(d_out: int, d_in: int, n: int, seed: int) -> tuple[torch.Te
     return fourierft_locations(d_out, d_in, n, seed)
 
 
-def choose_path(d_out: int, d_in: int, n: int, num_tokens: int, device) -> str:
-    """The path ``"auto"`` takes for a layer of shape ``(d_out, d_in)`` with ``n`` coefficients.
+def choose_path(d_out: int, d_in: int, n: int, num_tokens: int, device, fused: bool = False) -> str:
+    """The path ``"auto"`` takes for a layer of shape ``(d_out, d_in)`` with ``n`` coefficients. ``fused`` (the
+    dense path fused into the base GEMM) is accepted and not used: this basis' model was fitted without fusion,
+    which makes the dense path cheaper, so it errs towards the FFT path there.
 
     CPU: ``"fft"`` when ``d_out * d_in > threads * (100 * (d_out + d_in) + 140 * n)``, else ``"dense"``. Model,
     from a sweep at one thread (float32, forward+backward, 512 tokens, widths 256 to 2048, n = 100 to 3000): per

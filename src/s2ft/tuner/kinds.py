@@ -50,15 +50,18 @@ class LayerKind:
     def shape(self, layer: nn.Module) -> tuple[int, int]:
         return tuple(self.matrix(layer, layer.weight).shape)
 
-    def apply(self, layer: nn.Module, adapter: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """``adapter``'s ``ΔW`` applied to the layer's input ``x`` ``(..., d_in)``: ``(..., d_out)``, float32.
-        Without autograd (serving), :func:`s2ft.tuner.serving.serve_one`: the model's bounded dense cache if one is
-        set, else the adapter's path as in training (the FFT one through the layer's bank), no dense ``ΔW`` kept."""
+    def apply(
+        self, layer: nn.Module, adapter: nn.Module, x: torch.Tensor, path: str | None = None
+    ) -> torch.Tensor:
+        """``adapter``'s ``ΔW`` applied to the layer's input ``x`` ``(..., d_in)``: ``(..., d_out)``, float32, on
+        ``path`` (default: the adapter's ``forward_path``). Without autograd (serving),
+        :func:`s2ft.tuner.serving.serve_one`: the model's bounded dense cache if one is set, else the adapter's
+        path as in training (the FFT one through the layer's bank), no dense ``ΔW`` kept."""
         if not torch.is_grad_enabled():
             served = serve_one(layer, adapter, x)
             if served is not None:
                 return served
-        return adapter.basis.apply(x, *adapter._spectrum(), path=adapter.forward_path)
+        return adapter.basis.apply(x, *adapter._spectrum(), path=path or adapter.forward_path)
 
     def lora_weights(
         self, layer: nn.Module, a: torch.Tensor, b: torch.Tensor
@@ -124,8 +127,11 @@ class Conv2dKind(LayerKind):
             and all(p == 0 for p in _padding(layer))
         )
 
-    def apply(self, layer: nn.Module, adapter: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """``x`` ``(N, C_in, H, W)`` (or unbatched ``(C_in, H, W)``) -> ``(N, C_out, H', W')``, float32."""
+    def apply(
+        self, layer: nn.Module, adapter: nn.Module, x: torch.Tensor, path: str | None = None
+    ) -> torch.Tensor:
+        """``x`` ``(N, C_in, H, W)`` (or unbatched ``(C_in, H, W)``) -> ``(N, C_out, H', W')``, float32.
+        ``path`` is accepted for the common signature; a convolution takes its adapter's ``forward_path``."""
         dense = None if torch.is_grad_enabled() else cached_delta(layer, adapter)  # None: no cache, or full
         layer = layer.base_layer
         if adapter.forward_path == "fft" and self.pointwise(layer) and torch.is_grad_enabled():

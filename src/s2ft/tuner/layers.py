@@ -321,7 +321,8 @@ class SpectralLayer(nn.Module):
         applied = [self.adapters[a] for a in self.active if a not in self._merged]
         if not applied:
             return self.base_layer(x)
-        if len(applied) == 1 and self._fusable(applied[0], x):
+        path = self._fusion_path(applied[0], x) if len(applied) == 1 else None
+        if path == "dense":
             # One GEMM with W + ΔW: the dense path's separate ΔW x would cost two more GEMMs of the layer's
             # size per training step (its forward and its input gradient); ΔW's own gradient is the same.
             weight = self.base_layer.weight
@@ -330,30 +331,34 @@ class SpectralLayer(nn.Module):
             return F.linear(x, weight + delta, self.base_layer.bias)
         # The branches run before the base layer, so that backward runs them after (reverse order): the base
         # layer's input gradient arrives first and autograd adds the branches' into it in place.
-        delta = self.kind.apply(self, applied[0], x)
+        delta = self.kind.apply(self, applied[0], x, path)
         for adapter in applied[1:]:
             delta = delta + self.kind.apply(self, adapter, x)
         result = self.base_layer(x)
         return result + delta.to(result.dtype)
 
-    def _fusable(self, adapter: SpectralAdapter, x: torch.Tensor) -> bool:
-        """Whether ``adapter``'s ``ΔW`` can join the base weight in one GEMM for this training forward: a plain
-        ``nn.Linear`` whose weight is float32 or float64 like ``x`` (a 16-bit weight would round ``ΔW`` away), no
-        autocast, and the adapter on its dense path."""
+    def _fusion_path(self, adapter: SpectralAdapter, x: torch.Tensor) -> str | None:
+        """The path of ``adapter`` in this training forward where its ``ΔW`` could join the base weight in one
+        GEMM: ``"dense"`` (then fused) or ``"fft"``, ``"auto"`` resolved with the fused dense path's costs.
+        ``None`` where it could not: not a plain ``nn.Linear`` whose weight is float32 or float64 like ``x`` (a
+        16-bit weight would round ``ΔW`` away), under autocast, or without autograd."""
         base = self.base_layer
         if not torch.is_grad_enabled() or type(base) is not nn.Linear or self.kind.quantized:
-            return False
+            return None
         if base.weight.dtype not in (torch.float32, torch.float64) or x.dtype != base.weight.dtype:
-            return False
+            return None
         if torch.is_autocast_enabled(x.device.type):
-            return False
+            return None
         path = adapter.forward_path
         choose = getattr(adapter.basis, "choose_path", None)
         if path == "auto" and choose is not None:
-            path = choose(
-                self.d_out, self.d_in, adapter.n_frequency, x.numel() // max(1, self.d_in), x.device
-            )
-        return path == "dense"
+            tokens = x.numel() // max(1, self.d_in)
+            path = choose(self.d_out, self.d_in, adapter.n_frequency, tokens, x.device, fused=True)
+        return path
+
+    def _fusable(self, adapter: SpectralAdapter, x: torch.Tensor) -> bool:
+        """Whether ``adapter``'s ``ΔW`` joins the base weight in one GEMM for this training forward."""
+        return self._fusion_path(adapter, x) == "dense"
 
     def _mixed(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         """Example ``i`` of ``x`` (dimension 0) through the base layer plus adapter ``names[i]`` only."""

