@@ -79,6 +79,22 @@ def median_ms(
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def fastest_ms(models: dict[str, nn.Module], x: torch.Tensor, rounds: int, device) -> dict[str, float]:
+    """Fastest of ``rounds`` round-robin forward + backward steps (``model(x).sum()``) of each model, in ms, after
+    one untimed round."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for round_ in range(rounds + 1):
+        for name, model in models.items():
+            synchronize(device)
+            start = time.perf_counter()
+            model(x).sum().backward()
+            synchronize(device)
+            x.grad = None
+            if round_:
+                times[name].append(1e3 * (time.perf_counter() - start))
+    return {name: min(t) for name, t in times.items()}
+
+
 def peak_bytes(call: Callable[[], None], device: torch.device) -> int:
     """The most memory one ``call`` allocates beyond what existed before it (after a warm-up call)."""
     call()

@@ -17,7 +17,6 @@ import argparse
 import copy
 import os
 import sys
-import time
 
 import torch
 from torch import nn
@@ -54,16 +53,7 @@ def layers(widths, tokens_list, rounds: int, device) -> list[dict]:
             variants["dense, separate"] = unfused(variants["dense"])
             variants["frozen"] = copy.deepcopy(base).requires_grad_(False)
             x = torch.randn(tokens, width, device=device, requires_grad=True)
-            times = {name: [] for name in variants}
-            for round_ in range(rounds + 1):
-                for name, model in variants.items():
-                    bench.synchronize(device)
-                    start = time.perf_counter()
-                    model(x).sum().backward()
-                    bench.synchronize(device)
-                    if round_:
-                        times[name].append(1e3 * (time.perf_counter() - start))
-            best = {name: min(t) for name, t in times.items()}
+            best = bench.fastest_ms(variants, x, rounds, device)
             rows.append({"width": width, "tokens": tokens, "ms": best})
             print(rows[-1], flush=True)
     return rows

@@ -63,17 +63,7 @@ def variants(d_out: int, d_in: int, device) -> dict[str, nn.Module]:
 def measure(d_out: int, d_in: int, tokens: int, rounds: int, device) -> dict:
     models = variants(d_out, d_in, device)
     x = torch.randn(tokens, d_in, device=device, requires_grad=True)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for round_ in range(rounds + 1):
-        for name, model in models.items():
-            bench.synchronize(device)
-            start = time.perf_counter()
-            model(x).sum().backward()
-            bench.synchronize(device)
-            x.grad = None
-            if round_:
-                times[name].append(1e3 * (time.perf_counter() - start))
-    best = {name: min(t) for name, t in times.items()}
+    best = bench.fastest_ms(models, x, rounds, device)
     layer = next(m for m in models["auto"].modules() if isinstance(m, SpectralLayer))
     with torch.enable_grad():
         auto = "dense" if layer._fusable(layer.current, x) else "fft"

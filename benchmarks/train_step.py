@@ -34,6 +34,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(__file__))
 
 import bench  # noqa: E402
+import path_choice  # noqa: E402
 from s2ft import FourierFTConfig, S2FTConfig, get_spectral_model  # noqa: E402
 from s2ft.io import atomic_write_text  # noqa: E402
 from s2ft.ops.apply import PATHS  # noqa: E402
@@ -146,38 +147,18 @@ def step_table(job: str, repeats: int, device) -> dict:
 
 
 def layer_overheads(d_out: int, d_in: int, tokens: int, rounds: int, device) -> dict[str, float]:
-    """Forward + backward overhead (ms, fastest of ``rounds``) over the frozen layer at one job shape."""
-    torch.manual_seed(0)
-    base = nn.Sequential(nn.Linear(d_in, d_out)).to(device)
-    variants = {"frozen": copy.deepcopy(base).requires_grad_(False)}
-    variants["lora_r8"] = get_peft_model(
-        copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, target_modules=["0"])
-    )
-    for path in PATHS:
-        config = S2FTConfig(target_modules=["0"], n_frequency=N_FREQUENCY, init="normal", forward_path=path)
-        model = get_spectral_model(copy.deepcopy(base), config)
-        layer = next(m for m in model.modules() if isinstance(m, SpectralLayer))
-        g = torch.Generator().manual_seed(0)
-        flat = torch.randperm(d_out * d_in, generator=g)[:N_FREQUENCY]
-        layer.set_locations(
-            flat // d_in, flat % d_in, torch.randperm(d_out, generator=g), torch.randperm(d_in, generator=g)
-        )
-        variants[f"s2ft_{path}"] = model
+    """Forward + backward overhead (ms, fastest of ``rounds``) over the frozen layer at one job shape: the layers
+    of ``benchmarks/path_choice.py`` (random locations and permutations), ``auto`` left out."""
+    models = path_choice.variants(d_out, d_in, device)
+    del models["auto"]
     x = torch.randn(tokens, d_in, device=device, requires_grad=True)
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for round_ in range(rounds + 1):
-        for name, model in variants.items():
-            bench.synchronize(device)
-            start = time.perf_counter()
-            model(x).sum().backward()
-            bench.synchronize(device)
-            if round_:
-                times[name].append(1e3 * (time.perf_counter() - start))
-            x.grad = None
-    best = {name: min(t) for name, t in times.items()}
-    return {name: ms - best["frozen"] for name, ms in best.items() if name != "frozen"} | {
-        "frozen": best["frozen"]
-    }
+    best = bench.fastest_ms(models, x, rounds, device)
+    overhead = {name: best[key] - best["frozen"] for name, key in LAYER_VARIANTS.items()}
+    return overhead | {"frozen": best["frozen"]}
+
+
+# The names of the per-layer part's variants in train_step.json, and path_choice's for them.
+LAYER_VARIANTS = {"lora_r8": "lora_r8", "s2ft_dense": "dense", "s2ft_fft": "fft"}
 
 
 def markdown(report: dict) -> str:
