@@ -266,3 +266,28 @@ def test_shell_commands_exist_and_parse(block, capsys):
             assert any(tuple(command[: len(k)]) == k for k in KNOWN_COMMANDS), (
                 f"{block}: `{shlex.join(command)}` is neither an s2ft command nor a known one (KNOWN_COMMANDS)"
             )
+
+
+# ---------------------------------------------------------------- the generated command-line reference
+def test_cli_reference_shows_every_subcommand_and_option():
+    """The docs' CLI reference (docs/hooks/cli_reference.py) renders every option of every subcommand of the
+    parser the ``s2ft`` command runs."""
+    import argparse
+    import importlib.util
+
+    from s2ft.cli import build_parser
+
+    spec = importlib.util.spec_from_file_location(
+        "cli_reference", os.path.join(ROOT, "docs/hooks/cli_reference.py")
+    )
+    hook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook)
+    page = hook.on_page_markdown(f"# Command line\n\n{hook.MARKER}\n", None, None, None)
+    assert hook.MARKER not in page
+    subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in subcommands.choices.items():
+        assert f"## `s2ft {name}`" in page
+        for action in parser._actions:
+            for flag in action.option_strings:
+                if flag not in ("-h", "--help"):
+                    assert f"`{flag}" in page, f"s2ft {name} {flag} is missing from the CLI reference"
