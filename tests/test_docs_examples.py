@@ -6,7 +6,8 @@ from the code.
   given fresh before each block that uses them: a text classifier, or a causal LM on :data:`CAUSAL_PAGES`.
 - ``bash`` blocks: each ``s2ft ...`` command is parsed by the real parser (the subcommand and every option must
   exist and take those values); each ``python benchmarks/NAME.py`` must name a script; other commands must be
-  known (:data:`KNOWN_COMMANDS`) and are not run.
+  known (:data:`KNOWN_COMMANDS`) and are not run. A block marked ``<!-- docs-test: run -->`` runs its ``s2ft``
+  commands too, in a folder holding the tiny models and data files the page names.
 - ``<!-- docs-test: skip: REASON -->`` on the line before a block skips it (CONTRIBUTING.md, Documentation).
 """
 
@@ -39,6 +40,7 @@ PAGES = sorted(
 CAUSAL_PAGES = {"docs/guides/serving.md", "docs/guides/quantized.md"}
 FENCE = re.compile(r"^(?P<indent>\s*)```(?P<lang>[\w-]*)\s*$")
 SKIP = re.compile(r"<!-- docs-test: skip: (?P<reason>.+?) -->")
+RUN = "<!-- docs-test: run -->"
 # The first words of the shell commands a page may show without the test running them.
 KNOWN_COMMANDS = (
     ("pip", "install"),
@@ -57,6 +59,7 @@ class Block:
     lang: str
     code: str
     skip: str | None
+    run: bool = False  # a shell block whose s2ft commands run (on the tiny models), not only parse
 
     def __str__(self) -> str:
         return f"{self.page}:{self.line}"
@@ -76,10 +79,10 @@ def blocks(page: str) -> list[Block]:
         while j < len(lines) and lines[j].strip() != "```":
             body.append(lines[j][indent:])
             j += 1
-        marker = SKIP.search(lines[i - 1]) if i else None
-        found.append(
-            Block(page, i + 1, opening["lang"], "\n".join(body), marker["reason"] if marker else None)
-        )
+        before = lines[i - 1] if i else ""
+        marker = SKIP.search(before)
+        reason = marker["reason"] if marker else None
+        found.append(Block(page, i + 1, opening["lang"], "\n".join(body), reason, RUN in before))
         i = j + 1
     return found
 
@@ -96,6 +99,21 @@ def test_the_pages_are_found_and_skips_are_rare():
 
 # ---------------------------------------------------------------- tiny models, data and the files pages name
 VOCAB = ["<unk>", "<pad>", "<eos>", "What", "is", "+", "?", ".", *map(str, range(100))]
+TOPICS = {
+    1: ["cold", "late", "broken", "rude", "loud", "dirty"],
+    2: ["fine", "plain", "usual", "slow", "small", "okay"],
+    3: ["warm", "quick", "kind", "clean", "quiet", "great"],
+}
+BERT_VOCAB = [
+    "[PAD]",
+    "[UNK]",
+    "[CLS]",
+    "[SEP]",
+    "[MASK]",
+    "the",
+    *sorted(w for ws in TOPICS.values() for w in ws),
+]
+BERT_VOCAB += [str(i) for i in range(100)]
 
 
 def tiny_bert(num_labels: int = 6) -> torch.nn.Module:
@@ -103,15 +121,41 @@ def tiny_bert(num_labels: int = 6) -> torch.nn.Module:
 
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=len(VOCAB),
+        vocab_size=len(BERT_VOCAB),
         hidden_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         intermediate_size=96,
-        max_position_embeddings=32,
+        max_position_embeddings=64,
         num_labels=num_labels,
     )
     return BertForSequenceClassification(config).eval()
+
+
+def save_tiny_bert(folder: str) -> None:
+    """A tiny BERT classifier with its word-level tokenizer, saved as any local model folder."""
+    from transformers import BertTokenizerFast
+
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(BERT_VOCAB) + "\n")
+    BertTokenizerFast(os.path.join(folder, "vocab.txt")).save_pretrained(folder)
+    tiny_bert().save_pretrained(folder)
+
+
+def write_reviews(path: str, rows: int = 300) -> None:
+    """A CSV of short texts (``review``) labelled by their topic (``stars``), as the jobs guide shows."""
+    import csv
+    import random
+
+    rng = random.Random(0)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["review", "stars"])
+        for i in range(rows):
+            stars = 1 + i % 3
+            words = [rng.choice(TOPICS[stars]) for _ in range(rng.randint(4, 9))]
+            writer.writerow([" ".join(["the", *words]), stars])
 
 
 def tiny_llama() -> torch.nn.Module:
@@ -183,7 +227,9 @@ GIVEN = tuple(given(False))
 def prepare_folder(page_text: str) -> None:
     """Write, in the current folder, the models and adapters the page names by path."""
     if "path/to/model" in page_text:
-        tiny_bert().save_pretrained("path/to/model")
+        save_tiny_bert("path/to/model")
+    if "reviews.csv" in page_text:
+        write_reviews("reviews.csv")
     if "HuggingFaceTB/SmolLM2-135M-Instruct" in page_text:
         tiny_llama().save_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")
         tokenizer().save_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")
@@ -248,10 +294,19 @@ SHELL = [b for p in PAGES for b in blocks(p) if b.lang in ("bash", "sh", "shell"
 
 
 @pytest.mark.parametrize("block", SHELL, ids=str)
-def test_shell_commands_exist_and_parse(block, capsys):
-    from s2ft.cli import build_parser
+def test_shell_commands_exist_and_parse(block, capsys, tmp_path, monkeypatch):
+    from s2ft.cli import build_parser, main
 
+    if block.run:
+        monkeypatch.chdir(tmp_path)
+        with open(os.path.join(ROOT, block.page), encoding="utf-8") as f:
+            prepare_folder(f.read())
     for command in commands(block):
+        if block.run and command[0] == "s2ft":
+            assert main(command[1:]) == 0, (
+                f"{block}: `{shlex.join(command)}` failed: {capsys.readouterr().err}"
+            )
+            continue
         if command[0] == "s2ft" or command[:3] == ["accelerate", "launch", "-m"]:
             argv = command[1:] if command[0] == "s2ft" else command[command.index("s2ft.cli") + 1 :]
             try:
