@@ -346,3 +346,17 @@ def test_cli_reference_shows_every_subcommand_and_option():
             for flag in action.option_strings:
                 if flag not in ("-h", "--help"):
                     assert f"`{flag}" in page, f"s2ft {name} {flag} is missing from the CLI reference"
+
+
+# ---------------------------------------------------------------- paths the pages name
+PATH = re.compile(r"`((?:src|tests|benchmarks|examples|docs)/[\w./-]+\.(?:py|md|yaml|json|toml))`")
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if p != "CONTRIBUTING.md"])
+def test_the_files_a_page_names_exist(page):
+    """A file of the repository named in code (`tests/test_trl.py`, `benchmarks/serving.py`) exists, so a page
+    cannot point at a file that moved. (CONTRIBUTING.md describes layouts, not only files that exist.)"""
+    with open(os.path.join(ROOT, page), encoding="utf-8") as f:
+        named = set(PATH.findall(f.read()))
+    missing = sorted(p for p in named if not os.path.exists(os.path.join(ROOT, p)))
+    assert not missing, f"{page} names files that do not exist: {missing}"
