@@ -24,7 +24,16 @@ from typing import Any
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+def _root() -> str:
+    """The repository root: the nearest folder above this file that holds pyproject.toml (wherever tests/ puts it)."""
+    folder = os.path.dirname(os.path.abspath(__file__))
+    while not os.path.isfile(os.path.join(folder, "pyproject.toml")):
+        folder = os.path.dirname(folder)
+    return folder
+
+
+ROOT = _root()
 PAGES = sorted(
     os.path.relpath(p, ROOT)
     for p in [
