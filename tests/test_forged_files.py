@@ -109,6 +109,27 @@ def test_forged_shapes_are_refused_at_once(tmp_path, size, variant):
         faulthandler.cancel_dump_traceback_later()
 
 
+@pytest.mark.parametrize("size", [2**62, 2**40, 2**31, 300_000])
+def test_forged_shapes_of_a_plan_of_locations_only_are_refused_at_once(tmp_path, size):
+    """S2FT without permutations (a plan of locations only, format 2, so no digest): the file alone is refused
+    as corrupt, and against a model by its shapes, before any decoding; at once either way."""
+    model = get_spectral_model(
+        square_mlp(), S2FTConfig(target_modules=["fc1", "fc2"], n_frequency=10, permute=False)
+    )
+    model.calibrate(make_batches("mlp"), loss_fn=mlp_loss)
+    model.save_pretrained(tmp_path)
+    state, metadata = file_of(tmp_path)
+    assert metadata[PLAN_KEY] == "l"
+    metadata = {**metadata, "s2ft_shapes": json.dumps([[size, size], [12, 12]])}
+    state, metadata = without_digests(state, metadata)
+    save_file(state, tmp_path / WEIGHTS_NAME, metadata=metadata)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="is truncated or corrupt"):
+        read_adapter(str(tmp_path / WEIGHTS_NAME))
+    refused(tmp_path, rf"fc1 is \[{size}, {size}\] in the file, \[12, 12\] in the model")
+    assert time.perf_counter() - start < 10
+
+
 def test_shapes_are_compared_with_the_model_before_plans_are_decoded(tmp_path, monkeypatch):
     """A file of another model's shapes is refused by the shapes, without decoding a plan."""
     _, path = saved(tmp_path)

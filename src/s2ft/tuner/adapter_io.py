@@ -61,7 +61,7 @@ _CORRUPT = (
     TypeError,
     RuntimeError,
     IndexError,
-    OverflowError,
+    ArithmeticError,
 )
 
 
