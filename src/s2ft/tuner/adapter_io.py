@@ -114,7 +114,7 @@ def _encode_locations(rows, cols, d_out, d_in) -> tuple[torch.Tensor, torch.Tens
 
 def _decode_locations(plan: torch.Tensor, n: int, d_out: int, d_in: int, ordered: bool):
     """Invert :func:`_encode_locations` on ``plan`` (the group orders first when ``ordered``, then the set)."""
-    sigmas = []
+    sigmas = plan[:0]  # no group orders
     if ordered:
         count, start = _read_varint(plan)
         sigmas, plan = plan[start : start + count], plan[start + count :]
@@ -274,10 +274,10 @@ def decode_plans(
     digest = PLAN_DIGEST_BYTES if version == FORMAT_VERSION else 0
     state = dict(state)
     for name in _names(state):
-        plan = state.pop(f"{name}.plan", None)
-        if not layout:
+        stored = state.pop(f"{name}.plan", None)
+        if not layout or stored is None:  # (check_plans refused a missing plan)
             continue
-        plan = plan[digest:]
+        plan = stored[digest:]
         (d_out, d_in), n = shapes[name], state[f"{name}.coeffs"].numel()
         if "p" in layout:
             split = (permutation_nbytes(d_out), permutation_nbytes(d_in))

@@ -140,7 +140,8 @@ def read_folder(
     ``wrapped``, may hold adapters already). Changes nothing."""
     directory = check_adapter_folder(directory)
     weights = os.path.join(directory, WEIGHTS_NAME)  # PEFT's file has the same name
-    metadata = None
+    metadata: dict[str, str] | None = None
+    shapes: dict[str, list[int]] | None = None
     if is_peft_folder(directory):
         config, state = read_peft_fourierft(directory)
     else:
@@ -151,8 +152,8 @@ def read_folder(
     try:
         if metadata is None:
             shapes = read_peft_shapes(directory, [n for n, _ in targets])
-            if shapes is None:  # a file PEFT wrote records no shapes
-                shapes = {name: list(shape_of(module)) for name, module in targets}
+        if shapes is None:  # a file PEFT wrote records no shapes
+            shapes = {name: list(shape_of(module)) for name, module in targets}
         # the shapes against the model's before any plan is decoded (a forged shape would take forever)
         check_shapes(shapes, bases)
         if metadata is not None:
