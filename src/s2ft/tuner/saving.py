@@ -22,7 +22,9 @@ from s2ft.tuner.adapter_io import (
     WEIGHTS_NAME,
     check_adapter,
     check_adapter_folder,
-    read_adapter,
+    check_shapes,
+    decode_file_plans,
+    open_adapter,
     write_adapter_folder,
 )
 from s2ft.tuner.distributed import copy_into, full, is_sharded_model, on_main_then_wait
@@ -138,21 +140,30 @@ def read_folder(
     ``wrapped``, may hold adapters already). Changes nothing."""
     directory = check_adapter_folder(directory)
     weights = os.path.join(directory, WEIGHTS_NAME)  # PEFT's file has the same name
+    metadata: dict[str, str] | None = None
+    shapes: dict[str, list[int]] | None = None
     if is_peft_folder(directory):
         config, state = read_peft_fourierft(directory)
-        shapes = read_peft_shapes(directory)  # None in a file PEFT wrote: it records no shapes
     else:
         config = load_config(directory)
-        state, shapes = read_adapter(weights)
+        state, metadata, shapes = open_adapter(weights)  # checked, plans not decoded yet
     targets, saves = resolve(model, config, wrapped_ok=wrapped)
-    if shapes is None:
-        shapes = {name: list(shape_of(module)) for name, module in targets}
+    bases, saved = [(n, base_of(m)) for n, m in targets], [(n, base_of(m)) for n, m in saves]
     try:
-        check_adapter(
-            state, shapes, config, [(n, base_of(m)) for n, m in targets], [(n, base_of(m)) for n, m in saves]
-        )
+        if metadata is None:
+            shapes = read_peft_shapes(directory, [n for n, _ in targets])
+        if shapes is None:  # a file PEFT wrote records no shapes
+            shapes = {name: list(shape_of(module)) for name, module in targets}
+        # the shapes against the model's before any plan is decoded (a forged shape would take forever)
+        check_shapes(shapes, bases)
+        if metadata is not None:
+            state = decode_file_plans(weights, state, metadata, shapes)
+        check_adapter(state, shapes, config, bases, saved)
     except ValueError as e:  # one line naming the file
-        raise ValueError(f"adapter file {weights}: {str(e).removeprefix('adapter file: ')}") from None
+        message = str(e).removeprefix("adapter file: ").removeprefix(f"adapter file {weights}: ")
+        if message.startswith(f"adapter file {weights} "):
+            raise ValueError(message) from None
+        raise ValueError(f"adapter file {weights}: {message}") from None
     if config.plan_from_base:  # recomputed from W0, or refused on another base model
         state = recompute_base_plans(state, config, {n: base_of(m) for n, m in targets}, FINGERPRINTS)
     return config, state

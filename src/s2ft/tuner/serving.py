@@ -13,7 +13,8 @@ No dense ``ΔW`` is kept per adapter by default:
   bytes, that keeps the most recently used adapters' dense ``ΔW`` (a small matmul per adapter: it wins at widths
   of 384 and less and on thin layers, ``benchmarks/results/cpu/mixed_apply.md``);
 - :func:`set_map_cache` turns on a :class:`MapCache`, bounded in bytes, that keeps the served adapters' sparse
-  maps (12 bytes per location), which a mixed batch otherwise builds on each call: with short sequences
+  maps (12 bytes per location, and 8 for a copy of its coefficients and locations that tells when they
+  change), which a mixed batch otherwise builds on each call: with short sequences
   that build costs more than serving the tokens (``benchmarks/results/cpu/serving.md``).
 
 :func:`serving_nbytes` reports every byte these hold, with the adapters' own tensors.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import numbers
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 
@@ -38,7 +40,9 @@ BANK_BASES = ("fourier",)  # the bases whose adapters a MixedBank serves
 
 def version_key(adapter: nn.Module) -> tuple:
     """What a served structure of ``adapter`` depends on: its coefficients, locations and permutations (each
-    tensor's identity, version counter and device)."""
+    tensor's identity, version counter and device) and its scaling. A write through ``.data``
+    (``coeffs.data.mul_(3)``) changes none of these: the caches also compare the tensors' contents
+    (:class:`_ByteLRU`)."""
     # straight from the module's dicts (four nn.Module.__getattr__ calls cost more: this runs for every adapter of
     # a mixed batch at every layer call)
     coeffs, buffers = adapter._parameters["coeffs"], adapter._buffers
@@ -53,26 +57,53 @@ def version_key(adapter: nn.Module) -> tuple:
         None if perm_rows is None else perm_rows._version,
         id(perm_cols),
         None if perm_cols is None else perm_cols._version,
+        adapter.__dict__.get("scaling"),
     )
+
+
+def _watched(adapter: nn.Module, names: tuple[str, ...]) -> list[torch.Tensor | None]:
+    """``adapter``'s tensors ``names`` (``coeffs`` and buffers), straight from the module's dicts."""
+    return [adapter._parameters[n] if n == "coeffs" else adapter._buffers[n] for n in names]
+
+
+def check_cache_bytes(max_bytes: object, parameter: str = "max_bytes") -> int:
+    """``max_bytes`` as a byte count (``None`` meaning 0, off), or a ``ValueError`` naming ``parameter``: a byte
+    count is a non-negative integer (not a bool, a float such as 1.5 or nan, or a string)."""
+    if max_bytes is None:
+        return 0
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, numbers.Integral) or max_bytes < 0:
+        raise ValueError(
+            f"{parameter} must be a non-negative integer number of bytes (or None or 0 to turn the cache off), "
+            f"got {max_bytes!r}"
+        )
+    return int(max_bytes)
 
 
 class _ByteLRU:
     """Values derived from adapters, at most ``max_bytes`` in all, least recently used first out; keyed by
-    adapter object and valid while its tensors are unchanged (:func:`version_key`). One serves every layer of a
-    model."""
+    adapter object and valid while its tensors are unchanged. One serves every layer of a model.
+
+    Unchanged means the same :func:`version_key` and the same contents of the tensors ``WATCHED``: each entry
+    keeps a copy of them (counted in its bytes), because a write through ``.data`` changes neither a tensor's
+    identity nor its version counter."""
+
+    WATCHED: tuple[str, ...] = ("coeffs", "locations", "perm_rows", "perm_cols")
 
     def __init__(self, max_bytes: int) -> None:
-        if max_bytes < 0:
-            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
-        self.max_bytes = int(max_bytes)
-        self._entries: OrderedDict[int, tuple[tuple, object, int]] = OrderedDict()  # id: (key, value, bytes)
+        self.max_bytes = check_cache_bytes(max_bytes)
+        # id: (key, value, bytes, copies of the watched tensors)
+        self._entries: OrderedDict[int, tuple[tuple, object, int, list]] = OrderedDict()
         self._held = 0  # bytes of the entries, kept as they come and go
 
     def nbytes(self) -> int:
         return self._held
 
     def values(self) -> list:
-        return [value for _, value, _ in self._entries.values()]
+        return [(value, copies) for _, value, _, copies in self._entries.values()]
+
+    def watched_nbytes(self, adapter: nn.Module) -> int:
+        """Bytes of the copies an entry of ``adapter`` keeps."""
+        return sum(t.numel() * t.element_size() for t in _watched(adapter, self.WATCHED) if t is not None)
 
     def _drop(self, key: int | None = None) -> None:
         """Drop the entry of adapter id ``key`` (if any), or the least recently used one."""
@@ -82,20 +113,30 @@ class _ByteLRU:
 
     def lookup(self, adapter: nn.Module):
         entry = self._entries.get(id(adapter))
-        if entry is not None and entry[0] == version_key(adapter):
+        if (
+            entry is not None
+            and entry[0] == version_key(adapter)
+            and all(
+                (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+                for a, b in zip(entry[3], _watched(adapter, self.WATCHED))
+            )
+        ):
             self._entries.move_to_end(id(adapter))
             return entry[1]
         self._drop(id(adapter))
         return None
 
     def store(self, adapter: nn.Module, value, size: int) -> None:
-        """Keep ``value`` (``size`` bytes) if it fits at all, evicting the least recently used."""
+        """Keep ``value`` (``size`` bytes, and the copies of the watched tensors) if it fits at all, evicting
+        the least recently used."""
+        size += self.watched_nbytes(adapter)
         if size > self.max_bytes:
             return
         self._drop(id(adapter))
         while self._entries and self._held + size > self.max_bytes:
             self._drop()
-        self._entries[id(adapter)] = (version_key(adapter), value, size)
+        copies = [None if t is None else t.detach().clone() for t in _watched(adapter, self.WATCHED)]
+        self._entries[id(adapter)] = (version_key(adapter), value, size, copies)
         self._held += size
 
 
@@ -108,7 +149,7 @@ class DenseCache(_ByteLRU):
         if delta is not None:
             return delta
         size = adapter.d_out * adapter.d_in * 4
-        if size > self.max_bytes:
+        if size + self.watched_nbytes(adapter) > self.max_bytes:
             return None
         with torch.no_grad():
             delta = adapter.delta_weight()
@@ -119,7 +160,11 @@ class DenseCache(_ByteLRU):
 class MapCache(_ByteLRU):
     """The sparse spectral maps of the most recently served adapters (:func:`set_map_cache`): 12 bytes per
     location and 8 per output frequency, against ``4 d_out d_in`` for a dense ``ΔW``. A mixed batch then builds
-    only the maps of the adapters the cache does not hold (:class:`s2ft.ops.mixed.MapStore`)."""
+    only the maps of the adapters the cache does not hold (:class:`s2ft.ops.mixed.MapStore`). An entry also
+    keeps a copy of the adapter's coefficients and locations (8 bytes per location), to notice writes that leave
+    no other trace (:class:`_ByteLRU`); the maps do not depend on the permutations."""
+
+    WATCHED = ("coeffs", "locations")
 
     def get(self, adapter: nn.Module):
         return self.lookup(adapter)
@@ -245,7 +290,9 @@ def serve_mixed(
 # ---------------------------------------------------------------------------------------------- model level
 def set_serving_cache(layers: Iterable[nn.Module], max_bytes: int | None) -> None:
     """Keep up to ``max_bytes`` of dense ``ΔW`` (most recently used adapters, all layers together) while
-    serving; ``None`` or 0 turns the cache off and frees it."""
+    serving; ``None`` or 0 turns the cache off and frees it. Any other value than a non-negative integer is
+    refused (``ValueError``)."""
+    max_bytes = check_cache_bytes(max_bytes)
     cache = DenseCache(max_bytes) if max_bytes else None
     for layer in layers:
         layer.__dict__["_dense_cache"] = cache
@@ -253,7 +300,9 @@ def set_serving_cache(layers: Iterable[nn.Module], max_bytes: int | None) -> Non
 
 def set_map_cache(layers: Iterable[nn.Module], max_bytes: int | None) -> None:
     """Keep up to ``max_bytes`` of the sparse maps of the most recently served adapters (all layers together),
-    so that mixed batches do not build them again; ``None`` or 0 turns the cache off and frees it."""
+    so that mixed batches do not build them again; ``None`` or 0 turns the cache off and frees it. Any other
+    value than a non-negative integer is refused (``ValueError``)."""
+    max_bytes = check_cache_bytes(max_bytes)
     cache = MapCache(max_bytes) if max_bytes else None
     for layer in layers:
         layer.__dict__["_map_cache"] = cache

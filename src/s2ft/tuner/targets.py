@@ -239,10 +239,24 @@ def unwrap(model: nn.Module, names: list[str]) -> nn.Module:
     return model
 
 
+NAME_MAX_BYTES = 255  # the longest file name most file systems take (an adapter other than the default is saved in a folder of its name)
+
+
 def check_name(name: str, existing: dict[str, Any]) -> None:
-    """Refuse an adapter name that is not a plain non-empty string, is reserved (:data:`BASE`), or is taken."""
-    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
-        raise ValueError(f"an adapter name must be a non-empty string without '/', got {name!r}")
+    """Refuse an adapter name that is not a plain non-empty string usable as a folder name (it is one when the
+    adapter is saved) and as a module key (no ``.``), is reserved (:data:`BASE`), or is taken."""
+    if (
+        not isinstance(name, str)
+        or not name
+        or any(c in name for c in "/\\.")
+        or any(ord(c) < 32 or ord(c) == 127 for c in name)
+        or len(name.encode("utf-8", "surrogatepass")) > NAME_MAX_BYTES
+    ):
+        raise ValueError(
+            "an adapter name must be a non-empty string that can name a folder and a module: no '/', '\\' or "
+            f"'.', no control characters (such as NUL or a newline), at most {NAME_MAX_BYTES} bytes; got "
+            f"{name if not isinstance(name, str) else name[:80]!r}"
+        )
     if name == BASE:
         raise ValueError(f"{BASE!r} is reserved (it means the base model alone in adapter_names)")
     if name in existing:
