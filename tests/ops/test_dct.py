@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
 
-from s2ft import SpectralModel, get_spectral_model, load_config
-from s2ft.methods.dct import DCTConfig
 from s2ft.ops import apply as fourier
 from s2ft.ops import dct
 from s2ft.ops.bases import get_basis
-from tests.helpers import MODELS, forward, make_batches, mlp_loss
 
 
 def naive_c(k: int, j: int, size: int) -> float:
@@ -175,70 +171,3 @@ def test_the_basis_registry_serves_the_dct():
         dct.choose_path(384, 384, 1000, 512, "cpu") == "dense"
         and dct.choose_path(4096, 4096, 1000, 512, "cpu") == "fft"
     )
-
-
-# ---------------------------------------------------------------------------------------------- the dct method
-def dct_model(kind: str, **overrides):
-    """(base model, a copy wrapped with a DCT adapter, batches, loss_fn) for a tiny model of conftest.MODELS."""
-    factory, targets, saves = MODELS[kind]
-    base = factory()
-    config = DCTConfig(target_modules=targets, modules_to_save=saves, n_frequency=30, **overrides)
-    model = get_spectral_model(copy.deepcopy(base), config)
-    return base, model, make_batches(kind), mlp_loss if kind in ("mlp", "convnet") else None
-
-
-def adam_steps(model, batches, loss_fn, steps: int = 2) -> None:
-    from s2ft.tuner.calibration import batch_loss
-
-    model.train()
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    for i in range(steps):
-        opt.zero_grad()
-        batch_loss(model, batches[i % len(batches)], loss_fn).backward()
-        opt.step()
-    model.eval()
-
-
-@pytest.mark.parametrize("kind", ["mlp", "bert", "gpt2", "convnet"])
-def test_dct_adapter_trains_merges_and_round_trips(kind, tmp_path):
-    base, model, batches, loss_fn = dct_model(kind, scaling=300.0)
-    for batch in batches:  # zeros init: the base model
-        assert torch.equal(forward(model, batch), forward(base, batch))
-    layers = model.spectral_layers()
-    for layer in layers.values():  # FourierFT's locations for the seed, in the dct basis
-        rows, cols = get_basis("fourier").seeded_locations(layer.d_out, layer.d_in, 30, 777)
-        assert (
-            layer.basis.name == "dct"
-            and torch.equal(layer.rows.cpu(), rows)
-            and torch.equal(layer.cols.cpu(), cols)
-        )
-    adam_steps(model, batches, loss_fn)
-    trained = [forward(model, b).detach() for b in batches]
-    assert not torch.allclose(trained[0], forward(base, batches[0]), atol=1e-4)
-    for layer in layers.values():  # the layer's ΔW is the basis's (ΔW in the layer kind's matrix view)
-        expected = dct.delta_weight(
-            layer.coeffs.detach().double(), layer.rows, layer.cols, layer.d_out, layer.d_in, 300.0
-        )
-        torch.testing.assert_close(layer.delta_weight().double(), expected, rtol=1e-5, atol=1e-7)
-    model.save_pretrained(tmp_path / "adapter")
-    assert isinstance(load_config(tmp_path / "adapter"), DCTConfig)
-    loaded = SpectralModel.from_pretrained(dct_model(kind)[0], str(tmp_path / "adapter")).eval()
-    for batch, out in zip(batches, trained):
-        assert torch.equal(forward(loaded, batch), out)
-    merged = loaded.merge_and_unload()
-    for batch, out in zip(batches, trained):
-        torch.testing.assert_close(forward(merged, batch), out, rtol=1e-4, atol=1e-5)
-
-
-def test_dct_adapter_fft_and_dense_paths_agree_in_training():
-    outputs, grads = {}, {}
-    for path in ("dense", "fft"):
-        _, model, batches, _ = dct_model("bert", forward_path=path, init="normal")
-        model.train()
-        out = forward(model, batches[0])
-        out.square().sum().backward()
-        outputs[path] = out.detach()
-        grads[path] = [layer.coeffs.grad for layer in model.spectral_layers().values()]
-    torch.testing.assert_close(outputs["fft"], outputs["dense"], rtol=1e-4, atol=1e-5)
-    for fft, dense in zip(grads["fft"], grads["dense"]):
-        torch.testing.assert_close(fft, dense, rtol=1e-3, atol=1e-4)

@@ -1,4 +1,5 @@
-"""The adapter lifecycle, run through the same table of behaviours for every tiny model and both methods."""
+"""The adapter lifecycle, run through the same table of behaviours for every tiny model and every registered
+spectral config (s2ft.config.CONFIGS: FourierFT, S2FT, DCT, and any config registered later)."""
 
 from __future__ import annotations
 
@@ -9,19 +10,21 @@ import os
 import pytest
 import torch
 
-from s2ft import FourierFTConfig, S2FTConfig, SpectralLayer, SpectralModel, get_spectral_model
+import s2ft.methods  # noqa: F401  (defines, and so registers, every method's adapter config)
+from s2ft import FourierFTConfig, SpectralLayer, SpectralModel, get_spectral_model, load_config
+from s2ft.config import CONFIGS
+from s2ft.ops.bases import get_basis
 from s2ft.tuner.layers import TrainedCopy
 from tests.helpers import MODELS, forward, make_batches, mlp_loss
 
-METHODS = ["fourierft", "s2ft"]
+METHODS = sorted(CONFIGS)  # a newly registered config runs through every test below
 
 
 def build(kind: str, method: str, **overrides):
     """(base model, a deep copy wrapped and ready to train, batches, loss_fn)."""
     factory, targets, saves = MODELS[kind]
     base = factory()
-    cls = S2FTConfig if method == "s2ft" else FourierFTConfig
-    config = cls(
+    config = CONFIGS[method](
         target_modules=targets,
         modules_to_save=saves,
         n_frequency=overrides.pop("n_frequency", 40),
@@ -30,7 +33,7 @@ def build(kind: str, method: str, **overrides):
     model = get_spectral_model(copy.deepcopy(base), config)
     batches = make_batches(kind)
     loss_fn = mlp_loss if kind in ("mlp", "convnet") else None
-    if method == "s2ft":
+    if config.planned:  # locations from data (S2FT): planned before training
         model.calibrate(batches, loss_fn)
     return base, model, batches, loss_fn
 
@@ -120,11 +123,60 @@ def test_save_load_roundtrip(model_kind, method, tmp_path):
     model.save_pretrained(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
     assert model.adapter_nbytes() == os.path.getsize(tmp_path / "adapter_model.safetensors")
+    assert type(load_config(tmp_path)) is type(model.spectral_config)
     loaded = SpectralModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    for batch in batches:  # bit for bit
+        with torch.no_grad():
+            assert torch.equal(forward(loaded, batch), forward(model, batch))
     torch.testing.assert_close(forward(loaded, batches[1]), expected, atol=1e-6, rtol=1e-6)
     assert loaded.num_trainable_parameters() == 0
     trainable = SpectralModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True)
     assert trainable.num_trainable_parameters() == model.num_trainable_parameters()
+    merged = loaded.merge_and_unload()
+    torch.testing.assert_close(forward(merged, batches[1]), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_layers_hold_their_bases_delta_weight_at_the_seeded_or_planned_locations(model_kind, method):
+    """Each layer's ΔW is its config's basis's (in the layer kind's matrix view) at its locations; a config whose
+    locations follow from the seed installs exactly those, in every layer."""
+    _, model, batches, loss_fn = build(model_kind, method, scaling=300.0, n_frequency=30)
+    config = model.spectral_config
+    train_steps(model, batches, loss_fn, steps=2)
+    for layer in model.spectral_layers().values():
+        assert layer.basis.name == config.basis
+        seeded = config.seeded_locations(layer.d_out, layer.d_in)
+        assert (seeded is None) == config.planned
+        if seeded is not None:
+            assert torch.equal(layer.rows.cpu().long(), seeded[0]) and torch.equal(
+                layer.cols.cpu().long(), seeded[1]
+            )
+        expected = get_basis(config.basis).delta_weight(
+            layer.coeffs.detach().double(),
+            layer.rows,
+            layer.cols,
+            layer.d_out,
+            layer.d_in,
+            300.0,
+            layer.perm_rows,
+            layer.perm_cols,
+        )
+        torch.testing.assert_close(layer.delta_weight().double(), expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fft_and_dense_paths_agree_in_training(method):
+    outputs, grads = {}, {}
+    for path in ("dense", "fft"):
+        _, model, batches, _ = build("bert", method, forward_path=path, init="normal", n_frequency=30)
+        model.train()
+        out = forward(model, batches[0])
+        out.square().sum().backward()
+        outputs[path] = out.detach()
+        grads[path] = [layer.coeffs.grad for layer in model.spectral_layers().values()]
+    torch.testing.assert_close(outputs["fft"], outputs["dense"], rtol=1e-4, atol=1e-5)
+    for fft, dense in zip(grads["fft"], grads["dense"]):
+        torch.testing.assert_close(fft, dense, rtol=1e-3, atol=1e-4)
 
 
 def test_adapter_file_stores_compact_plans_and_no_base_weights(tmp_path):
