@@ -93,7 +93,7 @@ def _encode_locations(rows, cols, d_out, d_in) -> tuple[torch.Tensor, torch.Tens
 
 def _decode_locations(plan: torch.Tensor, n: int, d_out: int, d_in: int, ordered: bool):
     """Invert :func:`_encode_locations` on ``plan`` (the group orders first when ``ordered``, then the set)."""
-    sigmas = []
+    sigmas: torch.Tensor | list[int] = []
     if ordered:
         count, start = _read_varint(plan)
         sigmas, plan = plan[start : start + count], plan[start + count :]
