@@ -1,4 +1,4 @@
-"""Quantized base layers (bitsandbytes Linear4bit nf4/fp4 and Linear8bitLt): FourierFT and S2FT train beside them,
+"""Quantized base layers (bitsandbytes Linear4bit nf4/fp4 and Linear8bitLt): every spectral method trains beside them,
 calibration takes their prior from activations, merging needs dequantize=True; other quantized layers refused."""
 
 from __future__ import annotations
@@ -9,7 +9,9 @@ import pytest
 import torch
 from torch import nn
 
+import s2ft.methods  # noqa: F401  (registers every method's adapter config)
 from s2ft import FourierFTConfig, S2FTConfig, get_spectral_model
+from s2ft.config import CONFIGS
 from s2ft.tuner.calibration import compute_prior
 from s2ft.tuner.kinds import dequantize_modules, kind_of
 
@@ -71,17 +73,19 @@ def s2ft_config(**kw) -> S2FTConfig:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("method", ["fourierft", "s2ft"])
+@pytest.mark.parametrize("method", sorted(CONFIGS))
 def test_wraps_trains_only_coefficients(kind, method):
     model = Tiny(kind)
     x = batches(1)[0][0]
     with torch.no_grad():
         base = model(x)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
-    spectral = get_spectral_model(model, fourierft() if method == "fourierft" else s2ft_config())
+    spectral = get_spectral_model(
+        model, CONFIGS[method](target_modules=["up", "down"], n_frequency=40, scaling=50.0)
+    )
     layer = spectral.spectral_layers()["up"]
     assert (layer.d_out, layer.d_in) == (96, 64)  # from the features, not the packed weight
-    if method == "s2ft":
+    if spectral.spectral_config.planned:
         spectral.calibrate(batches(), loss_fn=loss_fn)
     with torch.no_grad():
         assert torch.equal(spectral(x), base)  # zeros init: exactly the quantized base output

@@ -1,4 +1,4 @@
-"""torchao's weight-only quantized linear layers (int8, and int4 in groups): FourierFT and S2FT train beside them,
+"""torchao's weight-only quantized linear layers (int8, and int4 in groups): every spectral method trains beside them,
 calibration takes their prior from activations (equal to the dequantized float layer's weight-gradient prior),
 merging needs dequantize=True."""
 
@@ -10,7 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from s2ft import FourierFTConfig, S2FTConfig, get_spectral_model
+import s2ft.methods  # noqa: F401  (registers every method's adapter config)
+from s2ft import get_spectral_model
+from s2ft.config import CONFIGS as SPECTRAL_CONFIGS
 from s2ft.tuner.calibration import compute_prior
 from s2ft.tuner.kinds import dequantize_modules, find_kind, kind_of
 
@@ -49,8 +51,7 @@ def loss_fn(outputs: torch.Tensor, batch) -> torch.Tensor:
 
 
 def config(method: str, **kw):
-    cls = FourierFTConfig if method == "fourierft" else S2FTConfig
-    return cls(target_modules=["up", "down"], n_frequency=40, scaling=50.0, **kw)
+    return SPECTRAL_CONFIGS[method](target_modules=["up", "down"], n_frequency=40, scaling=50.0, **kw)
 
 
 @pytest.mark.parametrize("kind", CONFIGS)
@@ -63,7 +64,7 @@ def test_the_quantized_layers_are_torchaos_kind_and_the_float_head_is_not(kind):
 
 
 @pytest.mark.parametrize("kind", CONFIGS)
-@pytest.mark.parametrize("method", ["fourierft", "s2ft"])
+@pytest.mark.parametrize("method", sorted(SPECTRAL_CONFIGS))
 def test_wraps_trains_only_coefficients(kind, method):
     model = Tiny(kind)
     x = batches(1)[0][0]
@@ -72,7 +73,7 @@ def test_wraps_trains_only_coefficients(kind, method):
     spectral = get_spectral_model(model, config(method))
     layer = spectral.spectral_layers()["up"]
     assert (layer.d_out, layer.d_in) == (96, 64)
-    if method == "s2ft":
+    if spectral.spectral_config.planned:
         spectral.calibrate(batches(), loss_fn=loss_fn)
     with torch.no_grad():
         assert torch.equal(spectral(x), base)  # zeros init: exactly the quantized base output
