@@ -5,7 +5,7 @@ from s2ft.methods.dct import DCTConfig  # importing s2ft.methods registers every
 from s2ft.tuner.layers import SpectralLayer, SpectralLinear
 from s2ft.tuner.model import SpectralModel, get_spectral_model
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it)
 
 __all__ = [
     "DCTConfig",

@@ -349,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="s2ft", description="Spectral parameter-efficient fine-tuning.")
     # no abbreviations: compare has no --lr, and "--lr 5e-3" must not be read as --lr-schedule
     commands = functools.partial(argparse.ArgumentParser, allow_abbrev=False)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=commands)
+    # argparse calls parser_class like a class; typeshed asks for the class itself, not a partial of it
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=commands)  # type: ignore[call-overload]
     for add in (_add_finetune, _add_evaluate, _add_merge, _add_export_lora, _add_compare, _add_analyze):
         add(sub)
     return parser

@@ -51,7 +51,7 @@ def ordinary_modes(root: str | os.PathLike) -> None:
     ``mkdir``/``open()`` would: :func:`tempfile.mkdtemp` makes folders 0700, and some writers (transformers'
     ``save_pretrained``) leave files 0600. Symbolic links are left alone."""
     os.chmod(root, folder_mode())
-    for folder, dirs, files in os.walk(root):
+    for folder, dirs, files in os.walk(os.fspath(root)):
         for name in dirs:
             if not os.path.islink(os.path.join(folder, name)):
                 os.chmod(os.path.join(folder, name), folder_mode())
@@ -71,7 +71,7 @@ _STORAGE_ERRNOS = {
 _STORAGE_TEXTS = {os.strerror(code): problem for code, problem in _STORAGE_ERRNOS.items()}
 
 
-def storage_problem(error: BaseException) -> str | None:
+def storage_problem(error: BaseException | None) -> str | None:
     """What went wrong with the storage, in a few words (``"the disk is full (No space left on device:
     'out/x')"``), when ``error`` (or an error it was raised from) is a full disk, an exceeded quota, a file too
     large or a read-only file system; None for any other error."""

@@ -241,7 +241,7 @@ def _under_plan(
 ) -> dict[str, Any]:
     """``x`` permuted by another matrix's plan (a real ΔW by its prior's): the usual summary, plus the share of its
     energy at that plan's locations, the ones S2FT would train."""
-    if plan.perm_rows is not None and (
+    if (plan.perm_rows is not None and plan.perm_cols is not None) and (
         plan.perm_rows.numel() != x.shape[0] or plan.perm_cols.numel() != x.shape[1]
     ):
         raise ValueError(f"the prior's plan does not fit a {tuple(x.shape)} matrix")

@@ -74,7 +74,12 @@ def extract_deb(deb: Path, dest: Path, wanted: Iterable[str], manual: str) -> No
                 if name in wanted:
                     target = dest / name
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_bytes(tar.extractfile(member).read())
+                    source = tar.extractfile(member)
+                    if source is None:  # a link or a folder where the package has a file
+                        raise DataError(
+                            f"{deb.name} holds {name} as a link or a folder, not a file. {manual}"
+                        )
+                    target.write_bytes(source.read())
     except tarfile.TarError as e:
         raise DataError(f"cannot unpack {deb.name} without dpkg ({e}); install dpkg. {manual}") from None
 

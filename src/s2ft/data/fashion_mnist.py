@@ -9,6 +9,7 @@ a seeded 5,000 of the 60,000 training images are the validation split.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import shutil
@@ -79,7 +80,7 @@ def fashion_mnist_files(cache_dir: str | os.PathLike | None = None) -> Path:
             folder = _find_files(Path(tmp))
         for pair in FILES.values():
             for name in pair:
-                atomic_write(cache / name, lambda target, name=name: shutil.copyfile(folder / name, target))
+                atomic_write(cache / name, functools.partial(shutil.copyfile, folder / name))
     return cache
 
 

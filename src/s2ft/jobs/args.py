@@ -11,11 +11,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from s2ft.methods import DEFAULT_METHOD, get_method, options, owners
 from s2ft.tasks import DEFAULT_TASK, TASKS, RunError, get_task
 from s2ft.tasks.quantize import QUANTIZE
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 # The learning-rate schedules of --lr-schedule (transformers' names).
 LR_SCHEDULES = ("linear", "cosine", "constant")
@@ -67,7 +70,7 @@ class JobArgs:
     # Load the base model's linear layers in 4 or 8 bits (bitsandbytes; tasks with ``quantizable``), QLoRA-style.
     quantize: str | None = None
 
-    def resolved(self) -> JobArgs:
+    def resolved(self) -> Self:
         """A copy with every ``None`` filled from the task's defaults, then :data:`COMMON_DEFAULTS`; validated."""
         task = get_task(self.task)
         declared = options()
@@ -132,11 +135,18 @@ class JobArgs:
         return self.lr if self.lr is not None else get_method(self.method).default_lr
 
 
-FinetuneArgs = dataclasses.make_dataclass(
-    "FinetuneArgs",
-    [(o.name, Any, dataclasses.field(default=o.default)) for o in options().values()],
-    bases=(JobArgs,),
-)
-FinetuneArgs.__module__ = __name__
-FinetuneArgs.__doc__ = """Options of ``s2ft finetune``: :class:`JobArgs` and every method's options (fields of the
+if TYPE_CHECKING:  # what a type checker sees: the methods' fields are only known at run time
+
+    class FinetuneArgs(JobArgs):
+        def __init__(self, **fields: Any) -> None: ...
+        def __getattr__(self, name: str) -> Any: ...
+
+else:
+    FinetuneArgs = dataclasses.make_dataclass(
+        "FinetuneArgs",
+        [(o.name, Any, dataclasses.field(default=o.default)) for o in options().values()],
+        bases=(JobArgs,),
+    )
+    FinetuneArgs.__module__ = __name__
+    FinetuneArgs.__doc__ = """Options of ``s2ft finetune``: :class:`JobArgs` and every method's options (fields of the
 same names: ``n_frequency``, ``gamma``, ``lora_r``, ...); ``None`` means the task's default."""

@@ -52,7 +52,8 @@ def training_groups(model: torch.nn.Module, method: Method, args: FinetuneArgs) 
     """AdamW groups of training: the trainable parameters of the wrapped ``model`` (in ``named_parameters``
     order) at ``args.learning_rate``, except those of new heads (``method.is_head``) at ``args.head_lr`` in a
     second group, present only when there are such. Frozen parameters are in no group."""
-    adapter, head = [], []
+    adapter: list[torch.nn.Parameter] = []
+    head: list[torch.nn.Parameter] = []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (head if method.is_head(name) else adapter).append(param)

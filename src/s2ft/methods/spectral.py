@@ -34,7 +34,7 @@ class Spectral(Method):
     # Spectral coefficients take large steps: under Adam, scaling and learning rate trade almost one for one,
     # and this pairs with scaling=150 (Austen task, MiniLM-L6).
     default_lr = 5e-2
-    options = (N_FREQUENCY, SCALING)
+    options: ClassVar[tuple[Option, ...]] = (N_FREQUENCY, SCALING)
     budget = "n_frequency"
     exports = ("lora",)
 
@@ -164,7 +164,7 @@ S2FT_OPTIONS = (
 # S2FT's ablations in ``s2ft compare``: each differs from "s2ft" (the paper's recipe: gradient prior, locations
 # from its spectrum) in one thing only; every variant names its prior and location sampling, so that a changed
 # default (the Adam-normalized prior since issue 19) does not change what a variant measures.
-_ABLATIONS = {
+_ABLATIONS: dict[str, tuple[dict[str, Any], str]] = {
     "noperm": ({"permute": False, "locations": "prior"}, "without permutations"),
     "uniform": ({"locations": "uniform"}, "random locations"),
     "prior-half": ({"locations": "prior-half"}, "one location per mirror pair"),

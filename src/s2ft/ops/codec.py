@@ -308,5 +308,5 @@ def decode_locations(
     if m and coded[-1] >= total:
         raise ValueError(f"a location lies past the end of the {d_out}x{d_in} grid")
     flat = _complement(coded, total) if complement else coded
-    flat = torch.from_numpy(np.ascontiguousarray(flat, dtype=np.int64))
-    return flat // d_in, flat % d_in
+    locations = torch.from_numpy(np.ascontiguousarray(flat, dtype=np.int64))
+    return locations // d_in, locations % d_in

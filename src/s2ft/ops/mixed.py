@@ -35,7 +35,7 @@ map between calls, at 12 bytes per location, so that a batch builds only the map
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, cast
 
 import torch
 
@@ -112,7 +112,7 @@ class MixedBank(NamedTuple):
         if which.numel() and not bool(((which >= -1) & (which < self.num_adapters)).all()):
             raise ValueError(f"which must lie in [-1, {self.num_adapters}); -1 means the base model only")
         batch = _Batch.build(self, which, memo, cache)
-        if key is not None:
+        if memo is not None and key is not None:
             memo[key] = batch
         return batch.run(x)
 
@@ -232,7 +232,7 @@ def _maps_of(adapters: list, d_out: int, d_in: int, device, cache: MapStore | No
         for i, part in zip(missing, built.split()):
             parts[i] = part
             cache.put(adapters[i], part)
-    return _Maps.concat(parts, adapters, d_out, d_in, device)
+    return _Maps.concat(cast("list[_Maps]", parts), adapters, d_out, d_in, device)  # every part filled
 
 
 class _Maps(NamedTuple):

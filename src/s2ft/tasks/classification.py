@@ -71,7 +71,8 @@ class Classification(Task):
                 return splits[name].select([])
             return splits[name].map(lambda ex: {"label": mapping[ex["label"]]}, desc="mapping labels")
 
-        return TaskData(data.name, *(remap(s) for s in SPLITS), info={"label_names": list(trained_names)})
+        train, validation, test = (remap(s) for s in SPLITS)
+        return TaskData(data.name, train, validation, test, info={"label_names": list(trained_names)})
 
     def from_pretrained(
         self, name: str, path: str, processor_class: Any, model_class: Any, labels: list[str]

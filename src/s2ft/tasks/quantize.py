@@ -83,5 +83,6 @@ def _torchao(model: nn.Module, names: list[str], bits: str) -> None:
         (tq.PerGroup(TORCHAO_GROUP), lambda m: m.in_features % TORCHAO_GROUP == 0),
         (tq.PerAxis(0), lambda m: m.in_features % TORCHAO_GROUP != 0),
     ):
-        config = tq.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=granularity)
+        # torch.int4 exists (torch >= 2.6); torch's own type stubs do not declare it
+        config = tq.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=granularity)  # type: ignore[attr-defined]
         tq.quantize_(model, config, filter_fn=lambda m, name, fits=fits: name in chosen and fits(m))

@@ -12,7 +12,7 @@ import contextlib
 import itertools
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -59,13 +59,13 @@ def batch_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None) -> torch.Te
                 "with .mean(), and keep it a tensor computed from the outputs)"
             )
         return loss
-    loss = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
-    if loss is None:
+    own = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
+    if own is None:
         raise ValueError(
             "the model returned no loss for a calibration batch: include labels in the batches, "
             "or pass loss_fn(outputs, batch) -> scalar tensor"
         )
-    return loss
+    return own
 
 
 @contextlib.contextmanager
@@ -152,7 +152,10 @@ def prior_memory() -> Iterator[PriorMemory]:
         _LEDGERS.remove(ledger)
 
 
-def _hold(tensor: torch.Tensor | None) -> torch.Tensor | None:
+_MaybeTensor = TypeVar("_MaybeTensor", bound=torch.Tensor | None)
+
+
+def _hold(tensor: _MaybeTensor) -> _MaybeTensor:
     if tensor is not None:
         for ledger in _LEDGERS:
             ledger._hold(tensor)
@@ -320,7 +323,7 @@ def _group_prior(
     )
     seen = 0
     disabled = {name: layer.disabled for name, layer in everyone.items()}
-    iterator = agreed_batches(batches, max_batches)  # in step across ranks; one error on all if uneven
+    iterator: Any = agreed_batches(batches, max_batches)  # in step across ranks; one error on all if uneven
     if progress:
         from tqdm.auto import tqdm
 

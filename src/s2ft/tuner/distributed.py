@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import nn
@@ -30,14 +30,14 @@ from s2ft.tuner.walk import outer_named_parameters
 try:
     from torch.distributed.tensor import DTensor, distribute_tensor
 except ImportError:  # a torch without distributed support
-    DTensor, distribute_tensor = None, None
+    DTensor, distribute_tensor = None, None  # type: ignore[misc, assignment]  # (optional import)
 
 
 def is_distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def is_sharded(tensor: Any) -> bool:
+def is_sharded(tensor: Any) -> TypeGuard[DTensor]:
     """Whether ``tensor`` is a ``DTensor`` (a parameter FSDP has sharded, or its gradient)."""
     return DTensor is not None and isinstance(tensor, DTensor)
 

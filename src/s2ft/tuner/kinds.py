@@ -5,6 +5,8 @@ back, ``ΔW`` applied to its input, whether ``"all-linear"`` takes it, its LoRA 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -14,12 +16,12 @@ from s2ft.tuner.walk import outer_modules
 try:  # transformers' GPT-2 style layer: y = x @ W + b with W stored (d_in, d_out)
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a dependency, but the layer works without it
-    Conv1D = None
+    Conv1D = None  # type: ignore[misc, assignment]  # (optional import)
 
 try:  # optional: quantized base layers (QLoRA-style 4- and 8-bit models)
     import bitsandbytes as bnb
 except ImportError:  # s2ft works without it
-    bnb = None
+    bnb = None  # type: ignore[assignment]  # (optional import)
 
 
 class LayerKind:
@@ -48,7 +50,8 @@ class LayerKind:
         return matrix
 
     def shape(self, layer: nn.Module) -> tuple[int, int]:
-        return tuple(self.matrix(layer, layer.weight).shape)
+        d_out, d_in = self.matrix(layer, layer.weight).shape
+        return d_out, d_in
 
     def apply(
         self, layer: nn.Module, adapter: nn.Module, x: torch.Tensor, path: str | None = None
@@ -62,6 +65,10 @@ class LayerKind:
             if served is not None:
                 return served
         return adapter.basis.apply(x, *adapter._spectrum(), path=path or adapter.forward_path)
+
+    def float_linear(self, layer: nn.Module, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A float ``nn.Linear`` computing what a quantized layer computes (quantized kinds only)."""
+        raise TypeError(f"a {self.label} is not quantized: it has no float replacement")
 
     def lora_weights(
         self, layer: nn.Module, a: torch.Tensor, b: torch.Tensor
@@ -142,7 +149,9 @@ class Conv2dKind(LayerKind):
         # The layer's own forward with ΔW as its weight and no bias: subclasses that pad in their forward
         # (TensorFlow-style "same" padding, as EfficientNet's) are applied as they apply themselves.
         zero_bias = None if layer.bias is None else torch.zeros_like(delta[:, 0, 0, 0])
-        return torch.func.functional_call(layer, {"weight": delta, "bias": zero_bias}, (x.float(),))
+        # functional_call takes None for a parameter (here: no bias); its annotation asks for tensors only
+        params = {"weight": delta, "bias": zero_bias}
+        return torch.func.functional_call(layer, params, (x.float(),))  # type: ignore[arg-type]
 
     def weight_gradient(self, layer: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         raise TypeError("a Conv2d's prior is taken from its weight's gradient, not from its activations")
@@ -172,7 +181,8 @@ class QuantizedKind(LayerKind):
     def matrix(self, layer: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"a {self.label} weight is quantized: it has no float matrix view (see dequantized)")
 
-    to_weight = matrix
+    def to_weight(self, layer: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
+        return self.matrix(layer, matrix)
 
     def dequantized(self, layer: nn.Module) -> torch.Tensor:
         """The weight the layer computes with, ``(d_out, d_in)`` float32."""
@@ -214,9 +224,9 @@ class Linear4bitKind(QuantizedKind):
         return layer.compute_dtype or torch.float32
 
 
-def _unpack_for_cpu(weight: nn.Parameter) -> bool:
+def _unpack_for_cpu(weight: Any) -> bool:  # a bitsandbytes Params4bit
     """Undo bitsandbytes' repacking of a 4-bit weight for its AVX512-BF16 CPU kernel; whether there was any."""
-    state = getattr(weight, "quant_state", None)
+    state: Any = getattr(weight, "quant_state", None)
     if not getattr(state, "packing_format_for_cpu", False):
         return False
     from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse

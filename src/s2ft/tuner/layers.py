@@ -7,7 +7,7 @@ import contextlib
 import contextvars
 import copy
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -157,7 +157,9 @@ class SpectralAdapter(nn.Module):
         """The arguments the basis's ``delta_weight`` and (after ``x``) ``apply`` take."""
         self._require_ready()
         coeffs = self.coeffs if coeffs is None else coeffs
-        rows, cols = self._unpacked()  # once: outside training each read derives them anew
+        rows, cols = cast(
+            "tuple[torch.Tensor, torch.Tensor]", self._unpacked()
+        )  # ready: it has locations  # once: outside training each read derives them anew
         return (
             coeffs.float(),
             rows,
@@ -481,7 +483,7 @@ class TrainedCopy(nn.Module):
     @property
     def trained_module(self) -> nn.Module:
         """The copy the forward uses: the active adapter's."""
-        return self.copies[self.active]
+        return self.copies[cast(str, self.active)]  # set by the first add_copy, in __init__
 
     def forward(self, *args, **kwargs):
         names = _EXAMPLE_ADAPTERS.get()
@@ -500,8 +502,8 @@ class TrainedCopy(nn.Module):
         for i, name in enumerate(names):
             module = self.copies[name] if name in self.copies else self.original_module  # noqa: SIM401
             groups.setdefault(module, []).append(i)
-        if len(groups) == 1:
-            return next(iter(groups))(x, *args, **kwargs)
+        if len(groups) <= 1:  # one module for the whole batch (or an empty batch: the original)
+            return next(iter(groups), self.original_module)(x, *args, **kwargs)
         result = None
         for module, rows in groups.items():
             index = torch.tensor(rows, device=x.device)
@@ -510,4 +512,5 @@ class TrainedCopy(nn.Module):
                 raise TypeError(f"a mixed batch needs {type(module).__name__} to return a tensor")
             result = out.new_zeros((x.shape[0], *out.shape[1:])) if result is None else result
             result.index_copy_(0, index, out)
+        assert result is not None  # two groups or more
         return result

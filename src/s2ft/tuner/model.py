@@ -403,12 +403,13 @@ class SpectralModel(nn.Module):
         merged = {name: list(layer._merged) for name, layer in layers.items() if layer.merged}
         for name in merged:
             layers[name].unmerge()
-        for module in [*layers.values(), *copies.values()]:
+        switched: list[nn.Module] = [*layers.values(), *copies.values()]
+        for module in switched:
             module.disabled = True
         try:
             yield
         finally:
-            for module in [*layers.values(), *copies.values()]:
+            for module in switched:
                 module.disabled = False
             for name, names in merged.items():
                 layers[name].merge(names)

@@ -117,6 +117,8 @@ def plan_for(prior: torch.Tensor | None, name: str, config, base: torch.Tensor |
         order_from = base.detach().float()
         if config.locations_from == "base":
             prior = order_from
+    if prior is None:
+        raise ValueError(f"the plan of {name!r} samples its locations from its prior: pass prior")
     return plan_layer(
         prior,
         config.n_frequency,
@@ -267,10 +269,10 @@ def _digest(*tensors: torch.Tensor) -> bytes:
     return h.digest()[:DIGEST_BYTES]
 
 
-def _plan_digest(plans: Mapping[str, Mapping[str, torch.Tensor]], config: Any) -> bytes:
+def _plan_digest(plans: Mapping[str, Mapping[str, torch.Tensor | None]], config: Any) -> bytes:
     """The digest of the base-derived parts of ``plans`` (int64 tensors by key, per module), in name order."""
     keys = ("perm_rows", "perm_cols") + (("rows", "cols") if config.locations_from == "base" else ())
-    parts = [plans[n][k].long() for n in sorted(plans) for k in keys if plans[n].get(k) is not None]
+    parts = [t.long() for n in sorted(plans) for k in keys if (t := plans[n].get(k)) is not None]
     return _digest(*parts)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 _SPECIALIZED: dict[tuple[type, type], type] = {}
 
 
-def specialized(wrapper: type, model_class: type) -> type:
+def specialized(wrapper: type[Any], model_class: type[Any]) -> type[Any]:
     """A subclass of ``wrapper`` (same name and module) whose ``forward`` calls ``wrapper.forward`` and has
     ``model_class.forward``'s signature and docstring; ``wrapper`` itself if that signature cannot be read."""
     key = (wrapper, model_class)
@@ -37,7 +37,7 @@ def specialized(wrapper: type, model_class: type) -> type:
     return _SPECIALIZED[key]
 
 
-def new_specialized(wrapper: type, model_class: type) -> Any:
+def new_specialized(wrapper: type[Any], model_class: type[Any]) -> Any:
     """An empty instance of :func:`specialized`'s class, for unpickling (``__reduce_ex__``)."""
-    cls = specialized(wrapper, model_class)
+    cls: Any = specialized(wrapper, model_class)
     return cls.__new__(cls)

@@ -6,6 +6,7 @@ user's model.
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 from collections.abc import Callable
@@ -45,11 +46,11 @@ def is_target(name: str, module: nn.Module, config: FourierFTConfig, output: nn.
     Linear and Conv1D) but the output layer (an LM head) and the modules to save."""
     if config.target_modules == ALL_LINEAR:
         base = module.base_layer if isinstance(module, SpectralLayer) else module
-        saved = bool(config.modules_to_save) and matches(name, config.modules_to_save)
+        saved = bool(config.modules_to_save and matches(name, config.modules_to_save))
         kind = find_kind(base)
         linear = (kind is not None and kind.all_linear) or unsupported_quantized(base)
         return linear and base is not output and not saved
-    return matches(name, config.target_modules)
+    return config.target_modules is not None and matches(name, config.target_modules)
 
 
 def resolve(
@@ -61,7 +62,10 @@ def resolve(
     modules they wrap; what is inside them is never a target.
     """
     output = output_layer(model)
-    targets, saves, unsupported, inside = [], [], [], []
+    targets: list[tuple[str, nn.Module]] = []
+    saves: list[tuple[str, nn.Module]] = []
+    unsupported: list[str] = []
+    inside: list[str] = []
     linear_names = []
     for name, module in outer_modules(model):
         if not name or any(name.startswith(prefix + ".") for prefix in inside):
@@ -172,25 +176,26 @@ def inject(model: nn.Module, adapter_name: str, config: FourierFTConfig, wrapped
         for name, module in targets:
             if isinstance(module, SpectralLayer):
                 module.add_adapter(adapter_name, *options)
-                undo.append(lambda m=module: m.delete_adapter(adapter_name))
+                undo.append(functools.partial(module.delete_adapter, adapter_name))
                 layer = module
             else:
                 layer = SpectralLayer(module, *options, adapter_name=adapter_name)
                 set_submodule(model, name, layer)
-                undo.append(lambda n=name, m=module: set_submodule(model, n, m))
+                undo.append(functools.partial(set_submodule, model, name, module))
             shape = (layer.d_out, layer.d_in)
             if shape not in seeded:  # the same draw for every layer of a shape, as PEFT's
                 seeded[shape] = config.seeded_locations(*shape)  # None: planned by calibrate()
-            if seeded[shape] is not None:
+            locations = seeded[shape]
+            if locations is not None:
                 # each layer its own tensors: shared ones break safetensors checkpoints ("share memory")
-                layer.adapters[adapter_name].set_locations(*(t.clone() for t in seeded[shape]))
+                layer.adapters[adapter_name].set_locations(*(t.clone() for t in locations))
         for name, module in saves:
             if isinstance(module, TrainedCopy):
                 module.add_copy(adapter_name)
-                undo.append(lambda m=module: m.copies.pop(adapter_name))
+                undo.append(functools.partial(module.copies.pop, adapter_name))
             else:
                 set_submodule(model, name, TrainedCopy(module, adapter_name))
-                undo.append(lambda n=name, m=module: set_submodule(model, n, m))
+                undo.append(functools.partial(set_submodule, model, name, module))
     except BaseException:
         for step in reversed(undo):
             step()

@@ -1,0 +1,137 @@
+"""What the FSDP and DeepSpeed workers (fsdp_worker.py, deepspeed_worker.py) share: the model, batches and configs,
+the steps each rank takes and records, the Adam of one process; and what their tests share: the ``torchrun``
+launch, the one-process reference and the comparisons.
+
+A worker runs as a script (``torchrun tests/distributed/<name>_worker.py OUT``), so it puts :data:`ROOT` on
+``sys.path`` before importing this module as ``tests.distributed.common``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from s2ft import FourierFTConfig, S2FTConfig, SpectralModel, get_spectral_model
+from s2ft.tuner.distributed import full
+from tests.helpers import tiny_llama
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+STEPS, LR = 3, 0.05
+PLAN_KEYS = ("rows", "cols", "perm_rows", "perm_cols")
+
+
+def config() -> S2FTConfig:
+    return S2FTConfig(target_modules=["q_proj", "v_proj"], n_frequency=20, seed=3)
+
+
+def fourierft_config() -> FourierFTConfig:
+    return FourierFTConfig(target_modules=["q_proj", "v_proj"], n_frequency=20, scaling=50.0)
+
+
+def batches(count: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """``count`` causal-LM batches ``(2, 8)``, the same in every process for a seed."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(0, 64, (2, 8), generator=g)
+        out.append({"input_ids": ids, "labels": ids})
+    return out
+
+
+def plans(model: SpectralModel) -> dict[str, dict[str, torch.Tensor]]:
+    return {
+        n: {k: getattr(layer, k).clone() for k in PLAN_KEYS} for n, layer in model.spectral_layers().items()
+    }
+
+
+def coefficients(model: SpectralModel) -> dict[str, torch.Tensor]:
+    """Every layer's coefficients, gathered whole (a collective; FSDP's DTensor or DeepSpeed's partitioned
+    parameter itself, not a detached view)."""
+    return {n: full(layer.coeffs).detach().clone() for n, layer in model.spectral_layers().items()}
+
+
+def train(model: SpectralModel, steps: list[dict[str, torch.Tensor]]) -> None:
+    """Adam on the coefficients, one batch per step (under FSDP: this rank's share of the step's batch)."""
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=LR)
+    model.train()
+    for batch in steps:
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+# --------------------------------------------------------------------------------------- the steps of a worker
+def calibrate_share(model: SpectralModel, rank: int, world: int, seen: dict[str, Any]) -> None:
+    """Calibrates on this rank's share of the batches, then on uneven shares (rank 0: two batches, rank 1: one),
+    which must fail on every rank and change nothing."""
+    model.calibrate(batches(4, seed=0)[rank::world])
+    seen["plans"] = plans(model)
+    try:
+        model.calibrate(batches(3, seed=1)[: 2 - rank])
+    except ValueError as error:
+        seen["uneven_error"] = str(error)
+    seen["plans_after_uneven"] = plans(model)
+
+
+def rank_steps(rank: int, world: int) -> list[dict[str, torch.Tensor]]:
+    """This rank's half of each training step's batch."""
+    return [{k: v.chunk(world)[rank] for k, v in b.items()} for b in batches(STEPS, seed=2)]
+
+
+def save(model: SpectralModel, out: str, seen: dict[str, Any]) -> None:
+    """Saves the gathered adapter (rank 0 writes, the others wait) and records what every rank then sees."""
+    model.save_pretrained(f"{out}/adapter")
+    seen["saved_when_done"] = sorted(os.listdir(f"{out}/adapter"))
+
+
+def save_fourierft(fourierft: SpectralModel, out: str, seen: dict[str, Any]) -> None:
+    """Records the trained FourierFT adapter's coefficients and saves it in s2ft's and PEFT's formats."""
+    seen["fourierft_coeffs"] = coefficients(fourierft)
+    fourierft.save_pretrained(f"{out}/fourierft")
+    fourierft.save_pretrained(f"{out}/fourierft-peft", format="peft")
+
+
+# ------------------------------------------------------------------------------------------ the tests' side
+def launch(worker: str, out: Path, port: int, timeout: int, **env: str) -> list[dict[str, Any]]:
+    """Runs ``worker`` (a file beside this one) as two processes under ``torchrun``; what each rank saw."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **env}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+    ]
+    subprocess.run([*command, os.path.join(HERE, worker), str(out)], env=env, check=True, timeout=timeout)
+    return [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
+
+
+def single_process() -> tuple[SpectralModel, dict[str, dict[str, torch.Tensor]]]:
+    """One process: calibrated on all the workers' calibration batches, then trained on whole batches."""
+    model = get_spectral_model(tiny_llama(), config())
+    model.calibrate(batches(4, seed=0))
+    planned = plans(model)
+    train(model, batches(STEPS, seed=2))
+    return model, planned
+
+
+def assert_same_plans(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        for key in PLAN_KEYS:
+            assert torch.equal(a[name][key], b[name][key]), (name, key)
+
+
+def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A safetensors file's tensors and metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118 (safe_open is no dict)
