@@ -196,11 +196,18 @@ class _Options:
         return args
 
     def validate(self) -> None:
-        get_method(self.method)  # type: ignore[attr-defined]
         for name, option in all_options().items():
             problem = option.problem(getattr(self, name, None))
             if problem:
                 raise RunError(problem)
+        method, quantize = get_method(self.method), self.quantize  # type: ignore[attr-defined]
+        if quantize is not None and method.trains_everything:
+            adapters = ", ".join(m.name for m in METHODS.values() if not m.trains_everything)
+            raise RunError(
+                f"--quantize {quantize} keeps the base's linear weights quantized and frozen, so --method "
+                f"{method.name} would train only the rest (embeddings, norms, head): leave --quantize out to train "
+                f"every weight, or choose an adapter method ({adapters})"
+            )
         epochs, max_steps = self.epochs, self.max_steps  # type: ignore[attr-defined]
         if (epochs is not None and epochs <= 0) and max_steps <= 0:
             raise RunError("give --epochs > 0 or --max-steps > 0")

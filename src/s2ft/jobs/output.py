@@ -101,16 +101,23 @@ def is_s2ft_output(folder: str) -> bool:
     return output_kind(folder) is not None
 
 
-def check_output(output: str, overwrite: bool, kind: str = "run") -> str:
+def check_output(output: str, overwrite: bool, kind: str = "run", renamed: bool = True) -> str:
     """``output`` as an absolute path, after checking that a job writing a ``kind`` output may write it; raises
     :class:`RunError` otherwise.
 
     Allowed: a new path, an empty folder, or, with ``overwrite``, a folder an s2ft job wrote of the same kind.
-    Never a file, an empty name, a folder of anything else (a source tree, a data set) or of another kind.
+    Never a file, an empty name, a folder of anything else (a source tree, a data set) or of another kind, nor,
+    for an output ``renamed`` into place at the end (:func:`staged_output`), a symbolic link (to a folder, or
+    dangling): the rename would replace the link, not what it points to.
     """
     if not isinstance(output, str) or not output.strip():
         raise RunError("--output is empty; name a folder for the results")
     path = os.path.abspath(output)
+    if renamed and os.path.islink(path):
+        raise RunError(
+            f"--output {output} is a symbolic link (to {os.readlink(path)}); s2ft moves a finished output into "
+            "place, which would replace the link itself: name a real folder (e.g. the link's target) instead"
+        )
     if os.path.exists(path) and not os.path.isdir(path):
         raise RunError(f"--output {output} is a file, not a folder; choose a folder")
     try:
@@ -243,7 +250,7 @@ def results_folder(output: str, kind: str) -> str:
     """``output`` (absolute) as a folder a job keeps adding to (``s2ft compare``): created with its marker when
     new or empty, reused when it holds an s2ft output of the same ``kind``; refused (:class:`RunError`, before
     anything is written) when it is a file or holds anything else."""
-    path = check_output(output, True, kind)
+    path = check_output(output, True, kind, renamed=False)
     if output_kind(path) is None:  # new or empty; the marker first, so other processes see it is s2ft's
         try:
             os.makedirs(path, exist_ok=True)
