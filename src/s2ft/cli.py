@@ -12,7 +12,7 @@ from typing import Any
 from s2ft.errors import names_jobs_extra
 from s2ft.io import storage_problem
 from s2ft.jobs.args import JOB_OPTIONS, FinetuneArgs, refuse_inapplicable
-from s2ft.methods import METHODS, Option, owners, planning_method
+from s2ft.methods import METHODS, VARIANTS, Option, owners, planning_method
 from s2ft.methods import options as method_options
 from s2ft.tasks import TASKS, RunError, task_options, task_owners
 
@@ -154,7 +154,6 @@ def _finetune(ns: argparse.Namespace) -> None:
 
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:
-    from s2ft.jobs.compare import VARIANTS
 
     p = sub.add_parser(
         "compare",
@@ -197,7 +196,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 
 
 def _compare(ns: argparse.Namespace) -> None:
-    from s2ft.jobs.compare import VARIANTS, markdown_table, references, run_compare
+    from s2ft.jobs.compare import markdown_table, references, run_compare
     from s2ft.tasks import get_task
 
     task = get_task(ns.task)
@@ -234,8 +233,11 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 def _evaluate(ns: argparse.Namespace) -> None:
     from s2ft.jobs.evaluate import run_evaluate
+    from s2ft.jobs.logs import log_to
 
-    print(json.dumps(run_evaluate(ns.adapter, ns.split, ns.dataset, ns.quiet, ns.task), indent=2))
+    with log_to(None, ns.quiet):  # --quiet: no load reports or progress bars
+        metrics = run_evaluate(ns.adapter, ns.split, ns.dataset, ns.quiet, ns.task)
+    print(json.dumps(metrics, indent=2))
 
 
 def _add_merge(sub: argparse._SubParsersAction) -> None:
@@ -334,10 +336,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @names_jobs_extra  # a job's missing dependency: one line naming pip install "s2ft[jobs]"
+def _backends(ns: argparse.Namespace) -> set[str]:
+    """The optional backends the job uses (:func:`s2ft.jobs.noise.backends_of`): its ``--quantize``, or that of
+    the run it reads."""
+    from s2ft.jobs.noise import backends_of
+
+    quantize = getattr(ns, "quantize", None)
+    if quantize is None and getattr(ns, "adapter", None):
+        from s2ft.jobs.runs import read_run
+
+        try:
+            quantize = read_run(ns.adapter)[0].get("args", {}).get("quantize")
+        except (RunError, AttributeError):
+            quantize = None  # the job itself says what is wrong with the run
+    return backends_of(quantize if isinstance(quantize, str) else None)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from s2ft.jobs.noise import unused_backends_quiet
+
     ns = build_parser().parse_args(argv)
     try:
-        ns.handler(ns)
+        with unused_backends_quiet(_backends(ns)):  # no notices of backends the job does not use
+            ns.handler(ns)
     except RunError as e:
         print(f"s2ft {ns.command}: error: {e}", file=sys.stderr)
         return 2
