@@ -335,7 +335,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@names_jobs_extra  # a job's missing dependency: one line naming pip install "s2ft[jobs]"
 def _backends(ns: argparse.Namespace) -> set[str]:
     """The optional backends the job uses (:func:`s2ft.jobs.noise.backends_of`): its ``--quantize``, or that of
     the run it reads."""
@@ -352,6 +351,7 @@ def _backends(ns: argparse.Namespace) -> set[str]:
     return backends_of(quantize if isinstance(quantize, str) else None)
 
 
+@names_jobs_extra  # a job's missing dependency: one line naming pip install "s2ft[jobs]"
 def main(argv: list[str] | None = None) -> int:
     from s2ft.jobs.noise import unused_backends_quiet
 

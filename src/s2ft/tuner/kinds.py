@@ -322,7 +322,10 @@ def __getattr__(name: str) -> object:
 
 def supported_names() -> str:
     """The supported layers as error messages name them: "torch.nn.Linear, torch.nn.Conv2d and ..."."""
-    labels = [kind.label for kind in (*KINDS.values(), *NAMED_KINDS.values(), *WEIGHT_KINDS.values())]
+    torch_kinds = [kind for cls, kind in KINDS.items() if cls in (nn.Linear, nn.Conv2d)]
+    added = [kind for cls, kind in KINDS.items() if cls not in (nn.Linear, nn.Conv2d)]  # registered later
+    kinds = (*torch_kinds, *NAMED_KINDS.values(), *added, *WEIGHT_KINDS.values())
+    labels = [kind.label for kind in kinds]
     return labels[0] if len(labels) == 1 else f"{', '.join(labels[:-1])} and {labels[-1]}"
 
 
