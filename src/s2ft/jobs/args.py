@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from s2ft.methods import DEFAULT_METHOD, METHODS, get_method, owners
 from s2ft.methods import options as method_options
@@ -132,12 +132,12 @@ def refuse_inapplicable(names: Iterable[str], task: str, methods: Sequence[str],
                 f"(leave {tasks[name].flag} out, or choose --task {takers[0]})"
             )
         if name in methods_ and not any(any(o.name == name for o in get_method(m).options) for m in methods):
-            takers = owners(name)
-            labels = " and ".join(m.label for m in takers)
+            owning = owners(name)
+            labels = " and ".join(m.label for m in owning)
             raise RunError(
                 f"{methods_[name].flag} is for {labels}; {method_context} (leave {methods_[name].flag} out"
                 + (
-                    f", or choose --method {takers[0].name})"
+                    f", or choose --method {owning[0].name})"
                     if method_context.startswith("--method")
                     else ")"
                 )
@@ -222,9 +222,11 @@ def _fields(declared: Iterable[Option]) -> list[tuple[str, Any, Any]]:
     return [(o.name, Any, dataclasses.field(default=o.default)) for o in declared]
 
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # what type checkers see: classes of any attribute (the fields are made below)
 
     class JobArgs(_Options):
+        __dataclass_fields__: ClassVar[dict[str, Any]]
+
         def __init__(self, **fields: Any) -> None: ...
         def __getattr__(self, name: str) -> Any: ...
 

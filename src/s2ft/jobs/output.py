@@ -281,7 +281,7 @@ def clear_stale_staging(path: str) -> list[str]:
     Returns the removed folders."""
     parent, name = os.path.split(path)
     pattern = re.compile(rf"\.{re.escape(name)}\.[A-Za-z0-9_]{{8}}\.s2ft-staging")
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(parent)
     except OSError:
