@@ -225,13 +225,25 @@ def write_dataset(path, count: int = 240, labels=tuple(WORDS)) -> str:
     return str(path)
 
 
+def taken(method: str, *flags: str) -> list[str]:
+    """``flags`` (``"--n-frequency", "64", ...``, pairs) but those of options ``method`` does not take (which
+    finetune refuses)."""
+    from s2ft.methods import METHODS
+
+    names = {o.flag for o in METHODS[method].options} if method in METHODS else set()
+    pairs = zip(flags[::2], flags[1::2])
+    return [item for flag, value in pairs if flag in names for item in (flag, value)]
+
+
 def finetune(tiny, output, *extra) -> int:
     """``s2ft finetune`` of the tiny model on the tiny dataset (``tiny``: their paths), briefly; its exit status."""
     from s2ft.cli import main
 
     model, data = tiny
+    method = extra[extra.index("--method") + 1] if "--method" in extra else "s2ft"
     argv = ["finetune", "--model", model, "--dataset", data, "--output", str(output), "--quiet"]
-    argv += ["--n-frequency", "64", "--calibration-batches", "4", "--epochs", "2", "--batch-size", "8"]
+    argv += taken(method, "--n-frequency", "64", "--calibration-batches", "4")
+    argv += ["--epochs", "2", "--batch-size", "8"]
     argv += ["--head-warmup-steps", "2"]  # the default, 100, is sized for the real task
     return main([*argv, *extra])
 

@@ -1,7 +1,6 @@
 """s2ft: spectral parameter-efficient fine-tuning (FourierFT and S2FT) for PyTorch and Hugging Face models."""
 
-from s2ft.config import FourierFTConfig, S2FTConfig, load_config
-from s2ft.methods.dct import DCTConfig  # importing s2ft.methods registers every method's adapter config
+from s2ft.config import DCTConfig, FourierFTConfig, S2FTConfig, load_config
 from s2ft.tuner.layers import SpectralLayer, SpectralLinear
 from s2ft.tuner.model import SpectralModel, get_spectral_model
 

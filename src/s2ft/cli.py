@@ -11,120 +11,104 @@ from typing import Any
 
 from s2ft.errors import names_jobs_extra
 from s2ft.io import storage_problem
-from s2ft.jobs.args import COMMON_DEFAULTS, LR_SCHEDULES, FinetuneArgs
-from s2ft.methods import METHODS, Option, owners
+from s2ft.jobs.args import JOB_OPTIONS, FinetuneArgs, refuse_inapplicable
+from s2ft.methods import METHODS, VARIANTS, Option, owners, planning_method
 from s2ft.methods import options as method_options
-from s2ft.tasks import TASKS, RunError
-from s2ft.tasks.quantize import QUANTIZE
+from s2ft.tasks import TASKS, RunError, task_options, task_owners
 
-_DEFAULTS = FinetuneArgs()
+_GIVEN = "_given_options"  # the namespace attribute listing the job options the user gave
 
 
 def _per_task(field: str, fallback: Any = None) -> str:
     """``default per task: text-classification: 1000; causal-lm: 300; ...`` for a task-dependent option."""
     values = []
     for name, task in TASKS.items():
-        value = task.defaults.get(field, COMMON_DEFAULTS.get(field, fallback))
+        value = task.defaults.get(field, fallback)
         shown = " ".join(map(str, value)) if isinstance(value, list) else value
         values.append(f"{name}: {shown}")
     return "default per task: " + "; ".join(values)
 
 
-def _add_job_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by ``finetune``, ``compare`` and ``analyze``: task, model, data, training, and the methods'
-    own options."""
-    d = _DEFAULTS
-    p.add_argument(
-        "--task", default=d.task, choices=list(TASKS), help="the task family (default: %(default)s)"
-    )
-    p.add_argument(
-        "--model",
-        default=None,
-        help="; ".join(f"{n}: {t.model_help}" for n, t in TASKS.items()) + ". " + _per_task("model"),
-    )
-    p.add_argument(
-        "--dataset",
-        default=None,
-        help="; ".join(f"{n}: {t.dataset_help}" for n, t in TASKS.items()) + ". " + _per_task("dataset"),
-    )
-    p.add_argument("--text-column", default=d.text_column)
-    p.add_argument("--label-column", default=d.label_column)
-    p.add_argument("--image-column", default=d.image_column, help="image-classification: the image column")
-    p.add_argument(
-        "--targets",
-        nargs="+",
-        default=None,
-        help=f"module names (exact or .suffix) to adapt; {_per_task('targets')}",
-    )
-    p.add_argument(
-        "--head-warmup-steps",
-        type=int,
-        default=None,
-        help=f"train the new head alone this many steps first; {_per_task('head_warmup_steps')}",
-    )
-    p.add_argument("--epochs", type=float, default=None, help=_per_task("epochs"))
-    p.add_argument("--max-steps", type=int, default=d.max_steps, help="overrides --epochs when > 0")
-    p.add_argument(
-        "--lr-schedule",
-        choices=LR_SCHEDULES,
-        default=d.lr_schedule,
-        help="the learning rate's decay after the warm-up (default: %(default)s)",
-    )
-    p.add_argument(
-        "--warmup-ratio",
-        type=float,
-        default=d.warmup_ratio,
-        help="a linear warm-up of the learning rate over this fraction of the steps (default: %(default)s)",
-    )
-    p.add_argument(
-        "--head-lr", type=float, default=None, help=f"learning rate of a new head; {_per_task('head_lr')}"
-    )
-    p.add_argument("--batch-size", type=int, default=None, help=f"per process; {_per_task('batch_size')}")
-    p.add_argument(
-        "--max-length", type=int, default=None, help=f"tokens per example; {_per_task('max_length')}"
-    )
-    p.add_argument(
-        "--max-train-samples",
-        type=int,
-        default=None,
-        help=f"0: the whole training split; {_per_task('max_train_samples')}",
-    )
-    p.add_argument(
-        "--eval-samples",
-        type=int,
-        default=None,
-        help=f"validation/test examples scored, 0: all; {_per_task('eval_samples')}",
-    )
-    p.add_argument(
-        "--quantize",
-        choices=QUANTIZE,
-        default=None,
-        help="load the base model's linear layers (not the output layer) in 4 bits (nf4) or 8 bits with "
-        "bitsandbytes, QLoRA-style, or with torchao's weight-only int8 or int4 (groups of 32); causal-lm only",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bars or console log")
-    _add_method_options(p)
+def _note_given(namespace: argparse.Namespace, dest: str) -> None:
+    setattr(namespace, _GIVEN, {*getattr(namespace, _GIVEN, ()), dest})
 
 
-def _add_method_options(p: argparse.ArgumentParser) -> None:
-    """The methods' own options (:attr:`s2ft.methods.Method.options`), one group per set of methods sharing them."""
-    groups: dict[tuple[str, ...], list[Option]] = {}
+class _Store(argparse.Action):
+    """argparse's ``store``, noting that the option was given."""
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option: Any = None) -> None:
+        setattr(namespace, self.dest, values)
+        _note_given(namespace, self.dest)
+
+
+class _StoreTrue(argparse.Action):
+    """argparse's ``store_true``, noting that the option was given."""
+
+    def __init__(self, option_strings: list[str], dest: str, default: Any = False, help: str | None = None):
+        super().__init__(option_strings, dest, nargs=0, const=True, default=default, help=help)
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option: Any = None) -> None:
+        setattr(namespace, self.dest, True)
+        _note_given(namespace, self.dest)
+
+
+class _Switch(argparse.BooleanOptionalAction):
+    """``--x/--no-x``, noting that the option was given."""
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option: Any = None) -> None:
+        super().__call__(parser, namespace, values, option)
+        _note_given(namespace, self.dest)
+
+
+def add_option(parser: Any, option: Option) -> None:
+    """The flag of one declared option (:class:`s2ft.options.Option`): its type, choices, default and help (with
+    each task's default when it depends on the task)."""
+    help_text = option.help
+    task_set = any(option.name in t.defaults for t in TASKS.values())
+    if option.default is None and option.per_task and (option.fallback is not None or task_set):
+        if not callable(option.fallback):
+            per_task = _per_task(option.name, option.fallback)
+            help_text = f"{help_text}; {per_task}" if help_text else per_task
+    elif option.default is not None and option.default is not False:
+        help_text += " (default: %(default)s)"
+    if option.type is bool:
+        action = _Switch if option.default else _StoreTrue
+        parser.add_argument(option.flag, action=action, default=option.default, help=help_text)
+        return
+    parser.add_argument(
+        option.flag,
+        action=_Store,
+        type=option.type,
+        choices=option.choices,
+        nargs=option.nargs,
+        metavar=option.metavar,
+        default=option.default,
+        help=help_text,
+    )
+
+
+def _add_job_options(p: argparse.ArgumentParser, command: str) -> None:
+    """The options of the runs of ``command`` (finetune, compare, analyze), from their declarations: those every
+    job has, then each task's and each method's own, one group per set of tasks or methods sharing them."""
+    for option in JOB_OPTIONS:
+        if command in option.commands:
+            add_option(p, option)
+    groups: dict[str, list[Option]] = {}
+    for option in task_options().values():
+        names = ", ".join(t.name for t in task_owners(option.name))
+        groups.setdefault(f"options of the {names} task{'s' if ',' in names else ''}", []).append(option)
     for option in method_options().values():
-        groups.setdefault(tuple(m.name for m in owners(option.name)), []).append(option)
-    for names, group_options in groups.items():
-        group = p.add_argument_group(f"options of {', '.join(names)}")
+        groups.setdefault(f"options of {', '.join(m.name for m in owners(option.name))}", []).append(option)
+    for title, group_options in groups.items():
+        group = p.add_argument_group(title)
         for option in group_options:
-            help_text = option.help
-            if option.default is None and option.fallback is not None and not callable(option.fallback):
-                help_text += f"; {_per_task(option.name, option.fallback)}"
-            elif option.default is not None:
-                help_text += " (default: %(default)s)"
-            kind: dict[str, Any] = (
-                {"action": argparse.BooleanOptionalAction}
-                if option.type is bool
-                else {"type": option.type, "choices": option.choices}
-            )
-            group.add_argument(option.flag, default=option.default, help=help_text, **kind)
+            if command in option.commands:
+                add_option(group, option)
+
+
+def _given(ns: argparse.Namespace) -> list[str]:
+    """The job options the user gave on the command line (not those left at their defaults)."""
+    return sorted(getattr(ns, _GIVEN, ()))
 
 
 def _budgeted(field: str) -> str:
@@ -145,17 +129,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
         "weights, classifying sentences by which of Jane Austen's six novels they come from. "
         "--task causal-lm and --task image-classification have defaults of their own.",
     )
-    p.add_argument("--method", default=_DEFAULTS.method, choices=list(METHODS))
-    lrs = ", ".join(f"{m.name} {m.default_lr:g}" for m in METHODS.values())
-    p.add_argument("--lr", type=float, default=None, help=f"learning rate of the trained weights ({lrs})")
-    p.add_argument("--seed", type=int, default=_DEFAULTS.seed)
-    p.add_argument(
-        "--output",
-        default=None,
-        help=f"run folder: metrics.json, run.json, log.txt, adapter/; {_per_task('output')}",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace a run s2ft wrote earlier in --output")
-    _add_job_options(p)
+    _add_job_options(p, "finetune")
     p.set_defaults(handler=_finetune)
 
 
@@ -163,6 +137,7 @@ def _finetune(ns: argparse.Namespace) -> None:
     from s2ft.jobs.finetune import run_finetune
 
     args = _job_args(ns)
+    refuse_inapplicable(_given(ns), args.task, [args.method], f"--method is {args.method!r}")
     metrics = run_finetune(args)
     if not args.quiet:
         shown = (
@@ -179,7 +154,6 @@ def _finetune(ns: argparse.Namespace) -> None:
 
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:
-    from s2ft.jobs.compare import VARIANTS
 
     p = sub.add_parser(
         "compare",
@@ -217,7 +191,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         "whose finished runs with the same options are reused; several compare processes may share it (each "
         "run is claimed with a lock file)",
     )
-    _add_job_options(p)
+    _add_job_options(p, "compare")
     p.set_defaults(handler=_compare)
 
 
@@ -226,6 +200,8 @@ def _compare(ns: argparse.Namespace) -> None:
     from s2ft.tasks import get_task
 
     task = get_task(ns.task)
+    methods = [VARIANTS[v].method.name for v in ns.variants]
+    refuse_inapplicable(_given(ns), task.name, methods, "none of --variants runs it")
     ns.output = ns.output or f"runs/compare-{task.name}"
     try:
         results = run_compare(
@@ -257,8 +233,11 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 def _evaluate(ns: argparse.Namespace) -> None:
     from s2ft.jobs.evaluate import run_evaluate
+    from s2ft.jobs.logs import log_to
 
-    print(json.dumps(run_evaluate(ns.adapter, ns.split, ns.dataset, ns.quiet, ns.task), indent=2))
+    with log_to(None, ns.quiet):  # --quiet: no load reports or progress bars
+        metrics = run_evaluate(ns.adapter, ns.split, ns.dataset, ns.quiet, ns.task)
+    print(json.dumps(metrics, indent=2))
 
 
 def _add_merge(sub: argparse._SubParsersAction) -> None:
@@ -328,8 +307,7 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="hold the priors of this many layers at a time (bounds memory on large models)",
     )
-    p.add_argument("--seed", type=int, default=_DEFAULTS.seed)
-    _add_job_options(p)
+    _add_job_options(p, "analyze")
     p.set_defaults(handler=_analyze)
 
 
@@ -338,6 +316,8 @@ def _analyze(ns: argparse.Namespace) -> None:
     from s2ft.jobs.logs import log_to
 
     args = _job_args(ns)
+    planner = planning_method()
+    refuse_inapplicable(_given(ns), args.task, [planner.name], f"analyze measures {planner.label}'s plan")
     with log_to(None, args.quiet):  # --quiet: no load reports or progress bars
         analysis = run_analyze(args, ns.output, ns.full_finetune_steps, ns.layers_per_pass)
     if not args.quiet:
@@ -356,11 +336,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _backends(ns: argparse.Namespace) -> set[str]:
+    """The optional backends the job uses (:func:`s2ft.jobs.noise.backends_of`): its ``--quantize``, or that of
+    the run it reads."""
+    from s2ft.jobs.noise import backends_of
+
+    quantize = getattr(ns, "quantize", None)
+    if quantize is None and getattr(ns, "adapter", None):
+        from s2ft.jobs.runs import read_run
+
+        try:
+            quantize = read_run(ns.adapter)[0].get("args", {}).get("quantize")
+        except (RunError, AttributeError):
+            quantize = None  # the job itself says what is wrong with the run
+    return backends_of(quantize if isinstance(quantize, str) else None)
+
+
 @names_jobs_extra  # a job's missing dependency: one line naming pip install "s2ft[jobs]"
 def main(argv: list[str] | None = None) -> int:
+    from s2ft.jobs.noise import unused_backends_quiet
+
     ns = build_parser().parse_args(argv)
     try:
-        ns.handler(ns)
+        with unused_backends_quiet(_backends(ns)):  # no notices of backends the job does not use
+            ns.handler(ns)
     except RunError as e:
         print(f"s2ft {ns.command}: error: {e}", file=sys.stderr)
         return 2

@@ -304,6 +304,22 @@ class S2FTConfig(FourierFTConfig):
             )
 
 
+@dataclass
+class DCTConfig(FourierFTConfig):
+    """DCT: ``ΔW = scaling / sqrt(2 d_out d_in) * C_outᵀ F C_in`` (:mod:`s2ft.ops.dct`), ``F`` zero but for the
+    coefficients, at FourierFT's locations for the seed. ``scaling`` is in FourierFT's units: a coefficient moves
+    ``ΔW`` as far (in Frobenius norm) in both bases. No mirror pairs: every location is a basis function.
+
+    FourierFT's recipe in the real orthonormal 2-D DCT-II basis, LoCA's DCT parametrization without its location
+    learning (the method: :mod:`s2ft.methods.dct`)."""
+
+    method: ClassVar[str] = "dct"
+    basis: ClassVar[str] = "dct"
+    planned: ClassVar[bool] = False
+    stores_locations: ClassVar[bool] = False
+    peft_type: ClassVar[str | None] = None
+
+
 CONFIGS[FourierFTConfig.method] = FourierFTConfig
 
 

@@ -119,9 +119,13 @@ def tiny(tmp_path_factory):
 
 
 def finetune(model, data, output, *extra) -> int:
+    from tests.helpers import taken
+
+    method = extra[extra.index("--method") + 1] if "--method" in extra else "s2ft"
     argv = ["finetune", "--task", "causal-lm", "--model", model, "--dataset", data, "--output", str(output)]
-    argv += ["--quiet", "--n-frequency", "32", "--max-length", "32", "--batch-size", "8", "--epochs", "2"]
-    argv += ["--calibration-batches", "2", "--lr", "0.05", "--scaling", "150", "--eval-samples", "0"]
+    argv += ["--quiet", "--max-length", "32", "--batch-size", "8", "--epochs", "2"]
+    argv += ["--lr", "0.05", "--eval-samples", "0"]
+    argv += taken(method, "--n-frequency", "32", "--calibration-batches", "2", "--scaling", "150")
     return main([*argv, *extra])
 
 

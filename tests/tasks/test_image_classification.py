@@ -83,9 +83,13 @@ def tiny(tmp_path_factory):
 
 
 def finetune(model, data, output, *extra) -> int:
+    from tests.helpers import taken
+
+    method = extra[extra.index("--method") + 1] if "--method" in extra else "s2ft"
     argv = ["finetune", "--task", "image-classification", "--model", model, "--dataset", data]
-    argv += ["--output", str(output), "--quiet", "--n-frequency", "32", "--batch-size", "8", "--epochs", "3"]
-    argv += ["--calibration-batches", "2", "--head-warmup-steps", "3", "--eval-samples", "0", "--lr", "0.1"]
+    argv += ["--output", str(output), "--quiet", "--batch-size", "8", "--epochs", "3"]
+    argv += taken(method, "--n-frequency", "32", "--calibration-batches", "2")
+    argv += ["--head-warmup-steps", "3", "--eval-samples", "0", "--lr", "0.1"]
     argv += ["--max-train-samples", "0"]
     return main([*argv, *extra])
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from s2ft.config import S2FTConfig
 from s2ft.io import atomic_write_text
 from s2ft.ops.locations import fourierft_locations, mirror_of
 from s2ft.ops.permutation import path_length
@@ -300,9 +301,10 @@ def analyze_model(
     """Analyse the gradient prior of every adapted matrix of ``spectral_model`` and, optionally, real ``ΔW``'s.
 
     ``spectral_model`` is a :class:`s2ft.SpectralModel` (either method); ``n``, ``gamma``, ``seed`` and ``search``
-    default to its config's (``n_frequency``, ``gamma``, ``seed``, ``permutation``; 1.5 and "greedy" for
-    FourierFT). The prior is :func:`s2ft.tuner.calibration.compute_prior` over ``batches`` (at most ``max_batches``),
-    of the config's kind (``prior``, ``prior_lr``; the paper's summed gradient for FourierFT).
+    default to its config's (``n_frequency``, ``gamma``, ``seed``, ``permutation``; for a FourierFT model,
+    :class:`s2ft.S2FTConfig`'s defaults). The prior is :func:`s2ft.tuner.calibration.compute_prior` over
+    ``batches`` (at most ``max_batches``), of the config's kind (``prior``, ``prior_lr``; for a FourierFT model,
+    S2FTConfig's defaults).
     ``full_finetune_delta`` maps names to real ``ΔW`` ``(d_out, d_in)`` (``nn.Linear``'s convention), e.g. from a
     short full fine-tune; a name that is also an adapted module's is, in addition, permuted by its prior's plan
     (``prior_plan``: how much of the real update S2FT's prior-chosen locations catch).
@@ -366,15 +368,22 @@ def analyze_model(
 def _settings(
     config: Any, n: int | None, gamma: float | None, seed: int | None, search: str | None, rel_error: float
 ) -> dict[str, Any]:
+    """The settings of an analysis: those given, else the config's, else (a config without S2FT's options)
+    :class:`s2ft.S2FTConfig`'s defaults, the one source of them."""
+    defaults = {f.name: f.default for f in dataclasses.fields(S2FTConfig)}
+
+    def setting(name: str) -> Any:
+        return getattr(config, name, defaults[name])
+
     return {
         "n": n if n is not None else config.n_frequency,
-        "gamma": gamma if gamma is not None else getattr(config, "gamma", 1.5),
+        "gamma": gamma if gamma is not None else setting("gamma"),
         "seed": seed if seed is not None else config.seed,
-        "search": search if search is not None else getattr(config, "permutation", "greedy"),
-        "permute": getattr(config, "permute", True),
-        "locations": getattr(config, "locations", "prior"),
-        "prior": getattr(config, "prior", "gradient"),
-        "prior_lr": getattr(config, "prior_lr", 1e-4),
+        "search": search if search is not None else setting("permutation"),
+        "permute": setting("permute"),
+        "locations": setting("locations"),
+        "prior": setting("prior"),
+        "prior_lr": setting("prior_lr"),
         "rel_error": rel_error,
     }
 

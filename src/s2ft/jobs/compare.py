@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from s2ft.io import atomic_write_text
-from s2ft.jobs.args import FinetuneArgs
+from s2ft.jobs.args import FinetuneArgs, all_options, applicable, for_method, refuse_inapplicable
 from s2ft.jobs.finetune import run_finetune
 from s2ft.jobs.output import results_folder
 from s2ft.methods import VARIANTS, paired_baseline
@@ -44,6 +44,9 @@ def variant_args(
     if variant not in VARIANTS:
         raise RunError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
     method = VARIANTS[variant].method
+    base = for_method(
+        base, method.name
+    )  # the other methods' options given for their variants: not this one's
     overrides = dict(VARIANTS[variant].overrides, method=method.name)
     if budget is not None and method.budget is not None:
         base = dataclasses.replace(base, **{method.budget: budget})
@@ -74,7 +77,8 @@ def variant_label(args: FinetuneArgs, variant: str) -> str:
 
 
 def _comparable(args: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in args.items() if k not in _NOT_COMPARED}
+    """The options that decide a run's result: those that apply to its task and method, but :data:`_NOT_COMPARED`."""
+    return {k: v for k, v in applicable(args).items() if k not in _NOT_COMPARED}
 
 
 def finished_run(run_dir: str, args: FinetuneArgs) -> dict[str, Any] | None:
@@ -316,9 +320,14 @@ def run_compare(
 ) -> dict[str, Any]:
     """Run every variant at every budget for every seed (a finished run with the same options is reused), then
     summarize. Runs another process holds are taken last, after waiting for it."""
-    resolved = (
-        base.resolved()
-    )  # validates what the user gave; each variant resolves the rest for its own method
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise RunError(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+    # what the user gave must apply to some variant; each variant resolves the rest for its own method
+    given = [name for name, o in all_options().items() if o.given(getattr(base, name))]
+    methods = list(dict.fromkeys(VARIANTS[v].method.name for v in variants))
+    refuse_inapplicable(given, base.task, methods, "none of --variants runs it")
+    resolved = for_method(base, base.method).resolved()
     if base.head_warmup_cache is None:
         base = dataclasses.replace(base, head_warmup_cache=os.path.join(output, "warmup"))
     planned = []

@@ -7,7 +7,7 @@ import os
 import tempfile
 from typing import Any
 
-from s2ft.jobs.args import FinetuneArgs
+from s2ft.jobs.args import FinetuneArgs, applicable
 from s2ft.jobs.runs import load_trained, read_run
 from s2ft.jobs.splits import held_out
 from s2ft.jobs.training import make_trainer
@@ -29,11 +29,9 @@ def run_evaluate(
             f"{path} is a {run['task']} run, not {task}; evaluate takes the run's own task (drop --task, or "
             f"pass a {task} run)"
         )
-    saved = {
-        k: v
-        for k, v in run.get("args", {}).items()
-        if k in {f.name for f in dataclasses.fields(FinetuneArgs)}
-    }
+    recorded = run.get("args", {})
+    fields = {f.name for f in dataclasses.fields(FinetuneArgs)}
+    saved = {k: v for k, v in applicable(recorded).items() if k in fields}
     args = dataclasses.replace(FinetuneArgs(**saved), dataset=dataset or run["dataset"], quiet=quiet)
     args = args.resolved()
     run_task = get_task(run["task"])
@@ -61,7 +59,8 @@ def _load_data(task: Task, args: FinetuneArgs, path: str, given: bool, scored: s
             if other is task:
                 continue
             try:  # only to name what the data is; any failure means: not this task's either
-                other.load_data(dataclasses.replace(args, task=other.name))
+                defaults = {o.name: o.default for o in other.options if getattr(args, o.name) is None}
+                other.load_data(dataclasses.replace(args, task=other.name, **defaults))
             except Exception:
                 continue
             error = RunError(

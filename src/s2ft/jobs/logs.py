@@ -63,10 +63,14 @@ def log_to(path: str | None, quiet: bool) -> Iterator[None]:
         datasets.disable_progress_bars()
     else:
         transformers.logging.set_verbosity_warning()
+        # our console handler shows transformers' notices (a load report, ...): its own would show them twice
+        transformers.logging.disable_default_handler()
     try:
         yield
     finally:
         transformers.logging.set_verbosity(verbosity)
+        if not quiet:
+            transformers.logging.enable_default_handler()
         if quiet:
             import datasets
 

@@ -15,10 +15,13 @@ import contextlib
 import fnmatch
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Iterator
+from typing import IO
 
 from s2ft.errors import RunError
 from s2ft.io import folder_mode, ordinary_modes, storage_problem
@@ -26,6 +29,10 @@ from s2ft.io import folder_mode, ordinary_modes, storage_problem
 RUN_FILE = "run.json"
 ADAPTER_DIR = "adapter"
 MARKER = ".s2ft-output"  # written into every folder a job creates, with its kind
+STAGING_LOCK = ".s2ft-lock"  # in a staging folder, locked (flock) by the job writing it while it runs
+# A staging folder without a lock file (an s2ft before 0.1.x, or a job killed the instant after making it) is
+# taken as abandoned only when nothing in it changed for this long.
+STALE_UNLOCKED_SECONDS = 24 * 3600
 KINDS = {  # a marker's kind -> what it is called in messages
     "run": "finetune run",
     "merged": "merged model",
@@ -101,16 +108,23 @@ def is_s2ft_output(folder: str) -> bool:
     return output_kind(folder) is not None
 
 
-def check_output(output: str, overwrite: bool, kind: str = "run") -> str:
+def check_output(output: str, overwrite: bool, kind: str = "run", renamed: bool = True) -> str:
     """``output`` as an absolute path, after checking that a job writing a ``kind`` output may write it; raises
     :class:`RunError` otherwise.
 
     Allowed: a new path, an empty folder, or, with ``overwrite``, a folder an s2ft job wrote of the same kind.
-    Never a file, an empty name, a folder of anything else (a source tree, a data set) or of another kind.
+    Never a file, an empty name, a folder of anything else (a source tree, a data set) or of another kind, nor,
+    for an output ``renamed`` into place at the end (:func:`staged_output`), a symbolic link (to a folder, or
+    dangling): the rename would replace the link, not what it points to.
     """
     if not isinstance(output, str) or not output.strip():
         raise RunError("--output is empty; name a folder for the results")
     path = os.path.abspath(output)
+    if renamed and os.path.islink(path):
+        raise RunError(
+            f"--output {output} is a symbolic link (to {os.readlink(path)}); s2ft moves a finished output into "
+            "place, which would replace the link itself: name a real folder (e.g. the link's target) instead"
+        )
     if os.path.exists(path) and not os.path.isdir(path):
         raise RunError(f"--output {output} is a file, not a folder; choose a folder")
     try:
@@ -190,16 +204,20 @@ def staged_output(output: str, overwrite: bool, is_main: bool, kind: str = "run"
     try:
         os.makedirs(parent, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=f".{name}.", suffix=".s2ft-staging", dir=parent)
+        lock = _lock_staging(staging)
         os.chmod(staging, folder_mode())
     except OSError as e:
         raise RunError(f"cannot write into {parent}: {e.strerror or e}; choose another --output") from None
     try:
+        clear_stale_staging(path)
         _check_replaceable(path, output)
         yield staging
         with open(os.path.join(staging, MARKER), "w", encoding="utf-8") as f:
             json.dump({"kind": kind}, f)
+        os.remove(os.path.join(staging, STAGING_LOCK))  # unlocked, but young: left alone until it is renamed
         ordinary_modes(staging)
     except BaseException as e:
+        lock.close()
         shutil.rmtree(staging, ignore_errors=True)
         problem = storage_problem(e)
         if problem is None:
@@ -208,7 +226,74 @@ def staged_output(output: str, overwrite: bool, is_main: bool, kind: str = "run"
         raise RunError(
             f"{problem}; free some space (or choose an --output on another disk) and run again; {kept}"
         ) from None
-    _put_in_place(staging, path, output, overwrite, kind)
+    try:
+        _put_in_place(staging, path, output, overwrite, kind)
+    finally:
+        lock.close()
+
+
+def _lock_staging(staging: str) -> IO[str]:
+    """Lock ``staging`` for this process (an exclusive ``flock`` on its :data:`STAGING_LOCK` file, holding the
+    pid); the lock goes with the process, however it ends (SIGKILL too)."""
+    import fcntl
+
+    handle = open(os.path.join(staging, STAGING_LOCK), "w", encoding="utf-8")  # noqa: SIM115 (held open)
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def _abandoned(folder: str) -> bool:
+    """Whether the staging ``folder`` belongs to no running job: its lock file is not locked by any process, or,
+    without one, nothing in it changed for :data:`STALE_UNLOCKED_SECONDS`. A finished output (one holding its
+    :data:`MARKER`: a job whose final rename failed said its results are there) is never abandoned."""
+    import fcntl
+
+    if os.path.lexists(os.path.join(folder, MARKER)):
+        return False
+    lock_file = os.path.join(folder, STAGING_LOCK)
+    try:
+        handle = open(lock_file, encoding="utf-8")  # noqa: SIM115
+    except FileNotFoundError:
+        try:
+            newest = max(
+                [os.lstat(folder).st_mtime]
+                + [os.lstat(os.path.join(r, n)).st_mtime for r, ds, fs in os.walk(folder) for n in ds + fs]
+            )
+        except OSError:
+            return False
+        return time.time() - newest > STALE_UNLOCKED_SECONDS
+    except OSError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False  # a running job holds it
+        return True
+
+
+def clear_stale_staging(path: str) -> list[str]:
+    """Remove the staging folders of the output ``path`` (``.NAME.XXXXXXXX.s2ft-staging`` beside it) that jobs
+    killed before they finished left behind (:func:`_abandoned`: no running process holds their lock). Only
+    s2ft's own staging folders of this output are touched, never a set-aside earlier output (``.s2ft-old``).
+    Returns the removed folders."""
+    parent, name = os.path.split(path)
+    pattern = re.compile(rf"\.{re.escape(name)}\.[A-Za-z0-9_]{{8}}\.s2ft-staging")
+    removed: list[str] = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for entry in names:
+        folder = os.path.join(parent, entry)
+        if not pattern.fullmatch(entry) or os.path.islink(folder) or not os.path.isdir(folder):
+            continue
+        if _abandoned(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def _put_in_place(staging: str, path: str, output: str, overwrite: bool, kind: str) -> None:
@@ -243,7 +328,7 @@ def results_folder(output: str, kind: str) -> str:
     """``output`` (absolute) as a folder a job keeps adding to (``s2ft compare``): created with its marker when
     new or empty, reused when it holds an s2ft output of the same ``kind``; refused (:class:`RunError`, before
     anything is written) when it is a file or holds anything else."""
-    path = check_output(output, True, kind)
+    path = check_output(output, True, kind, renamed=False)
     if output_kind(path) is None:  # new or empty; the marker first, so other processes see it is s2ft's
         try:
             os.makedirs(path, exist_ok=True)

@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from s2ft.errors import RunError
 from s2ft.jobs.output import ADAPTER_DIR, RUN_FILE
@@ -42,4 +43,14 @@ def load_trained(path: str) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
     loaded = task.load_model(
         adapter if method.saves_whole_model else run["model"], run.get("info", {}), quantize=quantize
     )
-    return method.load(loaded.model, adapter), loaded.processor, run
+    try:
+        trained = method.load(loaded.model, adapter)
+    except (ValueError, OSError, SafetensorError) as e:  # s2ft's own errors are ValueErrors (S2FT, DataError)
+        if isinstance(e, RunError):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunError(
+            f"cannot load the adapter in {adapter}: {first}; it is damaged or not of this run's model "
+            f"({run['model']}): run s2ft finetune again, or restore the run folder"
+        ) from None
+    return trained, loaded.processor, run

@@ -7,7 +7,6 @@ module and one line in :data:`s2ft.methods.METHODS`; its options become fields o
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -15,59 +14,9 @@ from typing import Any, ClassVar
 
 import torch
 
+from s2ft.options import Option, finite_non_negative, finite_positive, positive
 
-@dataclass(frozen=True)
-class Option:
-    """One option of a method: a field of the jobs' arguments and the flag ``--<name with dashes>``.
-
-    Methods that share an option (``n_frequency``) declare the same object.
-    """
-
-    name: str
-    type: Callable[[str], Any]  # parses the command line: int, float, str or bool
-    default: Any  # the field's default; None: resolved at the start of a job (``fallback``)
-    help: str
-    choices: tuple[Any, ...] | None = None
-    # For ``default=None``: the value when the task sets none (``task.defaults[name]`` comes first); a constant,
-    # or a function of the task's defaults.
-    fallback: Any = None
-    # The requirement a value breaks ("must be positive"), or None when it is valid; None values are not checked.
-    check: Callable[[Any], str | None] | None = None
-    # Whether the option changes a warmed head (no option of today's methods does: the warm-up comes first).
-    affects_warmup: bool = False
-    # True: a value other than the default is refused when the job's method does not declare the option.
-    exclusive: bool = False
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-    def resolve(self, task_defaults: dict[str, Any]) -> Any:
-        """The value of an option left None: the task's default, else the fallback."""
-        if self.name in task_defaults:
-            return task_defaults[self.name]
-        return self.fallback(task_defaults) if callable(self.fallback) else self.fallback
-
-    def problem(self, value: Any) -> str | None:
-        """What is wrong with ``value`` (``"--gamma must be ..., got -1"``), or None."""
-        if value is None:
-            return None
-        if self.choices is not None and value not in self.choices:
-            return f"{self.flag} must be one of {', '.join(map(str, self.choices))}, got {value!r}"
-        broken = self.check(value) if self.check is not None else None
-        return f"{self.flag} {broken}, got {value!r}" if broken else None
-
-
-def positive(value: Any) -> str | None:
-    return "must be positive" if value <= 0 else None
-
-
-def finite_non_negative(value: Any) -> str | None:
-    return None if math.isfinite(value) and value >= 0 else "must be a finite number >= 0"
-
-
-def finite_positive(value: Any) -> str | None:
-    return None if math.isfinite(value) and value > 0 else "must be a finite number > 0"
+__all__ = ["Method", "Option", "Variant", "finite_non_negative", "finite_positive", "positive"]
 
 
 @dataclass(frozen=True)

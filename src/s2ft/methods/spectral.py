@@ -157,7 +157,6 @@ S2FT_OPTIONS = (
         "after this fraction of the training steps, plan again from the trained ΔW and project the adapter onto "
         "the new plan (0: never)",
         check=_fraction_of_steps,
-        exclusive=True,
     ),
 )
 

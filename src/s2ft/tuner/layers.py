@@ -19,7 +19,6 @@ from s2ft.tuner.kinds import (  # noqa: F401 (their home before kinds.py)
     KINDS,
     SUPPORTED_LAYERS,
     SUPPORTED_NAMES,
-    Conv1D,
     Conv1DKind,
     Conv2dKind,
     LayerKind,
