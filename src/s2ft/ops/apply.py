@@ -22,6 +22,10 @@ Paths of :func:`spectral_apply` (all return ``ΔW x`` and are differentiable wrt
   through in chunks, so the spectra never exist for the whole batch at once.
 
 ``"auto"`` asks :func:`choose_path`.
+
+Under ``torch.compile`` the FFT path is :func:`_traced_fft`: the same algebra in dense index operations (a gather,
+a multiply and an ``index_add`` in place of the sparse map, whose construction Dynamo cannot trace), so the whole
+path is one graph that the compiler fuses, and its backward is derived by AOTAutograd.
 """
 
 from __future__ import annotations
@@ -122,12 +126,18 @@ def choose_path(d_out: int, d_in: int, n: int, num_tokens: int, device, fused: b
     """
     if torch.device(device).type == "cuda":
         return "dense" if num_tokens * d_out * d_in < 2**28 else "fft"
-    threads = torch.get_num_threads()
+    threads = num_threads()
     if fused:
         dense_ns = d_out * d_in * (35 + 0.022 * num_tokens)
         fft_ns = threads**0.5 * (num_tokens + 100) * (8 * (d_out + d_in) + 5 * n)
         return "dense" if dense_ns < fft_ns else "fft"
     return "fft" if d_out * d_in > threads * (64 * (d_out + d_in) + 25 * n) else "dense"
+
+
+@torch.compiler.assume_constant_result
+def num_threads() -> int:
+    """``torch.get_num_threads()``; under ``torch.compile`` read once when tracing (a constant of the graph)."""
+    return torch.get_num_threads()
 
 
 def spectral_apply(
@@ -153,6 +163,11 @@ def spectral_apply(
         return F.linear(x.to(dtype), delta)
     if path != "fft":
         raise ValueError(f"unknown path {path!r}; expected one of {PATHS + ('auto',)}")
+    if torch.compiler.is_compiling():
+        y = _traced_fft(
+            x.reshape(-1, d_in), coeffs, rows, cols, d_out, d_in, scaling, perm_rows, perm_cols, dtype
+        )
+        return y.reshape(*lead, d_out)
     plan = _plan(rows, cols, d_out, d_in, perm_rows, perm_cols)
     y = _SpectralFFT.apply(x.reshape(-1, d_in), coeffs.to(dtype), plan, float(scaling), dtype)
     return y.reshape(*lead, d_out)
@@ -377,3 +392,32 @@ class _SpectralFFT(torch.autograd.Function):
             per_part = sampled[plan.grad.slot] * plan.grad_sign.to(dtype)
             grad_c = per_part.view(2, -1).sum(0) * (scaling / (plan.d_out * plan.d_in))
         return grad_x if need_x else None, grad_c, None, None, None
+
+
+def _traced_fft(
+    x, coeffs, rows, cols, d_out, d_in, scaling, perm_rows, perm_cols, dtype: torch.dtype
+) -> torch.Tensor:
+    """The FFT path for ``x`` ``(T, d_in)`` in plain differentiable tensor operations, what ``torch.compile`` runs
+    in place of :class:`_SpectralFFT`: the same algebra (:class:`_Plan`), with the sparse map replaced by a gather
+    of the ``n`` column frequencies, a multiply and an ``index_add`` into the row frequencies, all dense index
+    operations of static shape. The folding is derived from the locations in the graph (``O(n)``), nothing is
+    cached, and autograd (AOTAutograd) derives the backward; the compiler fuses the gathers, the multiplies and
+    the copies around the FFTs. No chunking: the compiled graph holds ``(T, n)`` intermediates."""
+    rows, cols, perm_rows, perm_cols = widen(rows, cols, perm_rows, perm_cols)
+    rows_high, cols_high = 2 * rows > d_out, 2 * cols > d_in
+    row_fold = torch.where(rows_high, d_out - rows, rows)
+    col_fold = torch.where(cols_high, d_in - cols, cols)
+    sign = torch.where(rows_high ^ cols_high, 1.0, -1.0).to(dtype)
+    weight = torch.where((row_fold == 0) | (2 * row_fold == d_out), 1.0, 0.5).to(dtype)
+    scale = coeffs.to(dtype) * weight * (float(scaling) / d_in)
+    factors = torch.stack([scale, scale * sign], dim=-1)  # (n, 2): real and imaginary parts
+    signal = x.to(dtype)
+    if perm_cols is not None:
+        signal = signal.index_select(1, perm_cols)
+    spectrum = torch.view_as_real(torch.fft.rfft(signal, dim=1))  # (T, d_in/2+1, 2)
+    picked = spectrum.index_select(1, col_fold) * factors  # (T, n, 2)
+    half = signal.new_zeros(signal.shape[0], d_out // 2 + 1, 2).index_add(1, row_fold, picked)
+    y = torch.fft.irfft(torch.view_as_complex(half), n=d_out, dim=1)
+    if perm_rows is not None:
+        y = y.index_select(1, torch.argsort(perm_rows))
+    return y
