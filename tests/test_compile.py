@@ -269,3 +269,16 @@ def test_mixed_batch_breaks_in_one_place():
     with torch.no_grad():
         assert torch.allclose(compiled(x, adapter_names=names), expected, rtol=1e-6, atol=1e-6)
         assert torch.allclose(compiled(x), plain, rtol=1e-6, atol=1e-6)
+
+
+def test_jobs_take_compile(tmp_path):
+    """``s2ft finetune --compile`` sets the Trainer's torch_compile."""
+    from s2ft.cli import build_parser
+    from s2ft.jobs.args import FinetuneArgs
+    from s2ft.jobs.training import make_trainer
+
+    assert build_parser().parse_args(["finetune", "--compile"]).compile is True
+    assert build_parser().parse_args(["finetune"]).compile is False
+    for flag in (True, False):
+        args = FinetuneArgs(compile=flag).resolved()
+        assert make_trainer(nn.Linear(2, 2), None, args, str(tmp_path)).args.torch_compile is flag

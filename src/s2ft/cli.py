@@ -149,6 +149,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     lrs = ", ".join(f"{m.name} {m.default_lr:g}" for m in METHODS.values())
     p.add_argument("--lr", type=float, default=None, help=f"learning rate of the trained weights ({lrs})")
     p.add_argument("--seed", type=int, default=_DEFAULTS.seed)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model in training (inductor)")
     p.add_argument(
         "--output",
         default=None,

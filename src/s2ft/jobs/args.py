@@ -56,6 +56,7 @@ class JobArgs:
     max_train_samples: int | None = None  # 0: the whole training split
     eval_samples: int | None = None  # examples of validation and test scored (0: all)
     seed: int = 0
+    compile: bool = False  # torch.compile the model in training (the Trainer's torch_compile)
     output: str | None = None  # the task's default run folder
     overwrite: bool = False
     quiet: bool = False
