@@ -282,3 +282,29 @@ def test_jobs_take_compile(tmp_path):
     for flag in (True, False):
         args = FinetuneArgs(compile=flag).resolved()
         assert make_trainer(nn.Linear(2, 2), None, args, str(tmp_path)).args.torch_compile is flag
+
+
+def test_fft_path_frozen_parts_compiled():
+    """The FFT path's operator under compile with only one of its inputs requiring a gradient (a frozen adapter, or
+    the first adapted layer of a frozen network): the gradient that is needed equals eager's (float64)."""
+    from s2ft.ops.apply import spectral_apply
+
+    g = torch.Generator().manual_seed(0)
+    flat = torch.randperm(12 * 10, generator=g)[:9]
+    rows, cols = flat // 10, flat % 10
+    perms = torch.randperm(12, generator=g), torch.randperm(10, generator=g)
+    x0 = torch.randn(3, 5, 10, dtype=torch.float64, generator=g)
+    c0 = torch.randn(9, dtype=torch.float64, generator=g)
+
+    def run(fn, grad_x: bool):
+        x, c = x0.clone().requires_grad_(grad_x), c0.clone().requires_grad_(not grad_x)
+        fn(x, c).square().sum().backward()
+        return x.grad if grad_x else c.grad
+
+    def apply(x, c):
+        return spectral_apply(x, c, rows, cols, 12, 10, 3.0, *perms, path="fft")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(apply, backend="aot_eager", fullgraph=True)
+    for grad_x in (True, False):
+        _close([run(compiled, grad_x)], [run(apply, grad_x)], 1e-12)
