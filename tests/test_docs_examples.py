@@ -46,7 +46,7 @@ PAGES = sorted(
     ]
 )
 # Pages whose examples stand on a causal LM (the others on a text classifier).
-CAUSAL_PAGES = {"docs/guides/serving.md", "docs/guides/quantized.md"}
+CAUSAL_PAGES = {"docs/guides/serving.md", "docs/guides/quantized.md", "docs/guides/compile.md"}
 FENCE = re.compile(r"^(?P<indent>\s*)```(?P<lang>[\w-]*)\s*$")
 SKIP = re.compile(r"<!-- docs-test: skip: (?P<reason>.+?) -->")
 RUN = "<!-- docs-test: run -->"

@@ -68,6 +68,13 @@ JOB_OPTIONS: tuple[Option, ...] = (
         commands=("finetune",),
     ),
     Option("overwrite", bool, False, "replace a run s2ft wrote earlier in --output", commands=("finetune",)),
+    Option(
+        "compile",
+        bool,
+        False,
+        "torch.compile the model in training (the Trainer's torch_compile; inductor)",
+        commands=("finetune",),
+    ),
     Option("task", str, DEFAULT_TASK, "the task family", choices=tuple(TASKS)),
     Option("model", str, None, "; ".join(f"{n}: {t.model_help}" for n, t in TASKS.items())),
     Option("dataset", str, None, "; ".join(f"{n}: {t.dataset_help}" for n, t in TASKS.items())),

@@ -115,6 +115,7 @@ def make_trainer(
         # Trainer's token-count rescaling (x num_processes) would double the gradient on two processes.
         average_tokens_across_devices=False,
         remove_unused_columns=False,
+        torch_compile=getattr(args, "compile", False),
     )
     optimizer = None
     if train is not None:

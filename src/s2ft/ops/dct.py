@@ -32,6 +32,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from s2ft.ops.apply import num_threads
 from s2ft.ops.locations import fourierft_locations, widen
 
 PATHS = ("dense", "fft")
@@ -147,7 +148,7 @@ def choose_path(d_out: int, d_in: int, n: int, num_tokens: int, device, fused: b
     """
     if torch.device(device).type == "cuda":
         return "dense" if num_tokens * d_out * d_in < 2**28 else "fft"
-    threads = torch.get_num_threads()
+    threads = num_threads()
     return "fft" if d_out * d_in > threads * (100 * (d_out + d_in) + 140 * n) else "dense"
 
 

@@ -55,7 +55,8 @@ class LayerKind:
         ``path`` (default: the adapter's ``forward_path``). Without autograd (serving),
         :func:`s2ft.tuner.serving.serve_one`: the model's bounded dense cache if one is set, else the adapter's
         path as in training (the FFT one through the layer's bank), no dense ``ΔW`` kept."""
-        if not torch.is_grad_enabled():
+        # compiled: the graph's own path (the serving caches and banks are Python state)
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             served = serve_one(layer, adapter, x)
             if served is not None:
                 return served
@@ -132,21 +133,26 @@ class Conv2dKind(LayerKind):
     def apply(
         self, layer: nn.Module, adapter: nn.Module, x: torch.Tensor, path: str | None = None
     ) -> torch.Tensor:
-        """``x`` ``(N, C_in, H, W)`` (or unbatched ``(C_in, H, W)``) -> ``(N, C_out, H', W')``, float32.
+        """``x`` ``(N, C_in, H, W)`` (or unbatched ``(C_in, H, W)``) -> ``(N, C_out, H', W')``, float32 (float64
+        for float64 ``x``).
         ``path`` is accepted for the common signature; a convolution takes its adapter's ``forward_path``."""
-        dense = None if torch.is_grad_enabled() else cached_delta(layer, adapter)  # None: no cache, or full
+        serving = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        dense = cached_delta(layer, adapter) if serving else None  # None: no cache, or full
         layer = layer.base_layer
         if adapter.forward_path == "fft" and self.pointwise(layer) and torch.is_grad_enabled():
             channels_last = x.movedim(-3, -1)  # (..., H, W, C_in)
             return super().apply(layer, adapter, channels_last).movedim(-1, -3)
-        dense = adapter.delta_weight() if dense is None else dense
-        delta = self.to_weight(layer, dense)
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if dense is None:
+            coeffs, *spectrum = adapter._spectrum()
+            dense = adapter.basis.delta_weight(coeffs.to(dtype), *spectrum)
+        delta = self.to_weight(layer, dense.to(dtype))
         # The layer's own forward with ΔW as its weight and no bias: subclasses that pad in their forward
         # (TensorFlow-style "same" padding, as EfficientNet's) are applied as they apply themselves.
         zero_bias = None if layer.bias is None else torch.zeros_like(delta[:, 0, 0, 0])
         # functional_call takes None for a parameter (here: no bias); its annotation asks for tensors only
         params = {"weight": delta, "bias": zero_bias}
-        return torch.func.functional_call(layer, params, (x.float(),))  # type: ignore[arg-type]
+        return torch.func.functional_call(layer, params, (x.to(dtype),))  # type: ignore[arg-type]
 
     def weight_gradient(self, layer: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         raise TypeError("a Conv2d's prior is taken from its weight's gradient, not from its activations")

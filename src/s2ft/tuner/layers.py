@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import threading
 from collections.abc import Iterator
 from typing import Any, cast
 
@@ -34,17 +35,50 @@ DEFAULT = "default"  # the name of the adapter get_spectral_model creates, as in
 _EXAMPLE_ADAPTERS: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
     "s2ft_adapter_names", default=None
 )
+# How many example_adapters() contexts are open, in any thread: a plain module global, which torch.compile reads
+# and guards on, so a forward outside any mixed batch (training, evaluation, generate with the active adapters)
+# never calls ContextVar.get, which Dynamo cannot trace. Opening a context fails the guard: the next call
+# recompiles and looks the names up in one place, outside the graph (_example_names).
+_OPEN_MIXED = 0
+_OPEN_MIXED_LOCK = threading.Lock()
+MIXED_BREAK = (
+    "a mixed batch (adapter_names) looks up each example's adapter in Python: it runs outside the compiled "
+    "graph (a graph break; torch.compile(fullgraph=True) refuses it). Compile for one set of active adapters "
+    "(set_adapter), or serve mixed batches uncompiled"
+)
+
+MERGED_BREAK = (
+    "a layer with merged adapters checks in Python that their coefficients are unchanged: it runs outside the "
+    "compiled graph (a graph break; torch.compile(fullgraph=True) refuses it). Compile the model returned by "
+    "merge_and_unload(), or unmerge() first"
+)
 
 
 @contextlib.contextmanager
 def example_adapters(names: list[str] | None) -> Iterator[None]:
     """Inside, every adapted layer applies to example ``i`` of its input only the adapter ``names[i]`` (or none,
     for :data:`BASE`): a mixed batch, served without merging."""
+    global _OPEN_MIXED
     token = _EXAMPLE_ADAPTERS.set(list(names) if names is not None else None)
+    with _OPEN_MIXED_LOCK:
+        _OPEN_MIXED += 1
     try:
         yield
     finally:
+        with _OPEN_MIXED_LOCK:
+            _OPEN_MIXED -= 1
         _EXAMPLE_ADAPTERS.reset(token)
+
+
+@torch.compiler.disable(reason=MIXED_BREAK)
+def _example_names() -> list[str] | None:
+    """The names of the innermost :func:`example_adapters` of this thread (or task), or None."""
+    return _EXAMPLE_ADAPTERS.get()
+
+
+def example_names() -> list[str] | None:
+    """The per-example adapter names in force, or None (no mixed batch open anywhere: no lookup at all)."""
+    return _example_names() if _OPEN_MIXED else None
 
 
 class SpectralAdapter(nn.Module):
@@ -120,6 +154,9 @@ class SpectralAdapter(nn.Module):
         flat = self.locations
         if flat is None:
             return None
+        if torch.compiler.is_compiling():  # derived in the graph (two fused elementwise ops), nothing kept
+            rows = torch.div(flat, self.d_in, rounding_mode="floor")
+            return rows.to(index_dtype(self.d_out)), (flat - rows * self.d_in).to(index_dtype(self.d_in))
         key = (flat._version,) if not flat.is_inference() else None
         kept = self.__dict__.get("_kept_locations")
         if kept is not None and kept[0] is flat and key is not None and kept[1] == key:
@@ -298,7 +335,7 @@ class SpectralLayer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        names = _EXAMPLE_ADAPTERS.get()
+        names = example_names()
         if self._merged:
             self._check_merged_unchanged()
             if names is not None:
@@ -361,6 +398,7 @@ class SpectralLayer(nn.Module):
         """Whether ``adapter``'s ``ΔW`` joins the base weight in one GEMM for this training forward."""
         return self._fusion_path(adapter, x) == "dense"
 
+    @torch.compiler.disable(reason=MIXED_BREAK)
     def _mixed(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         """Example ``i`` of ``x`` (dimension 0) through the base layer plus adapter ``names[i]`` only."""
         if len(names) != x.shape[0]:
@@ -398,6 +436,7 @@ class SpectralLayer(nn.Module):
     def merged(self) -> bool:
         return bool(self._merged)
 
+    @torch.compiler.disable(reason=MERGED_BREAK)
     def _check_merged_unchanged(self) -> None:
         for name, (_, version) in self._merged.items():
             if self.adapters[name].coeffs._version != version:
@@ -485,13 +524,14 @@ class TrainedCopy(nn.Module):
         return self.copies[cast(str, self.active)]  # set by the first add_copy, in __init__
 
     def forward(self, *args, **kwargs):
-        names = _EXAMPLE_ADAPTERS.get()
+        names = example_names()
         if names is not None:
             return self._mixed(names, *args, **kwargs)
         if self.disabled or self.active is None:
             return self.original_module(*args, **kwargs)
         return self.trained_module(*args, **kwargs)
 
+    @torch.compiler.disable(reason=MIXED_BREAK)
     def _mixed(self, names: list[str], x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Example ``i`` of ``x`` (dimension 0) through adapter ``names[i]``'s copy (the original for an adapter
         without one, or :data:`BASE`)."""

@@ -21,7 +21,14 @@ from s2ft.tuner.adapter_io import adapter_file_bytes
 from s2ft.tuner.calibration import LossFn
 from s2ft.tuner.distributed import MERGE_UNSHARDED, is_partitioned, is_sharded_model, refuse_sharded
 from s2ft.tuner.kinds import dequantize_modules, keep_differentiable, kind_of, quantized_merge_error
-from s2ft.tuner.layers import BASE, DEFAULT, SpectralLayer, TrainedCopy, example_adapters
+from s2ft.tuner.layers import (
+    BASE,
+    DEFAULT,
+    MIXED_BREAK,
+    SpectralLayer,
+    TrainedCopy,
+    example_adapters,
+)
 from s2ft.tuner.planner import calibrate_adapter, replan_adapter
 from s2ft.tuner.saving import (
     adapter_state,
@@ -98,6 +105,13 @@ class SpectralModel(nn.Module):
         self._trainable.add(adapter_name)
 
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        if adapter_names is None:  # no context manager: torch.compile sees the wrapped model's forward
+            return self.model(*args, **kwargs)
+        return self._mixed_forward(adapter_names, *args, **kwargs)
+
+    @torch.compiler.disable(reason=MIXED_BREAK)
+    def _mixed_forward(self, adapter_names: list[str], *args: Any, **kwargs: Any) -> Any:
+        """A mixed batch: outside any compiled graph (its per-example lookup is Python)."""
         with self._serving(adapter_names):
             return self.model(*args, **kwargs)
 
