@@ -22,6 +22,7 @@ from __future__ import annotations
 from s2ft.ops import apply as _apply
 from s2ft.ops import locations as _locations
 from s2ft.ops.dct import DCTBasis
+from s2ft.ops.wavelet import BASES as WAVELET_BASES
 
 
 class FourierBasis:
@@ -35,7 +36,7 @@ class FourierBasis:
     seeded_locations = staticmethod(_locations.fourierft_locations)
 
 
-BASES = {"fourier": FourierBasis(), "dct": DCTBasis()}
+BASES = {"fourier": FourierBasis(), "dct": DCTBasis(), **WAVELET_BASES}
 
 
 def get_basis(name: str):
