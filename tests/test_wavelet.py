@@ -400,3 +400,38 @@ def test_methods_and_variants_are_registered():
     assert {"wavelet", "s2ft-wavelet"} <= set(METHODS) and {"wavelet", "s2ft-wavelet"} <= set(CONFIGS)
     assert {"wavelet", "s2ft-wavelet", "s2ft-wavelet-w0"} <= set(VARIANTS)
     assert planning_method().name == "s2ft"
+
+
+# ---------------------------------------------------------------------------------------------- PEFT export
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_a_wavelet_adapter_exports_to_peft_waveft_with_the_same_outputs(kind, tmp_path):
+    import peft
+
+    from s2ft.tuner.peft_formats import save_peft_waveft
+
+    base, model, batches, loss_fn = wavelet_model(kind, scaling=300.0, seed=11)
+    adam_steps(model, batches, loss_fn)
+    save_peft_waveft(model, tmp_path / "peft")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "peft")).eval()
+    assert type(loaded.peft_config["default"]).__name__ == "WaveFTConfig"
+    for batch in batches:
+        torch.testing.assert_close(forward(loaded, batch), forward(model, batch), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kind,config_class,overrides,match",
+    [
+        ("bert", S2FTWaveletConfig, {}, "'s2ft-wavelet' adapter has no Hugging Face PEFT WaveFT form"),
+        ("bert", WaveletConfig, {"levels": 2}, "PEFT's WaveFT has one wavelet level"),
+        ("convnet", WaveletConfig, {}, "PEFT's WaveFT adapts nn.Linear and Conv1D only"),
+    ],
+)
+def test_what_peft_waveft_cannot_hold_is_refused_and_nothing_written(
+    kind, config_class, overrides, match, tmp_path
+):
+    from s2ft.tuner.peft_formats import save_peft_waveft
+
+    _, model, batches, loss_fn = wavelet_model(kind, config_class, **overrides)
+    with pytest.raises(ValueError, match=match):
+        save_peft_waveft(model, tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()

@@ -149,5 +149,6 @@ class S2FTWavelet(S2FT):
                 self,
                 {"locations": "prior", "plan_from": "base", "locations_from": "base"},
                 "plan of W0 (nothing stored)",
+                ablation=True,
             ),
         }
