@@ -256,13 +256,13 @@ def apply(
         raise ValueError(f"unknown path {path!r}; expected one of {PATHS + ('auto',)}")
     rows, cols, perm_rows, perm_cols = widen(rows, cols, perm_rows, perm_cols)
     flat = x.reshape(-1, d_in).to(dtype)
-    if perm_cols is not None:
-        flat = flat[:, perm_cols]
+    if perm_cols is not None:  # index_select, not indexing: its backward is an index_add, not an index_put
+        flat = flat.index_select(1, perm_cols)
     analysed = dwt(flat, levels)  # (T, N)
-    mixed = flat.new_zeros(flat.shape[0], d_out).index_add(1, rows, analysed[:, cols] * coeffs.to(dtype))
-    y = idwt(mixed, levels) * _sigma(scaling, d_out, d_in)  # (T, M)
+    picked = analysed.index_select(1, cols) * (coeffs.to(dtype) * _sigma(scaling, d_out, d_in))
+    y = idwt(flat.new_zeros(flat.shape[0], d_out).index_add(1, rows, picked), levels)  # (T, M)
     if perm_rows is not None:
-        y = y[:, torch.argsort(perm_rows)]
+        y = y.index_select(1, torch.argsort(perm_rows))
     return y.reshape(*lead, d_out)
 
 
