@@ -144,7 +144,8 @@ class S2FTWavelet(S2FT):
 
     def variants(self) -> dict[str, Variant]:
         return {
-            self.name: Variant(self, {"locations": "prior", "prior": "gradient"}),
+            # the job's default prior (Adam-normalized), named so that a changed default does not change it
+            self.name: Variant(self, {"locations": "prior", "prior": "adam"}),
             f"{self.name}-w0": Variant(
                 self,
                 {"locations": "prior", "plan_from": "base", "locations_from": "base"},
