@@ -230,7 +230,7 @@ def choose_path(d_out: int, d_in: int, n: int, num_tokens: int, device, fused: b
     """The path ``"auto"`` takes: ``"fft"`` (the transform path) when ``d_out * d_in > 64 (d_out + d_in) + 16 n``,
     else ``"dense"``; ``fused`` is accepted and not used. The transform path costs ``O(M + N + n)`` per token, the
     dense one ``M N`` multiply-adds per token plus building ``ΔW``. Measured on the shared 2-core CPU, one thread
-    (``benchmarks/results/cpu/wavelet_speed.md``, n = 1000): the transform path 1.0-14x faster than the dense one at
+    (``benchmarks/results/cpu/wavelet_speed.md``, n = 1000): the transform path 1.04-19x faster than the dense one at
     widths 1,024 to 4,096 (512 and 4,096 tokens); at 384 x 384 with 1,024 tokens the two were within 1.3x of each
     other in either order over two runs (the rule takes the transform path there)."""
     return "fft" if d_out * d_in > 64 * (d_out + d_in) + 16 * n else "dense"
