@@ -54,9 +54,8 @@ class WaveletConfig(_Haar, FourierFTConfig):  # type: ignore[override]  # basis:
     method: ClassVar[str] = "wavelet"
     planned: ClassVar[bool] = False
     stores_locations: ClassVar[bool] = False
-    peft_type: ClassVar[str | None] = (
-        None  # PEFT's WAVEFT is written by s2ft.tuner.peft_formats.save_peft_waveft
-    )
+    peft_type: ClassVar[str | None] = None  # PEFT's WAVEFT: s2ft.tuner.peft_formats.save_peft_waveft
+    peft_waveft: ClassVar[bool] = True  # save_peft_waveft writes it (seeded locations, no permutations)
 
     # The wavelet: "db1" (Haar; "haar" is the same) is the only one implemented.
     wavelet_family: str = "db1"

@@ -131,7 +131,7 @@ def waveft_to_peft(
 
     name = adapter_name or model.active_adapter
     config = model.peft_config[name]
-    if config.method != "wavelet":
+    if not getattr(config, "peft_waveft", False):  # a behaviour of the config, not its name
         raise ValueError(
             f"a {config.method!r} adapter has no Hugging Face PEFT WaveFT form (only the 'wavelet' method, "
             "WaveFT's recipe, has: PEFT's WaveFT has no permutations nor planned locations); merge it or export "
