@@ -14,8 +14,11 @@ from s2ft.methods.full import Full
 from s2ft.methods.lora import LoRA
 from s2ft.methods.spectral import S2FT, FourierFT
 from s2ft.methods.waveft import WaveFT
+from s2ft.methods.wavelet import S2FTWavelet, Wavelet
 
-METHODS: dict[str, Method] = {m.name: m for m in (FourierFT(), S2FT(), DCT(), LoRA(), WaveFT(), Full())}
+METHODS: dict[str, Method] = {
+    m.name: m for m in (FourierFT(), S2FT(), DCT(), LoRA(), WaveFT(), Wavelet(), S2FTWavelet(), Full())
+}
 DEFAULT_METHOD = S2FT.name
 
 

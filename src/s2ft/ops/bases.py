@@ -11,7 +11,12 @@ optionally, row and column permutations) into a weight change, and back:
   nearest ``delta`` in Frobenius norm;
 - ``choose_path(d_out, d_in, n, num_tokens, device, fused=False)`` (optional): the path ``apply(path="auto")``
   takes (``fused``: the dense path would run fused into the base layer's GEMM);
-- ``seeded_locations(d_out, d_in, n, seed)``: ``n`` distinct locations drawn uniformly for a seed (int64, CPU).
+- ``seeded_locations(d_out, d_in, n, seed)``: ``n`` distinct locations drawn uniformly for a seed (int64, CPU);
+- ``energy(matrix)`` (optional): ``|coefficients|`` ``(d_out, d_in)`` of a matrix in the basis, which S2FT's planner
+  samples locations from (:func:`s2ft.tuner.planner.plan_layer`; the Fourier basis' is the DFT power spectrum).
+
+The Haar wavelet bases (:mod:`s2ft.ops.wavelet`) are one object per number of levels: ``"haar"`` (one level, PEFT
+WaveFT's), ``"haar2"`` ... ``"haar8"``.
 
 An adapter config names its basis (``config.basis``); the layers look it up here and never ask which method
 they serve.
@@ -22,6 +27,7 @@ from __future__ import annotations
 from s2ft.ops import apply as _apply
 from s2ft.ops import locations as _locations
 from s2ft.ops.dct import DCTBasis
+from s2ft.ops.wavelet import BASES as WAVELET_BASES
 
 
 class FourierBasis:
@@ -35,7 +41,7 @@ class FourierBasis:
     seeded_locations = staticmethod(_locations.fourierft_locations)
 
 
-BASES = {"fourier": FourierBasis(), "dct": DCTBasis()}
+BASES = {"fourier": FourierBasis(), "dct": DCTBasis(), **WAVELET_BASES}
 
 
 def get_basis(name: str):

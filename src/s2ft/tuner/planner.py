@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from s2ft.ops.bases import get_basis
 from s2ft.ops.locations import fourierft_locations, power_spectrum, sample_locations
 from s2ft.ops.permutation import path_length, search_order
 from s2ft.tuner.calibration import LossFn, iter_priors
@@ -63,6 +64,7 @@ def plan_layer(
     locations: str = "prior",
     seed: int = 0,
     order_from: torch.Tensor | None = None,
+    basis: Any = None,
 ) -> LayerPlan:
     """Order the prior's rows and columns, then sample ``n`` locations ``∝ |DFT2(permuted prior)|^gamma``.
 
@@ -70,7 +72,8 @@ def plan_layer(
     ``plan_from="base"``). ``permute=False`` keeps identity orders. ``locations``: ``"prior"`` samples
     from the whole spectrum (the paper), ``"prior-half"`` from one location of each mirror pair (no two
     coefficients on the same basis function; see :func:`s2ft.ops.locations.sample_locations`), ``"uniform"`` takes
-    FourierFT's locations for ``seed``.
+    FourierFT's locations for ``seed``. ``basis`` (an object of :data:`s2ft.ops.bases.BASES` with an ``energy``,
+    e.g. the Haar bases) samples from its coefficients' magnitudes and draws uniform locations its own way instead.
     """
     before = path_length(prior) + path_length(prior.T)
     perm_rows = perm_cols = None
@@ -81,10 +84,12 @@ def plan_layer(
         permuted = prior[perm_rows][:, perm_cols]
     after = path_length(permuted) + path_length(permuted.T)
     if locations == "uniform":
-        rows, cols = fourierft_locations(prior.shape[0], prior.shape[1], n, seed)
+        draw = fourierft_locations if basis is None else basis.seeded_locations
+        rows, cols = draw(prior.shape[0], prior.shape[1], n, seed)
     else:
         half = locations == "prior-half"
-        rows, cols = sample_locations(power_spectrum(permuted), n, gamma, generator, half=half)
+        energy = power_spectrum(permuted) if basis is None else basis.energy(permuted)
+        rows, cols = sample_locations(energy, n, gamma, generator, half=half)
     return LayerPlan(rows, cols, perm_rows, perm_cols, before, after)
 
 
@@ -100,13 +105,16 @@ def plan_for(prior: torch.Tensor | None, name: str, config, base: torch.Tensor |
 
     With ``config.plan_from == "base"`` the rows and columns of ``base`` (``W0``, ``(d_out, d_in)``) are ordered
     instead of the prior's, and with ``locations_from == "base"`` the locations are sampled from ``base``'s
-    permuted spectrum (``prior`` is then not needed). The plan samples from a 2-D DFT power spectrum, so it is the
-    plan of a Fourier-basis adapter; a planned config in another basis is refused rather than given locations of
-    the wrong spectrum."""
-    if config.basis != PLANNED_BASIS:
+    permuted spectrum (``prior`` is then not needed). The plan samples from a 2-D DFT power spectrum for a
+    Fourier-basis adapter and from the basis' ``energy`` for a basis that has one (the Haar bases); a planned
+    config in another basis is refused rather than given locations of the wrong spectrum."""
+    basis = get_basis(config.basis)
+    if config.basis == PLANNED_BASIS:
+        basis = None
+    elif not hasattr(basis, "energy"):
         raise ValueError(
-            f"S2FT's planner samples locations from the DFT power spectrum (basis {PLANNED_BASIS!r}); a "
-            f"{config.method!r} adapter lives in basis {config.basis!r}, which has no planner"
+            f"S2FT's planner samples locations from a basis' energy (the DFT power spectrum, or a basis' "
+            f"energy()); a {config.method!r} adapter lives in basis {config.basis!r}, which has no planner"
         )
     order_from = None
     if config.plan_from_base:
@@ -129,6 +137,7 @@ def plan_for(prior: torch.Tensor | None, name: str, config, base: torch.Tensor |
         locations=config.locations,
         seed=config.seed,
         order_from=order_from,
+        basis=basis,
     )
 
 
