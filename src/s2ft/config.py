@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from s2ft.io import atomic_write_text
+from s2ft.ops import wavelet
 from s2ft.ops.permutation import SEARCHES
 
 # The priors S2FT plans from (S2FTConfig.prior); computed by s2ft.tuner.calibration.gradient_prior.
@@ -318,6 +319,83 @@ class DCTConfig(FourierFTConfig):
     planned: ClassVar[bool] = False
     stores_locations: ClassVar[bool] = False
     peft_type: ClassVar[str | None] = None
+
+
+class _Haar:
+    """The fields and checks both wavelet configs share (a mixin of the dataclasses below)."""
+
+    wavelet_family: str
+    levels: int
+    n_frequency: int
+
+    @property
+    def basis(self) -> str:  # the Haar basis of ``levels`` levels in s2ft.ops.bases.BASES
+        return wavelet.basis_name(self.levels)
+
+    def _check_wavelet(self) -> None:
+        if not isinstance(self.wavelet_family, str):
+            raise ValueError(f"wavelet_family must be a string such as 'db1', got {self.wavelet_family!r}")
+        wavelet.check_family(self.wavelet_family)
+        wavelet.check_levels(self.levels, 2**wavelet.MAX_LEVELS, 2**wavelet.MAX_LEVELS)
+
+    def _check_shape(self, d_out: int, d_in: int) -> None:
+        """Refuse a layer shape that cannot take ``levels`` levels (called for every adapted shape when the adapter
+        is added, before the model is changed)."""
+        wavelet.check_levels(self.levels, d_out, d_in, where="an adapted layer")
+
+
+@dataclass
+class WaveletConfig(_Haar, FourierFTConfig):  # type: ignore[override]  # basis: a property of levels
+    """WaveFT's recipe on s2ft's layers: ``ΔW = scaling / sqrt(2 d_out d_in) * H_outᵀ F H_in`` with ``H`` the
+    ``levels``-level orthonormal Haar transform (:mod:`s2ft.ops.wavelet`) and ``F`` zero but for the coefficients,
+    at PEFT WaveFT's locations for the seed. ``scaling`` is in FourierFT's units (a coefficient moves ``ΔW`` as far
+    in every basis); PEFT's ``scaling_peft`` is ``scaling / sqrt(2 d_out d_in)``."""
+
+    method: ClassVar[str] = "wavelet"
+    planned: ClassVar[bool] = False
+    stores_locations: ClassVar[bool] = False
+    peft_type: ClassVar[str | None] = None  # PEFT's WAVEFT: s2ft.tuner.peft_formats.save_peft_waveft
+    peft_waveft: ClassVar[bool] = True  # save_peft_waveft writes it (seeded locations, no permutations)
+
+    # The wavelet: "db1" (Haar; "haar" is the same) is the only one implemented.
+    wavelet_family: str = "db1"
+    # Decomposition levels along each side (1: PEFT WaveFT's single level; each further level splits the
+    # approximation band again). Every adapted shape must take them (an odd length passes its last entry through).
+    levels: int = 1
+
+    def validate(self) -> None:
+        super().validate()
+        self._check_wavelet()
+
+    def seeded_locations(self, d_out: int, d_in: int) -> tuple[Any, Any] | None:
+        self._check_shape(d_out, d_in)
+        return super().seeded_locations(d_out, d_in)
+
+
+@dataclass
+class S2FTWaveletConfig(_Haar, S2FTConfig):  # type: ignore[override]
+    """S2FT's recipe in the Haar basis: the prior's rows and columns ordered (as S2FT's), then ``n`` locations
+    sampled ``∝ |H_M (permuted prior) H_Nᵀ|^gamma``; ``ΔW`` as :class:`WaveletConfig`'s, permuted back. Every
+    option of :class:`s2ft.S2FTConfig` but ``locations="prior-half"`` (the Haar basis has no mirror pairs)."""
+
+    method: ClassVar[str] = "s2ft-wavelet"
+    peft_type: ClassVar[str | None] = None
+
+    wavelet_family: str = "db1"
+    levels: int = 1
+
+    def validate(self) -> None:
+        super().validate()
+        self._check_wavelet()
+        if self.locations == "prior-half":
+            raise ValueError(
+                "locations='prior-half' keeps one location of each DFT mirror pair; the Haar basis has no mirror "
+                "pairs: use locations='prior'"
+            )
+
+    def seeded_locations(self, d_out: int, d_in: int) -> tuple[Any, Any] | None:
+        self._check_shape(d_out, d_in)
+        return None  # planned by calibrate()
 
 
 CONFIGS[FourierFTConfig.method] = FourierFTConfig

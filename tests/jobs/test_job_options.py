@@ -99,7 +99,8 @@ def test_an_option_given_at_its_default_is_refused_too(nothing_loads, capsys):
     # the cases: accepted and ignored with fourierft before
     for argv in (["--prior", "adam"], ["--plan-from", "prior"], ["--calibration-group-size", "2"]):
         assert main(["finetune", "--method", "fourierft", *argv]) == 2
-        assert f"{argv[0]} is for S2FT; --method is 'fourierft'" in capsys.readouterr().err
+        # the S2FT recipe's options, which both S2FT methods (Fourier and wavelet bases) take
+        assert f"{argv[0]} is for S2FT and S2FT (wavelet); --method is 'fourierft'" in capsys.readouterr().err
 
 
 def test_options_that_do_not_apply_are_recorded_as_none():

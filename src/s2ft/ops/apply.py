@@ -137,10 +137,18 @@ def choose_path(d_out: int, d_in: int, n: int, num_tokens: int, device, fused: b
     return "fft" if d_out * d_in > threads * (64 * (d_out + d_in) + 25 * n) else "dense"
 
 
-@torch.compiler.assume_constant_result
+# The thread count last read outside torch.compile (at import, then at every eager call): a compiled graph reads
+# this global as a constant Dynamo guards on, since it cannot trace ``torch.get_num_threads()``. (Not
+# ``torch.compiler.assume_constant_result``: decorating with it imports Dynamo, a second, at ``import s2ft``.)
+_THREADS = [torch.get_num_threads()]
+
+
 def num_threads() -> int:
-    """``torch.get_num_threads()``; under ``torch.compile`` read once when tracing (a constant of the graph)."""
-    return torch.get_num_threads()
+    """``torch.get_num_threads()``; under ``torch.compile`` the count last read eagerly (a constant of the graph)."""
+    if torch.compiler.is_compiling():
+        return _THREADS[0]
+    _THREADS[0] = torch.get_num_threads()
+    return _THREADS[0]
 
 
 def spectral_apply(

@@ -70,7 +70,41 @@ def example_adapters(names: list[str] | None) -> Iterator[None]:
         _EXAMPLE_ADAPTERS.reset(token)
 
 
-@torch.compiler.disable(reason=MIXED_BREAK)
+# Functions compiled graphs call but never trace (their Python state is not traceable): each is run through
+# ``torch.compiler.disable`` once the first layer is made. Not at import: decorating with it imports Dynamo (about
+# a second), which ``import s2ft`` should not cost; a model is only compiled after it was wrapped.
+_GRAPH_BREAKS: list[Any] = []
+
+
+def graph_break(reason: str) -> Any:
+    """Decorator: ``fn`` runs outside any compiled graph (``torch.compiler.disable(fn, reason=reason)``), the
+    disabling done by :func:`_prepare_graph_breaks` when the first :class:`SpectralLayer` is made."""
+
+    def decorate(fn: Any) -> Any:
+        disabled: list[Any] = []
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return (disabled[0] if disabled else fn)(*args, **kwargs)
+
+        def prepare() -> None:
+            if not disabled:
+                disabled.append(torch.compiler.disable(fn, reason=reason))
+
+        call.__name__, call.__qualname__, call.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+        _GRAPH_BREAKS.append(prepare)
+        return call
+
+    return decorate
+
+
+def _prepare_graph_breaks() -> None:
+    if _GRAPH_BREAKS:
+        for prepare in _GRAPH_BREAKS:
+            prepare()
+        _GRAPH_BREAKS.clear()
+
+
+@graph_break(MIXED_BREAK)
 def _example_names() -> list[str] | None:
     """The names of the innermost :func:`example_adapters` of this thread (or task), or None."""
     return _EXAMPLE_ADAPTERS.get()
@@ -248,6 +282,7 @@ class SpectralLayer(nn.Module):
         adapter_name: str = DEFAULT,
     ) -> None:
         super().__init__()
+        _prepare_graph_breaks()
         self.kind = kind_of(base_layer)
         self.base_layer = base_layer
         self.d_out, self.d_in = self.kind.shape(base_layer)
@@ -398,7 +433,7 @@ class SpectralLayer(nn.Module):
         """Whether ``adapter``'s ``ΔW`` joins the base weight in one GEMM for this training forward."""
         return self._fusion_path(adapter, x) == "dense"
 
-    @torch.compiler.disable(reason=MIXED_BREAK)
+    @graph_break(MIXED_BREAK)
     def _mixed(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         """Example ``i`` of ``x`` (dimension 0) through the base layer plus adapter ``names[i]`` only."""
         if len(names) != x.shape[0]:
@@ -436,7 +471,7 @@ class SpectralLayer(nn.Module):
     def merged(self) -> bool:
         return bool(self._merged)
 
-    @torch.compiler.disable(reason=MERGED_BREAK)
+    @graph_break(MERGED_BREAK)
     def _check_merged_unchanged(self) -> None:
         for name, (_, version) in self._merged.items():
             if self.adapters[name].coeffs._version != version:
@@ -531,7 +566,7 @@ class TrainedCopy(nn.Module):
             return self.original_module(*args, **kwargs)
         return self.trained_module(*args, **kwargs)
 
-    @torch.compiler.disable(reason=MIXED_BREAK)
+    @graph_break(MIXED_BREAK)
     def _mixed(self, names: list[str], x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Example ``i`` of ``x`` (dimension 0) through adapter ``names[i]``'s copy (the original for an adapter
         without one, or :data:`BASE`)."""

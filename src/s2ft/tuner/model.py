@@ -28,6 +28,7 @@ from s2ft.tuner.layers import (
     SpectralLayer,
     TrainedCopy,
     example_adapters,
+    graph_break,
 )
 from s2ft.tuner.planner import calibrate_adapter, replan_adapter
 from s2ft.tuner.saving import (
@@ -109,7 +110,7 @@ class SpectralModel(nn.Module):
             return self.model(*args, **kwargs)
         return self._mixed_forward(adapter_names, *args, **kwargs)
 
-    @torch.compiler.disable(reason=MIXED_BREAK)
+    @graph_break(MIXED_BREAK)
     def _mixed_forward(self, adapter_names: list[str], *args: Any, **kwargs: Any) -> Any:
         """A mixed batch: outside any compiled graph (its per-example lookup is Python)."""
         with self._serving(adapter_names):

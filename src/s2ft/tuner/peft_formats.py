@@ -137,9 +137,10 @@ def waveft_to_peft(
             "WaveFT's recipe, has: PEFT's WaveFT has no permutations nor planned locations); merge it or export "
             "it as LoRA (s2ft export-lora)"
         )
-    if getattr(config, "levels", 1) != 1:
+    levels = getattr(config, "levels", 1)
+    if levels != 1:
         raise ValueError(
-            f"PEFT's WaveFT has one wavelet level; this adapter has levels={config.levels}: merge it or export "
+            f"PEFT's WaveFT has one wavelet level; this adapter has levels={levels}: merge it or export "
             "it as LoRA"
         )
     layers = model._layers_of(name)

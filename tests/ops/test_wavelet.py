@@ -9,13 +9,12 @@ import math
 import pytest
 import torch
 
-from conftest import MODELS, forward, make_batches, mlp_loss
-from s2ft import SpectralModel, get_spectral_model, load_config
+from s2ft import S2FTWaveletConfig, SpectralModel, WaveletConfig, get_spectral_model, load_config
 from s2ft.config import CONFIGS, FourierFTConfig
 from s2ft.methods import METHODS, VARIANTS, planning_method
-from s2ft.methods.wavelet import S2FTWaveletConfig, WaveletConfig
 from s2ft.ops import wavelet
 from s2ft.ops.bases import get_basis
+from tests.helpers import MODELS, forward, make_batches, mlp_loss
 
 R = math.sqrt(0.5)
 
