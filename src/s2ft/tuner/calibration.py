@@ -19,7 +19,7 @@ from torch import nn
 
 from s2ft.config import PRIORS
 from s2ft.tuner.distributed import agreed_batches, is_partitioned, is_sharded
-from s2ft.tuner.kinds import LayerKind, kind_of, weight_matrix
+from s2ft.tuner.kinds import kind_of, weight_matrix
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -230,19 +230,20 @@ def iter_priors(
         isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
     ):
         raise ValueError(f"the calibration group size must be a positive integer or None, got {group_size!r}")
+    strategy = PRIOR_STRATEGIES[kind]
     hooked = _activation_layers(layers, from_activations)
-    if kind == "trajectory" and hooked:
+    if strategy.steps_weights and hooked:
         name = next(n for n in layers if n in hooked)  # the first in module order
         raise ValueError(
-            f"the trajectory prior steps the weights themselves, and {name!r} ({kind_of(layers[name].base_layer).label}"
+            f"the {kind} prior steps the weights themselves, and {name!r} ({kind_of(layers[name].base_layer).label}"
             f"{'' if len(hooked) == 1 else f', and {len(hooked) - 1} more'}) has a weight that takes no gradient: "
             "use prior='gradient' or prior='adam', which are taken from the layer's activations"
         )
     names = list(layers)
     size = len(names) if group_size is None else group_size
-    if kind == "trajectory" and size < len(names):
+    if strategy.steps_weights and size < len(names):
         raise ValueError(
-            "the trajectory prior steps every layer's weights together (each layer's path depends on the "
+            f"the {kind} prior steps every layer's weights together (each layer's path depends on the "
             f"others'), so it cannot be computed in groups of {size} of {len(names)} layers: give no group size, "
             "or use prior='gradient' or prior='adam'"
         )
@@ -250,7 +251,8 @@ def iter_priors(
     if len(groups) > 1:  # every group sees the very same batches
         batches = list(batches if max_batches is None else itertools.islice(batches, max_batches))
         max_batches = None
-    return _grouped(model, layers, groups, batches, loss_fn, max_batches, progress, kind, lr, hooked)
+    run = _Run(model, layers, batches, loss_fn, max_batches, progress, hooked)
+    return _grouped(run, groups, lambda group: strategy(group, lr=lr), kind)
 
 
 def _activation_layers(layers: Mapping[str, nn.Module], from_activations: bool | None) -> set[str]:
@@ -265,156 +267,237 @@ def _activation_layers(layers: Mapping[str, nn.Module], from_activations: bool |
     return set(layers)
 
 
-def _grouped(model, layers, groups, batches, loss_fn, max_batches, progress, kind, lr, hooked):
+# ------------------------------------------------------------------------------------------------ the priors
+class PriorStrategy:
+    """One prior's running state over the calibration batches, for one group of layers (``{name: adapter layer}``):
+    made at the start, given each batch's gradient ``g_b`` of each layer (:meth:`add`, ``(d_out, d_in)`` float32 or
+    float64), told when a batch ends (:meth:`end_batch`), and asked for the priors at the end (:meth:`finish`, which
+    sums across processes). :meth:`restore` undoes what it changed of the model, whatever happened.
+
+    ``per_call``: the prior is linear in ``g_b``, so the gradient of each call of a layer may be added as it comes
+    (:meth:`add_call`, from a call's input ``x`` and output gradient ``δ``); otherwise calibration sums a batch's
+    calls first. ``steps_weights``: the prior moves the weights themselves (no activations, no groups)."""
+
+    per_call = False
+    steps_weights = False
+
+    def __init__(self, layers: Mapping[str, nn.Module], **options: Any) -> None:
+        self.layers = layers
+        self.device = next(iter(layers.values())).base_layer.weight.device
+
+    def add(self, name: str, grad: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def add_call(self, name: str, x: torch.Tensor, delta: torch.Tensor) -> None:
+        """A call's share of ``g_b``, ``Σ_tokens δᵀ x`` (only where :attr:`per_call`)."""
+        base = self.layers[name].base_layer
+        self.add(name, _hold(kind_of(base).weight_gradient(base, x, delta)))
+
+    def end_batch(self) -> None:
+        pass
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def restore(self) -> None:
+        pass
+
+    def _zeros(self, name: str) -> torch.Tensor:
+        layer = self.layers[name]
+        return _hold(torch.zeros((layer.d_out, layer.d_in), device=self.device))
+
+
+class GradientPrior(PriorStrategy):
+    """``ΔŴ = -Σ_b g_b`` (the paper)."""
+
+    per_call = True
+
+    def __init__(self, layers: Mapping[str, nn.Module], **options: Any) -> None:
+        super().__init__(layers)
+        self.sums = {n: self._zeros(n) for n in layers}
+
+    def add(self, name: str, grad: torch.Tensor) -> None:
+        self.sums[name] -= grad
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        _all_reduce(self.sums.values())
+        return self.sums
+
+
+class AdamPrior(GradientPrior):
+    """``ΔŴ = -Σ_b g_b / sqrt(Σ_b g_b²)`` elementwise, 0 where every ``g_b`` is 0."""
+
+    per_call = False
+
+    def __init__(self, layers: Mapping[str, nn.Module], **options: Any) -> None:
+        super().__init__(layers)
+        self.squares = {n: self._zeros(n) for n in layers}
+
+    def add(self, name: str, grad: torch.Tensor) -> None:
+        self.sums[name] -= grad
+        self.squares[name] += grad * grad
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        _all_reduce((*self.sums.values(), *self.squares.values()))
+        priors = {}
+        for name in list(self.sums):
+            total, scale = self.sums.pop(name), self.squares.pop(name).sqrt_()
+            # 0 only where every g_b was 0; a NaN or inf stays one, for _check_priors to report
+            priors[name] = _hold(
+                torch.where(scale == 0, 0.0, total / scale.clamp_min(torch.finfo(scale.dtype).tiny))
+            )
+            del total, scale
+        return priors
+
+
+class TrajectoryPrior(PriorStrategy):
+    """``ΔŴ = W_B - W_0`` after one Adam step per batch (betas 0.9/0.999, eps 1e-8, no weight decay) on float32
+    master copies of the weights (low-precision weights would round small steps away); the model's weights follow
+    them, rounded, and get their starting values back in :meth:`restore`. Under ``torch.distributed`` each step
+    sums the ranks' gradients of that step."""
+
+    steps_weights = True
+
+    def __init__(self, layers: Mapping[str, nn.Module], lr: float = 1e-4, **options: Any) -> None:
+        super().__init__(layers)
+        self.weights = [layer.base_layer.weight for layer in layers.values()]
+        self.start = [w.detach().clone() for w in self.weights]
+        self.masters = [w.detach().float().clone() for w in self.weights]
+        self.optimizer = torch.optim.Adam(
+            self.masters, lr=lr, betas=_ADAM_BETAS, eps=_ADAM_EPS, foreach=False
+        )
+
+    def add(self, name: str, grad: torch.Tensor) -> None:
+        pass  # end_batch reads the weights' own gradients
+
+    def end_batch(self) -> None:
+        for w, master in zip(self.weights, self.masters):
+            grad = w.grad if w.grad is not None else torch.zeros_like(w)
+            _all_reduce([grad])
+            master.grad = grad.float()
+        self.optimizer.step()
+        with torch.no_grad():
+            for w, master in zip(self.weights, self.masters):
+                w.copy_(master)
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        return {
+            name: kind_of(layer.base_layer).matrix(layer.base_layer, master - w0.float())
+            for (name, layer), master, w0 in zip(self.layers.items(), self.masters, self.start)
+        }
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for w, w0 in zip(self.weights, self.start):
+                w.copy_(w0)
+
+
+# one strategy per prior of s2ft.config.PRIORS
+PRIOR_STRATEGIES: dict[str, type[PriorStrategy]] = {
+    "gradient": GradientPrior,
+    "adam": AdamPrior,
+    "trajectory": TrajectoryPrior,
+}
+
+
+def _all_reduce(tensors: Iterable[torch.Tensor]) -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for tensor in tensors:
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+
+
+# ------------------------------------------------------------------------------------------------ the pass
+class _Run:
+    """What every group's pass shares: the model, all the adapter layers (their ΔW off meanwhile), the batches and
+    the names of the layers whose gradient comes from activations."""
+
+    def __init__(self, model, layers, batches, loss_fn, max_batches, progress, hooked) -> None:
+        self.model, self.everyone, self.batches, self.loss_fn = model, layers, batches, loss_fn
+        self.max_batches, self.progress, self.hooked = max_batches, progress, hooked
+
+
+def _grouped(
+    run: _Run, groups: list[list[str]], make: Callable[[Mapping[str, nn.Module]], PriorStrategy], kind: str
+) -> Iterator[tuple[str, Any]]:
     for index, group in enumerate(groups):
         label = f"calibrating ({kind} prior" + (
             f", group {index + 1}/{len(groups)})" if len(groups) > 1 else ")"
         )
-        priors = _group_prior(
-            model,
-            layers,
-            {n: layers[n] for n in group},
-            batches,
-            loss_fn,
-            max_batches,
-            progress,
-            kind,
-            lr,
-            hooked,
-            label,
-        )
+        priors = _group_prior(run, make({n: run.everyone[n] for n in group}), label)
         for name in group:
             yield name, priors.pop(name)
 
 
-def _group_prior(
-    model: nn.Module,
-    everyone: Mapping[str, nn.Module],
-    layers: Mapping[str, nn.Module],
-    batches: Iterable[Any],
-    loss_fn: LossFn | None,
-    max_batches: int | None,
-    progress: bool,
-    kind: str,
-    lr: float,
-    hooked: set[str],
-    label: str,
-) -> dict[str, torch.Tensor]:
-    """The priors of ``layers`` (one group) over ``batches``, the ΔW of ``everyone`` off meanwhile: see
+def _group_prior(run: _Run, strategy: PriorStrategy, label: str) -> dict[str, Any]:
+    """One pass over the batches for ``strategy``'s layers (one group), every adapter's ΔW off meanwhile: see
     :func:`compute_prior`."""
-    weights = [layer.base_layer.weight for n, layer in layers.items() if n not in hooked]
-    device = next(iter(layers.values())).base_layer.weight.device
-    sums = {n: _hold(torch.zeros((layer.d_out, layer.d_in), device=device)) for n, layer in layers.items()}
-    squares = {n: _hold(torch.zeros_like(sums[n])) for n in layers} if kind == "adam" else None
-    # adam: a batch's g_b of a hooked layer is summed over its calls first; gradient: -δᵀx goes to the sum at once
-    per_batch = (
-        {n: _hold(torch.zeros_like(sums[n])) for n in layers if n in hooked} if squares is not None else {}
-    )
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    # trajectory: Adam on float32 master copies (low-precision weights would round small steps away); the model's
-    # weights follow them, rounded, and get their starting values back at the end
-    start = [w.detach().clone() for w in weights] if kind == "trajectory" else None
-    masters = [w.detach().float().clone() for w in weights] if kind == "trajectory" else []
-    optimizer = (
-        torch.optim.Adam(masters, lr=lr, betas=_ADAM_BETAS, eps=_ADAM_EPS, foreach=False) if masters else None
-    )
+    layers = strategy.layers
+    weights = {n: layer.base_layer.weight for n, layer in layers.items() if n not in run.hooked}
     seen = 0
-    disabled = {name: layer.disabled for name, layer in everyone.items()}
-    iterator = agreed_batches(batches, max_batches)  # in step across ranks; one error on all if uneven
-    if progress:
+    disabled = {name: layer.disabled for name, layer in run.everyone.items()}
+    iterator = agreed_batches(
+        run.batches, run.max_batches
+    )  # in step across ranks; one error on all if uneven
+    if run.progress:
         from tqdm.auto import tqdm
 
-        total = max_batches if max_batches is not None else _len_or_none(batches)
+        total = run.max_batches if run.max_batches is not None else _len_or_none(run.batches)
         iterator = tqdm(iterator, total=total, desc=label, unit="batch")
-    handles = []
+    hooks = _ActivationGradients(strategy, [n for n in layers if n in run.hooked])
     try:
-        for layer in everyone.values():
+        for layer in run.everyone.values():
             layer.disabled = True
-        into = {n: per_batch[n] if per_batch else sums[n] for n in hooked if n in layers}
-        handles = _attach_hooks(layers, into, sign=1.0 if per_batch else -1.0)
-        with _only_weights_require_grad(model, weights):
+        hooks.attach()
+        with _only_weights_require_grad(run.model, list(weights.values())):
             for index, batch in enumerate(iterator):
-                if max_batches is not None and index >= max_batches:
+                if run.max_batches is not None and index >= run.max_batches:
                     break
-                loss = batch_loss(model, _move(batch, device), loss_fn)
+                loss = batch_loss(run.model, _move(batch, strategy.device), run.loss_fn)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"calibration batch {index} gave a non-finite loss ({float(loss.detach())})"
                     )
                 if loss.requires_grad:  # it does not when none of the group's layers is used
                     loss.backward()
-                if optimizer is not None:
-                    for w, master in zip(weights, masters):
-                        grad = w.grad if w.grad is not None else torch.zeros_like(w)
-                        if distributed:
-                            torch.distributed.all_reduce(grad, op=torch.distributed.ReduceOp.SUM)
-                        master.grad = grad.float()
-                    optimizer.step()
-                    with torch.no_grad():
-                        for w, master in zip(weights, masters):
-                            w.copy_(master)
-                else:
-                    _accumulate(layers, hooked, sums, squares, per_batch)
-                for w in weights:
+                hooks.end_batch()
+                for name, w in weights.items():
+                    if w.grad is not None:
+                        _hold(w.grad)
+                        strategy.add(name, weight_matrix(layers[name].base_layer, grad=True).float())
+                strategy.end_batch()
+                for w in weights.values():
                     w.grad = None
                 seen += 1
-        for (name, layer), master, w0 in zip(layers.items(), masters, start or []):
-            sums[name] = kind_of(layer.base_layer).matrix(layer.base_layer, master - w0.float())
     finally:
-        for handle in handles:
-            handle.remove()
-        if start is not None:
-            with torch.no_grad():
-                for w, w0 in zip(weights, start):
-                    w.copy_(w0)
-        for name, layer in everyone.items():
+        hooks.detach()
+        strategy.restore()
+        for name, layer in run.everyone.items():
             layer.disabled = disabled[name]
-        if progress:
+        if run.progress:
             iterator.close()
-    if distributed and kind != "trajectory":
-        for tensor in (*sums.values(), *(squares or {}).values()):
-            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
-    if squares is not None:
-        for name in sums:
-            scale = squares[name].sqrt()
-            sums[name] = _hold(
-                # 0 only where every g_b was 0; a NaN or inf stays one, for _check_priors to report
-                torch.where(scale == 0, 0.0, sums[name] / scale.clamp_min(torch.finfo(scale.dtype).tiny))
-            )
-            del scale
-    _check_priors(sums, seen)
-    return sums
+    priors = strategy.finish()
+    _check_priors(priors, seen)
+    return priors
 
 
-def _accumulate(layers, hooked, sums, squares, per_batch) -> None:
-    """Add one batch's gradients ``g_b`` into the sums: ``-g_b``, and (adam) ``g_b²``."""
-    for name, layer in layers.items():
-        if name in per_batch:
-            grad = per_batch[name]
-        elif (
-            name in hooked or layer.base_layer.weight.grad is None
-        ):  # hooked: subtracted by the hooks already
-            continue
-        else:
-            _hold(layer.base_layer.weight.grad)
-            grad = weight_matrix(layer.base_layer, grad=True).float()
-        sums[name] -= grad
-        if squares is not None:
-            squares[name] += grad * grad
-        if name in per_batch:
-            grad.zero_()
+class _ActivationGradients:
+    """Hooks on the base layers of ``names`` that hand ``strategy`` each batch's ``g_b = Σ_calls Σ_tokens δᵀx``.
 
+    A per-call strategy gets every call's share as it comes. Any other gets ``g_b`` whole: the forward counts a
+    layer's calls that will see a gradient, and the sum of their ``δᵀx`` goes to the strategy when the last one
+    has come (what is left at the end of the batch too), so one layer's ``g_b`` is held at a time however many
+    layers there are. A layer's input is made to require grad (``x + 0``, the same values) when nothing before
+    it does, so that ``δ`` reaches it even when no weight of the model takes a gradient."""
 
-def _attach_hooks(layers: Mapping[str, nn.Module], into: dict[str, torch.Tensor], sign: float) -> list[Any]:
-    """Hooks on the base layers of ``into``'s layers that add ``sign · δᵀx`` of every call into ``into[name]``.
+    def __init__(self, strategy: PriorStrategy, names: list[str]) -> None:
+        self.strategy, self.names = strategy, names
+        self.handles: list[Any] = []
+        self.expected = dict.fromkeys(names, 0)
+        self.arrived = dict.fromkeys(names, 0)
+        self.pending: dict[str, torch.Tensor] = {}
 
-    A layer's input is made to require grad (``x + 0``, the same values) when nothing before it does, so that
-    ``δ`` reaches it even when no weight of the model takes a gradient."""
-    anchor = torch.zeros((), requires_grad=True)
-    handles = []
-    for name, target in into.items():
-        base = layers[name].base_layer
-        layer_kind = kind_of(base)
+    def attach(self) -> None:
+        anchor = torch.zeros((), requires_grad=True)
 
         def pre(module: nn.Module, args: tuple) -> tuple | None:
             x = args[0]
@@ -422,21 +505,44 @@ def _attach_hooks(layers: Mapping[str, nn.Module], into: dict[str, torch.Tensor]
                 return (x + anchor.to(x.device, x.dtype), *args[1:])
             return None
 
-        def post(module: nn.Module, args: tuple, output: torch.Tensor, target=target, k=layer_kind) -> None:
-            if torch.is_grad_enabled() and output.requires_grad:
-                x = args[0].detach()
-                output.register_hook(lambda delta: _add_gradient(target, k, module, x, delta, sign))
+        for name in self.names:
+            base = self.strategy.layers[name].base_layer
 
-        handles += [base.register_forward_pre_hook(pre), base.register_forward_hook(post)]
-    return handles
+            def post(module: nn.Module, args: tuple, output: torch.Tensor, name: str = name) -> None:
+                if torch.is_grad_enabled() and output.requires_grad:
+                    x = args[0].detach()
+                    self.expected[name] += 1
+                    output.register_hook(lambda delta: self._arrive(name, x, delta))
 
+            self.handles += [base.register_forward_pre_hook(pre), base.register_forward_hook(post)]
 
-def _add_gradient(
-    target: torch.Tensor, kind: LayerKind, layer: nn.Module, x: torch.Tensor, delta: torch.Tensor, sign: float
-) -> None:
-    with torch.no_grad():
-        grad = _hold(kind.weight_gradient(layer, x, delta))
-        target.add_(grad, alpha=sign)
+    @torch.no_grad()
+    def _arrive(self, name: str, x: torch.Tensor, delta: torch.Tensor) -> None:
+        if self.strategy.per_call:
+            self.strategy.add_call(name, x, delta)
+            return
+        base = self.strategy.layers[name].base_layer
+        grad = _hold(kind_of(base).weight_gradient(base, x, delta))
+        if name in self.pending:
+            self.pending[name].add_(grad)
+        else:  # the batch's sum in float32, as the priors are
+            self.pending[name] = _hold(grad.float()) if grad.dtype != torch.float32 else grad
+        del grad
+        self.arrived[name] += 1
+        if self.arrived[name] >= self.expected[name]:
+            self.strategy.add(name, self.pending.pop(name))
+
+    def end_batch(self) -> None:
+        for name in list(self.pending):  # calls whose output never reached the loss
+            self.strategy.add(name, self.pending.pop(name))
+        self.expected = dict.fromkeys(self.names, 0)
+        self.arrived = dict.fromkeys(self.names, 0)
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        self.pending.clear()
 
 
 gradient_prior = compute_prior  # its name before it computed the adam and trajectory priors too
