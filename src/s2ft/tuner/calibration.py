@@ -9,6 +9,7 @@ in groups of layers, each group over the same batches, so that at most one group
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -18,8 +19,9 @@ import torch
 from torch import nn
 
 from s2ft.config import PRIORS
-from s2ft.tuner.distributed import agreed_batches, is_partitioned, is_sharded
-from s2ft.tuner.kinds import kind_of, weight_matrix
+from s2ft.ops.sketch import LowRank, low_rank_from_sketches, sketch_matrices
+from s2ft.tuner.distributed import agree_across_processes, agreed_batches, is_partitioned, is_sharded
+from s2ft.tuner.kinds import LayerKind, kind_of, weight_matrix
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -177,7 +179,9 @@ def compute_prior(
     kind: str = "gradient",
     lr: float = 1e-4,
     from_activations: bool | None = None,
-) -> dict[str, torch.Tensor]:
+    rank: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
     """The prior ``ΔŴ`` of each layer's ``base_layer.weight``, from the gradients ``g_b`` of the batches:
 
     - ``"gradient"`` (the paper): ``ΔŴ = -Σ_b g_b`` at the current weights;
@@ -189,7 +193,8 @@ def compute_prior(
       along it. The weights are restored afterwards.
 
     ``g_b`` is the weight's gradient, or, for layers whose weight takes none (quantized, sharded; all layers with
-    ``from_activations=True``, none with ``False``), ``Σ_tokens δᵀ x`` from the layer's inputs and output
+    ``from_activations=True``, none with ``False``; with a ``rank``, every layer whose kind allows it, unless
+    ``False``), ``Σ_tokens δᵀ x`` from the layer's inputs and output
     gradients; the trajectory prior needs the weights themselves and refuses such layers before anything changes.
 
     ``layers`` maps names to adapters (:class:`s2ft.tuner.layers.SpectralLayer`), whose ΔW is switched off meanwhile.
@@ -199,9 +204,28 @@ def compute_prior(
     get from all the batches; a ``"trajectory"`` step sums the ranks' gradients of that step (the ranks' ``b``-th
     batches together make step ``b``; give every rank the same number of batches). Returns float32 ``(d_out, d_in)``
     priors in ``nn.Linear``'s convention.
+
+    With ``rank=k`` (``"gradient"`` and ``"adam"`` only) each prior is instead a rank-``k``
+    :class:`s2ft.ops.sketch.LowRank` (``k`` clamped to ``min(d_out, d_in)`` per layer, where it is exact), built in
+    the same one pass from randomized sketches that hold ``O((d_out + d_in)·k)`` numbers per layer (the test
+    matrices seeded by ``(seed, name)``); the ``"adam"`` second moment is then factored as Adafactor factors it
+    (:class:`SketchedAdamPrior`). Every process must pass the same ``rank``.
     """
     return dict(
-        iter_priors(model, layers, batches, loss_fn, max_batches, progress, kind, lr, None, from_activations)
+        iter_priors(
+            model,
+            layers,
+            batches,
+            loss_fn,
+            max_batches,
+            progress,
+            kind,
+            lr,
+            None,
+            from_activations,
+            rank=rank,
+            seed=seed,
+        )
     )
 
 
@@ -216,7 +240,9 @@ def iter_priors(
     lr: float = 1e-4,
     group_size: int | None = None,
     from_activations: bool | None = None,
-) -> Iterator[tuple[str, torch.Tensor]]:
+    rank: int | None = None,
+    seed: int = 0,
+) -> Iterator[tuple[str, Any]]:
     """``(name, prior)`` for every layer, as :func:`compute_prior` computes them, ``group_size`` layers at a time
     (None: all at once): each group's priors are computed over the same batches (kept in a list when there are
     several groups), handed out, and forgotten before the next group starts, so a caller that plans and drops
@@ -230,8 +256,9 @@ def iter_priors(
         isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
     ):
         raise ValueError(f"the calibration group size must be a positive integer or None, got {group_size!r}")
-    strategy = PRIOR_STRATEGIES[kind]
-    hooked = _activation_layers(layers, from_activations)
+    check_prior_rank(rank, kind)
+    strategy = PRIOR_STRATEGIES[kind] if rank is None else SKETCHED_STRATEGIES[kind]
+    hooked = _activation_layers(layers, from_activations, prefer=rank is not None)
     if strategy.steps_weights and hooked:
         name = next(n for n in layers if n in hooked)  # the first in module order
         raise ValueError(
@@ -251,14 +278,42 @@ def iter_priors(
     if len(groups) > 1:  # every group sees the very same batches
         batches = list(batches if max_batches is None else itertools.islice(batches, max_batches))
         max_batches = None
+    agree_across_processes(-1 if rank is None else rank, "prior_rank (-1: None, the exact prior)")
     run = _Run(model, layers, batches, loss_fn, max_batches, progress, hooked)
-    return _grouped(run, groups, lambda group: strategy(group, lr=lr), kind)
+    label = kind if rank is None else f"{kind}, rank {rank}"
+    return _grouped(run, groups, lambda group: strategy(group, lr=lr, rank=rank, seed=seed), label)
 
 
-def _activation_layers(layers: Mapping[str, nn.Module], from_activations: bool | None) -> set[str]:
-    """The names of the layers whose prior is taken from activations; unsupported ones refused."""
+def check_prior_rank(rank: Any, kind: str) -> None:
+    """Refuse a ``prior_rank`` that is not None or a positive integer, or one given to a prior with no sketch."""
+    if rank is None:
+        return
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(
+            f"prior_rank must be a positive integer (the rank of the sketched prior) or None (the exact prior), "
+            f"got {rank!r}"
+        )
+    if kind not in SKETCHED_STRATEGIES:
+        raise ValueError(
+            f"the {kind} prior has no sketched form (it steps the weights themselves, so it needs their whole "
+            f"gradients): leave prior_rank=None, or use prior={' or '.join(map(repr, SKETCHED_STRATEGIES))} with "
+            "a rank"
+        )
+
+
+def _activation_layers(
+    layers: Mapping[str, nn.Module], from_activations: bool | None, prefer: bool = False
+) -> set[str]:
+    """The names of the layers whose prior is taken from activations; unsupported ones refused. None: those whose
+    weight takes no gradient, and with ``prefer`` (a sketched prior, which then never forms a dense ``g_b``) every
+    layer whose kind gives a gradient from activations."""
     if from_activations is None:
-        return {n for n, layer in layers.items() if not takes_weight_gradient(layer.base_layer)}
+        return {
+            n
+            for n, layer in layers.items()
+            if not takes_weight_gradient(layer.base_layer)
+            or (prefer and kind_of(layer.base_layer).prior_from_activations)
+        }
     if not from_activations:
         return set()
     for name, layer in layers.items():
@@ -276,10 +331,14 @@ class PriorStrategy:
 
     ``per_call``: the prior is linear in ``g_b``, so the gradient of each call of a layer may be added as it comes
     (:meth:`add_call`, from a call's input ``x`` and output gradient ``δ``); otherwise calibration sums a batch's
-    calls first. ``steps_weights``: the prior moves the weights themselves (no activations, no groups)."""
+    calls first. ``steps_weights``: the prior moves the weights themselves (no activations, no groups).
+
+    The strategies: :data:`PRIOR_STRATEGIES` (exact, by ``S2FTConfig.prior``) and :data:`SKETCHED_STRATEGIES`
+    (``prior_rank=k``)."""
 
     per_call = False
     steps_weights = False
+    keeps_float64 = False  # whether a float64 weight's gradient is added as it is (else in float32)
 
     def __init__(self, layers: Mapping[str, nn.Module], **options: Any) -> None:
         self.layers = layers
@@ -400,6 +459,105 @@ PRIOR_STRATEGIES: dict[str, type[PriorStrategy]] = {
 }
 
 
+class SketchedGradientPrior(PriorStrategy):
+    """The gradient prior ``-Σ_b g_b`` as a rank-``k`` :class:`s2ft.ops.sketch.LowRank`, from its range and
+    co-range sketches ``-Σ_b g_b Ω`` ``(d_out, k)`` and ``-Σ_b Ψ g_b`` ``(l, d_in)``: ``O((d_out + d_in)·k)`` per
+    layer. From activations, a call adds ``δᵀ(xΩ)`` and ``(Ψδᵀ)x`` without forming ``δᵀx``. ``k`` is
+    ``min(rank, d_out, d_in)`` per layer (at ``min(d_out, d_in)`` the sketch is exact); the test matrices come from
+    ``(seed, layer name)``, the same on every process."""
+
+    per_call = True
+    keeps_float64 = True
+
+    def __init__(
+        self, layers: Mapping[str, nn.Module], rank: int = 16, seed: int = 0, **options: Any
+    ) -> None:
+        super().__init__(layers)
+        self.omega, self.psi, self.y, self.w = {}, {}, {}, {}
+        for name, layer in layers.items():
+            k = min(rank, layer.d_out, layer.d_in)
+            # float32 sums, as the exact priors; float64 for a float64 layer
+            dtype = torch.float64 if layer.base_layer.weight.dtype == torch.float64 else torch.float32
+            omega, psi = sketch_matrices(layer.d_out, layer.d_in, k, sketch_generator(seed, name), dtype)
+            self.omega[name], self.psi[name] = _hold(omega.to(self.device)), _hold(psi.to(self.device))
+            self.y[name] = _hold(torch.zeros(layer.d_out, k, device=self.device, dtype=dtype))
+            self.w[name] = _hold(torch.zeros(psi.shape[0], layer.d_in, device=self.device, dtype=dtype))
+
+    def add(self, name: str, grad: torch.Tensor) -> None:
+        self.y[name] -= grad @ self.omega[name].to(grad.dtype)
+        self.w[name] -= self.psi[name].to(grad.dtype) @ grad
+
+    def add_call(self, name: str, x: torch.Tensor, delta: torch.Tensor) -> None:
+        base = self.layers[name].base_layer
+        if type(kind_of(base)).weight_gradient is not LayerKind.weight_gradient:
+            super().add_call(name, x, delta)  # a kind of its own: δᵀx formed, one call's transient
+            return
+        dtype = torch.promote_types(torch.promote_types(x.dtype, delta.dtype), torch.float32)
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (tokens, d_in)
+        d2 = delta.reshape(-1, delta.shape[-1]).to(dtype)  # (tokens, d_out)
+        self.y[name] -= d2.T @ (x2 @ self.omega[name].to(dtype))  # (d_out, k)
+        self.w[name] -= (self.psi[name].to(dtype) @ d2.T) @ x2  # (l, d_in)
+
+    def _reduce(self) -> None:
+        _all_reduce((*self.y.values(), *self.w.values()))
+
+    def finish(self) -> dict[str, Any]:
+        self._reduce()
+        return {n: low_rank_from_sketches(self.y.pop(n), self.w.pop(n), self.psi.pop(n)) for n in self.layers}
+
+
+class SketchedAdamPrior(SketchedGradientPrior):
+    """The Adam prior with its second moment factored as Adafactor factors it: ``V ≈ R Cᵀ / Σ R`` from the row and
+    column sums ``R = Σ_b (g_b²) 1`` ``(d_out,)`` and ``C = Σ_b 1ᵀ(g_b²)`` ``(d_in,)``, so that
+    ``ΔŴ = -Σ_b g_b / sqrt(V) = -sqrt(ΣR) · diag(R^-1/2) (Σ_b g_b) diag(C^-1/2)`` (0 on a row or column whose
+    gradient was always 0) is the gradient sketch's matrix scaled on both sides: a rank-``k`` ``LowRank`` from the
+    same sketches. Each batch's ``g_b`` of a layer is formed once (one layer's transient) for its squares."""
+
+    per_call = False
+
+    def __init__(
+        self, layers: Mapping[str, nn.Module], rank: int = 16, seed: int = 0, **options: Any
+    ) -> None:
+        super().__init__(layers, rank=rank, seed=seed)
+        self.row_sq = {n: _hold(self.y[n].new_zeros(layer.d_out)) for n, layer in layers.items()}
+        self.col_sq = {n: _hold(self.y[n].new_zeros(layer.d_in)) for n, layer in layers.items()}
+
+    def add(self, name: str, grad: torch.Tensor) -> None:
+        super().add(name, grad)
+        square = grad * grad
+        self.row_sq[name] += square.sum(dim=1)
+        self.col_sq[name] += square.sum(dim=0)
+        del square
+
+    def finish(self) -> dict[str, Any]:
+        self._reduce()
+        _all_reduce((*self.row_sq.values(), *self.col_sq.values()))
+        priors = {}
+        for name in self.layers:
+            rows, cols = self.row_sq.pop(name).double(), self.col_sq.pop(name).double()
+            total = rows.sum()
+            row_scale = torch.where(rows > 0, (total / torch.where(rows > 0, rows, 1.0)).sqrt(), 0.0)
+            col_scale = torch.where(cols > 0, torch.where(cols > 0, cols, 1.0).rsqrt(), 0.0)
+            priors[name] = low_rank_from_sketches(
+                self.y.pop(name), self.w.pop(name), self.psi.pop(name), row_scale, col_scale
+            )
+        return priors
+
+
+# the sketched strategy of a prior, where it has one (S2FTConfig.prior_rank)
+SKETCHED_STRATEGIES: dict[str, type[PriorStrategy]] = {
+    "gradient": SketchedGradientPrior,
+    "adam": SketchedAdamPrior,
+}
+
+
+def sketch_generator(seed: int, name: str) -> torch.Generator:
+    """A CPU generator for the test matrices of layer ``name``, seeded by ``(seed, name)`` through SHA-256: the same
+    on every machine and process, and apart from the planner's generator of the same layer."""
+    digest = hashlib.sha256(f"sketch:{seed}:{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
 def _all_reduce(tensors: Iterable[torch.Tensor]) -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         for tensor in tensors:
@@ -463,7 +621,10 @@ def _group_prior(run: _Run, strategy: PriorStrategy, label: str) -> dict[str, An
                 for name, w in weights.items():
                     if w.grad is not None:
                         _hold(w.grad)
-                        strategy.add(name, weight_matrix(layers[name].base_layer, grad=True).float())
+                        grad = weight_matrix(layers[name].base_layer, grad=True)
+                        keep = strategy.keeps_float64 and grad.dtype == torch.float64
+                        strategy.add(name, grad if keep else grad.float())
+                        del grad
                 strategy.end_batch()
                 for w in weights.values():
                     w.grad = None
@@ -525,8 +686,10 @@ class _ActivationGradients:
         grad = _hold(kind_of(base).weight_gradient(base, x, delta))
         if name in self.pending:
             self.pending[name].add_(grad)
+        elif grad.dtype == torch.float32 or (self.strategy.keeps_float64 and grad.dtype == torch.float64):
+            self.pending[name] = grad
         else:  # the batch's sum in float32, as the priors are
-            self.pending[name] = _hold(grad.float()) if grad.dtype != torch.float32 else grad
+            self.pending[name] = _hold(grad.float())
         del grad
         self.arrived[name] += 1
         if self.arrived[name] >= self.expected[name]:
@@ -555,10 +718,13 @@ def _len_or_none(batches: Iterable[Any]) -> int | None:
         return None
 
 
-def _check_priors(priors: Mapping[str, torch.Tensor], seen: int) -> None:
+def _check_priors(priors: Mapping[str, Any], seen: int) -> None:
     if seen == 0 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise ValueError("calibration got no batches: pass an iterable of at least one batch")
     for name, prior in priors.items():
+        if isinstance(prior, LowRank):
+            finite = all(bool(torch.isfinite(t).all()) for t in (prior.u, prior.s, prior.v))
+            prior = prior.s if finite else torch.full((1,), float("nan"))  # what the checks below read
         if not torch.isfinite(prior).all():
             raise FloatingPointError(
                 f"the calibration gradient of {name!r} holds NaN or inf; check the batches and the loss "
