@@ -64,6 +64,7 @@ def main(out: str) -> None:
         model.calibrate(common.batches(3, seed=1)[: 2 - rank])
     except ValueError as error:
         seen["uneven_error"] = str(error)
+    seen.update(common.sketched_calibration(model, common.batches(4, seed=0)[rank::world]))
 
     # 2. training with the engine: each rank takes half of each step's batch
     steps = [{k: v.chunk(world)[rank] for k, v in b.items()} for b in common.batches(common.STEPS, seed=2)]

@@ -68,6 +68,36 @@ def train(model: SpectralModel, steps: list[dict[str, torch.Tensor]]) -> None:
     model.eval()
 
 
+SKETCH_RANK = 4  # the sketched prior's rank in sketched_calibration
+
+
+def sketched_calibration(model: SpectralModel, mine: list[dict[str, torch.Tensor]]) -> dict:
+    """Calibrate with a sketched prior (``prior_rank=SKETCH_RANK``, sketches all-reduced) on this rank's batches,
+    then with ranks that disagree (an error on every rank, the plans unchanged), then with the exact prior again."""
+    seen: dict = {}
+    config = model.peft_config["default"]
+    config.prior_rank = SKETCH_RANK
+    model.calibrate(mine)
+    seen["sketched_plans"] = plans(model)
+    config.prior_rank = SKETCH_RANK + dist.get_rank()
+    try:
+        model.calibrate(mine)
+    except ValueError as error:
+        seen["rank_error"] = str(error)
+    seen["plans_after_rank_error"] = plans(model)
+    config.prior_rank = None
+    model.calibrate(mine)
+    return seen
+
+
+def single_sketched_plans() -> dict[str, dict[str, torch.Tensor]]:
+    """One process's sketched plans from all the calibration batches."""
+    model = get_spectral_model(tiny_llama(), config())
+    model.peft_config["default"].prior_rank = SKETCH_RANK
+    model.calibrate(batches(4, seed=0))
+    return plans(model)
+
+
 def main(out: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -84,6 +114,7 @@ def main(out: str) -> None:
     except ValueError as error:
         seen["uneven_error"] = str(error)
     seen["plans_after_uneven"] = plans(model)
+    seen.update(sketched_calibration(model, batches(4, seed=0)[rank::world]))
 
     # 2. training: each rank takes half of each step's batch
     steps = [{k: v.chunk(world)[rank] for k, v in b.items()} for b in batches(STEPS, seed=2)]

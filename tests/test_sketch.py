@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import make_batches, tiny_bert
 from s2ft import S2FTConfig, get_spectral_model
+from s2ft.analysis.measures import analyze_model
 from s2ft.ops.locations import power_spectrum
 from s2ft.ops.sketch import LowRank, low_rank_from_sketches, sketch_matrices
 from s2ft.tuner.calibration import compute_prior, prior_memory
@@ -243,3 +245,25 @@ def test_prior_rank_round_trips():
     config = S2FTConfig(target_modules=["q"], prior_rank=64)
     assert S2FTConfig.from_dict(config.to_dict()).prior_rank == 64
     assert S2FTConfig(target_modules=["q"]).prior_rank is None
+
+
+@pytest.mark.parametrize("rank", [4, 32])
+def test_analysis_reports_the_share_of_the_exact_priors_energy_the_sketch_keeps(tmp_path, rank):
+    """``s2ft analyze`` with a prior_rank: per layer, the exact prior's energy inside the sketch's spaces (1 at a
+    rank of the whole matrix, 32x32 here) and at the sketch's planned locations."""
+    config = S2FTConfig(target_modules=["query", "value"], n_frequency=40, prior="gradient", prior_rank=rank)
+    model = get_spectral_model(tiny_bert(), config)
+    batches = make_batches("bert")
+    analysis = analyze_model(model, batches, output_dir=tmp_path, heatmaps=0)
+    assert analysis["settings"]["prior_rank"] == rank
+    for result in analysis["prior"].values():
+        kept = result["sketch"]["energy_kept"]
+        assert 0 < kept <= 1 + 1e-6  # float32 factors: orthonormal to rounding
+        if rank == 32:
+            assert kept == pytest.approx(1.0, abs=1e-5)
+            assert result["sketch"]["location_energy"] == pytest.approx(
+                result["location_energy"]["s2ft"], rel=1e-3
+            )
+    assert "sketch.energy_kept" in analysis["summary"]["prior"]
+    with pytest.raises(ValueError, match="re-iterable"):
+        analyze_model(model, iter(batches), output_dir=tmp_path / "c")
