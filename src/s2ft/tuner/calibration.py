@@ -569,7 +569,16 @@ class _Run:
     """What every group's pass shares: the model, all the adapter layers (their ΔW off meanwhile), the batches and
     the names of the layers whose gradient comes from activations."""
 
-    def __init__(self, model, layers, batches, loss_fn, max_batches, progress, hooked) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Mapping[str, nn.Module],
+        batches: Iterable[Any],
+        loss_fn: LossFn | None,
+        max_batches: int | None,
+        progress: bool,
+        hooked: set[str],
+    ) -> None:
         self.model, self.everyone, self.batches, self.loss_fn = model, layers, batches, loss_fn
         self.max_batches, self.progress, self.hooked = max_batches, progress, hooked
 
