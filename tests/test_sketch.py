@@ -267,3 +267,21 @@ def test_analysis_reports_the_share_of_the_exact_priors_energy_the_sketch_keeps(
     assert "sketch.energy_kept" in analysis["summary"]["prior"]
     with pytest.raises(ValueError, match="re-iterable"):
         analyze_model(model, iter(batches), output_dir=tmp_path / "c")
+
+
+def test_job_flag_prior_rank():
+    """``s2ft finetune --prior-rank``: a positive integer reaches the config; 0 is refused by the job's checks, and
+    the trajectory prior with a rank by the config the job builds."""
+    from s2ft.errors import RunError
+    from s2ft.jobs.args import FinetuneArgs
+    from s2ft.methods import get_method
+
+    args = FinetuneArgs(prior_rank=16).resolved()
+    assert get_method("s2ft").config(args, []).prior_rank == 16
+    assert FinetuneArgs().resolved().prior_rank is None
+    with pytest.raises(RunError, match="--prior-rank must be positive"):
+        FinetuneArgs(prior_rank=0).resolved()
+    with pytest.raises(RunError, match="trajectory prior has no sketched form"):
+        get_method("s2ft").wrap(
+            Stack(2), FinetuneArgs(prior_rank=8, prior="trajectory", targets=["layers.0"]).resolved(), []
+        )
