@@ -285,3 +285,39 @@ def test_job_flag_prior_rank():
         get_method("s2ft").wrap(
             Stack(2), FinetuneArgs(prior_rank=8, prior="trajectory", targets=["layers.0"]).resolved(), []
         )
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("rank", [None, 4])
+def test_adam_prior_under_gradient_checkpointing_same_priors_one_layer_at_a_time(reentrant, rank):
+    """Adam priors from activations with gradient checkpointing: the very priors of a run without it (float64),
+    and a layer's g_b handed over as soon as its gradient has come, although the forward run again in the backward
+    pass hooks outputs no gradient reaches: the prior memory is no more than without checkpointing."""
+    from conftest import tiny_llama
+
+    g = torch.Generator().manual_seed(1)
+    data = [
+        {"input_ids": (ids := torch.randint(0, 64, (2, 8), generator=g)), "labels": ids} for _ in range(2)
+    ]
+    priors, peaks = {}, {}
+    for checkpointing in (False, True):
+        model = tiny_llama().double()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        spectral = get_spectral_model(model, S2FTConfig(target_modules=["q_proj", "v_proj"], n_frequency=10))
+        with prior_memory() as memory:
+            priors[checkpointing] = compute_prior(
+                spectral.model,
+                spectral.spectral_layers(),
+                data,
+                kind="adam",
+                from_activations=True,
+                rank=rank,
+            )
+        peaks[checkpointing] = memory.peak
+    for name, prior in priors[False].items():
+        got = priors[True][name]
+        if rank is not None:
+            prior, got = prior.dense(), got.dense()
+        torch.testing.assert_close(got, prior, rtol=1e-9, atol=1e-12)
+    assert peaks[True] <= peaks[False]
