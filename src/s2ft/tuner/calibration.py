@@ -656,18 +656,21 @@ class _ActivationGradients:
     A per-call strategy gets every call's share as it comes. Any other gets ``g_b`` whole: the forward counts a
     layer's calls that will see a gradient, and the sum of their ``δᵀx`` goes to the strategy when the last one
     has come (what is left at the end of the batch too), so one layer's ``g_b`` is held at a time however many
-    layers there are. A call whose output is freed before its gradient came counts no more: under non-reentrant
-    gradient checkpointing, the forward run again in the backward pass hooks outputs that no gradient reaches.
+    layers there are. Calls made during the backward pass (gradient checkpointing's forward run again) count only
+    for a layer with no call in the forward pass of the batch: non-reentrant checkpointing runs the forward with
+    gradients first and again in the backward pass, where no gradient reaches the outputs of the second run;
+    reentrant checkpointing runs it without gradients first, then with them in the backward pass. (A layer called
+    both inside and outside a reentrant checkpoint gets its calls' shares one by one, as separate ``g_b``.)
     A layer's input is made to require grad (``x + 0``, the same values) when nothing before
     it does, so that ``δ`` reaches it even when no weight of the model takes a gradient."""
 
     def __init__(self, strategy: PriorStrategy, names: list[str]) -> None:
         self.strategy, self.names = strategy, names
         self.handles: list[Any] = []
-        self.expected = dict.fromkeys(names, 0)
+        self.forward_calls = dict.fromkeys(names, 0)
+        self.backward_calls = dict.fromkeys(names, 0)  # the forward run again by gradient checkpointing
         self.arrived = dict.fromkeys(names, 0)
         self.pending: dict[str, torch.Tensor] = {}
-        self.batch = 0  # calls of an earlier batch freed late must not count in this one
 
     def attach(self) -> None:
         anchor = torch.zeros((), requires_grad=True)
@@ -684,16 +687,10 @@ class _ActivationGradients:
             def post(module: nn.Module, args: tuple, output: torch.Tensor, name: str = name) -> None:
                 if torch.is_grad_enabled() and output.requires_grad:
                     x = args[0].detach()
-                    self.expected[name] += 1
-                    call = {"batch": self.batch, "arrived": False}
-
-                    def hook(delta: torch.Tensor) -> None:
-                        call["arrived"] = True
-                        self._arrive(name, x, delta)
-
-                    output.register_hook(hook)
-                    if not self.strategy.per_call:
-                        weakref.finalize(output, self._freed, name, call)
+                    in_backward = torch._C._current_graph_task_id() != -1
+                    calls = self.backward_calls if in_backward else self.forward_calls
+                    calls[name] += 1
+                    output.register_hook(lambda delta: self._arrive(name, x, delta))
 
             self.handles += [base.register_forward_pre_hook(pre), base.register_forward_hook(post)]
 
@@ -714,22 +711,17 @@ class _ActivationGradients:
         self.arrived[name] += 1
         self._hand_over_if_complete(name)
 
-    @torch.no_grad()
-    def _freed(self, name: str, call: dict[str, Any]) -> None:
-        if call["batch"] == self.batch and not call["arrived"]:
-            self.expected[name] -= 1
-            self._hand_over_if_complete(name)
-
     def _hand_over_if_complete(self, name: str) -> None:
-        if name in self.pending and self.arrived[name] >= self.expected[name]:
+        expected = self.forward_calls[name] or self.backward_calls[name]
+        if name in self.pending and self.arrived[name] >= expected:
             self.strategy.add(name, self.pending.pop(name))
 
     def end_batch(self) -> None:
         for name in list(self.pending):  # calls whose output never reached the loss
             self.strategy.add(name, self.pending.pop(name))
-        self.expected = dict.fromkeys(self.names, 0)
+        self.forward_calls = dict.fromkeys(self.names, 0)
+        self.backward_calls = dict.fromkeys(self.names, 0)
         self.arrived = dict.fromkeys(self.names, 0)
-        self.batch += 1
 
     def detach(self) -> None:
         for handle in self.handles:
