@@ -195,9 +195,11 @@ def test_rank_above_the_layer_is_clamped_and_exact():
 @pytest.mark.parametrize("hooks", [None, True])
 def test_sketch_memory_is_of_the_factors_plus_one_layer(kind, hooks):
     """Prior-sized memory of a sketched pass (from activations: with a rank, the default wherever a layer kind
-    gives them): each layer adds its sketches, O((d_out + d_in)·k), and one layer's g_b is the only transient."""
+    gives them): the test matrices Ω, Ψ once per shape, each layer its sketches, O((d_out + d_in)·k), and one
+    layer's g_b is the only transient."""
     k, width = 2, 32
-    per_layer = 8 * (2 * (width * k + (2 * k + 1) * width) + (2 * width if kind == "adam" else 0))  # float64
+    shared = 8 * (width * k + (2 * k + 1) * width)  # Ω and Ψ, float64, one shape
+    per_layer = 8 * ((width * k + (2 * k + 1) * width) + (2 * width if kind == "adam" else 0))  # sketches
     transient = 2 * width * width * 8  # adam: one layer's g_b and one call's δᵀx (the layer called twice)
     peaks = {}
     for depth in (3, 6):
@@ -214,7 +216,7 @@ def test_sketch_memory_is_of_the_factors_plus_one_layer(kind, hooks):
             )
         assert all(isinstance(p, LowRank) for p in priors.values())
         peaks[depth] = memory.peak
-        assert peaks[depth] <= depth * per_layer + (transient if kind == "adam" else 0)
+        assert peaks[depth] <= shared + depth * per_layer + (transient if kind == "adam" else 0)
     assert peaks[6] - peaks[3] == 3 * per_layer  # a layer more: its sketches only
 
 

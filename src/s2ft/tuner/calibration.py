@@ -208,7 +208,7 @@ def compute_prior(
     With ``rank=k`` (``"gradient"`` and ``"adam"`` only) each prior is instead a rank-``k``
     :class:`s2ft.ops.sketch.LowRank` (``k`` clamped to ``min(d_out, d_in)`` per layer, where it is exact), built in
     the same one pass from randomized sketches that hold ``O((d_out + d_in)·k)`` numbers per layer (the test
-    matrices seeded by ``(seed, name)``); the ``"adam"`` second moment is then factored as Adafactor factors it
+    matrices seeded by ``(seed, shape, k)``, shared by the layers of one shape); the ``"adam"`` second moment is then factored as Adafactor factors it
     (:class:`SketchedAdamPrior`). Every process must pass the same ``rank``.
     """
     return dict(
@@ -464,7 +464,7 @@ class SketchedGradientPrior(PriorStrategy):
     co-range sketches ``-Σ_b g_b Ω`` ``(d_out, k)`` and ``-Σ_b Ψ g_b`` ``(l, d_in)``: ``O((d_out + d_in)·k)`` per
     layer. From activations, a call adds ``δᵀ(xΩ)`` and ``(Ψδᵀ)x`` without forming ``δᵀx``. ``k`` is
     ``min(rank, d_out, d_in)`` per layer (at ``min(d_out, d_in)`` the sketch is exact); the test matrices come from
-    ``(seed, layer name)``, the same on every process."""
+    ``(seed, shape, k)`` (:func:`sketch_generator`), the same on every process and shared by the layers of a shape."""
 
     per_call = True
     keeps_float64 = True
@@ -474,12 +474,19 @@ class SketchedGradientPrior(PriorStrategy):
     ) -> None:
         super().__init__(layers)
         self.omega, self.psi, self.y, self.w = {}, {}, {}, {}
+        shared: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # one Ω, Ψ per shape, rank and dtype
         for name, layer in layers.items():
             k = min(rank, layer.d_out, layer.d_in)
             # float32 sums, as the exact priors; float64 for a float64 layer
             dtype = torch.float64 if layer.base_layer.weight.dtype == torch.float64 else torch.float32
-            omega, psi = sketch_matrices(layer.d_out, layer.d_in, k, sketch_generator(seed, name), dtype)
-            self.omega[name], self.psi[name] = _hold(omega.to(self.device)), _hold(psi.to(self.device))
+            key = (layer.d_out, layer.d_in, k, dtype)
+            if key not in shared:
+                omega, psi = sketch_matrices(
+                    layer.d_out, layer.d_in, k, sketch_generator(seed, *key[:3]), dtype
+                )
+                shared[key] = _hold(omega.to(self.device)), _hold(psi.to(self.device))
+            self.omega[name], self.psi[name] = shared[key]
+            psi = self.psi[name]
             self.y[name] = _hold(torch.zeros(layer.d_out, k, device=self.device, dtype=dtype))
             self.w[name] = _hold(torch.zeros(psi.shape[0], layer.d_in, device=self.device, dtype=dtype))
 
@@ -551,10 +558,11 @@ SKETCHED_STRATEGIES: dict[str, type[PriorStrategy]] = {
 }
 
 
-def sketch_generator(seed: int, name: str) -> torch.Generator:
-    """A CPU generator for the test matrices of layer ``name``, seeded by ``(seed, name)`` through SHA-256: the same
-    on every machine and process, and apart from the planner's generator of the same layer."""
-    digest = hashlib.sha256(f"sketch:{seed}:{name}".encode()).digest()
+def sketch_generator(seed: int, d_out: int, d_in: int, rank: int) -> torch.Generator:
+    """A CPU generator for the test matrices of the ``(d_out, d_in)`` layers sketched at ``rank``, seeded through
+    SHA-256: the same on every machine and process. Layers of one shape share their test matrices (a sketch needs
+    them independent of the matrix, not of the other layers'), so they are held once per shape."""
+    digest = hashlib.sha256(f"sketch:{seed}:{d_out}x{d_in}:{rank}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
