@@ -11,7 +11,7 @@ prior and its plan. Per adapted matrix (mean, min over matrices):
 - with ``--full-finetune-steps N``: ``ΔW caught``, the share of a short full fine-tune's ``ΔW``'s spectral energy
   at each plan's permutations and locations (``s2ft analyze --full-finetune-steps``'s ``prior_plan``).
 
-    python benchmarks/sketch_quality.py --ranks 16 64 256 --seeds 0 1 2 [--task text-classification]
+    python benchmarks/sketch_quality.py --ranks 16 64 256 --seeds 0 1 2 [--task text-classification] [--prior gradient]
 
 Prints a Markdown table; ``--json PATH`` also writes the per-seed figures.
 """
@@ -29,7 +29,7 @@ import time
 import torch
 
 
-def measure(task_name: str, seed: int, ranks: list[int], full_steps: int) -> dict:
+def measure(task_name: str, seed: int, ranks: list[int], full_steps: int, prior: str | None = None) -> dict:
     from transformers import set_seed
 
     from s2ft.analysis.measures import energy_at
@@ -62,6 +62,8 @@ def measure(task_name: str, seed: int, ranks: list[int], full_steps: int) -> dic
     method = planning_method()
     spectral = method.wrap(model, dataclasses.replace(args, method=method.name), head)
     config = spectral.spectral_config
+    if prior is not None:  # another prior than the job's default
+        config = dataclasses.replace(config, prior=prior)
     batches = calibration_batches(train, collator, task, args, 0, 1)
     layers = spectral.spectral_layers()
     base = spectral.get_base_model()
@@ -123,11 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", nargs="+", type=int, default=[16, 64, 256])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--full-finetune-steps", type=int, default=0)
+    parser.add_argument("--prior", default=None, help="the prior (default: the job's, adam)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     results = []
     for seed in args.seeds:
-        results.append(measure(args.task, seed, args.ranks, args.full_finetune_steps))
+        results.append(measure(args.task, seed, args.ranks, args.full_finetune_steps, args.prior))
         print(f"seed {seed}: calibration seconds {results[-1]['seconds']}", file=sys.stderr)
     print(table(results, args.ranks))
     if args.json:
