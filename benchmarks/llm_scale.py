@@ -91,6 +91,9 @@ QUANT = ("none", "4bit")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 REFERENCE = "lora-8"
 MEMORY_RATIO, CALIBRATION_RATIO, TIME_RATIO = 1.0, 1.2, 1.3
+SKETCH_TIME_RATIO = (
+    1.5  # a sketched calibration's time against as many LoRA r = 8 steps as calibration batches
+)
 MIB = 2**20
 
 
@@ -267,13 +270,15 @@ def quantize_4bit(model: torch.nn.Module, compute_dtype: torch.dtype) -> None:
 
 
 def attach(model: torch.nn.Module, spec: dict, group_size: int | None):
-    """The model with the spec's adapter."""
+    """The model with the spec's adapter (S2FT: with ``spec["prior_rank"]``, a sketched prior)."""
     method, targets, n = spec["method"], TARGETS[spec["targets"]], spec["n_frequency"]
     if method in OURS:
         import s2ft
 
         if method == "s2ft":
             extra = {} if group_size is None else {"calibration_group_size": group_size}
+            if spec.get("prior_rank") is not None:
+                extra["prior_rank"] = spec["prior_rank"]
             config = s2ft.S2FTConfig(target_modules=targets, n_frequency=n, **extra)
         else:
             config = s2ft.FourierFTConfig(target_modules=targets, n_frequency=n)
@@ -378,6 +383,9 @@ def exercise(spec: dict, device: torch.device, memory: Memory, result: dict, tag
         if group_size is not None:
             result["group_size"] = group_size
             return
+        if spec.get("prior_rank") is not None:  # the sketched calibration alone
+            result["prior_rank"] = spec["prior_rank"]
+            return
     result["stage"] = "training"
     batch = random_batches(spec, 1, spec["seed"] + 2, device)[0]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
@@ -416,6 +424,8 @@ def measure(spec: dict) -> dict:
     tag = f"{spec['size']} {spec['quant']} {spec['targets']} {spec['method']}"
     if spec.get("group_size") is not None:
         tag += f" (calibration, group size {spec['group_size']})"
+    if spec.get("prior_rank") is not None:
+        tag += f" (calibration, prior rank {spec['prior_rank']})"
     memory = Memory(device)
     result = {key: spec[key] for key in ("size", "quant", "targets", "method")}
     result.update(
@@ -531,6 +541,9 @@ def evaluate(rows: list[dict]) -> None:
     for row in rows:
         row["ratios"], row["targets_met"] = {}, {}
         ref = _find(rows, row, REFERENCE)
+        if ref is not None:
+            for sketch in row.get("calibration_sketched", []):
+                _sketch_ratios(sketch, ref, row)
         if row["status"] != "ok" or ref is None:
             continue
         ratios = row["ratios"]
@@ -552,6 +565,20 @@ def evaluate(rows: list[dict]) -> None:
             met[f"calibration g={grouped['group_size']}"] = (
                 ratios["calibration_grouped_peak"] <= CALIBRATION_RATIO
             )
+
+
+def _sketch_ratios(sketch: dict, ref: dict, row: dict) -> None:
+    """A sketched calibration's peak against LoRA r = 8's step peak, and its time against as many LoRA r = 8 steps
+    as there are calibration batches (the issue's targets: at most 1.2x and 1.5x), in place."""
+    batches = sketch.get("calibration_batches")
+    steps = None if ref.get("step_s") is None or not batches else ref["step_s"] * batches
+    sketch["peak_ratio"] = _ratio(sketch.get("calibration_peak_bytes"), ref.get("peak_step_bytes"))
+    sketch["time_ratio"] = _ratio(sketch.get("calibration_s"), steps)
+    sketch["targets_met"] = {}
+    if sketch["peak_ratio"] is not None:
+        sketch["targets_met"]["peak"] = sketch["peak_ratio"] <= CALIBRATION_RATIO
+    if sketch["time_ratio"] is not None:
+        sketch["targets_met"]["time"] = sketch["time_ratio"] <= SKETCH_TIME_RATIO
 
 
 def _mib(nbytes: float | None) -> str:
@@ -654,7 +681,7 @@ def markdown(report: dict) -> str:
             key = f"| {r['quant']} | {r['targets']} | {r['method']} |"
             if r["status"] != "ok":
                 where = f" during {r['stage']}" if r.get("stage") else ""
-                label = "unsupported" if r["status"] == "unsupported" else f"error{where}"
+                label = r["status"] if r["status"] in ("unsupported", "skipped") else f"error{where}"
                 reason = r["reason"].replace("|", "\\|")
                 out.append(f"{key} {label}: {reason} |" + " – |" * (columns - 4))
                 continue
@@ -684,7 +711,38 @@ def markdown(report: dict) -> str:
             cells.append(", ".join(f"{name} {'PASS' if ok else 'MISS'}" for name, ok in met.items()) or "–")
             out.append(key + "".join(f" {c} |" for c in cells))
         out.append("")
+    sketched = [(r, s) for r in rows for s in r.get("calibration_sketched", [])]
+    if sketched:
+        out += [
+            "## Sketched calibration (`S2FTConfig.prior_rank`)",
+            "",
+            f"S2FT's calibration alone with a sketched prior of rank k (one pass over the "
+            f"{settings['calibration_batches']} batch(es), O((d_out + d_in)·k) numbers per layer), each in its own "
+            f"process. Targets: peak ≤ {CALIBRATION_RATIO:g}x LoRA r = 8's step peak; time ≤ {SKETCH_TIME_RATIO:g}x "
+            f"{settings['calibration_batches']} LoRA r = 8 steps (the LoRA row of the same size, base and targets, "
+            "this run).",
+            "",
+            "| size | base | targets | k | calibration s | ×(LoRA-8 s/step × batches) | calibration peak MiB | "
+            "×LoRA-8 step peak | exact prior's calibration s | exact peak MiB | targets met |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r, s in sketched:
+            if s.get("status") != "ok":
+                reason = str(s.get("reason", "")).replace("|", "\\|")
+                out.append(
+                    f"| {r['size']} | {r['quant']} | {r['targets']} | {s['prior_rank']} | {s.get('status')}: "
+                    f"{reason} |" + " – |" * 6
+                )
+                continue
+            met = ", ".join(f"{k} {'PASS' if ok else 'MISS'}" for k, ok in s.get("targets_met", {}).items())
+            out.append(
+                f"| {r['size']} | {r['quant']} | {r['targets']} | {s['prior_rank']} | {_s(s['calibration_s'])} | "
+                f"{_x(s.get('time_ratio'))} | {_mib(s['calibration_peak_bytes'])} | {_x(s.get('peak_ratio'))} | "
+                f"{_s(r.get('calibration_s'))} | {_mib(r.get('calibration_peak_bytes'))} | {met or '–'} |"
+            )
+        out.append("")
     verdicts = [ok for r in rows for ok in r.get("targets_met", {}).values()]
+    verdicts += [ok for _, s in sketched for ok in s.get("targets_met", {}).values()]
     if verdicts:
         out += [f"Targets met: {sum(verdicts)} of {len(verdicts)} checks PASS.", ""]
     return "\n".join(out)
@@ -730,6 +788,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=8,
         help="calibration_group_size of the grouped calibration (0: none)",
     )
+    parser.add_argument(
+        "--prior-ranks",
+        type=int,
+        nargs="*",
+        default=[],
+        help="after each S2FT row, S2FT's calibration alone with S2FTConfig.prior_rank = each of these (sketched)",
+    )
+    parser.add_argument(
+        "--skip-exact-s2ft",
+        action="store_true",
+        help="no S2FT row with the exact prior (its calibration and steps): only the sketched calibrations",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default=None, help="default: benchmarks/results/<device>")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per measurement subprocess")
@@ -743,6 +813,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("seq_len", "batch_size", "steps", "n_frequency", "calibration_batches"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if any(k < 1 for k in args.prior_ranks):
+        parser.error("--prior-ranks must be positive integers")
     if args.group_size < 0:
         parser.error("--group-size must be at least 0")
     if args.device not in ("cpu", "cuda"):
@@ -788,7 +860,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         for targets in args.targets
         for method in sorted(args.methods, key=lambda m: m != REFERENCE)  # the reference first: ratios early
     ]
-    runs = len(combos) + (sum(c[3] == "s2ft" for c in combos) if group_size else 0)
+    s2ft_rows = sum(c[3] == "s2ft" for c in combos)
+    runs = len(combos) + (s2ft_rows if group_size else 0) + s2ft_rows * len(args.prior_ranks)
+    runs -= s2ft_rows if args.skip_exact_s2ft else 0
     log(
         f"llm_scale: {runs} measurements on {args.device} ({torch.get_num_threads()} threads), "
         f"results to {output_dir}"
@@ -801,6 +875,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         label = " ".join(spec[k] for k in ("size", "quant", "targets", "method"))
         if spec.get("group_size"):
             label += f" (grouped calibration, {spec['group_size']})"
+        if spec.get("prior_rank"):
+            label += f" (sketched calibration, rank {spec['prior_rank']})"
         log(f"[{done}/{runs}] {label}")
         start = time.perf_counter()
         if args.in_process:  # one warm-up for the whole process: the first row's
@@ -812,8 +888,23 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     for size, quant, targets, method in combos:
         spec = {**base, "size": size, "quant": quant, "targets": targets, "method": method}
-        row = {"size": size, "quant": quant, "targets": targets, "method": method} | run(spec)
-        if method == "s2ft" and group_size and row["status"] == "ok":
+        key = {"size": size, "quant": quant, "targets": targets, "method": method}
+        if method == "s2ft" and args.skip_exact_s2ft:
+            row = key | {"status": "skipped", "reason": "--skip-exact-s2ft"}
+        else:
+            row = key | run(spec)
+        if method == "s2ft" and args.prior_ranks:
+            row["calibration_sketched"] = []
+            for rank in args.prior_ranks:
+                sketched = run({**spec, "prior_rank": rank})
+                row["calibration_sketched"].append(
+                    {
+                        k: sketched.get(k)
+                        for k in ("status", "reason", "calibration_s", "calibration_peak_bytes")
+                    }
+                    | {"prior_rank": rank, "calibration_batches": args.calibration_batches}
+                )
+        if method == "s2ft" and group_size and row["status"] in ("ok", "skipped"):
             grouped = run({**spec, "group_size": group_size})
             row["calibration_grouped"] = {
                 k: grouped.get(k) for k in ("status", "reason", "calibration_s", "calibration_peak_bytes")

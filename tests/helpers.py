@@ -265,3 +265,25 @@ def naive_fourier_delta(coeffs, rows, cols, d_out, d_in, scaling, perm_rows=None
         for j in range(d_in):
             delta[perm_rows[i], perm_cols[j]] = bar[i][j]
     return delta
+
+
+class Stack(nn.Module):
+    """``depth`` float64 linear layers of width 32 on ``(batch, seq, 32)`` inputs, one used twice."""
+
+    def __init__(self, depth: int = 6) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(nn.Linear(32, 32) for _ in range(depth))
+        self.head = nn.Linear(32, 5)
+        self.double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + torch.tanh(layer(x))
+        x = x + torch.tanh(self.layers[0](x))  # a second call of the first layer: both calls count
+        return self.head(x)
+
+
+def stack_loss_fn(outputs: torch.Tensor, batch) -> torch.Tensor:
+    """The loss of :class:`Stack` on ``(x, labels)`` batches."""
+    return nn.functional.cross_entropy(outputs.reshape(-1, 5), batch[1].reshape(-1))

@@ -232,6 +232,11 @@ class S2FTConfig(FourierFTConfig):
     # per calibration batch, at learning rate prior_lr.
     prior: str = "adam"
     prior_lr: float = 1e-4
+    # The rank k of a sketched prior (None: the exact prior). With k, calibration holds O((d_out + d_in)·k) numbers
+    # per layer instead of one or two dense matrices, in one pass over the batches, and plans from the rank-k
+    # factors; k is clamped to min(d_out, d_in) per layer, where the sketch is exact. "gradient" and "adam" only
+    # (the adam prior's second moment is then factored as Adafactor does).
+    prior_rank: int | None = None
     # The permutations' source (PLAN_SOURCES): "prior", the ordering of the prior's rows and columns, stored in the
     # file (the paper); "base", the same search on the base weights W0 with the seed, recomputed when loading (the
     # file holds W0's fingerprint instead, and loading on another base model is refused).
@@ -298,6 +303,17 @@ class S2FTConfig(FourierFTConfig):
         if not _is_number(self.prior_lr) or not math.isfinite(self.prior_lr) or self.prior_lr <= 0:
             raise ValueError(f"prior_lr must be a finite number > 0, got {self.prior_lr!r}")
         self.prior_lr = float(self.prior_lr)
+        if self.prior_rank is not None and (
+            not isinstance(self.prior_rank, int) or isinstance(self.prior_rank, bool) or self.prior_rank <= 0
+        ):
+            raise ValueError(
+                f"prior_rank must be a positive integer (the sketched prior's rank) or None, got {self.prior_rank!r}"
+            )
+        if self.prior_rank is not None and self.prior == "trajectory":
+            raise ValueError(
+                "the trajectory prior has no sketched form (it steps the weights themselves): leave prior_rank=None, "
+                "or use prior='gradient' or 'adam' with prior_rank"
+            )
         if self.prior == "trajectory" and self.calibration_group_size is not None:
             raise ValueError(
                 "the trajectory prior steps every layer's weights together, so it cannot be calibrated in groups "

@@ -78,6 +78,38 @@ def calibrate_share(model: SpectralModel, rank: int, world: int, seen: dict[str,
     seen["plans_after_uneven"] = plans(model)
 
 
+SKETCH_RANK = 4  # the sketched prior's rank in sketched_calibration
+
+
+def sketched_calibration(model: SpectralModel, mine: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """Calibrate with a sketched prior (``prior_rank=SKETCH_RANK``, sketches all-reduced) on this rank's batches,
+    then with ranks that disagree (an error on every rank, the plans unchanged), then with the exact prior again."""
+    import torch.distributed as dist
+
+    seen: dict[str, Any] = {}
+    config = model.peft_config["default"]
+    config.prior_rank = SKETCH_RANK
+    model.calibrate(mine)
+    seen["sketched_plans"] = plans(model)
+    config.prior_rank = SKETCH_RANK + dist.get_rank()
+    try:
+        model.calibrate(mine)
+    except ValueError as error:
+        seen["rank_error"] = str(error)
+    seen["plans_after_rank_error"] = plans(model)
+    config.prior_rank = None
+    model.calibrate(mine)
+    return seen
+
+
+def single_sketched_plans() -> dict[str, dict[str, torch.Tensor]]:
+    """One process's sketched plans from all the calibration batches."""
+    model = get_spectral_model(tiny_llama(), config())
+    model.peft_config["default"].prior_rank = SKETCH_RANK
+    model.calibrate(batches(4, seed=0))
+    return plans(model)
+
+
 def rank_steps(rank: int, world: int) -> list[dict[str, torch.Tensor]]:
     """This rank's half of each training step's batch."""
     return [{k: v.chunk(world)[rank] for k, v in b.items()} for b in batches(STEPS, seed=2)]

@@ -36,6 +36,7 @@ def main(out: str) -> None:
 
     # 1. calibration from this rank's share of the batches; then uneven shares: an error on every rank
     common.calibrate_share(model, rank, world, seen)
+    seen.update(common.sketched_calibration(model, common.batches(4, seed=0)[rank::world]))
 
     # 2. training: each rank takes half of each step's batch
     steps = common.rank_steps(rank, world)

@@ -12,24 +12,8 @@ from s2ft import S2FTConfig, get_spectral_model
 from s2ft.tuner.calibration import compute_prior, iter_priors, prior_memory
 from s2ft.tuner.kinds import kind_of
 from s2ft.tuner.planner import plan_for
-from tests.helpers import tiny_llama
-
-
-class Stack(nn.Module):
-    """``depth`` float64 linear layers of width 32 on ``(batch, seq, 32)`` inputs, one used twice."""
-
-    def __init__(self, depth: int = 6) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.layers = nn.ModuleList(nn.Linear(32, 32) for _ in range(depth))
-        self.head = nn.Linear(32, 5)
-        self.double()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = x + torch.tanh(layer(x))
-        x = x + torch.tanh(self.layers[0](x))  # a second call of the first layer: both calls count
-        return self.head(x)
+from tests.helpers import Stack, tiny_llama
+from tests.helpers import stack_loss_fn as loss_fn
 
 
 def batches(count: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -38,10 +22,6 @@ def batches(count: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
         (torch.randn(2, 7, 32, generator=g, dtype=torch.float64), torch.randint(0, 5, (2, 7), generator=g))
         for _ in range(count)
     ]
-
-
-def loss_fn(outputs: torch.Tensor, batch) -> torch.Tensor:
-    return nn.functional.cross_entropy(outputs.reshape(-1, 5), batch[1].reshape(-1))
 
 
 def wrapped(depth: int = 6):

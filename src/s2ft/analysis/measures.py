@@ -27,6 +27,7 @@ from s2ft.config import S2FTConfig
 from s2ft.io import atomic_write_text
 from s2ft.ops.locations import fourierft_locations, mirror_of
 from s2ft.ops.permutation import path_length
+from s2ft.ops.sketch import LowRank
 from s2ft.tuner.calibration import LossFn, compute_prior
 from s2ft.tuner.planner import LayerPlan, base_matrix, layer_generator, plan_for
 
@@ -332,13 +333,17 @@ def analyze_model(
     images: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]] = {"prior": []}
     plans: dict[str, LayerPlan] = {}
     base_plans: dict[str, dict[str, LayerPlan]] = {}
-    for name, prior in _priors(
+    for name, prior, sketch in _priors(
         spectral_model, layers, batches, loss_fn, max_batches, layers_per_pass, progress, settings
     ):
         size = 256 if name in shown else None
         analysis["prior"][name], plans[name], image = _analyze(
             prior, name, config, rel_error, CURVE_FRACTIONS, image_size=size
         )
+        if (
+            sketch is not None
+        ):  # prior_rank: what the sketch keeps, and its plan (the one calibration installs)
+            analysis["prior"][name]["sketch"], plans[name] = _sketch_report(prior, sketch, name, config)
         if full_finetune_delta and name in full_finetune_delta:
             base_plans[name] = _base_plans(prior, name, config, base_matrix(layers[name].base_layer))
         if image:
@@ -385,7 +390,28 @@ def _settings(
         "prior": setting("prior"),
         "prior_lr": setting("prior_lr"),
         "rel_error": rel_error,
+        # a sketched prior's rank, where the config has one
+        **({"prior_rank": config.prior_rank} if getattr(config, "prior_rank", None) is not None else {}),
     }
+
+
+def _sketch_report(
+    prior: torch.Tensor, sketch: LowRank, name: str, config: Any
+) -> tuple[dict[str, Any], LayerPlan]:
+    """What a sketched prior (``prior_rank``) keeps of the exact ``prior`` ``(d_out, d_in)``: ``energy_kept``, the
+    share of the prior's energy inside the sketch's row and column spaces (:meth:`LowRank.kept_energy`; 1 when
+    exact); ``location_energy``, the share of the exact prior's spectral energy, permuted by the sketch's plan, at
+    the sketch's locations (against the exact plan's ``after``/``location_energy.s2ft``); and the sketch's plan."""
+    plan = plan_for(sketch, name, config)
+    x = prior.detach().to("cpu", torch.float64 if prior.dtype == torch.float64 else torch.float32)
+    rows, cols = plan.perm_rows, plan.perm_cols
+    permuted = x if rows is None or cols is None else x[rows.cpu()][:, cols.cpu()]
+    report = {
+        "rank": float(sketch.rank),
+        "energy_kept": sketch.kept_energy(x),
+        "location_energy": energy_at(permuted, plan.rows, plan.cols),
+    }
+    return report, plan
 
 
 def _representatives(names: list[str], count: int) -> list[str]:
@@ -408,9 +434,10 @@ def _priors(
     layers_per_pass: int | None,
     progress: bool,
     settings: dict[str, Any],
-) -> Iterable[tuple[str, torch.Tensor]]:
-    """``(name, prior)`` for every layer, ``layers_per_pass`` layers' priors held at a time; the prior named by
-    ``settings["prior"]``.
+) -> Iterable[tuple[str, torch.Tensor, LowRank | None]]:
+    """``(name, prior, sketch)`` for every layer, ``layers_per_pass`` layers' priors held at a time; the prior named
+    by ``settings["prior"]``, and, with ``settings["prior_rank"]``, its sketch at that rank (a second pass over the
+    batches; else None).
 
     Every adapter stays switched off meanwhile, also those outside the pass (as they are in one calibration pass).
     A ``"trajectory"`` prior taken a pass at a time moves only that pass's layers: it then differs from the one
@@ -423,6 +450,11 @@ def _priors(
     if step < len(names) and iter(batches) is batches:
         raise ValueError(
             "layers_per_pass needs re-iterable batches (a list or a DataLoader), not an iterator"
+        )
+    if settings.get("prior_rank") is not None and iter(batches) is batches:
+        raise ValueError(
+            "a sketched prior (prior_rank) is analysed against the exact one, over the batches twice: pass "
+            "re-iterable batches (a list or a DataLoader), not an iterator"
         )
     disabled = {name: layer.disabled for name, layer in layers.items()}
     try:
@@ -440,8 +472,23 @@ def _priors(
                 kind=settings["prior"],
                 lr=settings["prior_lr"],
             )
+            sketches = (
+                compute_prior(
+                    spectral_model.get_base_model(),
+                    chunk,
+                    batches,
+                    loss_fn,
+                    max_batches,
+                    progress,
+                    kind=settings["prior"],
+                    rank=settings.get("prior_rank"),
+                    seed=settings["seed"],
+                )
+                if settings.get("prior_rank") is not None
+                else {}
+            )
             for name in chunk:
-                yield name, priors.pop(name)
+                yield name, priors.pop(name), sketches.pop(name, None)
     finally:
         for name, layer in layers.items():
             layer.disabled = disabled[name]

@@ -127,6 +127,15 @@ S2FT_OPTIONS = (
         choices=PRIORS,
     ),
     Option(
+        "prior_rank",
+        int,
+        None,
+        "sketch the prior at this rank: one pass over the calibration batches holding O((d_out + d_in) * rank) "
+        "numbers per layer, the plan made from the rank-k factors (default: the exact prior; gradient and adam "
+        "priors; clamped to min(d_out, d_in) per layer)",
+        check=positive,
+    ),
+    Option(
         "prior_lr",
         float,
         None,

@@ -9,6 +9,7 @@ in groups of layers, each group over the same batches, so that at most one group
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -18,7 +19,8 @@ import torch
 from torch import nn
 
 from s2ft.config import PRIORS
-from s2ft.tuner.distributed import agreed_batches, is_partitioned, is_sharded
+from s2ft.ops.sketch import LowRank, low_rank_from_sketches, sketch_matrices
+from s2ft.tuner.distributed import agree_across_processes, agreed_batches, is_partitioned, is_sharded
 from s2ft.tuner.kinds import LayerKind, kind_of, weight_matrix
 
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -180,7 +182,9 @@ def compute_prior(
     kind: str = "gradient",
     lr: float = 1e-4,
     from_activations: bool | None = None,
-) -> dict[str, torch.Tensor]:
+    rank: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
     """The prior ``ΔŴ`` of each layer's ``base_layer.weight``, from the gradients ``g_b`` of the batches:
 
     - ``"gradient"`` (the paper): ``ΔŴ = -Σ_b g_b`` at the current weights;
@@ -192,7 +196,8 @@ def compute_prior(
       along it. The weights are restored afterwards.
 
     ``g_b`` is the weight's gradient, or, for layers whose weight takes none (quantized, sharded; all layers with
-    ``from_activations=True``, none with ``False``), ``Σ_tokens δᵀ x`` from the layer's inputs and output
+    ``from_activations=True``, none with ``False``; with a ``rank``, every layer whose kind allows it, unless
+    ``False``), ``Σ_tokens δᵀ x`` from the layer's inputs and output
     gradients; the trajectory prior needs the weights themselves and refuses such layers before anything changes.
 
     ``layers`` maps names to adapters (:class:`s2ft.tuner.layers.SpectralLayer`), whose ΔW is switched off meanwhile.
@@ -202,9 +207,28 @@ def compute_prior(
     get from all the batches; a ``"trajectory"`` step sums the ranks' gradients of that step (the ranks' ``b``-th
     batches together make step ``b``; give every rank the same number of batches). Returns float32 ``(d_out, d_in)``
     priors in ``nn.Linear``'s convention.
+
+    With ``rank=k`` (``"gradient"`` and ``"adam"`` only) each prior is instead a rank-``k``
+    :class:`s2ft.ops.sketch.LowRank` (``k`` clamped to ``min(d_out, d_in)`` per layer, where it is exact), built in
+    the same one pass from randomized sketches that hold ``O((d_out + d_in)·k)`` numbers per layer (the test
+    matrices seeded by ``(seed, shape, k)``, shared by the layers of one shape); the ``"adam"`` second moment is then factored as Adafactor factors it
+    (:class:`SketchedAdamPrior`). Every process must pass the same ``rank``.
     """
     return dict(
-        iter_priors(model, layers, batches, loss_fn, max_batches, progress, kind, lr, None, from_activations)
+        iter_priors(
+            model,
+            layers,
+            batches,
+            loss_fn,
+            max_batches,
+            progress,
+            kind,
+            lr,
+            None,
+            from_activations,
+            rank=rank,
+            seed=seed,
+        )
     )
 
 
@@ -219,7 +243,9 @@ def iter_priors(
     lr: float = 1e-4,
     group_size: int | None = None,
     from_activations: bool | None = None,
-) -> Iterator[tuple[str, torch.Tensor]]:
+    rank: int | None = None,
+    seed: int = 0,
+) -> Iterator[tuple[str, Any]]:
     """``(name, prior)`` for every layer, as :func:`compute_prior` computes them, ``group_size`` layers at a time
     (None: all at once): each group's priors are computed over the same batches (kept in a list when there are
     several groups), handed out, and forgotten before the next group starts, so a caller that plans and drops
@@ -233,19 +259,21 @@ def iter_priors(
         isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
     ):
         raise ValueError(f"the calibration group size must be a positive integer or None, got {group_size!r}")
-    hooked = _activation_layers(layers, from_activations)
-    if kind == "trajectory" and hooked:
+    check_prior_rank(rank, kind)
+    strategy = PRIOR_STRATEGIES[kind] if rank is None else SKETCHED_STRATEGIES[kind]
+    hooked = _activation_layers(layers, from_activations, prefer=rank is not None)
+    if strategy.steps_weights and hooked:
         name = next(n for n in layers if n in hooked)  # the first in module order
         raise ValueError(
-            f"the trajectory prior steps the weights themselves, and {name!r} ({kind_of(layers[name].base_layer).label}"
+            f"the {kind} prior steps the weights themselves, and {name!r} ({kind_of(layers[name].base_layer).label}"
             f"{'' if len(hooked) == 1 else f', and {len(hooked) - 1} more'}) has a weight that takes no gradient: "
             "use prior='gradient' or prior='adam', which are taken from the layer's activations"
         )
     names = list(layers)
     size = len(names) if group_size is None else group_size
-    if kind == "trajectory" and size < len(names):
+    if strategy.steps_weights and size < len(names):
         raise ValueError(
-            "the trajectory prior steps every layer's weights together (each layer's path depends on the "
+            f"the {kind} prior steps every layer's weights together (each layer's path depends on the "
             f"others'), so it cannot be computed in groups of {size} of {len(names)} layers: give no group size, "
             "or use prior='gradient' or prior='adam'"
         )
@@ -253,13 +281,42 @@ def iter_priors(
     if len(groups) > 1:  # every group sees the very same batches
         batches = list(batches if max_batches is None else itertools.islice(batches, max_batches))
         max_batches = None
-    return _grouped(model, layers, groups, batches, loss_fn, max_batches, progress, kind, lr, hooked)
+    agree_across_processes(-1 if rank is None else rank, "prior_rank (-1: None, the exact prior)")
+    run = _Run(model, layers, batches, loss_fn, max_batches, progress, hooked)
+    label = kind if rank is None else f"{kind}, rank {rank}"
+    return _grouped(run, groups, lambda group: strategy(group, lr=lr, rank=rank, seed=seed), label)
 
 
-def _activation_layers(layers: Mapping[str, nn.Module], from_activations: bool | None) -> set[str]:
-    """The names of the layers whose prior is taken from activations; unsupported ones refused."""
+def check_prior_rank(rank: Any, kind: str) -> None:
+    """Refuse a ``prior_rank`` that is not None or a positive integer, or one given to a prior with no sketch."""
+    if rank is None:
+        return
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(
+            f"prior_rank must be a positive integer (the rank of the sketched prior) or None (the exact prior), "
+            f"got {rank!r}"
+        )
+    if kind not in SKETCHED_STRATEGIES:
+        raise ValueError(
+            f"the {kind} prior has no sketched form (it steps the weights themselves, so it needs their whole "
+            f"gradients): leave prior_rank=None, or use prior={' or '.join(map(repr, SKETCHED_STRATEGIES))} with "
+            "a rank"
+        )
+
+
+def _activation_layers(
+    layers: Mapping[str, nn.Module], from_activations: bool | None, prefer: bool = False
+) -> set[str]:
+    """The names of the layers whose prior is taken from activations; unsupported ones refused. None: those whose
+    weight takes no gradient, and with ``prefer`` (a sketched prior, which then never forms a dense ``g_b``) every
+    layer whose kind gives a gradient from activations."""
     if from_activations is None:
-        return {n for n, layer in layers.items() if not takes_weight_gradient(layer.base_layer)}
+        return {
+            n
+            for n, layer in layers.items()
+            if not takes_weight_gradient(layer.base_layer)
+            or (prefer and kind_of(layer.base_layer).prior_from_activations)
+        }
     if not from_activations:
         return set()
     for name, layer in layers.items():
@@ -268,156 +325,365 @@ def _activation_layers(layers: Mapping[str, nn.Module], from_activations: bool |
     return set(layers)
 
 
-def _grouped(model, layers, groups, batches, loss_fn, max_batches, progress, kind, lr, hooked):
+# ------------------------------------------------------------------------------------------------ the priors
+class PriorStrategy:
+    """One prior's running state over the calibration batches, for one group of layers (``{name: adapter layer}``):
+    made at the start, given each batch's gradient ``g_b`` of each layer (:meth:`add`, ``(d_out, d_in)`` float32 or
+    float64), told when a batch ends (:meth:`end_batch`), and asked for the priors at the end (:meth:`finish`, which
+    sums across processes). :meth:`restore` undoes what it changed of the model, whatever happened.
+
+    ``per_call``: the prior is linear in ``g_b``, so the gradient of each call of a layer may be added as it comes
+    (:meth:`add_call`, from a call's input ``x`` and output gradient ``δ``); otherwise calibration sums a batch's
+    calls first. ``steps_weights``: the prior moves the weights themselves (no activations, no groups).
+
+    The strategies: :data:`PRIOR_STRATEGIES` (exact, by ``S2FTConfig.prior``) and :data:`SKETCHED_STRATEGIES`
+    (``prior_rank=k``)."""
+
+    per_call = False
+    steps_weights = False
+    keeps_float64 = False  # whether a float64 weight's gradient is added as it is (else in float32)
+
+    def __init__(self, layers: Mapping[str, nn.Module], **options: Any) -> None:
+        self.layers = layers
+        self.device = next(iter(layers.values())).base_layer.weight.device
+
+    def add(self, name: str, grad: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def add_call(self, name: str, x: torch.Tensor, delta: torch.Tensor) -> None:
+        """A call's share of ``g_b``, ``Σ_tokens δᵀ x`` (only where :attr:`per_call`)."""
+        base = self.layers[name].base_layer
+        self.add(name, _hold(kind_of(base).weight_gradient(base, x, delta)))
+
+    def end_batch(self) -> None:
+        pass
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def restore(self) -> None:
+        pass
+
+    def _zeros(self, name: str) -> torch.Tensor:
+        layer = self.layers[name]
+        return _hold(torch.zeros((layer.d_out, layer.d_in), device=self.device))
+
+
+class GradientPrior(PriorStrategy):
+    """``ΔŴ = -Σ_b g_b`` (the paper)."""
+
+    per_call = True
+
+    def __init__(self, layers: Mapping[str, nn.Module], **options: Any) -> None:
+        super().__init__(layers)
+        self.sums = {n: self._zeros(n) for n in layers}
+
+    def add(self, name: str, grad: torch.Tensor) -> None:
+        self.sums[name] -= grad
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        _all_reduce(self.sums.values())
+        return self.sums
+
+
+class AdamPrior(GradientPrior):
+    """``ΔŴ = -Σ_b g_b / sqrt(Σ_b g_b²)`` elementwise, 0 where every ``g_b`` is 0."""
+
+    per_call = False
+
+    def __init__(self, layers: Mapping[str, nn.Module], **options: Any) -> None:
+        super().__init__(layers)
+        self.squares = {n: self._zeros(n) for n in layers}
+
+    def add(self, name: str, grad: torch.Tensor) -> None:
+        self.sums[name] -= grad
+        self.squares[name] += grad * grad
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        _all_reduce((*self.sums.values(), *self.squares.values()))
+        priors = {}
+        for name in list(self.sums):
+            total, scale = self.sums.pop(name), self.squares.pop(name).sqrt_()
+            # 0 only where every g_b was 0; a NaN or inf stays one, for _check_priors to report
+            priors[name] = _hold(
+                torch.where(scale == 0, 0.0, total / scale.clamp_min(torch.finfo(scale.dtype).tiny))
+            )
+            del total, scale
+        return priors
+
+
+class TrajectoryPrior(PriorStrategy):
+    """``ΔŴ = W_B - W_0`` after one Adam step per batch (betas 0.9/0.999, eps 1e-8, no weight decay) on float32
+    master copies of the weights (low-precision weights would round small steps away); the model's weights follow
+    them, rounded, and get their starting values back in :meth:`restore`. Under ``torch.distributed`` each step
+    sums the ranks' gradients of that step."""
+
+    steps_weights = True
+
+    def __init__(self, layers: Mapping[str, nn.Module], lr: float = 1e-4, **options: Any) -> None:
+        super().__init__(layers)
+        self.weights = [layer.base_layer.weight for layer in layers.values()]
+        self.start = [w.detach().clone() for w in self.weights]
+        self.masters = [w.detach().float().clone() for w in self.weights]
+        self.optimizer = torch.optim.Adam(
+            self.masters, lr=lr, betas=_ADAM_BETAS, eps=_ADAM_EPS, foreach=False
+        )
+
+    def add(self, name: str, grad: torch.Tensor) -> None:
+        pass  # end_batch reads the weights' own gradients
+
+    def end_batch(self) -> None:
+        for w, master in zip(self.weights, self.masters):
+            grad = w.grad if w.grad is not None else torch.zeros_like(w)
+            _all_reduce([grad])
+            master.grad = grad.float()
+        self.optimizer.step()
+        with torch.no_grad():
+            for w, master in zip(self.weights, self.masters):
+                w.copy_(master)
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        return {
+            name: kind_of(layer.base_layer).matrix(layer.base_layer, master - w0.float())
+            for (name, layer), master, w0 in zip(self.layers.items(), self.masters, self.start)
+        }
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for w, w0 in zip(self.weights, self.start):
+                w.copy_(w0)
+
+
+# one strategy per prior of s2ft.config.PRIORS
+PRIOR_STRATEGIES: dict[str, type[PriorStrategy]] = {
+    "gradient": GradientPrior,
+    "adam": AdamPrior,
+    "trajectory": TrajectoryPrior,
+}
+
+
+class SketchedGradientPrior(PriorStrategy):
+    """The gradient prior ``-Σ_b g_b`` as a rank-``k`` :class:`s2ft.ops.sketch.LowRank`, from its range and
+    co-range sketches ``-Σ_b g_b Ω`` ``(d_out, k)`` and ``-Σ_b Ψ g_b`` ``(l, d_in)``: ``O((d_out + d_in)·k)`` per
+    layer. From activations, a call adds ``δᵀ(xΩ)`` and ``(Ψδᵀ)x`` without forming ``δᵀx``. ``k`` is
+    ``min(rank, d_out, d_in)`` per layer (at ``min(d_out, d_in)`` the sketch is exact); the test matrices come from
+    ``(seed, shape, k)`` (:func:`sketch_generator`), the same on every process and shared by the layers of a shape."""
+
+    per_call = True
+    keeps_float64 = True
+
+    def __init__(
+        self, layers: Mapping[str, nn.Module], rank: int = 16, seed: int = 0, **options: Any
+    ) -> None:
+        super().__init__(layers)
+        self.omega, self.psi, self.y, self.w = {}, {}, {}, {}
+        shared: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # one Ω, Ψ per shape, rank and dtype
+        for name, layer in layers.items():
+            k = min(rank, layer.d_out, layer.d_in)
+            # float32 sums, as the exact priors; float64 for a float64 layer
+            dtype = torch.float64 if layer.base_layer.weight.dtype == torch.float64 else torch.float32
+            key = (layer.d_out, layer.d_in, k, dtype)
+            if key not in shared:
+                omega, psi = sketch_matrices(
+                    layer.d_out, layer.d_in, k, sketch_generator(seed, *key[:3]), dtype
+                )
+                shared[key] = _hold(omega.to(self.device)), _hold(psi.to(self.device))
+            self.omega[name], self.psi[name] = shared[key]
+            psi = self.psi[name]
+            self.y[name] = _hold(torch.zeros(layer.d_out, k, device=self.device, dtype=dtype))
+            self.w[name] = _hold(torch.zeros(psi.shape[0], layer.d_in, device=self.device, dtype=dtype))
+
+    def add(self, name: str, grad: torch.Tensor) -> None:
+        self.y[name] -= grad @ self.omega[name].to(grad.dtype)
+        self.w[name] -= self.psi[name].to(grad.dtype) @ grad
+
+    def add_call(self, name: str, x: torch.Tensor, delta: torch.Tensor) -> None:
+        base = self.layers[name].base_layer
+        if type(kind_of(base)).weight_gradient is not LayerKind.weight_gradient:
+            super().add_call(name, x, delta)  # a kind of its own: δᵀx formed, one call's transient
+            return
+        dtype = torch.promote_types(torch.promote_types(x.dtype, delta.dtype), torch.float32)
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (tokens, d_in)
+        d2 = delta.reshape(-1, delta.shape[-1]).to(dtype)  # (tokens, d_out)
+        self.y[name] -= d2.T @ (x2 @ self.omega[name].to(dtype))  # (d_out, k)
+        self.w[name] -= (self.psi[name].to(dtype) @ d2.T) @ x2  # (l, d_in)
+
+    def _reduce(self) -> None:
+        _all_reduce((*self.y.values(), *self.w.values()))
+
+    def finish(self) -> dict[str, Any]:
+        self._reduce()
+        return {n: low_rank_from_sketches(self.y.pop(n), self.w.pop(n), self.psi.pop(n)) for n in self.layers}
+
+
+class SketchedAdamPrior(SketchedGradientPrior):
+    """The Adam prior with its second moment factored as Adafactor factors it: ``V ≈ R Cᵀ / Σ R`` from the row and
+    column sums ``R = Σ_b (g_b²) 1`` ``(d_out,)`` and ``C = Σ_b 1ᵀ(g_b²)`` ``(d_in,)``, so that
+    ``ΔŴ = -Σ_b g_b / sqrt(V) = -sqrt(ΣR) · diag(R^-1/2) (Σ_b g_b) diag(C^-1/2)`` (0 on a row or column whose
+    gradient was always 0) is the gradient sketch's matrix scaled on both sides: a rank-``k`` ``LowRank`` from the
+    same sketches. Each batch's ``g_b`` of a layer is formed once (one layer's transient) for its squares."""
+
+    per_call = False
+
+    def __init__(
+        self, layers: Mapping[str, nn.Module], rank: int = 16, seed: int = 0, **options: Any
+    ) -> None:
+        super().__init__(layers, rank=rank, seed=seed)
+        self.row_sq = {n: _hold(self.y[n].new_zeros(layer.d_out)) for n, layer in layers.items()}
+        self.col_sq = {n: _hold(self.y[n].new_zeros(layer.d_in)) for n, layer in layers.items()}
+
+    def add(self, name: str, grad: torch.Tensor) -> None:
+        super().add(name, grad)
+        square = grad * grad
+        self.row_sq[name] += square.sum(dim=1)
+        self.col_sq[name] += square.sum(dim=0)
+        del square
+
+    def finish(self) -> dict[str, Any]:
+        self._reduce()
+        _all_reduce((*self.row_sq.values(), *self.col_sq.values()))
+        priors = {}
+        for name in self.layers:
+            rows, cols = self.row_sq.pop(name).double(), self.col_sq.pop(name).double()
+            total = rows.sum()
+            row_scale = torch.where(rows > 0, (total / torch.where(rows > 0, rows, 1.0)).sqrt(), 0.0)
+            col_scale = torch.where(cols > 0, torch.where(cols > 0, cols, 1.0).rsqrt(), 0.0)
+            priors[name] = low_rank_from_sketches(
+                self.y.pop(name), self.w.pop(name), self.psi.pop(name), row_scale, col_scale
+            )
+        return priors
+
+
+# the sketched strategy of a prior, where it has one (S2FTConfig.prior_rank)
+SKETCHED_STRATEGIES: dict[str, type[PriorStrategy]] = {
+    "gradient": SketchedGradientPrior,
+    "adam": SketchedAdamPrior,
+}
+
+
+def sketch_generator(seed: int, d_out: int, d_in: int, rank: int) -> torch.Generator:
+    """A CPU generator for the test matrices of the ``(d_out, d_in)`` layers sketched at ``rank``, seeded through
+    SHA-256: the same on every machine and process. Layers of one shape share their test matrices (a sketch needs
+    them independent of the matrix, not of the other layers'), so they are held once per shape."""
+    digest = hashlib.sha256(f"sketch:{seed}:{d_out}x{d_in}:{rank}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def _all_reduce(tensors: Iterable[torch.Tensor]) -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for tensor in tensors:
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+
+
+# ------------------------------------------------------------------------------------------------ the pass
+class _Run:
+    """What every group's pass shares: the model, all the adapter layers (their ΔW off meanwhile), the batches and
+    the names of the layers whose gradient comes from activations."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Mapping[str, nn.Module],
+        batches: Iterable[Any],
+        loss_fn: LossFn | None,
+        max_batches: int | None,
+        progress: bool,
+        hooked: set[str],
+    ) -> None:
+        self.model, self.everyone, self.batches, self.loss_fn = model, layers, batches, loss_fn
+        self.max_batches, self.progress, self.hooked = max_batches, progress, hooked
+
+
+def _grouped(
+    run: _Run, groups: list[list[str]], make: Callable[[Mapping[str, nn.Module]], PriorStrategy], kind: str
+) -> Iterator[tuple[str, Any]]:
     for index, group in enumerate(groups):
         label = f"calibrating ({kind} prior" + (
             f", group {index + 1}/{len(groups)})" if len(groups) > 1 else ")"
         )
-        priors = _group_prior(
-            model,
-            layers,
-            {n: layers[n] for n in group},
-            batches,
-            loss_fn,
-            max_batches,
-            progress,
-            kind,
-            lr,
-            hooked,
-            label,
-        )
+        priors = _group_prior(run, make({n: run.everyone[n] for n in group}), label)
         for name in group:
             yield name, priors.pop(name)
 
 
-def _group_prior(
-    model: nn.Module,
-    everyone: Mapping[str, nn.Module],
-    layers: Mapping[str, nn.Module],
-    batches: Iterable[Any],
-    loss_fn: LossFn | None,
-    max_batches: int | None,
-    progress: bool,
-    kind: str,
-    lr: float,
-    hooked: set[str],
-    label: str,
-) -> dict[str, torch.Tensor]:
-    """The priors of ``layers`` (one group) over ``batches``, the ΔW of ``everyone`` off meanwhile: see
+def _group_prior(run: _Run, strategy: PriorStrategy, label: str) -> dict[str, Any]:
+    """One pass over the batches for ``strategy``'s layers (one group), every adapter's ΔW off meanwhile: see
     :func:`compute_prior`."""
-    weights = [layer.base_layer.weight for n, layer in layers.items() if n not in hooked]
-    device = next(iter(layers.values())).base_layer.weight.device
-    sums = {n: _hold(torch.zeros((layer.d_out, layer.d_in), device=device)) for n, layer in layers.items()}
-    squares = {n: _hold(torch.zeros_like(sums[n])) for n in layers} if kind == "adam" else None
-    # adam: a batch's g_b of a hooked layer is summed over its calls first; gradient: -δᵀx goes to the sum at once
-    per_batch = (
-        {n: _hold(torch.zeros_like(sums[n])) for n in layers if n in hooked} if squares is not None else {}
-    )
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    # trajectory: Adam on float32 master copies (low-precision weights would round small steps away); the model's
-    # weights follow them, rounded, and get their starting values back at the end
-    start = [w.detach().clone() for w in weights] if kind == "trajectory" else None
-    masters = [w.detach().float().clone() for w in weights] if kind == "trajectory" else []
-    optimizer = (
-        torch.optim.Adam(masters, lr=lr, betas=_ADAM_BETAS, eps=_ADAM_EPS, foreach=False) if masters else None
-    )
+    layers = strategy.layers
+    weights = {n: layer.base_layer.weight for n, layer in layers.items() if n not in run.hooked}
     seen = 0
-    disabled = {name: layer.disabled for name, layer in everyone.items()}
-    iterator: Any = agreed_batches(batches, max_batches)  # in step across ranks; one error on all if uneven
-    if progress:
+    disabled = {name: layer.disabled for name, layer in run.everyone.items()}
+    # in step across ranks; one error on all if uneven
+    iterator: Any = agreed_batches(run.batches, run.max_batches)
+    if run.progress:
         from tqdm.auto import tqdm
 
-        total = max_batches if max_batches is not None else _len_or_none(batches)
+        total = run.max_batches if run.max_batches is not None else _len_or_none(run.batches)
         iterator = tqdm(iterator, total=total, desc=label, unit="batch")
-    handles = []
+    hooks = _ActivationGradients(strategy, [n for n in layers if n in run.hooked])
     try:
-        for layer in everyone.values():
+        for layer in run.everyone.values():
             layer.disabled = True
-        into = {n: per_batch[n] if per_batch else sums[n] for n in hooked if n in layers}
-        handles = _attach_hooks(layers, into, sign=1.0 if per_batch else -1.0)
-        with _only_weights_require_grad(model, weights):
+        hooks.attach()
+        with _only_weights_require_grad(run.model, list(weights.values())):
             for index, batch in enumerate(iterator):
-                if max_batches is not None and index >= max_batches:
+                if run.max_batches is not None and index >= run.max_batches:
                     break
-                loss = batch_loss(model, _move(batch, device), loss_fn)
+                loss = batch_loss(run.model, _move(batch, strategy.device), run.loss_fn)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"calibration batch {index} gave a non-finite loss ({float(loss.detach())})"
                     )
                 if loss.requires_grad:  # it does not when none of the group's layers is used
                     loss.backward()
-                if optimizer is not None:
-                    for w, master in zip(weights, masters):
-                        grad = w.grad if w.grad is not None else torch.zeros_like(w)
-                        if distributed:
-                            torch.distributed.all_reduce(grad, op=torch.distributed.ReduceOp.SUM)
-                        master.grad = grad.float()
-                    optimizer.step()
-                    with torch.no_grad():
-                        for w, master in zip(weights, masters):
-                            w.copy_(master)
-                else:
-                    _accumulate(layers, hooked, sums, squares, per_batch)
-                for w in weights:
+                hooks.end_batch()
+                for name, w in weights.items():
+                    if w.grad is not None:
+                        _hold(w.grad)
+                        grad = weight_matrix(layers[name].base_layer, grad=True)
+                        keep = strategy.keeps_float64 and grad.dtype == torch.float64
+                        strategy.add(name, grad if keep else grad.float())
+                        del grad
+                strategy.end_batch()
+                for w in weights.values():
                     w.grad = None
                 seen += 1
-        for (name, layer), master, w0 in zip(layers.items(), masters, start or []):
-            sums[name] = kind_of(layer.base_layer).matrix(layer.base_layer, master - w0.float())
     finally:
-        for handle in handles:
-            handle.remove()
-        if start is not None:
-            with torch.no_grad():
-                for w, w0 in zip(weights, start):
-                    w.copy_(w0)
-        for name, layer in everyone.items():
+        hooks.detach()
+        strategy.restore()
+        for name, layer in run.everyone.items():
             layer.disabled = disabled[name]
-        if progress:
+        if run.progress:
             iterator.close()
-    if distributed and kind != "trajectory":
-        for tensor in (*sums.values(), *(squares or {}).values()):
-            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
-    if squares is not None:
-        for name in sums:
-            scale = squares[name].sqrt()
-            sums[name] = _hold(
-                # 0 only where every g_b was 0; a NaN or inf stays one, for _check_priors to report
-                torch.where(scale == 0, 0.0, sums[name] / scale.clamp_min(torch.finfo(scale.dtype).tiny))
-            )
-            del scale
-    _check_priors(sums, seen)
-    return sums
+    priors = strategy.finish()
+    _check_priors(priors, seen)
+    return priors
 
 
-def _accumulate(layers, hooked, sums, squares, per_batch) -> None:
-    """Add one batch's gradients ``g_b`` into the sums: ``-g_b``, and (adam) ``g_b²``."""
-    for name, layer in layers.items():
-        if name in per_batch:
-            grad = per_batch[name]
-        elif (
-            name in hooked or layer.base_layer.weight.grad is None
-        ):  # hooked: subtracted by the hooks already
-            continue
-        else:
-            _hold(layer.base_layer.weight.grad)
-            grad = weight_matrix(layer.base_layer, grad=True).float()
-        sums[name] -= grad
-        if squares is not None:
-            squares[name] += grad * grad
-        if name in per_batch:
-            grad.zero_()
+class _ActivationGradients:
+    """Hooks on the base layers of ``names`` that hand ``strategy`` each batch's ``g_b = Σ_calls Σ_tokens δᵀx``.
 
+    A per-call strategy gets every call's share as it comes. Any other gets ``g_b`` whole: the forward counts a
+    layer's calls that will see a gradient, and the sum of their ``δᵀx`` goes to the strategy when the last one
+    has come (what is left at the end of the batch too), so one layer's ``g_b`` is held at a time however many
+    layers there are. Calls made during the backward pass (gradient checkpointing's forward run again) count only
+    for a layer with no call in the forward pass of the batch: non-reentrant checkpointing runs the forward with
+    gradients first and again in the backward pass, where no gradient reaches the outputs of the second run;
+    reentrant checkpointing runs it without gradients first, then with them in the backward pass. (A layer called
+    both inside and outside a reentrant checkpoint gets its calls' shares one by one, as separate ``g_b``.)
+    A layer's input is made to require grad (``x + 0``, the same values) when nothing before
+    it does, so that ``δ`` reaches it even when no weight of the model takes a gradient."""
 
-def _attach_hooks(layers: Mapping[str, nn.Module], into: dict[str, torch.Tensor], sign: float) -> list[Any]:
-    """Hooks on the base layers of ``into``'s layers that add ``sign · δᵀx`` of every call into ``into[name]``.
+    def __init__(self, strategy: PriorStrategy, names: list[str]) -> None:
+        self.strategy, self.names = strategy, names
+        self.handles: list[Any] = []
+        self.forward_calls = dict.fromkeys(names, 0)
+        self.backward_calls = dict.fromkeys(names, 0)  # the forward run again by gradient checkpointing
+        self.arrived = dict.fromkeys(names, 0)
+        self.pending: dict[str, torch.Tensor] = {}
 
-    A layer's input is made to require grad (``x + 0``, the same values) when nothing before it does, so that
-    ``δ`` reaches it even when no weight of the model takes a gradient."""
-    anchor = torch.zeros((), requires_grad=True)
-    handles = []
-    for name, target in into.items():
-        base = layers[name].base_layer
-        layer_kind = kind_of(base)
+    def attach(self) -> None:
+        anchor = torch.zeros((), requires_grad=True)
 
         def pre(module: nn.Module, args: tuple) -> tuple | None:
             x = args[0]
@@ -425,21 +691,53 @@ def _attach_hooks(layers: Mapping[str, nn.Module], into: dict[str, torch.Tensor]
                 return (x + anchor.to(x.device, x.dtype), *args[1:])
             return None
 
-        def post(module: nn.Module, args: tuple, output: torch.Tensor, target=target, k=layer_kind) -> None:
-            if torch.is_grad_enabled() and output.requires_grad:
-                x = args[0].detach()
-                output.register_hook(lambda delta: _add_gradient(target, k, module, x, delta, sign))
+        for name in self.names:
+            base = self.strategy.layers[name].base_layer
 
-        handles += [base.register_forward_pre_hook(pre), base.register_forward_hook(post)]
-    return handles
+            def post(module: nn.Module, args: tuple, output: torch.Tensor, name: str = name) -> None:
+                if torch.is_grad_enabled() and output.requires_grad:
+                    x = args[0].detach()
+                    in_backward = torch._C._current_graph_task_id() != -1
+                    calls = self.backward_calls if in_backward else self.forward_calls
+                    calls[name] += 1
+                    output.register_hook(lambda delta: self._arrive(name, x, delta))
 
+            self.handles += [base.register_forward_pre_hook(pre), base.register_forward_hook(post)]
 
-def _add_gradient(
-    target: torch.Tensor, kind: LayerKind, layer: nn.Module, x: torch.Tensor, delta: torch.Tensor, sign: float
-) -> None:
-    with torch.no_grad():
-        grad = _hold(kind.weight_gradient(layer, x, delta))
-        target.add_(grad, alpha=sign)
+    @torch.no_grad()
+    def _arrive(self, name: str, x: torch.Tensor, delta: torch.Tensor) -> None:
+        if self.strategy.per_call:
+            self.strategy.add_call(name, x, delta)
+            return
+        base = self.strategy.layers[name].base_layer
+        grad = _hold(kind_of(base).weight_gradient(base, x, delta))
+        if name in self.pending:
+            self.pending[name].add_(grad)
+        elif grad.dtype == torch.float32 or (self.strategy.keeps_float64 and grad.dtype == torch.float64):
+            self.pending[name] = grad
+        else:  # the batch's sum in float32, as the priors are
+            self.pending[name] = _hold(grad.float())
+        del grad
+        self.arrived[name] += 1
+        self._hand_over_if_complete(name)
+
+    def _hand_over_if_complete(self, name: str) -> None:
+        expected = self.forward_calls[name] or self.backward_calls[name]
+        if name in self.pending and self.arrived[name] >= expected:
+            self.strategy.add(name, self.pending.pop(name))
+
+    def end_batch(self) -> None:
+        for name in list(self.pending):  # calls whose output never reached the loss
+            self.strategy.add(name, self.pending.pop(name))
+        self.forward_calls = dict.fromkeys(self.names, 0)
+        self.backward_calls = dict.fromkeys(self.names, 0)
+        self.arrived = dict.fromkeys(self.names, 0)
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        self.pending.clear()
 
 
 gradient_prior = compute_prior  # its name before it computed the adam and trajectory priors too
@@ -452,10 +750,13 @@ def _len_or_none(batches: Iterable[Any]) -> int | None:
         return None
 
 
-def _check_priors(priors: Mapping[str, torch.Tensor], seen: int) -> None:
+def _check_priors(priors: Mapping[str, Any], seen: int) -> None:
     if seen == 0 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise ValueError("calibration got no batches: pass an iterable of at least one batch")
     for name, prior in priors.items():
+        if isinstance(prior, LowRank):
+            finite = all(bool(torch.isfinite(t).all()) for t in (prior.u, prior.s, prior.v))
+            prior = prior.s if finite else torch.full((1,), float("nan"))  # what the checks below read
         if not torch.isfinite(prior).all():
             raise FloatingPointError(
                 f"the calibration gradient of {name!r} holds NaN or inf; check the batches and the loss "

@@ -133,6 +133,20 @@ def agreed_batches(batches: Iterable[Any], limit: int | None = None) -> Iterator
         index += 1
 
 
+def agree_across_processes(value: int, what: str) -> None:
+    """Raise the same ``ValueError`` on every rank (a two-element all-reduce) when the ranks' integer ``value`` s of
+    ``what`` differ; one process, or all alike: nothing."""
+    if not is_distributed():
+        return
+    bounds = torch.tensor([value, -value], dtype=torch.int64)
+    torch.distributed.all_reduce(bounds, op=torch.distributed.ReduceOp.MAX)
+    if int(bounds[0]) != -int(bounds[1]):
+        raise ValueError(
+            f"the processes disagree on {what}: this is rank {_rank()} with {value}, others have values from "
+            f"{-int(bounds[1])} to {int(bounds[0])}; give every process the same configuration"
+        )
+
+
 class LocalGradients:
     """Each rank's own, whole gradient of the weights of ``layers`` (``{name: SpectralLayer}``), per backward.
 

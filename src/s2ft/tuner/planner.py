@@ -25,6 +25,7 @@ from torch import nn
 from s2ft.ops.bases import get_basis
 from s2ft.ops.locations import fourierft_locations, power_spectrum, sample_locations
 from s2ft.ops.permutation import path_length, search_order
+from s2ft.ops.sketch import LowRank
 from s2ft.tuner.calibration import LossFn, iter_priors
 from s2ft.tuner.distributed import copy_into, full
 from s2ft.tuner.kinds import kind_of
@@ -55,7 +56,7 @@ def layer_generator(seed: int, name: str) -> torch.Generator:
 
 
 def plan_layer(
-    prior: torch.Tensor,
+    prior: torch.Tensor | LowRank,
     n: int,
     gamma: float,
     generator: torch.Generator,
@@ -68,13 +69,16 @@ def plan_layer(
 ) -> LayerPlan:
     """Order the prior's rows and columns, then sample ``n`` locations ``∝ |DFT2(permuted prior)|^gamma``.
 
-    ``prior`` is ``(d_out, d_in)``; ``order_from`` (same shape), if given, is ordered instead (the base weights,
+    ``prior`` is ``(d_out, d_in)``, dense or a rank-``k`` :class:`s2ft.ops.sketch.LowRank` (planned from its factors,
+    :func:`_plan_low_rank`); ``order_from`` (same shape), if given, is ordered instead (the base weights,
     ``plan_from="base"``). ``permute=False`` keeps identity orders. ``locations``: ``"prior"`` samples
     from the whole spectrum (the paper), ``"prior-half"`` from one location of each mirror pair (no two
     coefficients on the same basis function; see :func:`s2ft.ops.locations.sample_locations`), ``"uniform"`` takes
     FourierFT's locations for ``seed``. ``basis`` (an object of :data:`s2ft.ops.bases.BASES` with an ``energy``,
     e.g. the Haar bases) samples from its coefficients' magnitudes and draws uniform locations its own way instead.
     """
+    if isinstance(prior, LowRank):
+        return _plan_low_rank(prior, n, gamma, generator, search, permute, locations, seed, order_from, basis)
     before = path_length(prior) + path_length(prior.T)
     perm_rows = perm_cols = None
     permuted = prior
@@ -93,6 +97,53 @@ def plan_layer(
     return LayerPlan(rows, cols, perm_rows, perm_cols, before, after)
 
 
+def _plan_low_rank(
+    prior: LowRank,
+    n: int,
+    gamma: float,
+    generator: torch.Generator,
+    search: str,
+    permute: bool,
+    locations: str,
+    seed: int,
+    order_from: torch.Tensor | None,
+    basis: Any = None,
+) -> LayerPlan:
+    """:func:`plan_layer` of a rank-``k`` prior from its factors: the rows and columns are ordered by their ``k``
+    coordinates (:meth:`LowRank.row_points`, :meth:`LowRank.col_points`, as far apart as the matrix's rows and
+    columns), and the spectrum is that of the permuted factors (:meth:`LowRank.permuted_power_spectrum`). The
+    generator is drawn in the same order as for a dense prior, so a distance-based search (all but ``"svd"``, whose
+    power iteration starts from a vector of the points' width) gives the dense prior's plan when the prior is
+    exactly of rank ``k``."""
+    row_points, col_points = prior.row_points(), prior.col_points()
+    before = path_length(row_points) + path_length(col_points)
+    perm_rows = perm_cols = None
+    if permute:
+        if order_from is None:
+            perm_rows = search_order(row_points, search, generator)
+            perm_cols = search_order(col_points, search, generator)
+        else:
+            perm_rows, perm_cols = orders(order_from, search, generator)
+        perm_rows, perm_cols = perm_rows.to(prior.device), perm_cols.to(prior.device)
+        after = path_length(row_points[perm_rows]) + path_length(col_points[perm_cols])
+    else:
+        after = before
+    if locations == "uniform":
+        draw = fourierft_locations if basis is None else basis.seeded_locations
+        rows, cols = draw(prior.shape[0], prior.shape[1], n, seed)
+    elif basis is None:
+        power = prior.permuted_power_spectrum(perm_rows, perm_cols)
+        rows, cols = sample_locations(power, n, gamma, generator, half=locations == "prior-half")
+    else:  # another basis' energy (the Haar bases): of the permuted product, one layer's dense transient
+        permuted = prior.dense()
+        if perm_rows is not None and perm_cols is not None:
+            permuted = permuted[perm_rows][:, perm_cols]
+        rows, cols = sample_locations(
+            basis.energy(permuted), n, gamma, generator, half=locations == "prior-half"
+        )
+    return LayerPlan(rows, cols, perm_rows, perm_cols, before, after)
+
+
 def orders(
     matrix: torch.Tensor, search: str, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,7 +151,9 @@ def orders(
     return search_order(matrix, search, generator), search_order(matrix.T, search, generator)
 
 
-def plan_for(prior: torch.Tensor | None, name: str, config, base: torch.Tensor | None = None) -> LayerPlan:
+def plan_for(
+    prior: torch.Tensor | LowRank | None, name: str, config, base: torch.Tensor | None = None
+) -> LayerPlan:
     """The plan of module ``name`` under an :class:`s2ft.S2FTConfig`: what calibration installs there.
 
     With ``config.plan_from == "base"`` the rows and columns of ``base`` (``W0``, ``(d_out, d_in)``) are ordered
@@ -179,6 +232,8 @@ def calibrate_adapter(
             kind=config.prior,
             lr=config.prior_lr,
             group_size=getattr(config, "calibration_group_size", None),
+            rank=getattr(config, "prior_rank", None),
+            seed=config.seed,
         )
         if needs_prior
         else ((n, None) for n in layers)

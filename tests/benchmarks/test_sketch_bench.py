@@ -1,0 +1,33 @@
+"""benchmarks/llm_scale.py's sketched calibration rows (``--prior-ranks``) on its tiny size, in this process."""
+
+from __future__ import annotations
+
+import json
+
+from tests.helpers import load_benchmark
+
+
+def test_tiny_run_measures_the_sketched_calibrations(tmp_path):
+    script = load_benchmark("llm_scale")
+    argv = ["--sizes", "tiny", "--quant", "none", "--targets", "qv", "--methods", "s2ft", "lora-8"]
+    argv += ["--seq-len", "16", "--steps", "1", "--calibration-batches", "2", "--group-size", "0"]
+    argv += ["--prior-ranks", "4", "1000", "--skip-exact-s2ft"]
+    report = script.main([*argv, "--in-process", "--output-dir", str(tmp_path)])
+
+    with open(tmp_path / "llm_scale.json") as f:
+        saved = json.load(f)
+    assert saved["rows"] == json.loads(json.dumps(report["rows"]))
+    rows = {r["method"]: r for r in saved["rows"]}
+    assert rows["s2ft"]["status"] == "skipped"
+    sketched = rows["s2ft"]["calibration_sketched"]
+    assert [s["prior_rank"] for s in sketched] == [4, 1000]  # 1000: clamped to each layer's min(d_out, d_in)
+    lora = rows["lora-8"]
+    for s in sketched:
+        assert s["status"] == "ok", s
+        assert s["calibration_s"] > 0 and s["calibration_peak_bytes"] >= 0
+        assert s["time_ratio"] == s["calibration_s"] / (2 * lora["step_s"])
+        assert set(s["targets_met"]) == {"peak", "time"}
+    text = (tmp_path / "llm_scale.md").read_text()
+    assert "## Sketched calibration (`S2FTConfig.prior_rank`)" in text
+    assert "| tiny | none | qv | 4 |" in text and "| tiny | none | qv | 1000 |" in text
+    assert "| none | qv | s2ft | skipped: --skip-exact-s2ft |" in text

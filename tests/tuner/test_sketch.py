@@ -1,0 +1,344 @@
+"""Sketched priors (``S2FTConfig(prior_rank=k)``): the low-rank sketch against float64 references, plans from the
+factors equal to the dense prior's plans when the prior has rank <= k, one pass in O((d_out + d_in)·k) memory per
+layer, and bad input refused with nothing changed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from s2ft import S2FTConfig, get_spectral_model
+from s2ft.analysis.measures import analyze_model
+from s2ft.ops.locations import power_spectrum
+from s2ft.ops.sketch import LowRank, low_rank_from_sketches, sketch_matrices
+from s2ft.tuner.calibration import compute_prior, prior_memory
+from s2ft.tuner.planner import layer_generator, plan_layer
+from tests.helpers import Stack, make_batches, tiny_bert
+from tests.helpers import stack_loss_fn as loss_fn
+
+SEARCHES = ("greedy", "multistart", "2opt", "2opt-cyclic")
+
+
+def low_rank_matrix(rows: int, cols: int, rank: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, rank, generator=g, dtype=torch.float64) @ torch.randn(
+        rank, cols, generator=g, dtype=torch.float64
+    )
+
+
+def sketched(parts: list[torch.Tensor], k: int, row_scale=None, col_scale=None) -> LowRank:
+    """The sketch of ``Σ parts`` accumulated part by part, as calibration does batch by batch."""
+    rows, cols = parts[0].shape
+    omega, psi = sketch_matrices(rows, cols, k, torch.Generator().manual_seed(5), torch.float64)
+    y = sum(p @ omega for p in parts)
+    w = sum(psi @ p for p in parts)
+    return low_rank_from_sketches(y, w, psi, row_scale, col_scale)
+
+
+@pytest.mark.parametrize("rank", [1, 3, 8])
+def test_sketch_of_a_sum_is_exact_at_rank_at_most_k_float64(rank):
+    parts = [low_rank_matrix(40, 24, 1, seed) for seed in range(rank)]  # rank(Σ parts) = rank
+    total = sum(parts)
+    approx = sketched(parts, 8)
+    torch.testing.assert_close(approx.dense(), total, rtol=1e-10, atol=1e-10)
+    assert approx.kept_energy(total) == pytest.approx(1.0, abs=1e-12)
+    # orthonormal factors, non-increasing singular values
+    torch.testing.assert_close(approx.u.T @ approx.u, torch.eye(8, dtype=torch.float64), atol=1e-10, rtol=0)
+    torch.testing.assert_close(approx.v.T @ approx.v, torch.eye(8, dtype=torch.float64), atol=1e-10, rtol=0)
+    assert bool((approx.s[:-1] >= approx.s[1:]).all())
+
+
+def test_scaled_sketch_is_the_scaled_matrix_float64():
+    """``diag(r) A diag(c)`` from ``A``'s sketches, zeros in ``r`` on the rows where ``A`` is zero."""
+    a = low_rank_matrix(30, 20, 4)
+    a[[3, 7]] = 0
+    r = torch.rand(30, dtype=torch.float64) + 0.5
+    r[[3, 7]] = 0
+    c = torch.rand(20, dtype=torch.float64) + 0.5
+    approx = sketched([a], 6, r, c)
+    torch.testing.assert_close(approx.dense(), r[:, None] * a * c[None, :], rtol=1e-10, atol=1e-10)
+
+
+def test_sketch_of_a_full_rank_matrix_keeps_its_leading_energy():
+    """At rank k < rank(A), on a decaying spectrum, the sketch keeps at least the energy of the best rank-k/2
+    approximation (a rank-k sketch is a rank-k/2 one oversampled by k/2, Halko, Martinsson and Tropp 2011), and no
+    more than the whole."""
+    g = torch.Generator().manual_seed(3)
+    u = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(48, 48, generator=g, dtype=torch.float64)).Q
+    s = 0.5 ** torch.arange(48, dtype=torch.float64)
+    a = (u[:, :48] * s) @ v.T
+    approx = sketched([a], 8)
+    half = float(s[:4].square().sum() / s.square().sum())
+    assert approx.kept_energy(a) >= half
+    assert approx.kept_energy(a) <= 1.0 + 1e-12
+
+
+def test_permuted_power_spectrum_from_the_factors_float64():
+    a = low_rank_matrix(24, 18, 3)
+    approx = sketched([a], 5)
+    g = torch.Generator().manual_seed(1)
+    pr, pc = torch.randperm(24, generator=g), torch.randperm(18, generator=g)
+    torch.testing.assert_close(
+        approx.permuted_power_spectrum(pr, pc), power_spectrum(a[pr][:, pc]), rtol=1e-9, atol=1e-9
+    )
+
+
+@pytest.mark.parametrize("search", SEARCHES)
+@pytest.mark.parametrize("locations", ["prior", "prior-half"])
+def test_plan_from_the_factors_equals_the_dense_plan_at_rank_at_most_k_float64(search, locations):
+    """One short batch's prior has rank <= k: planned from the sketch's factors it gives the dense prior's plan."""
+    prior = low_rank_matrix(48, 36, 5, seed=4)
+    approx = sketched([prior], 16)
+    for seed in (0, 1, 2):
+        dense = plan_layer(prior, 60, 1.5, layer_generator(seed, "m"), search=search, locations=locations)
+        low = plan_layer(approx, 60, 1.5, layer_generator(seed, "m"), search=search, locations=locations)
+        for a, b in zip(
+            (dense.perm_rows, dense.perm_cols, dense.rows, dense.cols),
+            (low.perm_rows, low.perm_cols, low.rows, low.cols),
+        ):
+            assert torch.equal(a, b), (search, seed)
+        assert low.path_length_before == pytest.approx(dense.path_length_before, rel=1e-9)
+        assert low.path_length_after == pytest.approx(dense.path_length_after, rel=1e-9)
+    again = plan_layer(approx, 60, 1.5, layer_generator(0, "m"), search=search, locations=locations)
+    first = plan_layer(approx, 60, 1.5, layer_generator(0, "m"), search=search, locations=locations)
+    assert torch.equal(again.rows, first.rows) and torch.equal(again.perm_rows, first.perm_rows)
+
+
+@pytest.mark.parametrize("locations", ["prior", "uniform"])
+def test_plan_from_the_factors_in_a_haar_basis_equals_the_dense_plan_float64(locations):
+    """A wavelet adapter's (s2ft-wavelet) sketched prior is planned in its own basis' energy, as the dense one is."""
+    from s2ft.ops.bases import get_basis
+
+    basis = get_basis("haar2")
+    prior = low_rank_matrix(48, 36, 5, seed=4)
+    approx = sketched([prior], 16)
+    dense = plan_layer(prior, 60, 1.5, layer_generator(0, "m"), locations=locations, basis=basis)
+    low = plan_layer(approx, 60, 1.5, layer_generator(0, "m"), locations=locations, basis=basis)
+    fourier = plan_layer(approx, 60, 1.5, layer_generator(0, "m"), locations=locations)
+    for a, b in zip(
+        (dense.perm_rows, dense.perm_cols, dense.rows, dense.cols),
+        (low.perm_rows, low.perm_cols, low.rows, low.cols),
+    ):
+        assert torch.equal(a, b)
+    assert not (torch.equal(low.rows, fourier.rows) and torch.equal(low.cols, fourier.cols))
+
+
+def short_batch() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One batch of two tokens: a layer's gradient has rank <= 2 per call (<= 4 for the layer called twice)."""
+    g = torch.Generator().manual_seed(2)
+    return [
+        (torch.randn(1, 2, 32, generator=g, dtype=torch.float64), torch.randint(0, 5, (1, 2), generator=g))
+    ]
+
+
+def batches(count: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(7)
+    return [
+        (torch.randn(2, 7, 32, generator=g, dtype=torch.float64), torch.randint(0, 5, (2, 7), generator=g))
+        for _ in range(count)
+    ]
+
+
+def wrapped(depth: int = 3, **options):
+    config = S2FTConfig(target_modules=r"layers\.\d+", n_frequency=30, scaling=10.0, **options)
+    return get_spectral_model(Stack(depth), config)
+
+
+def factored_adam(total: torch.Tensor) -> torch.Tensor:
+    """The Adafactor-normalised Adam prior of one batch whose prior is ``total = -g``, float64."""
+    g = total.double()
+    rows, cols = g.square().sum(1), g.square().sum(0)
+    return g * rows.sum().sqrt() / rows.sqrt()[:, None] / cols.sqrt()[None, :]
+
+
+@pytest.mark.parametrize("hooks", [False, True])
+def test_sketched_priors_equal_the_exact_ones_at_rank_at_most_k_float64(hooks):
+    spectral = wrapped()
+    layers = spectral.spectral_layers()
+    exact = compute_prior(spectral.model, layers, short_batch(), loss_fn, from_activations=hooks)
+    sketch = compute_prior(spectral.model, layers, short_batch(), loss_fn, from_activations=hooks, rank=8)
+    adam = compute_prior(
+        spectral.model, layers, short_batch(), loss_fn, kind="adam", from_activations=hooks, rank=8
+    )
+    for name in layers:
+        assert isinstance(sketch[name], LowRank) and sketch[name].dtype == torch.float64
+        torch.testing.assert_close(sketch[name].dense(), exact[name].double(), rtol=0, atol=1e-6)
+        torch.testing.assert_close(adam[name].dense(), factored_adam(exact[name]), rtol=0, atol=1e-5)
+
+
+def test_sketch_from_activations_equals_sketch_from_weight_gradients_float64():
+    """Over several batches (rank above k), the hooks' δᵀ(xΩ) and (Ψδᵀ)x sketch the same matrix as the weights'
+    gradients do: the same rank-k factors."""
+    spectral = wrapped()
+    layers = spectral.spectral_layers()
+    for kind in ("gradient", "adam"):
+        by_weights = compute_prior(
+            spectral.model, layers, batches(), loss_fn, kind=kind, from_activations=False, rank=4
+        )
+        by_hooks = compute_prior(
+            spectral.model, layers, batches(), loss_fn, kind=kind, from_activations=True, rank=4
+        )
+        for name in layers:
+            torch.testing.assert_close(
+                by_hooks[name].dense(), by_weights[name].dense(), rtol=1e-9, atol=1e-11
+            )
+
+
+def test_calibrate_with_a_rank_gives_the_exact_priors_plans_at_rank_at_most_k():
+    plans = {}
+    for rank in (None, 8):
+        spectral = wrapped(prior="gradient", prior_rank=rank)
+        spectral.calibrate(short_batch(), loss_fn)
+        plans[rank] = {
+            n: (a.rows, a.cols, a.perm_rows, a.perm_cols)
+            for n, layer in spectral.spectral_layers().items()
+            for a in [layer.adapters["default"]]
+        }
+    for name, plan in plans[None].items():
+        assert all(torch.equal(a, b) for a, b in zip(plan, plans[8][name])), name
+
+
+def test_rank_above_the_layer_is_clamped_and_exact():
+    """A rank above min(d_out, d_in) is clamped to it per layer (documented), where the sketch is the prior."""
+    spectral = wrapped()
+    layers = spectral.spectral_layers()
+    exact = compute_prior(spectral.model, layers, batches(), loss_fn)
+    sketch = compute_prior(spectral.model, layers, batches(), loss_fn, rank=1000)
+    for name in layers:
+        assert sketch[name].rank == 32
+        torch.testing.assert_close(sketch[name].dense(), exact[name].double(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["gradient", "adam"])
+@pytest.mark.parametrize("hooks", [None, True])
+def test_sketch_memory_is_of_the_factors_plus_one_layer(kind, hooks):
+    """Prior-sized memory of a sketched pass (from activations: with a rank, the default wherever a layer kind
+    gives them): the test matrices Ω, Ψ once per shape, each layer its sketches, O((d_out + d_in)·k), and one
+    layer's g_b is the only transient."""
+    k, width = 2, 32
+    shared = 8 * (width * k + (2 * k + 1) * width)  # Ω and Ψ, float64, one shape
+    per_layer = 8 * ((width * k + (2 * k + 1) * width) + (2 * width if kind == "adam" else 0))  # sketches
+    transient = 2 * width * width * 8  # adam: one layer's g_b and one call's δᵀx (the layer called twice)
+    peaks = {}
+    for depth in (3, 6):
+        spectral = wrapped(depth)
+        with prior_memory() as memory:
+            priors = compute_prior(
+                spectral.model,
+                spectral.spectral_layers(),
+                batches(),
+                loss_fn,
+                kind=kind,
+                from_activations=hooks,
+                rank=k,
+            )
+        assert all(isinstance(p, LowRank) for p in priors.values())
+        peaks[depth] = memory.peak
+        assert peaks[depth] <= shared + depth * per_layer + (transient if kind == "adam" else 0)
+    assert peaks[6] - peaks[3] == 3 * per_layer  # a layer more: its sketches only
+
+
+@pytest.mark.parametrize("rank", [0, -3, 1.5, True, "8"])
+def test_bad_rank_refused(rank):
+    with pytest.raises(ValueError, match="prior_rank must be a positive integer"):
+        S2FTConfig(target_modules=["q"], prior_rank=rank)
+    spectral = wrapped()
+    before = {n: p.detach().clone() for n, p in spectral.named_parameters()}
+    with pytest.raises(ValueError, match="prior_rank must be a positive integer"):
+        compute_prior(spectral.model, spectral.spectral_layers(), batches(), loss_fn, rank=rank)
+    assert all(torch.equal(p, before[n]) for n, p in spectral.named_parameters())
+
+
+def test_trajectory_prior_with_a_rank_refused():
+    with pytest.raises(ValueError, match="trajectory prior has no sketched form"):
+        S2FTConfig(target_modules=["q"], prior="trajectory", prior_rank=8)
+    spectral = wrapped()
+    before = {n: p.detach().clone() for n, p in spectral.named_parameters()}
+    with pytest.raises(ValueError, match="trajectory prior has no sketched form"):
+        compute_prior(
+            spectral.model, spectral.spectral_layers(), batches(), loss_fn, kind="trajectory", rank=8
+        )
+    assert all(torch.equal(p, before[n]) for n, p in spectral.named_parameters())
+
+
+def test_prior_rank_round_trips():
+    config = S2FTConfig(target_modules=["q"], prior_rank=64)
+    assert S2FTConfig.from_dict(config.to_dict()).prior_rank == 64
+    assert S2FTConfig(target_modules=["q"]).prior_rank is None
+
+
+@pytest.mark.parametrize("rank", [4, 32])
+def test_analysis_reports_the_share_of_the_exact_priors_energy_the_sketch_keeps(tmp_path, rank):
+    """``s2ft analyze`` with a prior_rank: per layer, the exact prior's energy inside the sketch's spaces (1 at a
+    rank of the whole matrix, 32x32 here) and at the sketch's planned locations."""
+    config = S2FTConfig(target_modules=["query", "value"], n_frequency=40, prior="gradient", prior_rank=rank)
+    model = get_spectral_model(tiny_bert(), config)
+    batches = make_batches("bert")
+    analysis = analyze_model(model, batches, output_dir=tmp_path, heatmaps=0)
+    assert analysis["settings"]["prior_rank"] == rank
+    for result in analysis["prior"].values():
+        kept = result["sketch"]["energy_kept"]
+        assert 0 < kept <= 1 + 1e-6  # float32 factors: orthonormal to rounding
+        if rank == 32:
+            assert kept == pytest.approx(1.0, abs=1e-5)
+            assert result["sketch"]["location_energy"] == pytest.approx(
+                result["location_energy"]["s2ft"], rel=1e-3
+            )
+    assert "sketch.energy_kept" in analysis["summary"]["prior"]
+    with pytest.raises(ValueError, match="re-iterable"):
+        analyze_model(model, iter(batches), output_dir=tmp_path / "c")
+
+
+def test_job_flag_prior_rank():
+    """``s2ft finetune --prior-rank``: a positive integer reaches the config; 0 is refused by the job's checks, and
+    the trajectory prior with a rank by the config the job builds."""
+    from s2ft.errors import RunError
+    from s2ft.jobs.args import FinetuneArgs
+    from s2ft.methods import get_method
+
+    args = FinetuneArgs(prior_rank=16).resolved()
+    assert get_method("s2ft").config(args, []).prior_rank == 16
+    assert FinetuneArgs().resolved().prior_rank is None
+    with pytest.raises(RunError, match="--prior-rank must be positive"):
+        FinetuneArgs(prior_rank=0).resolved()
+    with pytest.raises(RunError, match="trajectory prior has no sketched form"):
+        get_method("s2ft").wrap(
+            Stack(2), FinetuneArgs(prior_rank=8, prior="trajectory", targets=["layers.0"]).resolved(), []
+        )
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("rank", [None, 4])
+def test_adam_prior_under_gradient_checkpointing_same_priors_one_layer_at_a_time(reentrant, rank):
+    """Adam priors from activations with gradient checkpointing: the very priors of a run without it (float64),
+    and a layer's g_b handed over as soon as its gradient has come, although the forward run again in the backward
+    pass hooks outputs no gradient reaches: the prior memory is no more than without checkpointing."""
+    from tests.helpers import tiny_llama
+
+    g = torch.Generator().manual_seed(1)
+    data = [
+        {"input_ids": (ids := torch.randint(0, 64, (2, 8), generator=g)), "labels": ids} for _ in range(2)
+    ]
+    priors, peaks = {}, {}
+    for checkpointing in (False, True):
+        model = tiny_llama().double()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        spectral = get_spectral_model(model, S2FTConfig(target_modules=["q_proj", "v_proj"], n_frequency=10))
+        with prior_memory() as memory:
+            priors[checkpointing] = compute_prior(
+                spectral.model,
+                spectral.spectral_layers(),
+                data,
+                kind="adam",
+                from_activations=True,
+                rank=rank,
+            )
+        peaks[checkpointing] = memory.peak
+    for name, prior in priors[False].items():
+        got = priors[True][name]
+        if rank is not None:
+            prior, got = prior.dense(), got.dense()
+        torch.testing.assert_close(got, prior, rtol=1e-9, atol=1e-12)
+    assert peaks[True] <= peaks[False]
