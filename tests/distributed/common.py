@@ -167,3 +167,13 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
 
     with safe_open(str(path), "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118 (safe_open is no dict)
+
+
+def check_sketched_calibration(rank0: dict[str, Any], rank1: dict[str, Any]) -> None:
+    """What both ranks saw in :func:`sketched_calibration`: the plans of one process over all the batches on
+    every rank, and the disagreeing-rank error on every rank with the plans unchanged."""
+    assert_same_plans(rank0["sketched_plans"], rank1["sketched_plans"])
+    assert_same_plans(rank0["sketched_plans"], single_sketched_plans())
+    for seen in (rank0, rank1):
+        assert "processes disagree on prior_rank" in seen["rank_error"]
+        assert_same_plans(seen["plans_after_rank_error"], seen["sketched_plans"])
