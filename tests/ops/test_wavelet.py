@@ -174,6 +174,21 @@ def test_long_analysis_functions_take_the_whole_transforms(monkeypatch):
     torch.testing.assert_close(got, x @ naive_delta(coeffs, rows, cols, 24, 32, 2.0, 3, *perms).T)
 
 
+def test_the_fast_path_compiles_whole_as_the_transforms():
+    """Under ``torch.compile`` the fast path is the whole transforms (dense ops, one graph), equal to eager's
+    sparse maps."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 6))
+    config = WaveletConfig(
+        target_modules=["0", "2"], n_frequency=10, init="normal", forward_path="fft", levels=2
+    )
+    model = get_spectral_model(base, config)
+    x = torch.randn(5, 12)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+
+
 def test_float32_paths_agree():
     coeffs, rows, cols, perms = layer(384, 1536, 500, permuted=True)
     x = torch.randn(64, 1536)

@@ -448,8 +448,8 @@ def apply(
     Computed and returned in float32 (float64 when ``x`` or ``coeffs`` is float64); the caller casts.
     ``path`` is one of :data:`PATHS` or ``"auto"`` (:func:`choose_path`). The ``"fft"`` path (the one that never
     forms ``ΔW``) is :func:`apply_sparse` when the locations' analysis and synthesis functions have at most
-    ``4 (J + 1) (M + N)`` nonzeros in all (:data:`SPARSE_LIMIT`; a one-level adapter has ``4 n``), else
-    :func:`apply_transform`.
+    ``4 (J + 1) (M + N)`` nonzeros in all (:data:`SPARSE_LIMIT`; a one-level adapter has ``4 n``), else (and
+    under ``torch.compile``) :func:`apply_transform`.
     """
     if x.shape[-1] != d_in:
         raise ValueError(f"x has {x.shape[-1]} features, the layer expects d_in={d_in}")
@@ -462,6 +462,10 @@ def apply(
         return F.linear(x.to(dtype), delta)
     if path != "fft":
         raise ValueError(f"unknown path {path!r}; expected one of {PATHS + ('auto',)}")
+    if (
+        torch.compiler.is_compiling()
+    ):  # traced: the whole transforms are plain dense ops, the sparse maps are not
+        return apply_transform(x, coeffs, rows, cols, d_out, d_in, scaling, perm_rows, perm_cols, levels)
     return apply_sparse(x, coeffs, rows, cols, d_out, d_in, scaling, perm_rows, perm_cols, levels)
 
 
