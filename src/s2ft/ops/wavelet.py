@@ -232,12 +232,14 @@ def seeded_locations(d_out: int, d_in: int, n: int, seed: int) -> tuple[torch.Te
 
 
 def choose_path(d_out: int, d_in: int, n: int, num_tokens: int, device, fused: bool = False) -> str:
-    """The path ``"auto"`` takes: ``"fft"`` (the transform path) when ``d_out * d_in > 64 (d_out + d_in) + 16 n``,
-    else ``"dense"``; ``fused`` is accepted and not used. The transform path costs ``O(M + N + n)`` per token, the
-    dense one ``M N`` multiply-adds per token plus building ``ΔW``. Measured on the shared 2-core CPU, one thread
-    (``benchmarks/results/cpu/wavelet_speed.md``, n = 1000): the transform path 1.04-19x faster than the dense one at
-    widths 1,024 to 4,096 (512 and 4,096 tokens); at 384 x 384 with 1,024 tokens the two were within 1.3x of each
-    other in either order over two runs (the rule takes the transform path there)."""
+    """The path ``"auto"`` takes: ``"fft"`` (the fast path) when ``d_out * d_in > 64 (d_out + d_in) + 16 n``,
+    else ``"dense"``; ``fused`` is accepted and not used. The fast path costs ``O(n J)`` (its sparse maps) or
+    ``O(J (M + N))`` (whole transforms) per token, the dense one ``M N`` multiply-adds per token plus building
+    ``ΔW``. The rule was measured with the whole transforms, on the shared 2-core CPU, one thread (commit f3939e7,
+    n = 1000): they were 1.04-19x faster than the dense path at widths 1,024 to 4,096 (512 and 4,096 tokens); at
+    384 x 384 with 1,024 tokens the two were within 1.3x of each other in either order over two runs. The sparse
+    maps are 2.4-6.2x faster than the whole transforms at those widths (``benchmarks/results/cpu/
+    wavelet_speed.md``), so the rule now errs towards the dense path near its boundary."""
     return "fft" if d_out * d_in > 64 * (d_out + d_in) + 16 * n else "dense"
 
 
