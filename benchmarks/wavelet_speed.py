@@ -4,8 +4,10 @@ One square linear layer (``width x width``), input ``x`` ``(tokens, width)`` tha
 and a random output gradient; one forward and backward per step, variants round-robin, medians reported
 (:func:`bench.median_ms`). Variants: the frozen layer alone (``base``); PEFT LoRA r = 8; PEFT WaveFT (``n``, one level:
 it rebuilds a dense ``ΔW`` by an inverse DWT at every step); s2ft's wavelet layer (one level, random row and column
-permutations as S2FT's plan has) on the transform path (``fast``: DWT of the input, the sparse map of the ``n``
-coefficients, inverse DWT, never ``ΔW``) and on the dense path. *Overhead* is a variant's step time minus
+permutations as S2FT's plan has) on the fast path (``fast``: the sparse analysis and synthesis maps of the ``n``
+locations, :func:`s2ft.ops.wavelet.apply_sparse`, never ``ΔW``) and on the dense path; as branches also the fast
+path at 3 levels and the whole-transform path it replaced (``whole transforms``: DWT of the input, the sparse map of
+the coefficients, inverse DWT, :func:`s2ft.ops.wavelet.apply_transform`). *Overhead* is a variant's step time minus
 ``base``'s; *branch* times the adapter branch alone (``ΔW x``, or LoRA's ``B A x``), the same overhead without the
 base matmul's noise. The ratios divide by LoRA r = 8's.
 
@@ -58,6 +60,19 @@ class Branch(nn.Module):
         if self.path is None:
             return self.lora_B(self.lora_A(x)) * 2.0
         w = x.shape[-1]
+        if self.path == "transform":  # the whole-transform path (the fast path before its sparse maps)
+            return wavelet.apply_transform(
+                x,
+                self.coeffs,
+                self.rows,
+                self.cols,
+                w,
+                w,
+                SCALING,
+                self.perm_rows,
+                self.perm_cols,
+                self.levels,
+            )
         return wavelet.apply(
             x,
             self.coeffs,
@@ -113,6 +128,7 @@ def measure(args, device: torch.device) -> list[dict]:
             "lora_r8": Branch(width, args.n, None).to(device),
             "wavelet_fast": Branch(width, args.n, "fft").to(device),
             "wavelet_fast_3_levels": Branch(width, args.n, "fft", levels=3).to(device),
+            "wavelet_transform": Branch(width, args.n, "transform").to(device),
             "wavelet_dense": Branch(width, args.n, "dense").to(device),
         }
         for tokens in args.tokens:
@@ -157,8 +173,9 @@ def markdown(report: dict) -> str:
         "layer's; *branch*: the adapter branch alone. Ratios are to LoRA r = 8 (below 1: cheaper than LoRA).",
         "",
         "| width | tokens | base ms | LoRA r=8 overhead ms | wavelet fast overhead ms (x LoRA) | wavelet dense "
-        "(x LoRA) | PEFT WaveFT (x LoRA) | branch: LoRA ms | wavelet fast (x LoRA) | fast, 3 levels (x LoRA) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "(x LoRA) | PEFT WaveFT (x LoRA) | branch: LoRA ms | wavelet fast (x LoRA) | fast, 3 levels (x LoRA) | "
+        "whole transforms (x LoRA) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
         o, ov, b, bv = r["overhead_ms"], r["overhead_vs_lora"], r["branch_ms"], r["branch_vs_lora"]
@@ -167,7 +184,8 @@ def markdown(report: dict) -> str:
             f"| {r['width']} | {r['tokens']} | {r['step_ms']['base']:.1f} | {o['lora_r8']:.2f} | "
             f"{o['wavelet_fast']:.2f} ({ov['wavelet_fast']:.2f}x) | {o['wavelet_dense']:.1f} "
             f"({ov['wavelet_dense']:.1f}x) | {peft} | {b['lora_r8']:.2f} | {b['wavelet_fast']:.2f} "
-            f"({bv['wavelet_fast']:.2f}x) | {b['wavelet_fast_3_levels']:.2f} ({bv['wavelet_fast_3_levels']:.2f}x) |"
+            f"({bv['wavelet_fast']:.2f}x) | {b['wavelet_fast_3_levels']:.2f} ({bv['wavelet_fast_3_levels']:.2f}x) | "
+            f"{b['wavelet_transform']:.2f} ({bv['wavelet_transform']:.2f}x) |"
         )
     out.append("")
     return "\n".join(out)

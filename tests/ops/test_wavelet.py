@@ -116,6 +116,79 @@ def test_apply_paths_give_delta_x_and_its_gradients(path, permuted):
     )
 
 
+@pytest.mark.parametrize(
+    "length, levels", [(1, 1), (2, 1), (7, 2), (12, 3), (13, 3), (27, 4), (576, 4), (1100, 8)]
+)
+def test_sparse_rows_of_the_analysis_matrix_are_the_definitions(length, levels):
+    crow, col, value = wavelet.haar_rows(length, levels)
+    rows = torch.repeat_interleave(torch.arange(length), crow[1:] - crow[:-1])
+    dense = torch.zeros(length, length, dtype=torch.float64).index_put((rows, col), value)
+    torch.testing.assert_close(
+        dense, naive_haar(length, levels) if length < 600 else wavelet.haar_matrix(length, levels)
+    )
+    assert col.numel() <= length * (levels + 1) and bool((value != 0).all())
+
+
+@pytest.mark.parametrize("method", ["apply_sparse", "apply_transform"])
+@pytest.mark.parametrize(
+    "shape, n, levels", [((10, 13), 25, 3), ((16, 6), 20, 1), ((1, 9), 4, 1), ((33, 64), 60, 2)]
+)
+def test_both_fast_paths_give_delta_x_and_its_gradients(method, shape, n, levels):
+    coeffs, rows, cols, perms = layer(*shape, n, permuted=True)
+    coeffs.requires_grad_(True)
+    x = torch.randn(3, 2, shape[1], dtype=torch.float64, requires_grad=True)
+    run = getattr(wavelet, method)
+    y = run(x, coeffs, rows, cols, *shape, 2.0, *perms, levels=levels)
+    torch.testing.assert_close(
+        y, x.detach() @ naive_delta(coeffs.detach(), rows, cols, *shape, 2.0, levels, *perms).T
+    )
+    assert torch.autograd.gradcheck(
+        lambda c, v: run(v, c, rows, cols, *shape, 2.0, *perms, levels=levels), (coeffs, x)
+    )
+
+
+def test_the_sparse_maps_are_cached_per_layer_and_rebuilt_when_the_locations_change():
+    coeffs, rows, cols, perms = layer(16, 12, 10, permuted=True)
+    plan = wavelet._sparse_plan(rows, cols, 16, 12, *perms, 2, torch.float32)
+    assert wavelet._sparse_plan(rows, cols, 16, 12, *perms, 2, torch.float32) is plan
+    assert wavelet._sparse_plan(rows, cols, 16, 12, *perms, 1, torch.float32) is not plan
+    x = torch.randn(5, 12, dtype=torch.float64)
+    before = wavelet.apply_sparse(x, coeffs, rows, cols, 16, 12, 2.0, *perms, levels=2)
+    cols.copy_(torch.roll(cols, 1))  # in place: the version counter moves, the maps are rebuilt
+    after = wavelet.apply_sparse(x, coeffs, rows, cols, 16, 12, 2.0, *perms, levels=2)
+    expected = x @ naive_delta(coeffs, rows, cols, 16, 12, 2.0, 2, *perms).T
+    torch.testing.assert_close(after, expected)
+    assert not torch.allclose(before, after)
+
+
+def test_long_analysis_functions_take_the_whole_transforms(monkeypatch):
+    coeffs, rows, cols, perms = layer(24, 32, 40, permuted=True)
+    x = torch.randn(3, 32, dtype=torch.float64)
+    cost = wavelet.sparse_cost(rows, cols, 24, 32, 3)
+    assert cost <= wavelet.SPARSE_LIMIT * 4 * (24 + 32)  # within the limit: the sparse maps
+    assert wavelet._sparse_plan(rows, cols, 24, 32, *perms, 3, torch.float64) is not None
+    # a limit below the cost: the whole transforms, the same ΔW x
+    monkeypatch.setattr(wavelet, "SPARSE_LIMIT", cost / (4 * (24 + 32)) / 2)
+    assert wavelet._sparse_plan(rows.clone(), cols, 24, 32, *perms, 3, torch.float64) is None
+    got = wavelet.apply(x, coeffs, rows.clone(), cols, 24, 32, 2.0, *perms, path="fft", levels=3)
+    torch.testing.assert_close(got, x @ naive_delta(coeffs, rows, cols, 24, 32, 2.0, 3, *perms).T)
+
+
+def test_the_fast_path_compiles_whole_as_the_transforms():
+    """Under ``torch.compile`` the fast path is the whole transforms (dense ops, one graph), equal to eager's
+    sparse maps."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 6))
+    config = WaveletConfig(
+        target_modules=["0", "2"], n_frequency=10, init="normal", forward_path="fft", levels=2
+    )
+    model = get_spectral_model(base, config)
+    x = torch.randn(5, 12)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+
+
 def test_float32_paths_agree():
     coeffs, rows, cols, perms = layer(384, 1536, 500, permuted=True)
     x = torch.randn(64, 1536)

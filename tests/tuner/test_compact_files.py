@@ -16,6 +16,7 @@ from s2ft import FourierFTConfig, S2FTConfig, SpectralModel, get_spectral_model
 from s2ft.methods import METHODS
 from s2ft.ops.codec import locations_bound_bits, locations_max_bits, permutation_nbytes
 from s2ft.tuner.adapter_io import (
+    BASIS_KEY,
     FORMAT_KEY,
     FORMAT_VERSION,
     PLAN_DIGEST_BYTES,
@@ -203,13 +204,14 @@ def test_sizes_on_disk_equal_the_sizes_reported(dtype, options, tmp_path):
 
 
 def test_header_is_small(tmp_path):
-    """Two tensors per adapted matrix (coefficients and plan); metadata of a few short keys."""
+    """Two tensors per adapted matrix (coefficients and plan); metadata of a few short keys (the coefficients'
+    basis among them)."""
     _, model, _ = trained("bert", 40)
     model.save_pretrained(tmp_path)
     on_disk = file_parts(tmp_path / WEIGHTS_NAME)
     assert len(on_disk) - 1 == 2 * len(model.spectral_layers()) + 2  # + the classifier's weight and bias
     with safe_open(tmp_path / WEIGHTS_NAME, framework="pt") as f:
-        assert set(f.metadata()) == {"format", "s2ft_shapes", FORMAT_KEY, PLAN_KEY}
+        assert set(f.metadata()) == {"format", "s2ft_shapes", FORMAT_KEY, PLAN_KEY, BASIS_KEY}
 
 
 def test_fourierft_files_unchanged(tmp_path):

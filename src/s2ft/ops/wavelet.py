@@ -36,14 +36,19 @@ Paths of :func:`apply`, both differentiable wrt ``x`` and ``coeffs`` by autograd
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
+from s2ft.ops import apply as _fourier  # noqa: F401  (spends torch's one warning on compressed sparse tensors)
 from s2ft.ops.locations import fourierft_locations, widen
 
 PATHS = ("dense", "fft")
+SPARSE_LIMIT = 4  # the "fft" path's sparse maps while their nonzeros <= this times (J + 1) (M + N)
 FAMILIES = ("db1", "haar")  # the same wavelet: Haar is Daubechies-1
 MAX_LEVELS = 8  # bases registered in s2ft.ops.bases.BASES: one per level count
 _ROOT_HALF = math.sqrt(0.5)
@@ -227,13 +232,214 @@ def seeded_locations(d_out: int, d_in: int, n: int, seed: int) -> tuple[torch.Te
 
 
 def choose_path(d_out: int, d_in: int, n: int, num_tokens: int, device, fused: bool = False) -> str:
-    """The path ``"auto"`` takes: ``"fft"`` (the transform path) when ``d_out * d_in > 64 (d_out + d_in) + 16 n``,
-    else ``"dense"``; ``fused`` is accepted and not used. The transform path costs ``O(M + N + n)`` per token, the
-    dense one ``M N`` multiply-adds per token plus building ``ΔW``. Measured on the shared 2-core CPU, one thread
-    (``benchmarks/results/cpu/wavelet_speed.md``, n = 1000): the transform path 1.04-19x faster than the dense one at
-    widths 1,024 to 4,096 (512 and 4,096 tokens); at 384 x 384 with 1,024 tokens the two were within 1.3x of each
-    other in either order over two runs (the rule takes the transform path there)."""
+    """The path ``"auto"`` takes: ``"fft"`` (the fast path) when ``d_out * d_in > 64 (d_out + d_in) + 16 n``,
+    else ``"dense"``; ``fused`` is accepted and not used. The fast path costs ``O(n J)`` (its sparse maps) or
+    ``O(J (M + N))`` (whole transforms) per token, the dense one ``M N`` multiply-adds per token plus building
+    ``ΔW``. The rule was measured with the whole transforms, on the shared 2-core CPU, one thread (commit f3939e7,
+    n = 1000): they were 1.04-19x faster than the dense path at widths 1,024 to 4,096 (512 and 4,096 tokens); at
+    384 x 384 with 1,024 tokens the two were within 1.3x of each other in either order over two runs. The sparse
+    maps are 2.4-6.2x faster than the whole transforms at those widths (``benchmarks/results/cpu/
+    wavelet_speed.md``), so the rule now errs towards the dense path near its boundary."""
     return "fft" if d_out * d_in > 64 * (d_out + d_in) + 16 * n else "dense"
+
+
+@functools.lru_cache(maxsize=32)
+def haar_rows(length: int, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``H_L`` as CSR arrays on the CPU: ``crow`` ``(L + 1,)``, ``col`` and float64 ``value`` ``(nnz,)``. Row ``v``
+    (the analysis function of coefficient ``v``) has ``2^j`` nonzeros for a detail of level ``j`` and ``2^J`` for
+    an approximation (other counts where an odd length passed an entry through), ``nnz <= L (J + 1)`` in all.
+    Built level by level from the approximation functions of the level before (padded with zero weights),
+    ``O(L J)``, once per length and level count."""
+    index = torch.arange(length)[:, None]  # the current approximation functions: (m, support) entries
+    weight = torch.ones(length, 1, dtype=torch.float64)
+    found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    for m in level_lengths(length, levels):
+        half, approx = m // 2, (m + 1) // 2
+        pair = torch.cat([index[0 : 2 * half : 2], index[1 : 2 * half : 2]], dim=1)
+        even, odd = weight[0 : 2 * half : 2], weight[1 : 2 * half : 2]
+        found.append((torch.arange(approx, approx + half), pair, torch.cat([even, -odd], dim=1) * _ROOT_HALF))
+        summed = torch.cat([even, odd], dim=1) * _ROOT_HALF
+        if m % 2:  # the odd entry passes through into the approximation part
+            pad = (0, pair.shape[1] - index.shape[1])
+            index, weight = (
+                torch.cat([pair, F.pad(index[m - 1 : m], pad)]),
+                torch.cat([summed, F.pad(weight[m - 1 : m], pad)]),
+            )
+        else:
+            index, weight = pair, summed
+    found.append((torch.arange(index.shape[0]), index, weight))
+    row = torch.cat([r[:, None].expand_as(i).flatten() for r, i, _ in found])
+    col = torch.cat([i.flatten() for _, i, _ in found])
+    value = torch.cat([v.flatten() for _, _, v in found])
+    keep = value != 0  # the padding
+    row, col, value = row[keep], col[keep], value[keep]
+    order = torch.argsort(row * length + col)
+    crow = torch.zeros(length + 1, dtype=torch.int64)
+    crow[1:] = torch.bincount(row, minlength=length).cumsum(0)
+    return crow, col[order].contiguous(), value[order].contiguous()
+
+
+def support_sizes(indices: torch.Tensor, length: int, levels: int) -> torch.Tensor:
+    """The number of nonzeros of ``H_L``'s rows ``indices`` (int64, on ``indices``' device)."""
+    crow = haar_rows(length, levels)[0].to(indices.device)
+    return crow[indices + 1] - crow[indices]
+
+
+def _gathered(indices: torch.Tensor, length: int, levels: int, perm, dtype, device):
+    """The rows ``indices`` ``(n,)`` of ``H_L`` as COO triplets ``(k, j, value)``: the entries of row ``indices[k]``,
+    its column ``j`` relabelled ``perm[j]`` when a permutation is given."""
+    crow, col, value = (t.to(device) for t in haar_rows(length, levels))
+    start, counts = crow[indices], crow[indices + 1] - crow[indices]
+    k = torch.repeat_interleave(torch.arange(indices.numel(), device=device), counts)
+    offsets = torch.cumsum(counts, 0) - counts
+    position = start[k] + torch.arange(k.numel(), device=device) - offsets[k]
+    j = col[position]
+    return k, (perm[j] if perm is not None else j), value[position].to(dtype)
+
+
+@dataclass(frozen=True)
+class _Compressed:
+    """A sparse ``(size[0], size[1])`` map compressed by columns (CSC, for ``dense @ map`` on row-major operands),
+    int32 indices; ``value`` ``(nnz,)`` its entries' Haar weights and ``owner`` the location each entry belongs to
+    (so that the entries can be scaled by a per-location factor)."""
+
+    compressed: torch.Tensor
+    plain: torch.Tensor
+    value: torch.Tensor
+    owner: torch.Tensor
+    size: tuple[int, int]
+
+    @staticmethod
+    def build(major, minor, value, owner, size) -> _Compressed:
+        """From COO triplets: column ``major``, row ``minor``, ``value``, and ``owner``."""
+        order = torch.argsort(major * size[0] + minor)
+        compressed = torch.zeros(size[1] + 1, dtype=torch.int32, device=major.device)
+        compressed[1:] = torch.bincount(major, minlength=size[1]).cumsum(0)
+        return _Compressed(compressed, minor[order].int(), value[order], owner[order], size)
+
+    def matrix(self, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The map, its entries times ``scale[owner]`` when given."""
+        value = self.value if scale is None else self.value * scale[self.owner]
+        return torch.sparse_csc_tensor(self.compressed, self.plain, value, self.size, check_invariants=False)
+
+
+@dataclass(frozen=True)
+class _SparsePlan:
+    """The four maps of :func:`apply_sparse` for one layer's locations and permutations (cached by
+    :func:`_sparse_plan`): analysis ``A`` ``(n, N)`` (row ``k``: ``H_N[v_k]``, columns through ``perm_cols``) and
+    synthesis ``B`` ``(M, n)`` (column ``k``: ``H_M[u_k]``, rows through ``perm_rows``), each as the CSC of
+    itself and of its transpose."""
+
+    analysis: _Compressed  # Aᵀ (N, n): x @ Aᵀ
+    analysis_t: _Compressed  # A (n, N): g @ A
+    synthesis: _Compressed  # Bᵀ (n, M): z @ Bᵀ
+    synthesis_t: _Compressed  # B (M, n): g @ B
+
+    @staticmethod
+    def build(rows, cols, d_out, d_in, perm_rows, perm_cols, levels, dtype) -> _SparsePlan | None:
+        """The plan, or None where its maps would cost more than the whole transforms (:func:`sparse_cost`)."""
+        rows, cols, perm_rows, perm_cols = widen(rows, cols, perm_rows, perm_cols)
+        if sparse_cost(rows, cols, d_out, d_in, levels) > SPARSE_LIMIT * (levels + 1) * (d_out + d_in):
+            return None
+        n = rows.numel()
+        k_a, j_a, v_a = _gathered(cols, d_in, levels, perm_cols, dtype, rows.device)
+        k_b, i_b, v_b = _gathered(rows, d_out, levels, perm_rows, dtype, rows.device)
+        return _SparsePlan(
+            _Compressed.build(k_a, j_a, v_a, k_a, (d_in, n)),
+            _Compressed.build(j_a, k_a, v_a, k_a, (n, d_in)),
+            _Compressed.build(i_b, k_b, v_b, k_b, (n, d_out)),
+            _Compressed.build(k_b, i_b, v_b, k_b, (d_out, n)),
+        )
+
+
+_SPARSE_PLANS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _sparse_plan(rows, cols, d_out, d_in, perm_rows, perm_cols, levels, dtype) -> _SparsePlan | None:
+    """The :class:`_SparsePlan` of these index tensors, cached per ``rows`` tensor as the Fourier path's plans
+    (:func:`s2ft.ops.apply._plan`): reused only for the same ``cols`` and permutation objects, shapes, levels,
+    dtype and unchanged version counters; inference-mode tensors are not cached."""
+    tensors = (cols, perm_rows, perm_cols)
+    if torch.compiler.is_compiling() or any(t is not None and t.is_inference() for t in (rows, *tensors)):
+        return _SparsePlan.build(rows, cols, d_out, d_in, perm_rows, perm_cols, levels, dtype)
+    key = (d_out, d_in, levels, dtype, tuple(None if t is None else t._version for t in (rows, *tensors)))
+    cached = _SPARSE_PLANS.get(rows)
+    if cached is not None and all(a is b for a, b in zip(cached[0], tensors)) and cached[1] == key:
+        return cached[2]
+    plan = _SparsePlan.build(rows, cols, d_out, d_in, perm_rows, perm_cols, levels, dtype)
+    _SPARSE_PLANS[rows] = (tensors, key, plan)
+    return plan
+
+
+def _product(dense: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """``dense @ matrix`` for a CSC ``matrix``, written straight into a new row-major result (no zero fill)."""
+    out = dense.new_empty(dense.shape[0], matrix.shape[1])
+    return torch.addmm(out, dense, matrix, beta=0.0, out=out)
+
+
+class _SparseApply(torch.autograd.Function):
+    """``y = x Aᵀ diag(σ c) Bᵀ`` (row-major ``x`` ``(T, N)``), the scale folded into ``Bᵀ``'s entries; backward
+    ``g_x = (g B) diag(σ c) A`` and ``g_{σc} = Σ_t (g B) ⊙ (x Aᵀ)``. Four sparse products, each reading only the
+    input columns its entries name, no transposes."""
+
+    @staticmethod
+    def forward(ctx, x, scaled, plan):  # scaled = σ c (n,)
+        analysed = _product(x, plan.analysis.matrix())  # (T, n): x̄'s coefficients at the locations' columns
+        ctx.save_for_backward(analysed, scaled)
+        ctx.plan = plan
+        return _product(analysed, plan.synthesis.matrix(scaled))  # (T, M)
+
+    @staticmethod
+    def backward(ctx, grad):
+        analysed, scaled = ctx.saved_tensors
+        plan = ctx.plan
+        projected = _product(grad.contiguous(), plan.synthesis_t.matrix())  # (T, n)
+        grad_x = _product(projected, plan.analysis_t.matrix(scaled)) if ctx.needs_input_grad[0] else None
+        grad_scaled = (projected * analysed).sum(0) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_scaled, None
+
+
+def sparse_cost(rows: torch.Tensor, cols: torch.Tensor, d_out: int, d_in: int, levels: int) -> int:
+    """The nonzeros of the sparse path's analysis and synthesis matrices: its multiply-adds per token, forward."""
+    return int(support_sizes(cols, d_in, levels).sum() + support_sizes(rows, d_out, levels).sum())
+
+
+def apply_sparse(
+    x, coeffs, rows, cols, d_out, d_in, scaling, perm_rows=None, perm_cols=None, levels: int = 1
+) -> torch.Tensor:
+    """``ΔW x`` (``(..., d_out)`` for ``x`` ``(..., d_in)``) without any transform of the whole input: only the
+    ``n`` coefficients ``x̄`` has at the locations' columns, each the inner product of ``x`` with the analysis
+    function ``H_N[v_k]`` (its ``2^j`` nonzeros, the permutation folded into their indices), and ``ΔW x`` the sum of
+    the synthesis functions ``H_M[u_k]`` they weight: two sparse products (dense row-major times CSC) with ``nnz = Σ_k |supp H_N[v_k]|``
+    and ``Σ_k |supp H_M[u_k]|`` (:func:`sparse_cost`) forward, two more backward, no copy of the input, no
+    permutation pass. Differentiable wrt ``x`` and ``coeffs``; float32 (float64 for float64 input). The maps
+    are built once per layer's locations (:func:`_sparse_plan`)."""
+    dtype = _real_dtype(x, coeffs)
+    plan = _sparse_plan(rows, cols, d_out, d_in, perm_rows, perm_cols, levels, dtype)
+    if plan is None:  # the locations' functions are too long: the whole transforms cost less
+        return apply_transform(x, coeffs, rows, cols, d_out, d_in, scaling, perm_rows, perm_cols, levels)
+    flat = x.reshape(-1, d_in).to(dtype)
+    y = _SparseApply.apply(flat, coeffs.to(dtype) * _sigma(scaling, d_out, d_in), plan)
+    return y.reshape(*x.shape[:-1], d_out)
+
+
+def apply_transform(
+    x, coeffs, rows, cols, d_out, d_in, scaling, perm_rows=None, perm_cols=None, levels: int = 1
+) -> torch.Tensor:
+    """``ΔW x`` by whole transforms: one DWT of the (permuted) input, the sparse map of the ``n`` coefficients and
+    one inverse DWT, ``O(J (M + N))`` per token whatever the locations (:func:`apply`'s ``"fft"`` path where
+    the locations' analysis functions are long, :func:`sparse_cost`)."""
+    rows, cols, perm_rows, perm_cols = widen(rows, cols, perm_rows, perm_cols)
+    dtype, lead = _real_dtype(x, coeffs), x.shape[:-1]
+    flat = x.reshape(-1, d_in).to(dtype)
+    if perm_cols is not None:  # index_select, not indexing: its backward is an index_add, not an index_put
+        flat = flat.index_select(1, perm_cols)
+    analysed = dwt(flat, levels)  # (T, N)
+    picked = analysed.index_select(1, cols) * (coeffs.to(dtype) * _sigma(scaling, d_out, d_in))
+    y = idwt(flat.new_zeros(flat.shape[0], d_out).index_add(1, rows, picked), levels)  # (T, M)
+    if perm_rows is not None:
+        y = y.index_select(1, torch.argsort(perm_rows))
+    return y.reshape(*lead, d_out)
 
 
 def apply(
@@ -242,7 +448,10 @@ def apply(
     """``ΔW x``: ``(..., d_out)`` for ``x`` ``(..., d_in)``, differentiable wrt ``x`` and ``coeffs``.
 
     Computed and returned in float32 (float64 when ``x`` or ``coeffs`` is float64); the caller casts.
-    ``path`` is one of :data:`PATHS` or ``"auto"`` (:func:`choose_path`).
+    ``path`` is one of :data:`PATHS` or ``"auto"`` (:func:`choose_path`). The ``"fft"`` path (the one that never
+    forms ``ΔW``) is :func:`apply_sparse` when the locations' analysis and synthesis functions have at most
+    ``4 (J + 1) (M + N)`` nonzeros in all (:data:`SPARSE_LIMIT`; a one-level adapter has ``4 n``), else (and
+    under ``torch.compile``) :func:`apply_transform`.
     """
     if x.shape[-1] != d_in:
         raise ValueError(f"x has {x.shape[-1]} features, the layer expects d_in={d_in}")
@@ -255,16 +464,11 @@ def apply(
         return F.linear(x.to(dtype), delta)
     if path != "fft":
         raise ValueError(f"unknown path {path!r}; expected one of {PATHS + ('auto',)}")
-    rows, cols, perm_rows, perm_cols = widen(rows, cols, perm_rows, perm_cols)
-    flat = x.reshape(-1, d_in).to(dtype)
-    if perm_cols is not None:  # index_select, not indexing: its backward is an index_add, not an index_put
-        flat = flat.index_select(1, perm_cols)
-    analysed = dwt(flat, levels)  # (T, N)
-    picked = analysed.index_select(1, cols) * (coeffs.to(dtype) * _sigma(scaling, d_out, d_in))
-    y = idwt(flat.new_zeros(flat.shape[0], d_out).index_add(1, rows, picked), levels)  # (T, M)
-    if perm_rows is not None:
-        y = y.index_select(1, torch.argsort(perm_rows))
-    return y.reshape(*lead, d_out)
+    if (
+        torch.compiler.is_compiling()
+    ):  # traced: the whole transforms are plain dense ops, the sparse maps are not
+        return apply_transform(x, coeffs, rows, cols, d_out, d_in, scaling, perm_rows, perm_cols, levels)
+    return apply_sparse(x, coeffs, rows, cols, d_out, d_in, scaling, perm_rows, perm_cols, levels)
 
 
 class WaveletBasis:

@@ -15,6 +15,14 @@ that a plan damaged in any bit, or moved to another module, is refused. Files of
 digest) and of format 1 (integer tensors ``rows``, ``cols``, ``perm_rows``, ``perm_cols``) still load, unchecked
 as they always were: saved again, they are written in format 3. FourierFT files are as they always were.
 
+Every file written since issue 35 also names the basis of its coefficients in metadata ``s2ft_basis`` (a key of
+:data:`s2ft.ops.bases.BASES`: ``"fourier"``, ``"dct"``, ``"haar"``, ``"haar2"`` ... for the Haar wavelet and its
+number of levels), and reading refuses a file whose basis is not its config's (:func:`check_basis`), so that a
+config edited by hand, or copied from another adapter, cannot read wavelet coefficients as Fourier ones (or the
+reverse, or with another number of levels). The key changes nothing else in the file, so the format number
+stays: a file without it (s2ft 0.1.0, which wrote Fourier and DCT files only, and the development versions since
+that wrote wavelet files before the key) is read in the basis its config names, as it always was.
+
 Reading checks what it can before it decodes anything: the format, the shapes (each bounded by the bytes of the
 plan that must encode it, then compared with the model's) and the digests; a plan is decoded only then.
 Everything is checked before the model is touched.
@@ -33,6 +41,7 @@ from torch import nn
 
 from s2ft.config import CONFIG_NAME, FourierFTConfig
 from s2ft.io import atomic_write_group
+from s2ft.ops.bases import BASES
 from s2ft.ops.codec import (
     decode_locations,
     decode_permutation,
@@ -50,6 +59,7 @@ FORMAT_KEY, FORMAT_VERSION = "s2ft_format", "3"  # metadata: the version of a fi
 UNCHECKED_FORMAT = "2"  # plans without a digest (written before format 3): still read, unchecked
 PLAN_DIGEST_BYTES = 8  # format 3: the digest at the start of each {module}.plan (plan_digest)
 PLAN_KEY = "s2ft_plan"  # metadata: what each {module}.plan holds, in order ("p" permutations, "l" locations)
+BASIS_KEY = "s2ft_basis"  # metadata: the coefficients' basis, a key of s2ft.ops.bases.BASES (check_basis)
 FINGERPRINTS = "s2ft.fingerprints"  # uint8: W0's and the base-derived plans' digests (s2ft.tuner.planner)
 _PLAN_PARTS = {"p": ("perm_rows", "perm_cols"), "l": ("rows", "cols")}
 # what reading a damaged file can raise (safetensors, the codec, torch)
@@ -403,6 +413,36 @@ def read_adapter(path: str) -> tuple[dict[str, torch.Tensor], dict[str, list[int
     or corrupt file or metadata of another kind."""
     state, metadata, shapes = open_adapter(path)
     return decode_file_plans(path, state, metadata, shapes), shapes
+
+
+def describe_basis(basis: str) -> str:
+    """A basis key of :data:`s2ft.ops.bases.BASES` in words (``"haar2"``: the 2-level Haar wavelet)."""
+    if basis.startswith("haar"):
+        levels = int(basis[4:] or 1)
+        return f"the {levels}-level Haar wavelet basis ({basis!r}: wavelet_family 'db1', levels={levels})"
+    return {"fourier": "the Fourier (DFT) basis ('fourier')", "dct": "the DCT-II basis ('dct')"}.get(
+        basis, repr(basis)
+    )
+
+
+def check_basis(metadata: dict[str, str], config: FourierFTConfig) -> None:
+    """Refuse a weights file whose metadata ``s2ft_basis`` names a basis other than ``config.basis`` (the config
+    read with it): its coefficients would be read in another basis, a silently different ``ΔW``. A file without
+    the key (written before it) is read in the config's basis, as it always was; a basis this s2ft does not know
+    was written by a newer one."""
+    stored = metadata.get(BASIS_KEY)
+    if stored is None or stored == config.basis:
+        return
+    if stored not in BASES:
+        raise ValueError(
+            f"its coefficients are in a basis this s2ft does not know ({stored[:40]!r}; it knows {sorted(BASES)}): "
+            "it was written by a newer s2ft, upgrade s2ft (pip install --upgrade s2ft)"
+        )
+    raise ValueError(
+        f"its coefficients are in {describe_basis(stored)}, but its adapter_config.json (method "
+        f"{config.method!r}) reads them in {describe_basis(config.basis)}, which would give another ΔW: the "
+        "config was edited or comes from another adapter; use the adapter_config.json saved with these weights"
+    )
 
 
 def check_shapes(shapes: dict[str, list[int]], targets: list[tuple[str, nn.Module]]) -> None:

@@ -476,8 +476,10 @@ class SpectralModel(nn.Module):
         return adapter_state(self._layers_of(name), copies, name, self.peft_config[name], coefficient_dtype)
 
     def _metadata(self, adapter_name: str | None = None) -> dict[str, str]:
-        """The shapes ``[d_out, d_in]`` of the adapted modules, in the sorted order of their names."""
-        return shapes_metadata(self._layers_of(adapter_name or self.active_adapter))
+        """The file's metadata: the shapes ``[d_out, d_in]`` of the adapted modules, in the sorted order of their
+        names, and the basis of the adapter's coefficients."""
+        name = adapter_name or self.active_adapter
+        return shapes_metadata(self._layers_of(name), self.peft_config[name].basis)
 
     def adapter_nbytes(
         self, adapter_name: str | None = None, coefficient_dtype: torch.dtype = torch.float32

@@ -17,11 +17,13 @@ from torch import nn
 from s2ft.config import FourierFTConfig, load_config
 from s2ft.ops.locations import smallest_int_dtype
 from s2ft.tuner.adapter_io import (
+    BASIS_KEY,
     FINGERPRINTS,
     SAVE_PREFIX,
     WEIGHTS_NAME,
     check_adapter,
     check_adapter_folder,
+    check_basis,
     check_shapes,
     decode_file_plans,
     open_adapter,
@@ -77,11 +79,15 @@ def adapter_state(
     return {k: v.contiguous().cpu() for k, v in state.items()}
 
 
-def shapes_metadata(layers: dict[str, SpectralLayer]) -> dict[str, str]:
+def shapes_metadata(layers: dict[str, SpectralLayer], basis: str | None = None) -> dict[str, str]:
     """The file's metadata: the shapes ``[d_out, d_in]`` of the adapted modules, in the sorted order of their
-    names."""
+    names, and the coefficients' ``basis`` (metadata ``s2ft_basis``, checked when reading:
+    :func:`s2ft.tuner.adapter_io.check_basis`)."""
     shapes = [[layers[name].d_out, layers[name].d_in] for name in sorted(layers)]
-    return {"format": "pt", "s2ft_shapes": json.dumps(shapes, separators=(",", ":"))}
+    metadata = {"format": "pt", "s2ft_shapes": json.dumps(shapes, separators=(",", ":"))}
+    if basis is not None:
+        metadata[BASIS_KEY] = basis
+    return metadata
 
 
 def check_save_options(format: str, coefficient_dtype: torch.dtype, has_layers: bool) -> None:
@@ -150,6 +156,8 @@ def read_folder(
     targets, saves = resolve(model, config, wrapped_ok=wrapped)
     bases, saved = [(n, base_of(m)) for n, m in targets], [(n, base_of(m)) for n, m in saves]
     try:
+        if metadata is not None:  # the coefficients' basis first: a file of another basis is not read further
+            check_basis(metadata, config)
         if metadata is None:
             shapes = read_peft_shapes(directory, [n for n, _ in targets])
         if shapes is None:  # a file PEFT wrote records no shapes
