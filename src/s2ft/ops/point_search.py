@@ -104,7 +104,8 @@ def nearest_neighbours(
     pad: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each point's ``k`` nearest other points by the distances ``rows(index)`` (``points.rows`` if None), in
-    order of (distance, index), and those distances: int64 and float ``(m, k)`` NumPy arrays, built one block of
+    order of (distance, index) (of points as far as the last listed, which are listed is left to ``topk``: the
+    greedy steps read the whole row when they meet that distance), and those distances: int64 and float ``(m, k)`` NumPy arrays, built one block of
     rows at a time. ``pad``: one more, dummy, point ``m`` at distance 0 from all (an open path as a closed tour,
     :func:`s2ft.ops.permutation._shortened_path`), with its own list; the arrays are then ``(m + 1, k)``."""
     rows = points.rows if rows is None else rows
