@@ -305,17 +305,21 @@ def _move_gains(
     edge = pair(order, np.roll(order, -1))  # (N,): edge p joins order[p] and order[p+1]
     i = np.broadcast_to(position[:, None], nearest.shape)  # (N, k): position of a
     j = position[nearest]  # (N, k): position of c
+    tolerance = 16 * np.finfo(edge.dtype).eps * edge.mean()  # gains below it may be rounding
     gains, ps, qs = [], [], []
     for shift in (0, -1):  # successors: edges i, j; predecessors: edges i-1, j-1
         ei, ej = (i + shift) % n, (j + shift) % n
         ni, nj = (i + 2 * shift + 1) % n, (j + 2 * shift + 1) % n  # the other ends of those edges
-        gains.append(edge[ei] + edge[ej] - join - pair(order[ni], order[nj]))
-        ps.append(np.minimum(ei, ej))
-        qs.append(np.maximum(ei, ej))
-    gain, p, q = (np.concatenate([a.reshape(-1) for a in arrays]) for arrays in (gains, ps, qs))
-    tolerance = 16 * np.finfo(edge.dtype).eps * edge.mean()  # gains below it may be rounding
-    keep = (gain > tolerance) & (q > p + 1)
-    return gain[keep], p[keep], q[keep]
+        p, q = np.minimum(ei, ej), np.maximum(ei, ej)
+        # the gain less the new edge's length (>= 0): only where it could improve is that length asked for
+        bound = edge[ei] + edge[ej] - join
+        open_ = (bound > tolerance) & (q > p + 1)
+        gain = bound[open_] - pair(order[ni[open_]], order[nj[open_]])
+        keep = gain > tolerance
+        gains.append(gain[keep])
+        ps.append(p[open_][keep])
+        qs.append(q[open_][keep])
+    return np.concatenate(gains), np.concatenate(ps), np.concatenate(qs)
 
 
 def _disjoint_moves(gain: np.ndarray, p: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
