@@ -31,3 +31,20 @@ def test_tiny_run_measures_the_sketched_calibrations(tmp_path):
     assert "## Sketched calibration (`S2FTConfig.prior_rank`)" in text
     assert "| tiny | none | qv | 4 |" in text and "| tiny | none | qv | 1000 |" in text
     assert "| none | qv | s2ft | skipped: --skip-exact-s2ft |" in text
+
+
+def test_tiny_run_with_a_sketched_s2ft_row_trains_after_its_sketched_calibration(tmp_path):
+    """``--s2ft-prior-rank``: the S2FT row itself calibrates with the sketched prior, then takes its steps; its
+    calibration time is set against as many LoRA r = 8 steps as batches."""
+    script = load_benchmark("llm_scale")
+    argv = ["--sizes", "tiny", "--quant", "none", "--targets", "qv", "--methods", "s2ft", "lora-8"]
+    argv += ["--seq-len", "16", "--steps", "1", "--calibration-batches", "2", "--group-size", "0"]
+    argv += ["--s2ft-prior-rank", "4"]
+    script.main([*argv, "--in-process", "--output-dir", str(tmp_path)])
+    with open(tmp_path / "llm_scale.json") as f:
+        rows = {r["method"]: r for r in json.load(f)["rows"]}
+    s2ft, lora = rows["s2ft"], rows["lora-8"]
+    assert s2ft["status"] == "ok" and s2ft["s2ft_prior_rank"] == 4 and s2ft["step_s"] > 0
+    assert s2ft["ratios"]["calibration_time"] == s2ft["calibration_s"] / (2 * lora["step_s"])
+    assert set(s2ft["targets_met"]) >= {"calibration", "calibration time"}
+    assert "the S2FT row's calibration is sketched, rank 4" in (tmp_path / "llm_scale.md").read_text()

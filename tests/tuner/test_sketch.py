@@ -342,3 +342,89 @@ def test_adam_prior_under_gradient_checkpointing_same_priors_one_layer_at_a_time
             prior, got = prior.dense(), got.dense()
         torch.testing.assert_close(got, prior, rtol=1e-9, atol=1e-12)
     assert peaks[True] <= peaks[False]
+
+
+# ---------------------------------------------------------------------------------------------- cost at scale
+@pytest.mark.parametrize("search", SEARCHES)
+@pytest.mark.parametrize("locations", ["prior", "prior-half"])
+def test_plan_of_a_large_layer_from_the_factors_equals_the_dense_plan_float64(search, locations, monkeypatch):
+    """Above the planner's thresholds (lowered here to 0) the rows and columns are ordered from their points and
+    the spectrum is sampled by blocks of rows, holding no (d_out, d_in) or (d, d) tensor: still the dense prior's
+    plan."""
+    import s2ft.ops.point_search as point_search
+    import s2ft.tuner.planner as planner
+
+    monkeypatch.setattr(planner, "DENSE_SEARCH_MAX_POINTS", 0)
+    monkeypatch.setattr(planner, "DENSE_SPECTRUM_MAX_ENTRIES", 0)
+    monkeypatch.setattr(point_search, "BLOCK_ENTRIES", 500)
+    monkeypatch.setattr(
+        LowRank, "permuted_power_spectrum", lambda *a, **k: pytest.fail("the whole spectrum was built")
+    )
+    prior = low_rank_matrix(48, 36, 5, seed=4)
+    approx = sketched([prior], 16)
+    for seed in (0, 1):
+        dense = plan_layer(prior, 60, 1.5, layer_generator(seed, "m"), search=search, locations=locations)
+        low = plan_layer(approx, 60, 1.5, layer_generator(seed, "m"), search=search, locations=locations)
+        for a, b in zip(
+            (dense.perm_rows, dense.perm_cols, dense.rows, dense.cols),
+            (low.perm_rows, low.perm_cols, low.rows, low.cols),
+        ):
+            assert torch.equal(a, b), (search, seed)
+
+
+@pytest.mark.parametrize("shape", [(3, 40, 50), (60, 7, 9)])  # few tokens: Gram matrices; many: rows of g
+def test_row_and_column_squares_without_the_gradient_float64(shape, monkeypatch):
+    import s2ft.tuner.calibration as calibration
+
+    monkeypatch.setattr(calibration, "SQUARES_BLOCK_ENTRIES", 37)  # many blocks
+    tokens, d_out, d_in = shape
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(tokens, d_out, generator=g, dtype=torch.float64)
+    x = torch.randn(tokens, d_in, generator=g, dtype=torch.float64)
+    rows, cols = calibration.row_col_squares(d, x)
+    square = (d.T @ x) ** 2
+    torch.testing.assert_close(rows, square.sum(dim=1), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(cols, square.sum(dim=0), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("rank", [None, 4])
+def test_calibration_holds_no_layer_input_across_the_forward_under_checkpointing(rank, monkeypatch):
+    """With non-reentrant gradient checkpointing, the layer inputs calibration's hooks keep for the backward pass
+    are the graph's saved tensors, dropped after the forward pass as the layers' own activations are (and taken
+    again in the backward pass): none is alive when the loss is computed. Without checkpointing they are (the
+    check can see them)."""
+    import gc
+    import weakref
+
+    import s2ft.tuner.calibration as calibration
+    from tests.helpers import tiny_llama
+
+    kept: list[weakref.ref] = []
+    original = calibration._Tap.forward
+
+    def forward(ctx, output, x, arrive):
+        if torch._C._current_graph_task_id() == -1:  # the forward pass, not checkpointing's recomputation
+            kept.append(weakref.ref(x))
+        return original(ctx, output, x, arrive)
+
+    monkeypatch.setattr(calibration._Tap, "forward", staticmethod(forward))
+    alive = {}
+
+    def loss(outputs, batch):
+        gc.collect()
+        alive[checkpointing] = sum(r() is not None for r in kept)
+        return outputs.loss
+
+    g = torch.Generator().manual_seed(1)
+    data = [{"input_ids": (ids := torch.randint(0, 64, (2, 8), generator=g)), "labels": ids}]
+    for checkpointing in (False, True):
+        kept.clear()
+        model = tiny_llama()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        spectral = get_spectral_model(model, S2FTConfig(target_modules="all-linear", n_frequency=10))
+        layers = spectral.spectral_layers()
+        compute_prior(spectral.model, layers, data, loss, kind="adam", rank=rank, from_activations=True)
+        assert kept
+    assert alive[False] > 0
+    assert alive[True] == 0

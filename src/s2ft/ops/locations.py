@@ -6,7 +6,11 @@ the coefficient ``c[k]`` sits there and ``ΔW̄ = scaling * Re(ifft2(F))`` (see 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+SAMPLE_BLOCK_ENTRIES = 2**19  # spectrum entries sample_locations_in_blocks keys at once
 
 
 def fourierft_locations(d_out: int, d_in: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,6 +100,79 @@ def sample_locations(
     else:
         flat = torch.topk(keys, n, sorted=True).indices
     return (flat // d_in).to(power.device), (flat % d_in).to(power.device)
+
+
+def sample_locations_in_blocks(
+    power_rows: Callable[[int, int], torch.Tensor],
+    d_out: int,
+    d_in: int,
+    n: int,
+    gamma: float,
+    generator: torch.Generator | None = None,
+    half: bool = False,
+    block_entries: int = SAMPLE_BLOCK_ENTRIES,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sample_locations` with the power spectrum given by rows, ``power_rows(start, stop)`` returning
+    ``power[start:stop]`` ``(stop - start, d_in)``, so that no ``(d_out, d_in)`` tensor is held: one block of
+    about ``block_entries`` entries and ``O(n)`` candidates at a time. Returns int64 ``(rows, cols)`` on the CPU.
+
+    The keys are those of :func:`sample_locations`, ``log(U_i) / (p_i / max p)^γ`` with the uniform draws in the
+    same order from ``generator``: each block keeps its ``n`` best locations (by keys taken against the largest
+    power seen so far, which orders a block's locations as the final maximum does), and the kept ones are keyed
+    again, from their stored power and draw, against the final maximum. So the locations are those of
+    :func:`sample_locations` on the whole spectrum, to the rounding of the keys (a block's key may differ from the
+    whole tensor's in its last bit), except among locations of zero power (key ``-inf``, taken only when fewer
+    than ``n`` have positive power), which may be taken in another order."""
+    check_n_frequency(n, d_out, d_in)
+    if not gamma > 0:
+        raise ValueError(f"gamma must be > 0, got {gamma}")
+    tiny = torch.finfo(torch.float32).tiny
+    rows_per_block = max(1, block_entries // d_in)
+    top = torch.zeros((), dtype=torch.float32)
+    # per group (all; or canonical, mirrored): the kept candidates' power, log-draw and flat index
+    groups = 2 if half else 1
+    kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = [
+        (torch.empty(0), torch.empty(0), torch.empty(0, dtype=torch.long)) for _ in range(groups)
+    ]
+    counts = [0] * groups
+
+    def best(
+        power: torch.Tensor, logs: torch.Tensor, index: torch.Tensor, take: int, scale: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        keys = logs * (power / scale.clamp_min(tiny)).pow_(-gamma)
+        chosen = torch.topk(keys, min(take, keys.numel()), sorted=True).indices
+        return power[chosen], logs[chosen], index[chosen]
+
+    for start in range(0, d_out, rows_per_block):
+        stop = min(start + rows_per_block, d_out)
+        power = power_rows(start, stop).detach().to("cpu", torch.float32).flatten()
+        if power.numel() != (stop - start) * d_in:
+            raise ValueError(
+                f"power_rows({start}, {stop}) gave {power.numel()} entries, not {(stop - start) * d_in}"
+            )
+        if not torch.isfinite(power).all() or (power < 0).any():
+            raise ValueError("power must be finite and non-negative")
+        logs = torch.rand(power.shape, generator=generator).log_()
+        top = torch.maximum(top, power.max())
+        index = torch.arange(start * d_in, stop * d_in)
+        masks: list[torch.Tensor | None] = [None]
+        if half:
+            u, v = index // d_in, index % d_in
+            mirrored = ((-u) % d_out) * d_in + (-v) % d_in < index
+            masks = [~mirrored, mirrored]
+        for g, mask in enumerate(masks):
+            parts = (power, logs, index) if mask is None else (power[mask], logs[mask], index[mask])
+            counts[g] += parts[0].numel()
+            block_best = best(parts[0], parts[1], parts[2], n, top)
+            power_g, logs_g, index_g = (torch.cat([a, b]) for a, b in zip(kept[g], block_best))
+            kept[g] = best(power_g, logs_g, index_g, n, top)
+    picked, left = [], n
+    for g in range(groups):
+        take = min(left, counts[g])
+        picked.append(best(kept[g][0], kept[g][1], kept[g][2], take, top)[2])
+        left -= take
+    flat = torch.cat(picked)
+    return flat // d_in, flat % d_in
 
 
 def check_n_frequency(n: int, d_out: int, d_in: int) -> None:

@@ -159,14 +159,32 @@ def two_opt(
         return tour.clone()
     nearest = _nearest(dists, min(neighbours, n - 1)).cpu().numpy()  # (N, k)
     flat = dists.detach().cpu().contiguous().view(-1).numpy()  # (N*N,): dists[a, b] is flat[a*N + b]
-    join = flat[np.arange(n)[:, None] * n + nearest]  # (N, k): dists[a, nearest[a]]
-    order = tour.cpu().numpy().copy()
+
+    def pair(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return flat[a * n + b]
+
+    order = two_opt_rounds(pair, tour.cpu().numpy(), nearest, max_rounds)
+    return torch.from_numpy(order).to(tour.device)
+
+
+def two_opt_rounds(
+    pair: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    tour: np.ndarray,
+    nearest: np.ndarray,
+    max_rounds: int = MAX_ROUNDS,
+) -> np.ndarray:
+    """The rounds of :func:`two_opt` on the closed ``tour`` ``(N,)``, with ``pair(a, b)`` the distances between
+    the points of index arrays ``a`` and ``b`` (symmetric) and ``nearest`` ``(N, k)`` each point's candidate
+    neighbours: what the dense search and the one from points (:mod:`s2ft.ops.point_search`) share."""
+    n = tour.size
+    join = pair(np.broadcast_to(np.arange(n)[:, None], nearest.shape), nearest)  # (N, k): d(a, nearest[a])
+    order = tour.copy()
     for _ in range(max_rounds):
-        gain, p, q = _move_gains(flat, order, nearest, join)
+        gain, p, q = _move_gains(pair, order, nearest, join)
         if gain.size == 0:
             break
         order = _reverse_spans(order, *_disjoint_moves(gain, p, q))
-    return torch.from_numpy(order).to(tour.device)
+    return order
 
 
 def singular_vector_order(
@@ -270,31 +288,38 @@ def _nearest(dists: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _move_gains(
-    flat: np.ndarray, order: np.ndarray, nearest: np.ndarray, join: np.ndarray
+    pair: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    order: np.ndarray,
+    nearest: np.ndarray,
+    join: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The improving 2-opt moves of the tour ``order`` ``(N,)`` that join a point ``a`` to a near point ``c``.
 
     Either ``a``'s and ``c``'s successors are joined too (the edges at their positions ``i``, ``j`` go) or their
-    predecessors (the edges at ``i-1``, ``j-1``). ``flat`` is the flattened ``(N, N)`` distances, ``join`` ``(N, k)``
-    holds ``dists[a, nearest[a]]``. Returns ``(gain, p, q)``, each ``(M,)``, with ``p < q`` the edge positions.
+    predecessors (the edges at ``i-1``, ``j-1``). ``pair(a, b)`` gives the distances of point pairs, ``join``
+    ``(N, k)`` holds ``d(a, nearest[a])``. Returns ``(gain, p, q)``, each ``(M,)``, with ``p < q`` the edge positions.
     """
     n = order.size
     position = np.empty_like(order)
     position[order] = np.arange(n)
-    edge = flat[order * n + np.roll(order, -1)]  # (N,): edge p joins order[p] and order[p+1]
+    edge = pair(order, np.roll(order, -1))  # (N,): edge p joins order[p] and order[p+1]
     i = np.broadcast_to(position[:, None], nearest.shape)  # (N, k): position of a
     j = position[nearest]  # (N, k): position of c
+    tolerance = 16 * np.finfo(edge.dtype).eps * edge.mean()  # gains below it may be rounding
     gains, ps, qs = [], [], []
     for shift in (0, -1):  # successors: edges i, j; predecessors: edges i-1, j-1
         ei, ej = (i + shift) % n, (j + shift) % n
         ni, nj = (i + 2 * shift + 1) % n, (j + 2 * shift + 1) % n  # the other ends of those edges
-        gains.append(edge[ei] + edge[ej] - join - flat[order[ni] * n + order[nj]])
-        ps.append(np.minimum(ei, ej))
-        qs.append(np.maximum(ei, ej))
-    gain, p, q = (np.concatenate([a.reshape(-1) for a in arrays]) for arrays in (gains, ps, qs))
-    tolerance = 16 * np.finfo(flat.dtype).eps * edge.mean()  # gains below it may be rounding
-    keep = (gain > tolerance) & (q > p + 1)
-    return gain[keep], p[keep], q[keep]
+        p, q = np.minimum(ei, ej), np.maximum(ei, ej)
+        # the gain less the new edge's length (>= 0): only where it could improve is that length asked for
+        bound = edge[ei] + edge[ej] - join
+        open_ = (bound > tolerance) & (q > p + 1)
+        gain = bound[open_] - pair(order[ni[open_]], order[nj[open_]])
+        keep = gain > tolerance
+        gains.append(gain[keep])
+        ps.append(p[open_][keep])
+        qs.append(q[open_][keep])
+    return np.concatenate(gains), np.concatenate(ps), np.concatenate(qs)
 
 
 def _disjoint_moves(gain: np.ndarray, p: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -21,6 +21,7 @@ transformed factors.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +74,14 @@ class LowRank:
         """``|DFT2(Â[perm_rows][:, perm_cols])|`` ``(d_out, d_in)``, float32 (float64 for float64 factors), from the
         factors: ``DFT2(L Rᵀ) = (F_m L)(F_n R)ᵀ`` with ``L = U[perm_rows] diag(s)`` and ``R = V[perm_cols]``
         (O(d_out·d_in·k) for the product, FFTs of ``k`` columns only)."""
+        left, right = self.permuted_spectrum_factors(perm_rows, perm_cols)
+        return (left @ right.T).abs()
+
+    def permuted_spectrum_factors(
+        self, perm_rows: torch.Tensor | None = None, perm_cols: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(F_m L, F_n R)``, complex ``(d_out, k)`` and ``(d_in, k)``, of :meth:`permuted_power_spectrum`: the
+        spectrum's rows ``a:b`` are ``|(F_m L)[a:b] (F_n R)ᵀ|`` (:meth:`permuted_power_rows`)."""
         dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
         left = self.row_points().to(dtype)
         right = self.v.to(dtype)
@@ -80,7 +89,20 @@ class LowRank:
             left = left[perm_rows.to(left.device)]
         if perm_cols is not None:
             right = right[perm_cols.to(right.device)]
-        return (torch.fft.fft(left, dim=0) @ torch.fft.fft(right, dim=0).T).abs()
+        return torch.fft.fft(left, dim=0), torch.fft.fft(right, dim=0)
+
+    def permuted_power_rows(
+        self, perm_rows: torch.Tensor | None = None, perm_cols: torch.Tensor | None = None
+    ) -> Callable[[int, int], torch.Tensor]:
+        """``rows(a, b)``: rows ``a:b`` of :meth:`permuted_power_spectrum`, ``(b - a, d_in)``, computed when asked
+        (for :func:`s2ft.ops.locations.sample_locations_in_blocks`)."""
+        left, right = self.permuted_spectrum_factors(perm_rows, perm_cols)
+        right_t = right.T
+
+        def rows(start: int, stop: int) -> torch.Tensor:
+            return (left[start:stop] @ right_t).abs()
+
+        return rows
 
     def kept_energy(self, matrix: torch.Tensor) -> float:
         """The share of ``matrix``'s energy ``||M||_F²`` inside the sketch's row and column spaces,

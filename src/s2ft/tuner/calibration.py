@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from functools import partial
 from typing import Any, TypeVar
 
 import torch
@@ -342,6 +343,9 @@ class PriorStrategy:
     per_call = False
     steps_weights = False
     keeps_float64 = False  # whether a float64 weight's gradient is added as it is (else in float32)
+    # per-call strategies only: whether a batch's calls of a layer are also handed over together, when its last
+    # has come (add_calls), for what is not linear in g_b (the Adam prior's squares)
+    collects_calls = False
 
     def __init__(self, layers: Mapping[str, nn.Module], **options: Any) -> None:
         self.layers = layers
@@ -354,6 +358,9 @@ class PriorStrategy:
         """A call's share of ``g_b``, ``Σ_tokens δᵀ x`` (only where :attr:`per_call`)."""
         base = self.layers[name].base_layer
         self.add(name, _hold(kind_of(base).weight_gradient(base, x, delta)))
+
+    def add_calls(self, name: str, calls: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """A batch's calls ``(x, δ)`` of a layer, together (only where :attr:`collects_calls`)."""
 
     def end_batch(self) -> None:
         pass
@@ -521,9 +528,11 @@ class SketchedAdamPrior(SketchedGradientPrior):
     column sums ``R = Σ_b (g_b²) 1`` ``(d_out,)`` and ``C = Σ_b 1ᵀ(g_b²)`` ``(d_in,)``, so that
     ``ΔŴ = -Σ_b g_b / sqrt(V) = -sqrt(ΣR) · diag(R^-1/2) (Σ_b g_b) diag(C^-1/2)`` (0 on a row or column whose
     gradient was always 0) is the gradient sketch's matrix scaled on both sides: a rank-``k`` ``LowRank`` from the
-    same sketches. Each batch's ``g_b`` of a layer is formed once (one layer's transient) for its squares."""
+    same sketches. From activations, the sketches are added call by call and the squares of ``g_b = Dᵀ X`` (a
+    batch's calls' output gradients and inputs, tokens stacked) come from ``(d_out, d_in)``-free products
+    (:func:`row_col_squares`); from a weight's gradient, ``g_b`` is there whole anyway."""
 
-    per_call = False
+    collects_calls = True
 
     def __init__(
         self, layers: Mapping[str, nn.Module], rank: int = 16, seed: int = 0, **options: Any
@@ -539,6 +548,25 @@ class SketchedAdamPrior(SketchedGradientPrior):
         self.col_sq[name] += square.sum(dim=0)
         del square
 
+    def add_calls(self, name: str, calls: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        base = self.layers[name].base_layer
+        if (
+            type(kind_of(base)).weight_gradient is not LayerKind.weight_gradient
+        ):  # a kind of its own: g_b whole
+            grad = _hold(kind_of(base).weight_gradient(base, *calls[0]))
+            for x, d in calls[1:]:
+                grad += kind_of(base).weight_gradient(base, x, d)
+            square = grad * grad
+            self.row_sq[name] += square.sum(dim=1).to(self.row_sq[name].dtype)
+            self.col_sq[name] += square.sum(dim=0).to(self.col_sq[name].dtype)
+            return
+        dtype = self.row_sq[name].dtype
+        x = torch.cat([x.reshape(-1, x.shape[-1]) for x, _ in calls]).to(dtype)  # (tokens, d_in)
+        d = torch.cat([d.reshape(-1, d.shape[-1]) for _, d in calls]).to(dtype)  # (tokens, d_out)
+        rows, cols = row_col_squares(d, x)
+        self.row_sq[name] += rows
+        self.col_sq[name] += cols
+
     def finish(self) -> dict[str, Any]:
         self._reduce()
         _all_reduce((*self.row_sq.values(), *self.col_sq.values()))
@@ -552,6 +580,37 @@ class SketchedAdamPrior(SketchedGradientPrior):
                 self.y.pop(name), self.w.pop(name), self.psi.pop(name), row_scale, col_scale
             )
         return priors
+
+
+SQUARES_BLOCK_ENTRIES = 2**20  # entries of the (rows, d_in) or (tokens, tokens) blocks of row_col_squares
+
+
+def row_col_squares(d: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row and column sums of ``g²`` for ``g = dᵀ x`` ``(d_out, d_in)``, from ``d`` ``(T, d_out)`` and ``x``
+    ``(T, d_in)``, never holding ``g``: ``(d_out,)`` and ``(d_in,)``.
+
+    With few tokens (``2T(d_out + d_in) < d_out·d_in``) through the tokens' Gram matrices, ``Σ_j g_ij² = (dᵀ K
+    d)_ii`` with ``K = x xᵀ`` and ``Σ_i g_ij² = (xᵀ L x)_jj`` with ``L = d dᵀ``, ``O(T²(d_out + d_in))`` (``K``, ``L``
+    a block of token rows at a time); otherwise ``g`` a block of rows at a time, ``O(T·d_out·d_in)``. Either way
+    ``O(SQUARES_BLOCK_ENTRIES + T·(d_out + d_in))`` memory. Computed in the inputs' dtype (the Gram form sums
+    terms of both signs, so in float32 its rounding is relative to ``Σ|terms|``; clamped at 0)."""
+    tokens, d_out = d.shape
+    d_in = x.shape[1]
+    rows = d.new_zeros(d_out)
+    cols = d.new_zeros(d_in)
+    if 2 * tokens * (d_out + d_in) < d_out * d_in:
+        step = max(1, SQUARES_BLOCK_ENTRIES // max(tokens, d_out, d_in))
+        for start in range(0, tokens, step):
+            xb, db = x[start : start + step], d[start : start + step]
+            rows += (db * ((xb @ x.T) @ d)).sum(dim=0)  # Σ_{t in block} d_ti (K d)_ti
+            cols += (xb * ((db @ d.T) @ x)).sum(dim=0)
+        return rows.clamp_min_(0.0), cols.clamp_min_(0.0)
+    step = max(1, SQUARES_BLOCK_ENTRIES // d_in)
+    for start in range(0, d_out, step):
+        square = (d[:, start : start + step].T @ x).square_()  # rows of g, squared
+        rows[start : start + step] = square.sum(dim=1)
+        cols += square.sum(dim=0)
+    return rows, cols
 
 
 # the sketched strategy of a prior, where it has one (S2FTConfig.prior_rank)
@@ -663,10 +722,12 @@ def _group_prior(run: _Run, strategy: PriorStrategy, label: str) -> dict[str, An
 class _ActivationGradients:
     """Hooks on the base layers of ``names`` that hand ``strategy`` each batch's ``g_b = Σ_calls Σ_tokens δᵀx``.
 
-    A per-call strategy gets every call's share as it comes. Any other gets ``g_b`` whole: the forward counts a
+    A per-call strategy gets every call's share as it comes (and, where it collects calls, the batch's calls
+    ``(x, δ)`` of a layer together once the last has come). Any other gets ``g_b`` whole: the forward counts a
     layer's calls that will see a gradient, and the sum of their ``δᵀx`` goes to the strategy when the last one
     has come (what is left at the end of the batch too), so one layer's ``g_b`` is held at a time however many
-    layers there are. Calls made during the backward pass (gradient checkpointing's forward run again) count only
+    layers there are. A call's ``x`` reaches ``δ`` through the graph (:class:`_Tap`), so gradient checkpointing
+    frees and recomputes it as it does the layer's own activations. Calls made during the backward pass (gradient checkpointing's forward run again) count only
     for a layer with no call in the forward pass of the batch: non-reentrant checkpointing runs the forward with
     gradients first and again in the backward pass, where no gradient reaches the outputs of the second run;
     reentrant checkpointing runs it without gradients first, then with them in the backward pass. (A layer called
@@ -681,6 +742,7 @@ class _ActivationGradients:
         self.backward_calls = dict.fromkeys(names, 0)  # the forward run again by gradient checkpointing
         self.arrived = dict.fromkeys(names, 0)
         self.pending: dict[str, torch.Tensor] = {}
+        self.calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # collects_calls: this batch's
 
     def attach(self) -> None:
         anchor = torch.zeros((), requires_grad=True)
@@ -694,13 +756,13 @@ class _ActivationGradients:
         for name in self.names:
             base = self.strategy.layers[name].base_layer
 
-            def post(module: nn.Module, args: tuple, output: torch.Tensor, name: str = name) -> None:
+            def post(module: nn.Module, args: tuple, output: torch.Tensor, name: str = name) -> Any:
                 if torch.is_grad_enabled() and output.requires_grad:
-                    x = args[0].detach()
                     in_backward = torch._C._current_graph_task_id() != -1
                     calls = self.backward_calls if in_backward else self.forward_calls
                     calls[name] += 1
-                    output.register_hook(lambda delta: self._arrive(name, x, delta))
+                    return _Tap.apply(output, args[0].detach(), partial(self._arrive, name))
+                return None
 
             self.handles += [base.register_forward_pre_hook(pre), base.register_forward_hook(post)]
 
@@ -708,6 +770,10 @@ class _ActivationGradients:
     def _arrive(self, name: str, x: torch.Tensor, delta: torch.Tensor) -> None:
         if self.strategy.per_call:
             self.strategy.add_call(name, x, delta)
+            if self.strategy.collects_calls:
+                self.calls.setdefault(name, []).append((x, delta))
+                self.arrived[name] += 1
+                self._hand_over_if_complete(name)
             return
         base = self.strategy.layers[name].base_layer
         grad = _hold(kind_of(base).weight_gradient(base, x, delta))
@@ -723,12 +789,18 @@ class _ActivationGradients:
 
     def _hand_over_if_complete(self, name: str) -> None:
         expected = self.forward_calls[name] or self.backward_calls[name]
-        if name in self.pending and self.arrived[name] >= expected:
+        if self.arrived[name] < expected:
+            return
+        if name in self.pending:
             self.strategy.add(name, self.pending.pop(name))
+        if name in self.calls:
+            self.strategy.add_calls(name, self.calls.pop(name))
 
     def end_batch(self) -> None:
         for name in list(self.pending):  # calls whose output never reached the loss
             self.strategy.add(name, self.pending.pop(name))
+        for name in list(self.calls):
+            self.strategy.add_calls(name, self.calls.pop(name))
         self.forward_calls = dict.fromkeys(self.names, 0)
         self.backward_calls = dict.fromkeys(self.names, 0)
         self.arrived = dict.fromkeys(self.names, 0)
@@ -738,6 +810,26 @@ class _ActivationGradients:
             handle.remove()
         self.handles = []
         self.pending.clear()
+        self.calls.clear()
+
+
+class _Tap(torch.autograd.Function):
+    """``output`` (a copy), whose gradient ``δ`` is handed to ``arrive(x, δ)`` with the layer's input ``x``. ``x``
+    is a saved tensor of the graph, not a Python reference: under non-reentrant gradient checkpointing it is
+    dropped after the forward pass and computed again in the backward pass, as the layer's own activations are,
+    so calibration holds no layer input across the forward pass that training would not."""
+
+    @staticmethod
+    def forward(ctx: Any, output: torch.Tensor, x: torch.Tensor, arrive: Callable) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.arrive = arrive
+        return output.clone()  # not a view: the model may change its layers' outputs in place
+
+    @staticmethod
+    def backward(ctx: Any, delta: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (x,) = ctx.saved_tensors
+        ctx.arrive(x, delta)
+        return delta, None, None
 
 
 gradient_prior = compute_prior  # its name before it computed the adam and trajectory priors too

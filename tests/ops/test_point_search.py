@@ -1,0 +1,140 @@
+"""Searches from points (s2ft.ops.point_search): the dense searches' orders, in float64, without an (m, m) matrix;
+and the spectrum sampled by blocks of rows: the whole spectrum's locations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import s2ft.ops.point_search as point_search
+from s2ft.ops import permutation
+from s2ft.ops.locations import sample_locations, sample_locations_in_blocks
+from s2ft.ops.permutation import is_permutation, search_order
+from s2ft.ops.point_search import Points, nearest_neighbours, search_order_points
+
+SEARCHES = ("greedy", "multistart", "2opt", "2opt-cyclic", "svd")
+
+
+def random_points(seed: int) -> torch.Tensor:
+    """Random float64 points of random size and width; every third case with a run of exactly equal points."""
+    g = torch.Generator().manual_seed(seed)
+    m = int(torch.randint(2, 260, (1,), generator=g))
+    k = int(torch.randint(1, 40, (1,), generator=g))
+    x = torch.randn(m, k, generator=g, dtype=torch.float64) * torch.rand(k, generator=g, dtype=torch.float64)
+    if seed % 3 == 0 and m > 20:
+        x[m // 2 : m // 2 + 8] = x[3]  # equal points: equal distances in both, the lowest index first in both
+    return x
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of a few rows, so that every search runs over many of them."""
+    monkeypatch.setattr(point_search, "BLOCK_ENTRIES", 700)
+    monkeypatch.setattr(point_search, "PAIR_CHUNK", 50)
+
+
+@pytest.mark.parametrize("search", SEARCHES)
+def test_searches_from_points_equal_the_dense_searches_float64(search, small_blocks):
+    for seed in range(8):
+        x = random_points(seed)
+        dense = search_order(x, search, torch.Generator().manual_seed(seed))
+        low = search_order_points(x, search, torch.Generator().manual_seed(seed))
+        assert is_permutation(low, x.shape[0])
+        assert torch.equal(low, dense), (search, seed, tuple(x.shape))
+
+
+def test_greedy_from_points_reads_whole_rows_only_when_its_lists_run_out(small_blocks, monkeypatch):
+    """Few listed neighbours: the steps fall back on the current point's row often, and the path is still the
+    dense one (the lists decide the other steps exactly)."""
+    monkeypatch.setattr(point_search, "CANDIDATES", 2)
+    x = random_points(1)
+    calls = []
+    original = Points.distances_to
+    monkeypatch.setattr(
+        Points, "distances_to", lambda self, p, others: calls.append(p) or original(self, p, others)
+    )
+    low = search_order_points(x, "greedy", torch.Generator().manual_seed(0))
+    assert torch.equal(low, search_order(x, "greedy", torch.Generator().manual_seed(0)))
+    assert 0 < len(calls) < x.shape[0] - 1
+
+
+@pytest.mark.parametrize("search", SEARCHES)
+def test_searches_from_points_hold_no_distance_matrix(search, small_blocks, monkeypatch):
+    """No (m, m) distances: the dense builder is never called, and every block of distances computed holds at
+    most BLOCK_ENTRIES entries (one row where a row is longer)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the dense distance matrix was built")
+
+    monkeypatch.setattr(permutation, "pairwise_sq_dists", refuse)
+    sizes = []
+    for method in ("rows", "symmetric_rows"):
+        original = getattr(Points, method)
+
+        def recording(self, index, original=original):
+            out = original(self, index)
+            sizes.append(out.numel())
+            return out
+
+        monkeypatch.setattr(Points, method, recording)
+    x = torch.randn(300, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    order = search_order_points(x, search, torch.Generator().manual_seed(0))
+    assert is_permutation(order, 300)
+    assert max(sizes, default=0) <= 700
+
+
+def test_nearest_neighbours_are_the_nearest_sorted_by_distance_then_index_float64():
+    """The k nearest other points, in order of (distance, index); of points as far as the last listed, any."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    x[10:15] = x[2]  # ties
+    points = Points(x, block_entries=90)
+    index, value = nearest_neighbours(points, 6)
+    dense = permutation.pairwise_sq_dists(x)
+    dense.fill_diagonal_(float("inf"))
+    for a in range(40):
+        listed = index[a].tolist()
+        got = [(float(value[a, i]), b) for i, b in enumerate(listed)]
+        assert got == sorted(got)
+        last = got[-1][0]
+        nearer = {b for b in range(40) if float(dense[a, b]) < last - 1e-12}
+        assert nearer <= set(listed)
+        torch.testing.assert_close(torch.from_numpy(value[a]), dense[a, listed], rtol=1e-12, atol=1e-12)
+
+
+def test_unknown_search_is_refused():
+    with pytest.raises(ValueError, match="unknown permutation search"):
+        search_order_points(torch.randn(5, 2), "nope")
+
+
+# ---------------------------------------------------------------------------------------------- sampling by blocks
+@pytest.mark.parametrize("half", [False, True])
+def test_sampling_by_blocks_of_rows_equals_sampling_the_whole_spectrum_float64(half):
+    for seed in range(12):
+        g = torch.Generator().manual_seed(seed)
+        d_out, d_in = (int(v) for v in torch.randint(2, 50, (2,), generator=g))
+        power = torch.rand(d_out, d_in, generator=g, dtype=torch.float64) ** 3
+        if seed % 4 == 0:
+            power[: d_out // 3] = 0.0  # zero power: drawn after all others, fewer than n of them here
+        n = int(torch.randint(1, min(d_out * d_in, 200) + 1, (1,), generator=g))
+        n = min(n, int((power > 0).sum()))
+        block = int(torch.randint(1, 300, (1,), generator=g))
+        asked = []
+
+        def rows(start: int, stop: int, asked=asked, power=power) -> torch.Tensor:
+            asked.append(stop - start)
+            return power[start:stop]
+
+        whole = sample_locations(power, n, 1.5, torch.Generator().manual_seed(seed), half=half)
+        blocks = sample_locations_in_blocks(
+            rows, d_out, d_in, n, 1.5, torch.Generator().manual_seed(seed), half=half, block_entries=block
+        )
+        assert torch.equal(whole[0], blocks[0]) and torch.equal(whole[1], blocks[1]), seed
+        assert sum(asked) == d_out and max(asked) <= max(1, block // d_in)
+
+
+def test_sampling_by_blocks_refuses_bad_power():
+    with pytest.raises(ValueError, match="finite and non-negative"):
+        sample_locations_in_blocks(lambda a, b: -torch.ones(b - a, 4), 4, 4, 2, 1.5)
+    with pytest.raises(ValueError, match="gamma"):
+        sample_locations_in_blocks(lambda a, b: torch.ones(b - a, 4), 4, 4, 2, 0.0)
