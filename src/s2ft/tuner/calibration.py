@@ -525,10 +525,11 @@ class SketchedAdamPrior(SketchedGradientPrior):
     layer is formed once (one layer's transient) for its absolute values.
 
     Why absolute values rather than Adafactor's factoring of the second moment (``V ≈ R Cᵀ / Σ R`` from the sums of
-    ``g_b²``): a rank-one fit of the squares follows the few largest gradients, and its plans caught less of a short
-    full fine-tune's ``ΔW`` than the exact prior's (0.067 against 0.074 on the default text job, dense, no rank
-    truncation); factored from ``|g_b|``, 0.074 (``benchmarks/results/cpu/sketch_quality.md``). The prior's scale
-    differs from the exact one's by a constant, which no plan depends on."""
+    ``g_b²``): a rank-one fit of the squares follows the few largest gradients. On the default text job (3 seeds,
+    ``benchmarks/results/cpu/sketch_quality.md``) the plans of the exact prior catch 0.074 of a short full
+    fine-tune's ``ΔW``, of Adafactor's factoring 0.066 dense and 0.063-0.065 sketched (k = 16-256), of this one
+    0.070 dense and 0.069-0.070 sketched: about half the gap closed, at the same cost. The prior's scale differs
+    from the exact one's by a constant, which no plan depends on."""
 
     per_call = False
 
