@@ -14,12 +14,12 @@ prior and its plan. Per adapted matrix (mean, min over matrices):
     python benchmarks/sketch_quality.py --ranks 16 64 256 --seeds 0 1 2 [--task text-classification] [--prior gradient]
 
 ``--variants`` instead builds dense priors from the batches' gradients one by one, float64 (``adam``; ``adam-factored``:
-the Adafactor-factored second moment, no rank truncation; ``adam-factored-l1``: the normaliser factored from the
-sums of ``|g_b|``, what the sketch uses; ``adam-factored-rms``; ``sign-sum``; ``gradient``), beside the library's
-exact and sketched Adam and gradient priors at ``--ranks`` on the same batches (``--adafactor-sketch``: also the
-sketch with Adafactor's factoring, as first merged), and reports each plan's ``ΔW`` caught:
+the Adafactor-factored second moment, what the sketch factors, no rank truncation; ``adam-factored-l1``: the
+normaliser factored from the sums of ``|g_b|``; ``adam-factored-rms``; ``sign-sum``; ``gradient``), beside the
+library's exact and sketched Adam and gradient priors at ``--ranks`` on the same batches (``--l1-sketch``: also the
+sketch with the ``|g_b|`` normaliser), and reports each plan's ``ΔW`` caught:
 
-    python benchmarks/sketch_quality.py --variants adam adam-factored adam-factored-l1 gradient --adafactor-sketch \
+    python benchmarks/sketch_quality.py --variants adam adam-factored adam-factored-l1 gradient --l1-sketch \
         --ranks 16 64 256 --seeds 0 1 2 --full-finetune-steps 30
 
 Prints a Markdown table; ``--json PATH`` also writes the per-seed figures.
@@ -171,13 +171,14 @@ def _adam_factored_per_batch(grads: list[torch.Tensor]) -> torch.Tensor:
     return sum(_adam_factored([g]) for g in grads)
 
 
-def _adafactor_sketch():
-    """The sketched Adam strategy as it was first merged (commit 60497e0): Adafactor's factoring of the second
-    moment, ``V ≈ R Cᵀ / Σ R`` from the row and column sums of ``Σ_b g_b²``; for the before/after rows."""
+def _l1_sketch():
+    """The sketched Adam strategy with the normaliser factored from the row and column sums of ``Σ_b |g_b|``
+    (``N = A Cᵀ / ΣA``, ``ΔŴ = -ΣA · diag(A⁻¹)(Σ g_b)diag(C⁻¹)``) instead of Adafactor's factored second moment:
+    the same memory, tried as a fix (kept out of the library: it helped the text job and hurt the image job)."""
     from s2ft.ops.sketch import low_rank_from_sketches
     from s2ft.tuner.calibration import SketchedGradientPrior, _all_reduce
 
-    class AdafactorSketch(SketchedGradientPrior):
+    class AbsoluteSketch(SketchedGradientPrior):
         per_call = False
 
         def __init__(self, layers, rank=16, seed=0, **options):
@@ -187,8 +188,8 @@ def _adafactor_sketch():
 
         def add(self, name, grad):
             super().add(name, grad)
-            self.rows[name] += grad.square().sum(1)
-            self.cols[name] += grad.square().sum(0)
+            self.rows[name] += grad.abs().sum(1)
+            self.cols[name] += grad.abs().sum(0)
 
         def finish(self):
             self._reduce()
@@ -196,12 +197,12 @@ def _adafactor_sketch():
             out = {}
             for n in self.layers:
                 rows, cols = self.rows[n].double(), self.cols[n].double()
-                r = torch.where(rows > 0, (rows.sum() / rows.clamp_min(1e-300)).sqrt(), 0.0)
-                c = torch.where(cols > 0, cols.clamp_min(1e-300).rsqrt(), 0.0)
+                r = torch.where(rows > 0, rows.sum() / rows.clamp_min(1e-300), 0.0)
+                c = torch.where(cols > 0, 1.0 / cols.clamp_min(1e-300), 0.0)
                 out[n] = low_rank_from_sketches(self.y[n], self.w[n], self.psi[n], r, c)
             return out
 
-    return AdafactorSketch
+    return AbsoluteSketch
 
 
 VARIANTS = {
@@ -216,7 +217,7 @@ VARIANTS = {
 
 
 def measure_variants(
-    task_name: str, seed: int, ranks: list[int], full_steps: int, variants: list[str], adafactor: bool = False
+    task_name: str, seed: int, ranks: list[int], full_steps: int, variants: list[str], absolute: bool = False
 ) -> dict:
     """On one seed's batches: the batches' gradients one by one (the gradient prior of each batch alone), the
     dense priors of ``variants`` from them, and the library's sketched Adam and gradient priors at each k (and the
@@ -252,14 +253,14 @@ def measure_variants(
             library[f"{kind} sketched k={k}"] = compute_prior(
                 base, layers, batches, kind=kind, rank=k, seed=config.seed
             )
-    if adafactor:  # the first merged normaliser, on the same batches and test matrices
+    if absolute:  # the |g_b| normaliser, on the same batches and test matrices
         from s2ft.tuner import calibration
 
         merged = calibration.SKETCHED_STRATEGIES["adam"]
-        calibration.SKETCHED_STRATEGIES["adam"] = _adafactor_sketch()
+        calibration.SKETCHED_STRATEGIES["adam"] = _l1_sketch()
         try:
             for k in ranks:
-                library[f"adam sketched, Adafactor's V, k={k}"] = compute_prior(
+                library[f"adam sketched, |g| normaliser, k={k}"] = compute_prior(
                     base, layers, batches, kind="adam", rank=k, seed=config.seed
                 )
         finally:
@@ -276,10 +277,10 @@ def measure_variants(
             row["same"].append(len(mine & theirs) / len(mine))
             if n in deltas:
                 row["delta"].append(_caught(deltas[n], plan))
-            if "Adafactor" in label and "adam-factored" in priors:
-                row["kept"].append(prior[n].kept_energy(priors["adam-factored"][n]))
-            elif "sketched" in label and label.startswith("adam") and "adam-factored-l1" in priors:
+            if "|g|" in label and "adam-factored-l1" in priors:
                 row["kept"].append(prior[n].kept_energy(priors["adam-factored-l1"][n]))
+            elif "sketched" in label and label.startswith("adam") and "adam-factored" in priors:
+                row["kept"].append(prior[n].kept_energy(priors["adam-factored"][n]))
             elif "sketched" in label and label.startswith("gradient") and "gradient" in priors:
                 row["kept"].append(prior[n].kept_energy(priors["gradient"][n]))
         out["rows"][label] = row
@@ -342,10 +343,10 @@ def main(argv: list[str] | None = None) -> int:
         "Adam and gradient priors at --ranks, on the same batches (needs --full-finetune-steps)",
     )
     parser.add_argument(
-        "--adafactor-sketch",
+        "--l1-sketch",
         action="store_true",
-        help="with --variants: also the sketched Adam prior with Adafactor's factored second moment (as first "
-        "merged) at --ranks",
+        help="with --variants: also the sketched Adam prior with its normaliser factored from the sums of |g_b| "
+        "(instead of Adafactor's factored second moment) at --ranks",
     )
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -359,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.ranks,
                     args.full_finetune_steps,
                     args.variants,
-                    args.adafactor_sketch,
+                    args.l1_sketch,
                 )
             )
             print(f"seed {seed}: dense against library {results[-1]['check']}", file=sys.stderr)

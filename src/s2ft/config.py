@@ -235,7 +235,7 @@ class S2FTConfig(FourierFTConfig):
     # The rank k of a sketched prior (None: the exact prior). With k, calibration holds O((d_out + d_in)·k) numbers
     # per layer instead of one or two dense matrices, in one pass over the batches, and plans from the rank-k
     # factors; k is clamped to min(d_out, d_in) per layer, where the sketch is exact. "gradient" and "adam" only
-    # (the adam prior's normaliser is then factored from the row and column sums of the absolute gradients).
+    # (the adam prior's second moment is then factored as Adafactor does).
     prior_rank: int | None = None
     # The permutations' source (PLAN_SOURCES): "prior", the ordering of the prior's rows and columns, stored in the
     # file (the paper); "base", the same search on the base weights W0 with the seed, recomputed when loading (the

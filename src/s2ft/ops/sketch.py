@@ -10,7 +10,7 @@ up batch by batch (and across processes) in ``(m + n)·k`` numbers instead of ``
 Udell and Cevher, "Practical sketching algorithms for low-rank matrix approximation", 2017, Algorithm 3), which is
 ``A`` itself when ``rank(A) ≤ k``, and otherwise close to the best rank-``k`` approximation when ``A``'s spectrum
 decays (Halko, Martinsson and Tropp 2011). It also takes a diagonal scaling ``diag(r) A diag(c)`` known only after the
-sum is complete (the sketched Adam prior's factored normaliser): scaling the columns does not change the range, scaling the rows
+sum is complete (the Adafactor-normalised Adam prior): scaling the columns does not change the range, scaling the rows
 maps it by ``diag(r)``, so the same sketches serve.
 
 :class:`LowRank` holds the result as ``U diag(s) Vᵀ`` and answers what S2FT's planner asks of a prior: the rows'

@@ -211,8 +211,8 @@ def compute_prior(
     With ``rank=k`` (``"gradient"`` and ``"adam"`` only) each prior is instead a rank-``k``
     :class:`s2ft.ops.sketch.LowRank` (``k`` clamped to ``min(d_out, d_in)`` per layer, where it is exact), built in
     the same one pass from randomized sketches that hold ``O((d_out + d_in)·k)`` numbers per layer (the test
-    matrices seeded by ``(seed, shape, k)``, shared by the layers of one shape); the ``"adam"`` prior's normaliser is then factored from the
-    row and column sums of ``Σ_b |g_b|`` (:class:`SketchedAdamPrior`). Every process must pass the same ``rank``.
+    matrices seeded by ``(seed, shape, k)``, shared by the layers of one shape); the ``"adam"`` second moment is then factored as Adafactor factors it
+    (:class:`SketchedAdamPrior`). Every process must pass the same ``rank``.
     """
     return dict(
         iter_priors(
@@ -517,19 +517,11 @@ class SketchedGradientPrior(PriorStrategy):
 
 
 class SketchedAdamPrior(SketchedGradientPrior):
-    """The Adam prior ``-Σ_b g_b / sqrt(V)`` with its elementwise normaliser ``sqrt(V)`` replaced by a rank-one one
-    from row and column sums: ``N = A Cᵀ / Σ A`` with ``A = Σ_b |g_b| 1`` ``(d_out,)`` and ``C = Σ_b 1ᵀ|g_b|``
-    ``(d_in,)``, the row and column sums of the summed absolute gradients. ``ΔŴ = -Σ_b g_b / N =
-    -ΣA · diag(A^-1) (Σ_b g_b) diag(C^-1)`` (0 on a row or column whose gradient was always 0) is the gradient
-    sketch's matrix scaled on both sides: a rank-``k`` ``LowRank`` from the same sketches. Each batch's ``g_b`` of a
-    layer is formed once (one layer's transient) for its absolute values.
-
-    Why absolute values rather than Adafactor's factoring of the second moment (``V ≈ R Cᵀ / Σ R`` from the sums of
-    ``g_b²``): a rank-one fit of the squares follows the few largest gradients. On the default text job (3 seeds,
-    ``benchmarks/results/cpu/sketch_quality.md``) the plans of the exact prior catch 0.074 of a short full
-    fine-tune's ``ΔW``, of Adafactor's factoring 0.066 dense and 0.063-0.065 sketched (k = 16-256), of this one
-    0.070 dense and 0.069-0.070 sketched: about half the gap closed, at the same cost. The prior's scale differs
-    from the exact one's by a constant, which no plan depends on."""
+    """The Adam prior with its second moment factored as Adafactor factors it: ``V ≈ R Cᵀ / Σ R`` from the row and
+    column sums ``R = Σ_b (g_b²) 1`` ``(d_out,)`` and ``C = Σ_b 1ᵀ(g_b²)`` ``(d_in,)``, so that
+    ``ΔŴ = -Σ_b g_b / sqrt(V) = -sqrt(ΣR) · diag(R^-1/2) (Σ_b g_b) diag(C^-1/2)`` (0 on a row or column whose
+    gradient was always 0) is the gradient sketch's matrix scaled on both sides: a rank-``k`` ``LowRank`` from the
+    same sketches. Each batch's ``g_b`` of a layer is formed once (one layer's transient) for its squares."""
 
     per_call = False
 
@@ -537,25 +529,25 @@ class SketchedAdamPrior(SketchedGradientPrior):
         self, layers: Mapping[str, nn.Module], rank: int = 16, seed: int = 0, **options: Any
     ) -> None:
         super().__init__(layers, rank=rank, seed=seed)
-        self.row_abs = {n: _hold(self.y[n].new_zeros(layer.d_out)) for n, layer in layers.items()}
-        self.col_abs = {n: _hold(self.y[n].new_zeros(layer.d_in)) for n, layer in layers.items()}
+        self.row_sq = {n: _hold(self.y[n].new_zeros(layer.d_out)) for n, layer in layers.items()}
+        self.col_sq = {n: _hold(self.y[n].new_zeros(layer.d_in)) for n, layer in layers.items()}
 
     def add(self, name: str, grad: torch.Tensor) -> None:
         super().add(name, grad)
-        absolute = grad.abs()
-        self.row_abs[name] += absolute.sum(dim=1)
-        self.col_abs[name] += absolute.sum(dim=0)
-        del absolute
+        square = grad * grad
+        self.row_sq[name] += square.sum(dim=1)
+        self.col_sq[name] += square.sum(dim=0)
+        del square
 
     def finish(self) -> dict[str, Any]:
         self._reduce()
-        _all_reduce((*self.row_abs.values(), *self.col_abs.values()))
+        _all_reduce((*self.row_sq.values(), *self.col_sq.values()))
         priors = {}
         for name in self.layers:
-            rows, cols = self.row_abs.pop(name).double(), self.col_abs.pop(name).double()
+            rows, cols = self.row_sq.pop(name).double(), self.col_sq.pop(name).double()
             total = rows.sum()
-            row_scale = torch.where(rows > 0, total / torch.where(rows > 0, rows, 1.0), 0.0)
-            col_scale = torch.where(cols > 0, 1.0 / torch.where(cols > 0, cols, 1.0), 0.0)
+            row_scale = torch.where(rows > 0, (total / torch.where(rows > 0, rows, 1.0)).sqrt(), 0.0)
+            col_scale = torch.where(cols > 0, torch.where(cols > 0, cols, 1.0).rsqrt(), 0.0)
             priors[name] = low_rank_from_sketches(
                 self.y.pop(name), self.w.pop(name), self.psi.pop(name), row_scale, col_scale
             )
