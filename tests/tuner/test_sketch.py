@@ -145,11 +145,19 @@ def wrapped(depth: int = 3, **options):
     return get_spectral_model(Stack(depth), config)
 
 
-def factored_adam(total: torch.Tensor) -> torch.Tensor:
-    """The Adafactor-normalised Adam prior of one batch whose prior is ``total = -g``, float64."""
-    g = total.double()
-    rows, cols = g.square().sum(1), g.square().sum(0)
-    return g * rows.sum().sqrt() / rows.sqrt()[:, None] / cols.sqrt()[None, :]
+def factored_adam(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The sketched Adam prior's matrix, naively in float64, from the batches' gradient priors ``-g_b``:
+    ``-Σ_b g_b / sqrt(V)`` elementwise with Adafactor's ``V_ij = R_i C_j / Σ R``, ``R`` and ``C`` the row and
+    column sums of ``Σ_b g_b²`` (0 where ``V`` is)."""
+    total = sum(g.double() for g in grads)
+    squares = sum(g.double().square() for g in grads)
+    second = torch.outer(squares.sum(1), squares.sum(0)) / squares.sum()
+    out = torch.zeros_like(total)
+    for i in range(total.shape[0]):
+        for j in range(total.shape[1]):
+            if second[i, j] > 0:
+                out[i, j] = total[i, j] / second[i, j].sqrt()
+    return out
 
 
 @pytest.mark.parametrize("hooks", [False, True])
@@ -164,7 +172,26 @@ def test_sketched_priors_equal_the_exact_ones_at_rank_at_most_k_float64(hooks):
     for name in layers:
         assert isinstance(sketch[name], LowRank) and sketch[name].dtype == torch.float64
         torch.testing.assert_close(sketch[name].dense(), exact[name].double(), rtol=0, atol=1e-6)
-        torch.testing.assert_close(adam[name].dense(), factored_adam(exact[name]), rtol=0, atol=1e-5)
+        torch.testing.assert_close(adam[name].dense(), factored_adam([exact[name]]), rtol=0, atol=1e-5)
+
+
+def test_sketched_adam_prior_at_full_rank_is_the_factored_second_moment_over_several_batches_float64():
+    """Over several batches (the prior's rank above one batch's), the sketched Adam prior clamped to full rank is
+    ``-Σ g_b`` divided elementwise by the square root of Adafactor's factored second moment, whose row and column
+    sums are those of ``Σ g_b²`` (of each batch's squares, not of the sum's)."""
+    spectral = wrapped()
+    layers = spectral.spectral_layers()
+    data = batches(4)
+    # -g_b in float64 (the exact priors are float32): the gradient sketch at full rank, exact
+    per_batch = [
+        {n: p.dense() for n, p in compute_prior(spectral.model, layers, [b], loss_fn, rank=1000).items()}
+        for b in data
+    ]
+    sketch = compute_prior(spectral.model, layers, data, loss_fn, kind="adam", rank=1000)
+    for name in layers:
+        reference = factored_adam([p[name] for p in per_batch])
+        assert torch.linalg.matrix_rank(reference) > 8  # not the one-batch case above
+        torch.testing.assert_close(sketch[name].dense(), reference, rtol=1e-9, atol=1e-9)
 
 
 def test_sketch_from_activations_equals_sketch_from_weight_gradients_float64():
