@@ -28,6 +28,13 @@ Targets (ratios within one run, against PEFT LoRA r = 8 on the same size, base a
 training memory at most LoRA r = 8's; S2FT's calibration peak at most 1.2x LoRA r = 8's step peak; s2ft's
 methods' step time at most 1.3x LoRA r = 8's with all-linear targets.
 
+``--compile``: each training run then goes on, in the same process and on the same model and optimizer, under
+``torch.compile(model)`` (inductor, default mode): the first compiled step (which compiles, forward and backward)
+is timed apart as the compile time, then one more compiled warm-up step and ``--steps`` timed compiled steps; the
+compiled step time, its ratio to the eager one and to LoRA r = 8's compiled step, and its own peak memory come
+beside the eager columns (target: s2ft's methods' compiled step at most 1.3x LoRA r = 8's compiled step,
+all-linear targets). The tables then go to ``llm_scale_compile.{md,json}``.
+
 Writes ``llm_scale.md`` and ``llm_scale.json`` to ``benchmarks/results/<cpu|cuda>/`` (``--output-dir``), after each
 measurement, so an interrupted run keeps what it measured.
 
@@ -424,9 +431,52 @@ def exercise(spec: dict, device: torch.device, memory: Memory, result: dict, tag
     result["peak_step_bytes"] = memory.peak()
     result["step_times_s"] = times
     result["step_s"] = statistics.median(times)
+    if spec.get("compile"):
+        compiled_steps(wrapped, batch, optimizer, spec, device, memory, result, say)
     result["stage"] = "adapter size"
     result["adapter_bytes"] = adapter_bytes(wrapped, spec["method"])
     del result["stage"]
+
+
+def compiled_steps(wrapped, batch, optimizer, spec, device, memory, result, say) -> None:
+    """The same training step under ``torch.compile`` (inductor): the first call (which compiles) timed apart as
+    ``compile_s``, one more warm-up, then ``spec["steps"]`` timed ones (``compiled_step_s``: their median)."""
+    result["stage"] = "compiled training"
+    import torch._dynamo
+
+    torch._dynamo.reset()  # nothing compiled for the warm-up's tiny model counts here
+    torch._dynamo.utils.counters.clear()
+    # transformers' Llama layers set and reset the ``kernels`` package's kernel-mode variable in their forward; under
+    # checkpointing Dynamo refuses that side effect (and runs the checkpointed layer eager) unless it may skip
+    # replaying it in the backward's recomputation, which does not need it
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    compiled = torch.compile(wrapped)
+
+    def step() -> None:
+        loss = compiled(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    memory.reset()
+    times = []
+    for index in range(spec["steps"] + 2):
+        start = time.perf_counter()
+        step()
+        sync(device)
+        seconds = time.perf_counter() - start
+        if index == 0:
+            result["compile_s"] = seconds
+        what = " (compiles)" if index == 0 else " (warm-up)" if index == 1 else ""
+        say(f"compiled step {index}{what}: {seconds:.2f} s")
+        if index > 1:
+            times.append(seconds)
+    result["compiled_peak_step_bytes"] = memory.peak()
+    result["compiled_step_times_s"] = times
+    result["compiled_step_s"] = statistics.median(times)
+    counters = torch._dynamo.utils.counters
+    result["graph_breaks"] = sum(counters["graph_break"].values())
+    result["graphs"] = counters["stats"]["unique_graphs"]
 
 
 def measure(spec: dict) -> dict:
@@ -569,11 +619,15 @@ def evaluate(rows: list[dict]) -> None:
         ratios["calibration_grouped_peak"] = _ratio(
             grouped.get("calibration_peak_bytes"), ref.get("peak_step_bytes")
         )
+        ratios["compiled_step_s"] = _ratio(row.get("compiled_step_s"), ref.get("compiled_step_s"))
+        ratios["compiled_vs_eager"] = _ratio(row.get("compiled_step_s"), row.get("step_s"))
         met = row["targets_met"]
         if row["method"] in OURS and ratios["peak_step"] is not None:
             met["memory"] = ratios["peak_step"] <= MEMORY_RATIO
         if row["method"] in OURS and row["targets"] == "all-linear" and ratios["step_s"] is not None:
             met["step time"] = ratios["step_s"] <= TIME_RATIO
+        if row["method"] in OURS and row["targets"] == "all-linear" and ratios["compiled_step_s"] is not None:
+            met["compiled step time"] = ratios["compiled_step_s"] <= TIME_RATIO
         if ratios["calibration_peak"] is not None:
             met["calibration"] = ratios["calibration_peak"] <= CALIBRATION_RATIO
         if row.get("s2ft_prior_rank") and row.get("calibration_s") is not None and ref.get("step_s"):
@@ -767,6 +821,7 @@ def markdown(report: dict) -> str:
                 f"{_s(r.get('calibration_s'))} | {_mib(r.get('calibration_peak_bytes'))} | {met or '–'} |"
             )
         out.append("")
+    out += compiled_markdown(rows, settings)
     verdicts = [ok for r in rows for ok in r.get("targets_met", {}).values()]
     verdicts += [ok for _, s in sketched for ok in s.get("targets_met", {}).values()]
     if verdicts:
@@ -774,13 +829,48 @@ def markdown(report: dict) -> str:
     return "\n".join(out)
 
 
+def compiled_markdown(rows: list[dict], settings: dict) -> list[str]:
+    """The compiled steps beside the eager ones (``--compile``), one table over every size."""
+    timed = [r for r in rows if r["status"] == "ok" and r.get("compiled_step_s") is not None]
+    if not timed:
+        return []
+    out = [
+        "## Compiled training steps (`--compile`)",
+        "",
+        "The same model, optimizer and batch, right after the eager steps, under `torch.compile(model)` (inductor, "
+        "default mode, gradient checkpointing on; Dynamo's `skip_fwd_side_effects_in_bwd_under_checkpoint` on, so that "
+        "the checkpointed layers compile: see the script). *graphs / breaks*: Dynamo's counts for the compiled "
+        "step (transformers' input-gradient hook and output capturing break the graph for every method alike). "
+        "*compile s*: the first compiled step (it compiles forward and "
+        f"backward), apart; then one compiled warm-up step and the median of {settings['steps']} timed ones. "
+        f"Target: S2FT's and FourierFT's compiled step ≤ {TIME_RATIO:g}x LoRA r = 8's compiled step, all-linear "
+        "targets.",
+        "",
+        "| size | base | targets | method | eager s/step | compiled s/step | compiled / eager | compile s | "
+        "×LoRA-8 eager | ×LoRA-8 compiled | compiled peak MiB | graphs / breaks | compiled target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in timed:
+        ratios = r.get("ratios", {})
+        met = r.get("targets_met", {}).get("compiled step time")
+        out.append(
+            f"| {r['size']} | {r['quant']} | {r['targets']} | {r['method']} | {_s(r['step_s'])} | "
+            f"{_s(r['compiled_step_s'])} | {_x(ratios.get('compiled_vs_eager'))} | {_s(r.get('compile_s'))} | "
+            f"{_x(ratios.get('step_s'))} | {_x(ratios.get('compiled_step_s'))} | "
+            f"{_mib(r.get('compiled_peak_step_bytes'))} | {r.get('graphs', '–')} / {r.get('graph_breaks', '–')} | "
+            f"{'–' if met is None else 'PASS' if met else 'MISS'} |"
+        )
+    return [*out, ""]
+
+
 def write_report(report: dict, output_dir: str) -> None:
     from s2ft.io import atomic_write_group
 
     evaluate(report["rows"])
+    stem = "llm_scale_compile" if report["settings"].get("compile") else "llm_scale"
     text = {
-        "llm_scale.json": json.dumps(report, indent=1) + "\n",
-        "llm_scale.md": markdown(report),
+        f"{stem}.json": json.dumps(report, indent=1) + "\n",
+        f"{stem}.md": markdown(report),
     }
 
     def writer(content: str):
@@ -831,6 +921,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--skip-exact-s2ft",
         action="store_true",
         help="no S2FT row with the exact prior (its calibration and steps): only the sketched calibrations",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time each training run's steps under torch.compile (to llm_scale_compile.{md,json})",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default=None, help="default: benchmarks/results/<device>")
@@ -887,6 +982,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "calibration_batches": args.calibration_batches,
         "seed": args.seed,
         "s2ft_prior_rank": args.s2ft_prior_rank,
+        "compile": args.compile,
     }
     combos = [
         (size, quant, targets, method)
@@ -948,7 +1044,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         write_report(report, output_dir)
     if not combos:
         write_report(report, output_dir)
-    log(f"wrote {os.path.join(output_dir, 'llm_scale.md')} and llm_scale.json")
+    stem = "llm_scale_compile" if args.compile else "llm_scale"
+    log(f"wrote {os.path.join(output_dir, stem + '.md')} and {stem}.json")
     return report
 
 

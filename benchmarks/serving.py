@@ -16,10 +16,18 @@ i mod distinct):
 
 Writes ``benchmarks/results/<device>/serving.json`` and ``serving.md`` (``serving-map-cache.*`` with ``--map-cache``).
 
+``--compile``: instead, each model with ``max(--distinct)`` adapters loaded, eager and under ``torch.compile``
+(inductor, the wrapped model's inner forward compiled, as ``generate`` needs): the merged model (one adapter
+merged and unloaded: a plain model, ``fullgraph=True``), one adapter active (``set_adapter``, ``fullgraph=True``)
+and the mixed batch of ``max(--distinct)`` distinct adapters (compiled without ``fullgraph``: each adapted layer's
+per-example lookup runs outside the graph, by design). Prefill and generation tokens per second against the merged
+model in the same mode; the first call (which compiles) timed apart. To ``serving_compile.{md,json}``.
+
     OMP_NUM_THREADS=2 python benchmarks/serving.py      # the full run, ~13 min on 2 CPU threads
     python benchmarks/serving.py --quick                # two layers, 1 and 8 adapters: a check that it works
     python benchmarks/serving.py --device cuda
     OMP_NUM_THREADS=2 python benchmarks/serving.py --map-cache 256   # with a 256 MiB map cache: serving-map-cache.md
+    OMP_NUM_THREADS=1 python benchmarks/serving.py --compile --adapters 64 --distinct 64   # serving_compile.md
 
 Without autograd no adapter keeps a dense ``ΔW`` (``s2ft.tuner.serving``): a mixed batch goes through one
 ``MixedBank`` per layer, which copies nothing and builds the maps of the batch's adapters on each call.
@@ -28,6 +36,7 @@ Without autograd no adapter keeps a dense ``ΔW`` (``s2ft.tuner.serving``): a mi
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -41,12 +50,13 @@ from s2ft import S2FTConfig, get_spectral_model
 from s2ft.io import atomic_write_text
 
 
-def build(name: str, quick: bool) -> tuple[torch.nn.Module, list[str], int]:
-    """(random-weight model, target modules, vocabulary size)."""
+def build(name: str, quick: bool, depth: int | None = None) -> tuple[torch.nn.Module, list[str], int]:
+    """(random-weight model, target modules, vocabulary size); ``depth``: that many layers instead of the
+    model's own."""
     from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    layers = 2 if quick else None
+    layers = 2 if quick else depth
     if name == "minilm":
         config = BertConfig(
             vocab_size=30522,
@@ -87,11 +97,14 @@ def synced(device: str):
     return torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
 
-def timed(fn, repeats: int, device: str) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up."""
+def timed(fn, repeats: int, device: str, first: dict | None = None, key: str = "") -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up (its seconds into ``first[key]``)."""
     sync = synced(device)
+    start = time.perf_counter()
     fn()
     sync()
+    if first is not None:
+        first[key] = time.perf_counter() - start
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -101,8 +114,11 @@ def timed(fn, repeats: int, device: str) -> float:
     return statistics.median(times)
 
 
-def speeds(model, args, vocab: int, names: list[str] | None, causal: bool) -> dict[str, float]:
-    """Tokens per second of prefill (and, causal, of generation) for a batch with ``names`` (None: plain)."""
+def speeds(
+    model, args, vocab: int, names: list[str] | None, causal: bool, first: dict | None = None
+) -> dict[str, float]:
+    """Tokens per second of prefill (and, causal, of generation) for a batch with ``names`` (None: plain);
+    ``first``: the warm-up calls' seconds by kind."""
     g = torch.Generator().manual_seed(1)
     batch = len(names) if names else args.batch
     ids = torch.randint(100, vocab, (batch, args.tokens), generator=g).to(args.device)
@@ -113,7 +129,7 @@ def speeds(model, args, vocab: int, names: list[str] | None, causal: bool) -> di
     def prefill():
         model(input_ids=ids, attention_mask=mask, **kwargs)
 
-    out = {"prefill": batch * args.tokens / timed(prefill, args.repeats, args.device)}
+    out = {"prefill": batch * args.tokens / timed(prefill, args.repeats, args.device, first, "prefill")}
     if causal:
         prompts, prompt_mask = ids[:, : args.prompt], mask[:, : args.prompt]
         new = args.new_tokens
@@ -130,7 +146,9 @@ def speeds(model, args, vocab: int, names: list[str] | None, causal: bool) -> di
                 **kwargs,
             )
 
-        out["generate"] = batch * new / timed(generate, max(1, args.repeats // 2), args.device)
+        out["generate"] = (
+            batch * new / timed(generate, max(1, args.repeats // 2), args.device, first, "generate")
+        )
     return out
 
 
@@ -206,6 +224,143 @@ def run_model(name: str, args) -> list[dict]:
     return rows
 
 
+def run_compiled(name: str, args) -> list[dict]:
+    """The ``--compile`` rows of one model: merged, one adapter and the mixed batch, eager and compiled."""
+    base, targets, vocab = build(name, args.quick, args.layers)
+    causal = name == "smollm2"
+    base.to(args.device)
+    generator = torch.Generator().manual_seed(0)
+    distinct = max(args.distinct)
+
+    def config(seed: int) -> S2FTConfig:
+        return S2FTConfig(target_modules=targets, n_frequency=args.n, seed=seed)
+
+    model = get_spectral_model(base, config(0), adapter_name="a0")
+    randomize(model, "a0", generator)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp, selected_adapters=["a0"])
+        sources = [os.path.join(tmp, "a0")]
+        for i in range(1, min(8, distinct)):
+            model.add_adapter(f"src{i}", config(i))
+            randomize(model, f"src{i}", generator)
+            model.save_pretrained(tmp, selected_adapters=[f"src{i}"])
+            model.delete_adapter(f"src{i}")
+            sources.append(os.path.join(tmp, f"src{i}"))
+        for i in range(1, distinct):
+            model.load_adapter(sources[i % len(sources)], f"a{i}")
+    model.set_adapter("a0")
+    merged = copy.deepcopy(model).merge_and_unload(["a0"])  # a plain model: the fastest one adapter can be
+    batch = max(args.batch, distinct)
+    names = [f"a{i % distinct}" for i in range(batch)]
+    inner = model.get_base_model()
+    inner_forward, merged_forward = inner.forward, merged.forward
+    # the three share the model class's forward code: each is one more compiled version of it
+    torch._dynamo.config.recompile_limit = torch._dynamo.config.accumulated_recompile_limit = 256
+    compiled = {
+        "merged": torch.compile(merged_forward, fullgraph=True),
+        "one adapter": torch.compile(inner_forward, fullgraph=True),
+        "mixed": torch.compile(inner_forward),  # the per-example lookup breaks the graph, by design
+    }
+    settings = {"merged": (merged, None), "one adapter": (model, None), "mixed": (model, names)}
+    rows = []
+    for mode in ("eager", "compiled"):
+        results: dict[str, dict] = {}
+        for setting in (
+            *settings,
+            "merged",
+        ):  # the merged model again at the end: the faster is the reference
+            runner, batch_names = settings[setting]
+            if mode == "compiled":
+                target = merged if setting == "merged" else inner
+                target.forward = compiled[setting]
+            first: dict[str, float] = {}
+            speed = speeds(runner, args, vocab, batch_names, causal, first)
+            if setting in results:
+                results[setting]["speed"] = {
+                    k: max(v, results[setting]["speed"][k]) for k, v in speed.items()
+                }
+            else:
+                results[setting] = {"speed": speed, "first_s": first}
+            print(
+                json.dumps(
+                    {"model": name, "mode": mode, "setting": setting, "speed": speed, "first_s": first}
+                ),
+                flush=True,
+            )
+        inner.forward, merged.forward = inner_forward, merged_forward
+        reference = results["merged"]["speed"]
+        for setting, r in results.items():
+            rows.append(
+                {
+                    "model": name,
+                    "mode": mode,
+                    "setting": setting,
+                    "adapters": distinct,
+                    "distinct": distinct if setting == "mixed" else 1,
+                    "batch": batch,
+                    "tokens": args.tokens,
+                    **{f"{k}_tokens_per_s": v for k, v in r["speed"].items()},
+                    **{f"{k}_vs_merged": v / reference[k] for k, v in r["speed"].items()},
+                    **{f"{k}_first_call_s": v for k, v in r["first_s"].items()},
+                }
+            )
+    eager = {r["setting"]: r for r in rows if r["mode"] == "eager"}
+    for row in rows:
+        for kind in ("prefill", "generate"):
+            if row["mode"] == "compiled" and f"{kind}_tokens_per_s" in row:
+                row[f"{kind}_compiled_vs_eager"] = (
+                    row[f"{kind}_tokens_per_s"] / eager[row["setting"]][f"{kind}_tokens_per_s"]
+                )
+    return rows
+
+
+def compiled_report(rows: list[dict], args, output: str) -> None:
+    command = "python benchmarks/serving.py " + " ".join(sys.argv[1:])
+    meta = {
+        "command": command,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    atomic_write_text(
+        os.path.join(output, "serving_compile.json"), json.dumps({**meta, "rows": rows}, indent=2) + "\n"
+    )
+    lines = [
+        f"# Serving eager and compiled (S2FT n = {args.n}, random-weight MiniLM-L6 and SmolLM2-135M shapes)",
+        "",
+        f"`{command}`, {meta['threads']} thread(s), {args.device}, torch {meta['torch']}, {meta['date']}. "
+        f"Prefill: B sequences of {args.tokens} tokens; generate: {args.new_tokens} new tokens after "
+        f"{args.prompt}"
+        + (f"; {args.layers} layers instead of the models' own" if args.layers else "")
+        + ". *merged*: one adapter merged and unloaded (a plain model); *one adapter*: `set_adapter`, "
+        "unmerged; *mixed*: one adapter per sequence (`adapter_names`), as many distinct as loaded. Compiled: "
+        "`torch.compile` (inductor) of the inner model's forward, `fullgraph=True` but for *mixed* (its per-layer "
+        "lookup runs outside the graph). Tokens per second (medians after the first call) and their ratio to the "
+        "merged model in the same mode; *first call s*: the warm-up call, which compiles. The machine was shared "
+        "with other jobs: compare ratios within this table.",
+        "",
+        "| model | mode | setting | distinct | B | prefill tok/s | vs merged | compiled / eager | first call s "
+        "| generate tok/s | vs merged | compiled / eager | first call s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def cells(r: dict, kind: str) -> str:
+        if f"{kind}_tokens_per_s" not in r:
+            return "– | – | – | –"
+        gain = r.get(f"{kind}_compiled_vs_eager")
+        return (
+            f"{r[f'{kind}_tokens_per_s']:,.0f} | {r[f'{kind}_vs_merged']:.2f} | "
+            f"{'–' if gain is None else f'{gain:.2f}'} | {r[f'{kind}_first_call_s']:.1f}"
+        )
+
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['mode']} | {r['setting']} | {r['distinct']} | {r['batch']} | "
+            f"{cells(r, 'prefill')} | {cells(r, 'generate')} |"
+        )
+    atomic_write_text(os.path.join(output, "serving_compile.md"), "\n".join(lines) + "\n")
+
+
 def report(rows: list[dict], args, output: str, name: str) -> None:
     command = "python benchmarks/serving.py " + " ".join(sys.argv[1:])
     meta = {"command": command, "threads": torch.get_num_threads(), "torch": torch.__version__}
@@ -263,6 +418,14 @@ def main() -> int:
         help="MiB of adapters' maps kept between batches (model.set_map_cache; default 0: off)",
     )
     parser.add_argument("--quick", action="store_true", help="two layers, 1 and 8 adapters, small batches")
+    parser.add_argument(
+        "--layers", type=int, default=None, help="this many layers instead of each model's own (6 and 30)"
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="merged, one adapter and mixed batches, eager and under torch.compile (to serving_compile.*)",
+    )
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     if args.quick:
@@ -271,8 +434,12 @@ def main() -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 1
-    rows = [row for name in args.models for row in run_model(name, args)]
     default = os.path.join("benchmarks", "results", args.device + ("-quick" if args.quick else ""))
+    if args.compile:
+        rows = [row for name in args.models for row in run_compiled(name, args)]
+        compiled_report(rows, args, args.output or default)
+        return 0
+    rows = [row for name in args.models for row in run_model(name, args)]
     report(rows, args, args.output or default, "serving-map-cache" if args.map_cache else "serving")
     return 0
 

@@ -308,3 +308,40 @@ def test_fft_path_frozen_parts_compiled():
     compiled = torch.compile(apply, backend="aot_eager", fullgraph=True)
     for grad_x in (True, False):
         _close([run(compiled, grad_x)], [run(apply, grad_x)], 1e-12)
+
+
+def test_fft_path_compiled_keeps_plans_by_content(monkeypatch):
+    """The compiled FFT path's operator receives index tensors derived in the graph (new objects on every call): it
+    keeps one plan per distinct contents, reuses it in the next steps (forward and backward), builds a new one when
+    the locations change in place, and its results equal eager's (float64) throughout; the store is bounded."""
+    from s2ft.ops import apply as ops
+
+    monkeypatch.setattr(ops, "_CONTENT_PLANS", type(ops._CONTENT_PLANS)())
+    model, x = wrapped("linear", "s2ft", "fft", dtype=torch.float64)
+    model.train()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    expected = _step(model, x)
+    model.zero_grad()
+    _close(_step(compiled, x), expected, 1e-12)
+    model.zero_grad()
+    plans = list(ops._CONTENT_PLANS.values())
+    assert len(plans) == 2  # one per adapted layer
+    _close(_step(compiled, x), expected, 1e-12)
+    model.zero_grad()
+    assert all(a is b for a, b in zip(ops._CONTENT_PLANS.values(), plans, strict=True))
+
+    layer = model.spectral_layers()["a"]
+    adapter = layer.adapters["default"]
+    with torch.no_grad():  # the same buffer, new contents
+        adapter.locations.copy_((adapter.locations + 1) % (layer.d_out * layer.d_in))
+    expected = _step(model, x)
+    model.zero_grad()
+    _close(_step(compiled, x), expected, 1e-12)
+    assert len(ops._CONTENT_PLANS) == 3
+
+    monkeypatch.setattr(ops, "_CONTENT_PLANS_MAX", 1)
+    ops._CONTENT_PLANS.clear()
+    model.zero_grad()
+    _close(_step(compiled, x), expected, 1e-12)
+    assert len(ops._CONTENT_PLANS) == 1

@@ -27,13 +27,14 @@ Under ``torch.compile`` the FFT path is one custom operator of the graph, ``s2ft
 ``s2ft::fft_apply_backward`` for its backward), which runs the chunked sparse code above: Dynamo cannot trace the
 sparse map's construction, and a version in dense index operations that it can trace (a gather, a multiply and an
 ``index_add``) measured no faster compiled than this path eager with static shapes, and about 4x slower once the
-number of tokens varies (dynamic shapes). The plan is built on each call (about a millisecond at n = 1000), not
-cached.
+number of tokens varies (dynamic shapes). In the graph the index tensors are derived afresh on each call, so the
+operator keeps its plans by the indices' contents (:func:`_plan_by_content`), not by tensor identity.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -314,6 +315,33 @@ def _plan(rows, cols, d_out, d_in, perm_rows, perm_cols) -> _Plan:
     return plan
 
 
+# Plans of the compiled operator, by the contents of their index tensors (least recently used first). Sized for
+# every adapted layer of a ~1B model's all-linear targets (154 there); a plan holds O(n + d_out + d_in) integers.
+_CONTENT_PLANS: OrderedDict[tuple, _Plan] = OrderedDict()
+_CONTENT_PLANS_MAX = 256
+
+
+def _plan_by_content(rows, cols, d_out, d_in, perm_rows, perm_cols) -> _Plan:
+    """The :class:`_Plan` for these indices, kept by their contents (bytes; the dictionary compares them in full, so
+    equal keys are equal indices). Under ``torch.compile`` the operator receives index tensors derived in the graph,
+    new objects on every call, so :func:`_plan`'s cache by identity would never hit; rebuilding cost about 1-3 ms a
+    call at n = 1000 (forward and backward each). Reading the contents costs O(n + d_out + d_in) bytes (on a GPU,
+    a copy to the host; building the plan synchronizes there too)."""
+    tensors = (rows, cols, perm_rows, perm_cols)
+    key = (d_out, d_in, str(rows.device)) + tuple(
+        None if t is None else (str(t.dtype), t.detach().cpu().numpy().tobytes()) for t in tensors
+    )
+    plan = _CONTENT_PLANS.get(key)
+    if plan is not None:
+        _CONTENT_PLANS.move_to_end(key)
+        return plan
+    plan = _Plan.build(rows, cols, d_out, d_in, perm_rows, perm_cols)
+    _CONTENT_PLANS[key] = plan
+    while len(_CONTENT_PLANS) > _CONTENT_PLANS_MAX:
+        _CONTENT_PLANS.popitem(last=False)
+    return plan
+
+
 def _gather_columns(signal: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """``signal[:, perm]``. ``gather`` with a broadcast index copies rows 2-3x faster than ``index_select`` on
     dimension 1 on the CPU (the ``benchmarks/bench.py`` profile had the gathers at 39% of the FFT path)."""
@@ -417,7 +445,7 @@ class _SpectralFFT(torch.autograd.Function):
 
 
 # Under torch.compile the FFT path is one operator of the graph (its forward and its backward), running the eager
-# chunked sparse code above: the plan is built per call (about a millisecond at n = 1000), nothing is cached.
+# chunked sparse code above, with plans kept by the indices' contents (_plan_by_content).
 @torch.library.custom_op("s2ft::fft_apply", mutates_args=())
 def _fft_apply_op(
     x: torch.Tensor,
@@ -430,7 +458,7 @@ def _fft_apply_op(
     d_in: int,
     scaling: float,
 ) -> torch.Tensor:
-    plan = _Plan.build(rows, cols, d_out, d_in, perm_rows, perm_cols)
+    plan = _plan_by_content(rows, cols, d_out, d_in, perm_rows, perm_cols)
     return _fft_forward(x, coeffs, plan, scaling, coeffs.dtype)
 
 
@@ -455,7 +483,7 @@ def _fft_apply_backward_op(
     need_c: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(grad x, grad coeffs)``; an empty tensor stands for a gradient not needed."""
-    plan = _Plan.build(rows, cols, d_out, d_in, perm_rows, perm_cols)
+    plan = _plan_by_content(rows, cols, d_out, d_in, perm_rows, perm_cols)
     grad_x, grad_c = _fft_backward(grad_y, x, coeffs, plan, scaling, coeffs.dtype, need_x, need_c)
     return (x.new_empty(0) if grad_x is None else grad_x), (coeffs.new_empty(0) if grad_c is None else grad_c)
 
