@@ -345,3 +345,23 @@ def test_fft_path_compiled_keeps_plans_by_content(monkeypatch):
     model.zero_grad()
     _close(_step(compiled, x), expected, 1e-12)
     assert len(ops._CONTENT_PLANS) == 1
+
+
+def test_fft_operator_name_follows_its_schema():
+    """A compile cache keys graphs by the operators they call, not by the backward registered for them: the FFT
+    operator's name carries a digest of both schemas, so a backward with other arguments gets another name (and
+    misses a cache filled by another s2ft) while the same schema keeps its name."""
+    from s2ft.ops import apply
+
+    assert hasattr(torch.ops.s2ft, apply.FFT_OPERATOR)
+    assert hasattr(torch.ops.s2ft, apply.FFT_OPERATOR + "_backward")
+
+    def backward_without_need_x(
+        grad_y: torch.Tensor, x: torch.Tensor, coeffs: torch.Tensor, need_c: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise AssertionError("never called")
+
+    same = apply._schema_digest(apply._fft_apply_impl, apply._fft_apply_backward_impl)
+    assert apply.FFT_OPERATOR == f"fft_apply_{same}"
+    assert apply._schema_digest(apply._fft_apply_impl, backward_without_need_x) != same
+    assert apply._schema_digest(apply._fft_apply_backward_impl, apply._fft_apply_impl) != same

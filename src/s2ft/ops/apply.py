@@ -33,9 +33,12 @@ operator keeps its plans by the indices' contents (:func:`_plan_by_content`), no
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -445,9 +448,15 @@ class _SpectralFFT(torch.autograd.Function):
 
 
 # Under torch.compile the FFT path is one operator of the graph (its forward and its backward), running the eager
-# chunked sparse code above, with plans kept by the indices' contents (_plan_by_content).
-@torch.library.custom_op("s2ft::fft_apply", mutates_args=())
-def _fft_apply_op(
+# chunked sparse code above, with plans kept by the indices' contents (_plan_by_content). The operators' names end
+# in a digest of both schemas (and OPERATOR_REVISION): torch's compile caches key a graph by the operators it calls,
+# not by their registered backward, so a cache filled by an s2ft whose backward took other arguments would replay a
+# backward that no longer fits; a new name misses that cache instead. Bump OPERATOR_REVISION when the meaning of an
+# argument changes without the schema changing.
+OPERATOR_REVISION = 1
+
+
+def _fft_apply_impl(
     x: torch.Tensor,
     coeffs: torch.Tensor,
     rows: torch.Tensor,
@@ -462,13 +471,7 @@ def _fft_apply_op(
     return _fft_forward(x, coeffs, plan, scaling, coeffs.dtype)
 
 
-@_fft_apply_op.register_fake
-def _(x, coeffs, rows, cols, perm_rows, perm_cols, d_out, d_in, scaling):
-    return x.new_empty(x.shape[0], d_out, dtype=coeffs.dtype)
-
-
-@torch.library.custom_op("s2ft::fft_apply_backward", mutates_args=())
-def _fft_apply_backward_op(
+def _fft_apply_backward_impl(
     grad_y: torch.Tensor,
     x: torch.Tensor,
     coeffs: torch.Tensor,
@@ -486,6 +489,26 @@ def _fft_apply_backward_op(
     plan = _plan_by_content(rows, cols, d_out, d_in, perm_rows, perm_cols)
     grad_x, grad_c = _fft_backward(grad_y, x, coeffs, plan, scaling, coeffs.dtype, need_x, need_c)
     return (x.new_empty(0) if grad_x is None else grad_x), (coeffs.new_empty(0) if grad_c is None else grad_c)
+
+
+def _schema_digest(*functions: Any) -> str:
+    """8 hex digits of SHA-256 over the functions' signatures and :data:`OPERATOR_REVISION`."""
+    text = "|".join(str(inspect.signature(f)) for f in functions) + f"|{OPERATOR_REVISION}"
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+FFT_OPERATOR = (
+    f"fft_apply_{_schema_digest(_fft_apply_impl, _fft_apply_backward_impl)}"  # in the namespace s2ft
+)
+_fft_apply_op = torch.library.custom_op(f"s2ft::{FFT_OPERATOR}", mutates_args=())(_fft_apply_impl)
+_fft_apply_backward_op = torch.library.custom_op(f"s2ft::{FFT_OPERATOR}_backward", mutates_args=())(
+    _fft_apply_backward_impl
+)
+
+
+@_fft_apply_op.register_fake
+def _(x, coeffs, rows, cols, perm_rows, perm_cols, d_out, d_in, scaling):
+    return x.new_empty(x.shape[0], d_out, dtype=coeffs.dtype)
 
 
 @_fft_apply_backward_op.register_fake
