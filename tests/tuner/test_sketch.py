@@ -84,6 +84,18 @@ def test_permuted_power_spectrum_from_the_factors_float64():
     )
 
 
+def _same_plans(prior, approx, seed, search, locations):
+    """The plans of the dense ``prior`` and of its factors ``approx`` for one seed, asserted equal."""
+    dense = plan_layer(prior, 60, 1.5, layer_generator(seed, "m"), search=search, locations=locations)
+    low = plan_layer(approx, 60, 1.5, layer_generator(seed, "m"), search=search, locations=locations)
+    for a, b in zip(
+        (dense.perm_rows, dense.perm_cols, dense.rows, dense.cols),
+        (low.perm_rows, low.perm_cols, low.rows, low.cols),
+    ):
+        assert torch.equal(a, b), (search, seed)
+    return dense, low
+
+
 @pytest.mark.parametrize("search", SEARCHES)
 @pytest.mark.parametrize("locations", ["prior", "prior-half"])
 def test_plan_from_the_factors_equals_the_dense_plan_at_rank_at_most_k_float64(search, locations):
@@ -91,13 +103,7 @@ def test_plan_from_the_factors_equals_the_dense_plan_at_rank_at_most_k_float64(s
     prior = low_rank_matrix(48, 36, 5, seed=4)
     approx = sketched([prior], 16)
     for seed in (0, 1, 2):
-        dense = plan_layer(prior, 60, 1.5, layer_generator(seed, "m"), search=search, locations=locations)
-        low = plan_layer(approx, 60, 1.5, layer_generator(seed, "m"), search=search, locations=locations)
-        for a, b in zip(
-            (dense.perm_rows, dense.perm_cols, dense.rows, dense.cols),
-            (low.perm_rows, low.perm_cols, low.rows, low.cols),
-        ):
-            assert torch.equal(a, b), (search, seed)
+        dense, low = _same_plans(prior, approx, seed, search, locations)
         assert low.path_length_before == pytest.approx(dense.path_length_before, rel=1e-9)
         assert low.path_length_after == pytest.approx(dense.path_length_after, rel=1e-9)
     again = plan_layer(approx, 60, 1.5, layer_generator(0, "m"), search=search, locations=locations)
@@ -390,13 +396,7 @@ def test_plan_of_a_large_layer_from_the_factors_equals_the_dense_plan_float64(se
     prior = low_rank_matrix(48, 36, 5, seed=4)
     approx = sketched([prior], 16)
     for seed in (0, 1):
-        dense = plan_layer(prior, 60, 1.5, layer_generator(seed, "m"), search=search, locations=locations)
-        low = plan_layer(approx, 60, 1.5, layer_generator(seed, "m"), search=search, locations=locations)
-        for a, b in zip(
-            (dense.perm_rows, dense.perm_cols, dense.rows, dense.cols),
-            (low.perm_rows, low.perm_cols, low.rows, low.cols),
-        ):
-            assert torch.equal(a, b), (search, seed)
+        _same_plans(prior, approx, seed, search, locations)
 
 
 @pytest.mark.parametrize("shape", [(3, 40, 50), (60, 7, 9)])  # few tokens: Gram matrices; many: rows of g
