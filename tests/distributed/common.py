@@ -177,3 +177,29 @@ def check_sketched_calibration(rank0: dict[str, Any], rank1: dict[str, Any]) -> 
     for seen in (rank0, rank1):
         assert "processes disagree on prior_rank" in seen["rank_error"]
         assert_same_plans(seen["plans_after_rank_error"], seen["sketched_plans"])
+
+
+def check_fourierft_saves(
+    rank_results: tuple[dict[str, Any], dict[str, Any]], out: Path, tmp_path: Path
+) -> None:
+    """FourierFT trained across two ranks: both ranks hold one process's coefficients for the whole batch, and rank
+    0's s2ft and PEFT files equal what one process writes for them."""
+    rank0, rank1 = rank_results
+    model = get_spectral_model(tiny_llama(), fourierft_config())
+    train(model, batches(STEPS, seed=2))
+    for name, layer in model.spectral_layers().items():
+        assert torch.equal(rank0["fourierft_coeffs"][name], rank1["fourierft_coeffs"][name])
+        assert layer.coeffs.abs().max() > 0.05
+        torch.testing.assert_close(
+            rank0["fourierft_coeffs"][name], layer.coeffs.detach(), atol=1e-5, rtol=1e-4
+        )
+        with torch.no_grad():
+            layer.coeffs.copy_(rank0["fourierft_coeffs"][name])
+    model.save_pretrained(tmp_path / "s2ft")
+    model.save_pretrained(tmp_path / "peft", format="peft")
+    for ours, theirs in ((out / "fourierft", tmp_path / "s2ft"), (out / "fourierft-peft", tmp_path / "peft")):
+        (weights,) = [f for f in os.listdir(theirs) if f.endswith(".safetensors")]
+        distributed, one = read_weights(ours / weights), read_weights(theirs / weights)
+        assert distributed[1] == one[1] and distributed[0].keys() == one[0].keys()
+        for key, tensor in one[0].items():
+            assert torch.equal(tensor, distributed[0][key]), key

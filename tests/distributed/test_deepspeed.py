@@ -7,7 +7,6 @@ are refused."""
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
@@ -107,27 +106,8 @@ def test_merging_and_replanning_are_refused_model_unchanged(ranks):
 
 
 def test_fourierft_trains_and_saves_both_formats_partitioned(ranks, tmp_path):
-    from s2ft import get_spectral_model
 
-    (rank0, rank1), out = ranks
-    model = get_spectral_model(tiny_llama(), common.fourierft_config())
-    common.train(model, common.batches(common.STEPS, seed=2))
-    for name, layer in model.spectral_layers().items():
-        assert torch.equal(rank0["fourierft_coeffs"][name], rank1["fourierft_coeffs"][name])
-        assert layer.coeffs.abs().max() > 0.05
-        torch.testing.assert_close(
-            rank0["fourierft_coeffs"][name], layer.coeffs.detach(), atol=1e-5, rtol=1e-4
-        )
-        with torch.no_grad():
-            layer.coeffs.copy_(rank0["fourierft_coeffs"][name])
-    model.save_pretrained(tmp_path / "s2ft")
-    model.save_pretrained(tmp_path / "peft", format="peft")
-    for ours, theirs in ((out / "fourierft", tmp_path / "s2ft"), (out / "fourierft-peft", tmp_path / "peft")):
-        (weights,) = [f for f in os.listdir(theirs) if f.endswith(".safetensors")]
-        partitioned, one = read_weights(ours / weights), read_weights(theirs / weights)
-        assert partitioned[1] == one[1] and partitioned[0].keys() == one[0].keys()
-        for key, tensor in one[0].items():
-            assert torch.equal(tensor, partitioned[0][key]), key
+    common.check_fourierft_saves(*ranks, tmp_path)
 
 
 def test_sketched_calibration_equals_one_process_and_disagreeing_ranks_fail(ranks):

@@ -5,8 +5,6 @@ and merging a sharded model is refused with the way that works."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -137,27 +135,7 @@ def test_merging_a_sharded_model_is_refused(ranks):
 def test_fourierft_trains_and_saves_both_formats_sharded(ranks, tmp_path):
     """FourierFT under FSDP: the coefficients of one process with the whole batch, and rank 0's s2ft and PEFT
     files hold what one process writes for them."""
-    from s2ft import get_spectral_model
-
-    (rank0, rank1), out = ranks
-    model = get_spectral_model(tiny_llama(), common.fourierft_config())
-    common.train(model, common.batches(common.STEPS, seed=2))
-    for name, layer in model.spectral_layers().items():
-        assert torch.equal(rank0["fourierft_coeffs"][name], rank1["fourierft_coeffs"][name])
-        assert layer.coeffs.abs().max() > 0.05
-        torch.testing.assert_close(
-            rank0["fourierft_coeffs"][name], layer.coeffs.detach(), atol=1e-5, rtol=1e-4
-        )
-        with torch.no_grad():
-            layer.coeffs.copy_(rank0["fourierft_coeffs"][name])
-    model.save_pretrained(tmp_path / "s2ft")
-    model.save_pretrained(tmp_path / "peft", format="peft")
-    for ours, theirs in ((out / "fourierft", tmp_path / "s2ft"), (out / "fourierft-peft", tmp_path / "peft")):
-        (weights,) = [f for f in os.listdir(theirs) if f.endswith(".safetensors")]
-        sharded, one = read_weights(ours / weights), read_weights(theirs / weights)
-        assert sharded[1] == one[1] and sharded[0].keys() == one[0].keys()
-        for key, tensor in one[0].items():
-            assert torch.equal(tensor, sharded[0][key]), key
+    common.check_fourierft_saves(*ranks, tmp_path)
 
 
 def test_sketched_calibration_equals_one_process_and_disagreeing_ranks_fail(ranks):
