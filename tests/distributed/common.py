@@ -83,11 +83,13 @@ SKETCH_RANK = 4  # the sketched prior's rank in sketched_calibration
 
 def sketched_calibration(model: SpectralModel, mine: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
     """Calibrate with a sketched prior (``prior_rank=SKETCH_RANK``, sketches all-reduced) on this rank's batches,
-    then with ranks that disagree (an error on every rank, the plans unchanged), then with the exact prior again."""
+    then with ranks that disagree (an error on every rank, the plans unchanged), then with the config's own prior
+    setting again."""
     import torch.distributed as dist
 
     seen: dict[str, Any] = {}
     config = model.peft_config["default"]
+    own = config.prior_rank
     config.prior_rank = SKETCH_RANK
     model.calibrate(mine)
     seen["sketched_plans"] = plans(model)
@@ -97,7 +99,7 @@ def sketched_calibration(model: SpectralModel, mine: list[dict[str, torch.Tensor
     except ValueError as error:
         seen["rank_error"] = str(error)
     seen["plans_after_rank_error"] = plans(model)
-    config.prior_rank = None
+    config.prior_rank = own
     model.calibrate(mine)
     return seen
 
@@ -203,3 +205,43 @@ def check_fourierft_saves(
         assert distributed[1] == one[1] and distributed[0].keys() == one[0].keys()
         for key, tensor in one[0].items():
             assert torch.equal(tensor, distributed[0][key]), key
+
+
+def check_training_matches_one_process(
+    rank_results: tuple[dict[str, Any], dict[str, Any]], model: SpectralModel
+) -> None:
+    """Both ranks hold the coefficients that ``model`` (one process, the whole batch) trained."""
+    rank0, rank1 = rank_results
+    for name, layer in model.spectral_layers().items():
+        assert torch.equal(rank0["coeffs"][name], rank1["coeffs"][name])
+        assert layer.coeffs.abs().max() > 0.05  # it trained
+        torch.testing.assert_close(rank0["coeffs"][name], layer.coeffs.detach(), atol=1e-5, rtol=1e-4)
+
+
+def check_rank0_file(rank_results: tuple[dict[str, Any], dict[str, Any]], out: Path, tmp_path: Path) -> None:
+    """Only once training is done do both ranks see the adapter's two files, and rank 0's are what one process
+    writes for its plans and coefficients (the same config bytes, tensors, dtypes and metadata)."""
+    rank0, rank1 = rank_results
+    assert (
+        rank0["saved_when_done"]
+        == rank1["saved_when_done"]
+        == ["adapter_config.json", "adapter_model.safetensors"]
+    )
+    model = get_spectral_model(tiny_llama(), config())
+    with torch.no_grad():
+        for name, layer in model.spectral_layers().items():
+            plan = rank0["plans"][name]
+            layer.set_locations(plan["rows"], plan["cols"], plan["perm_rows"], plan["perm_cols"])
+            layer.coeffs.copy_(rank0["coeffs"][name])
+    model.save_pretrained(tmp_path / "one")
+    name = "adapter_config.json"
+    assert (out / "adapter" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+    distributed, one = (
+        read_weights(folder / "adapter_model.safetensors") for folder in (out / "adapter", tmp_path / "one")
+    )
+    assert (
+        distributed[1] == one[1]
+    )  # metadata (safetensors writes its keys in an order that varies by process)
+    assert distributed[0].keys() == one[0].keys()
+    for key, tensor in one[0].items():
+        assert tensor.dtype == distributed[0][key].dtype and torch.equal(tensor, distributed[0][key]), key

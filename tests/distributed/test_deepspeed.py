@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.distributed import common
-from tests.distributed.common import assert_same_plans, read_weights
+from tests.distributed.common import assert_same_plans
 from tests.helpers import tiny_llama
 
 pytestmark = [
@@ -49,38 +49,11 @@ def test_calibration_after_initialize_equals_one_process_on_all_batches(ranks, s
 
 
 def test_engine_training_matches_one_process_with_the_whole_batch(ranks, single):
-    (rank0, rank1), _ = ranks
-    model, _ = single
-    for name, layer in model.spectral_layers().items():
-        assert torch.equal(rank0["coeffs"][name], rank1["coeffs"][name])
-        assert layer.coeffs.abs().max() > 0.05  # it trained
-        torch.testing.assert_close(rank0["coeffs"][name], layer.coeffs.detach(), atol=1e-5, rtol=1e-4)
+    common.check_training_matches_one_process(ranks[0], single[0])
 
 
 def test_rank0_writes_the_file_one_process_writes(ranks, tmp_path):
-    from s2ft import get_spectral_model
-
-    (rank0, rank1), out = ranks
-    assert (
-        rank0["saved_when_done"]
-        == rank1["saved_when_done"]
-        == ["adapter_config.json", "adapter_model.safetensors"]
-    )
-    model = get_spectral_model(tiny_llama(), common.config())
-    with torch.no_grad():
-        for name, layer in model.spectral_layers().items():
-            plan = rank0["plans"][name]
-            layer.set_locations(plan["rows"], plan["cols"], plan["perm_rows"], plan["perm_cols"])
-            layer.coeffs.copy_(rank0["coeffs"][name])
-    model.save_pretrained(tmp_path / "one")
-    config = "adapter_config.json"
-    assert (out / "adapter" / config).read_bytes() == (tmp_path / "one" / config).read_bytes()
-    partitioned, one = (
-        read_weights(f / "adapter_model.safetensors") for f in (out / "adapter", tmp_path / "one")
-    )
-    assert partitioned[1] == one[1] and partitioned[0].keys() == one[0].keys()
-    for key, tensor in one[0].items():
-        assert tensor.dtype == partitioned[0][key].dtype and torch.equal(tensor, partitioned[0][key]), key
+    common.check_rank0_file(*ranks, tmp_path)
 
 
 def test_a_saved_adapter_resumes_partitioned(ranks):
