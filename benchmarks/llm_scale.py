@@ -295,9 +295,8 @@ def attach(model: torch.nn.Module, spec: dict, group_size: int | None):
 
         if method == "s2ft":
             extra = {} if group_size is None else {"calibration_group_size": group_size}
-            rank = spec.get("prior_rank", spec.get("s2ft_prior_rank"))
-            if rank is not None:
-                extra["prior_rank"] = rank
+            # None: the exact prior (S2FTConfig's default, "auto", would sketch these wide layers)
+            extra["prior_rank"] = spec.get("prior_rank", spec.get("s2ft_prior_rank"))
             config = s2ft.S2FTConfig(target_modules=targets, n_frequency=n, **extra)
         else:
             config = s2ft.FourierFTConfig(target_modules=targets, n_frequency=n)

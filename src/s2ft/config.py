@@ -16,6 +16,12 @@ from s2ft.ops.permutation import SEARCHES
 
 # The priors S2FT plans from (S2FTConfig.prior); computed by s2ft.tuner.calibration.gradient_prior.
 PRIORS = ("gradient", "adam", "trajectory")
+# prior_rank="auto" (S2FTConfig's default): layers at least this wide on both sides are sketched at this rank, the
+# others get the exact prior. At k = 64 the sketch kept the three default jobs' test metrics within their seed
+# spread (docs/results/*/sketched-prior/); their layers are narrower, so they keep the exact prior. From 1,024 on
+# a layer's exact Adam prior (two float32 d_out x d_in matrices) is 10x or more the sketch's numbers.
+AUTO_PRIOR_RANK = 64
+AUTO_SKETCH_MIN_WIDTH = 1024
 
 LOCATIONS = ("prior", "prior-half", "uniform")
 # Where an S2FT plan's permutations (S2FTConfig.plan_from) and locations (locations_from) come from: the prior
@@ -232,11 +238,13 @@ class S2FTConfig(FourierFTConfig):
     # per calibration batch, at learning rate prior_lr.
     prior: str = "adam"
     prior_lr: float = 1e-4
-    # The rank k of a sketched prior (None: the exact prior). With k, calibration holds O((d_out + d_in)·k) numbers
-    # per layer instead of one or two dense matrices, in one pass over the batches, and plans from the rank-k
-    # factors; k is clamped to min(d_out, d_in) per layer, where the sketch is exact. "gradient" and "adam" only
-    # (the adam prior's second moment is then factored as Adafactor does).
-    prior_rank: int | None = None
+    # The rank k of a sketched prior: None, the exact prior; k, every layer's prior sketched at rank k; "auto" (the
+    # default), the layers at least 1,024 wide on both sides sketched at rank 64 and the others exact. A sketch holds
+    # O((d_out + d_in)·k) numbers per layer instead of one or two dense matrices, in one pass over the batches, and
+    # the plan is made from the rank-k factors; k is clamped to min(d_out, d_in) per layer, where the sketch is
+    # exact. "gradient" and "adam" only (the adam prior's second moment is then factored as Adafactor does;
+    # "auto" leaves the trajectory prior exact).
+    prior_rank: int | str | None = "auto"
     # The permutations' source (PLAN_SOURCES): "prior", the ordering of the prior's rows and columns, stored in the
     # file (the paper); "base", the same search on the base weights W0 with the seed, recomputed when loading (the
     # file holds W0's fingerprint instead, and loading on another base model is refused).
@@ -303,16 +311,23 @@ class S2FTConfig(FourierFTConfig):
         if not _is_number(self.prior_lr) or not math.isfinite(self.prior_lr) or self.prior_lr <= 0:
             raise ValueError(f"prior_lr must be a finite number > 0, got {self.prior_lr!r}")
         self.prior_lr = float(self.prior_lr)
-        if self.prior_rank is not None and (
-            not isinstance(self.prior_rank, int) or isinstance(self.prior_rank, bool) or self.prior_rank <= 0
+        if (
+            self.prior_rank is not None
+            and self.prior_rank != "auto"
+            and (
+                not isinstance(self.prior_rank, int)
+                or isinstance(self.prior_rank, bool)
+                or self.prior_rank <= 0
+            )
         ):
             raise ValueError(
-                f"prior_rank must be a positive integer (the sketched prior's rank) or None, got {self.prior_rank!r}"
+                "prior_rank must be a positive integer (the sketched prior's rank), 'auto' (sketched where a layer "
+                f"is at least {AUTO_SKETCH_MIN_WIDTH} wide on both sides) or None (the exact prior), got {self.prior_rank!r}"
             )
-        if self.prior_rank is not None and self.prior == "trajectory":
+        if self.prior_rank not in (None, "auto") and self.prior == "trajectory":
             raise ValueError(
-                "the trajectory prior has no sketched form (it steps the weights themselves): leave prior_rank=None, "
-                "or use prior='gradient' or 'adam' with prior_rank"
+                "the trajectory prior has no sketched form (it steps the weights themselves): leave prior_rank=None "
+                "or 'auto', or use prior='gradient' or 'adam' with prior_rank"
             )
         if self.prior == "trajectory" and self.calibration_group_size is not None:
             raise ValueError(

@@ -26,7 +26,7 @@ class Option:
     """
 
     name: str
-    type: Callable[[str], Any]  # parses the command line: int, float, str or bool
+    type: Callable[[str], Any]  # parses the command line: int, float, str, bool, or a parser of its own
     default: Any  # the field's default; None: resolved at the start of a job (``fallback``)
     help: str
     choices: tuple[Any, ...] | None = None

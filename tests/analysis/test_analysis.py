@@ -197,7 +197,9 @@ def test_analyze_model_writes_json_figures_and_report(tmp_path):
         "prior": "adam",  # the config's (its default)
         "prior_lr": 1e-4,
         "rel_error": 0.1,
+        "prior_rank": "auto",  # the config's default: these 32-wide layers keep their exact prior
     }
+    assert not any("sketch" in result for result in saved["prior"].values())
     assert list(saved["prior"]) == names and list(saved["full_finetune"]) == names
     assert "prior_plan" in saved["full_finetune"][names[0]]
     summary = saved["summary"]["prior"]

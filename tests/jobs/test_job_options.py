@@ -13,6 +13,7 @@ from s2ft.cli import build_parser, main
 from s2ft.jobs.args import JOB_OPTIONS, FinetuneArgs, JobArgs, all_options, applicable
 from s2ft.jobs.compare import variant_args
 from s2ft.methods import METHODS, options
+from s2ft.methods.spectral import prior_rank_arg
 from s2ft.options import Option
 from s2ft.tasks import TASKS, RunError, task_options
 
@@ -40,7 +41,7 @@ def _value(option: Option) -> list[str]:
         return [option.flag]
     if option.choices:
         return [option.flag, str(option.choices[-1])]
-    return [option.flag, {int: "2", float: "0.5", str: "x"}[option.type]]
+    return [option.flag, {int: "2", float: "0.5", str: "x", prior_rank_arg: "2"}[option.type]]
 
 
 def test_every_flag_comes_from_one_declaration():

@@ -298,7 +298,11 @@ def test_trajectory_prior_with_a_rank_refused():
 def test_prior_rank_round_trips():
     config = S2FTConfig(target_modules=["q"], prior_rank=64)
     assert S2FTConfig.from_dict(config.to_dict()).prior_rank == 64
-    assert S2FTConfig(target_modules=["q"]).prior_rank is None
+    for rank in ("auto", None):
+        assert (
+            S2FTConfig.from_dict(S2FTConfig(target_modules=["q"], prior_rank=rank).to_dict()).prior_rank
+            == rank
+        )
 
 
 @pytest.mark.parametrize("rank", [4, 32])
@@ -332,7 +336,7 @@ def test_job_flag_prior_rank():
 
     args = FinetuneArgs(prior_rank=16).resolved()
     assert get_method("s2ft").config(args, []).prior_rank == 16
-    assert FinetuneArgs().resolved().prior_rank is None
+    assert FinetuneArgs().resolved().prior_rank == "auto"
     with pytest.raises(RunError, match="--prior-rank must be positive"):
         FinetuneArgs(prior_rank=0).resolved()
     with pytest.raises(RunError, match="trajectory prior has no sketched form"):

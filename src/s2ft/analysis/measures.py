@@ -28,7 +28,7 @@ from s2ft.io import atomic_write_text
 from s2ft.ops.locations import fourierft_locations, mirror_of
 from s2ft.ops.permutation import path_length
 from s2ft.ops.sketch import LowRank
-from s2ft.tuner.calibration import LossFn, compute_prior
+from s2ft.tuner.calibration import LossFn, compute_prior, layer_prior_ranks
 from s2ft.tuner.planner import LayerPlan, base_matrix, layer_generator, plan_for
 
 # Fractions of the coefficients at which energy curves are sampled: 10^-5 .. 1, 10 per decade.
@@ -437,7 +437,7 @@ def _priors(
 ) -> Iterable[tuple[str, torch.Tensor, LowRank | None]]:
     """``(name, prior, sketch)`` for every layer, ``layers_per_pass`` layers' priors held at a time; the prior named
     by ``settings["prior"]``, and, with ``settings["prior_rank"]``, its sketch at that rank (a second pass over the
-    batches; else None).
+    batches) where the layer has one (``"auto"``: the wide layers only; else None).
 
     Every adapter stays switched off meanwhile, also those outside the pass (as they are in one calibration pass).
     A ``"trajectory"`` prior taken a pass at a time moves only that pass's layers: it then differs from the one
@@ -451,7 +451,9 @@ def _priors(
         raise ValueError(
             "layers_per_pass needs re-iterable batches (a list or a DataLoader), not an iterator"
         )
-    if settings.get("prior_rank") is not None and iter(batches) is batches:
+    ranks = layer_prior_ranks(layers, settings.get("prior_rank"), settings["prior"])
+    sketched = any(k is not None for k in ranks.values())  # "auto": none where every layer is narrow
+    if sketched and iter(batches) is batches:
         raise ValueError(
             "a sketched prior (prior_rank) is analysed against the exact one, over the batches twice: pass "
             "re-iterable batches (a list or a DataLoader), not an iterator"
@@ -484,11 +486,12 @@ def _priors(
                     rank=settings.get("prior_rank"),
                     seed=settings["seed"],
                 )
-                if settings.get("prior_rank") is not None
+                if sketched
                 else {}
             )
             for name in chunk:
-                yield name, priors.pop(name), sketches.pop(name, None)
+                sketch = sketches.pop(name, None)  # "auto": a narrow layer's prior is the exact one
+                yield name, priors.pop(name), sketch if isinstance(sketch, LowRank) else None
     finally:
         for name, layer in layers.items():
             layer.disabled = disabled[name]

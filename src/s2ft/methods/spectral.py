@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -92,6 +93,22 @@ def _fraction_of_steps(value: float) -> str | None:
     return None if value == 0 or 0 < value < 1 else "must be 0 (never) or a fraction of the steps in (0, 1)"
 
 
+def prior_rank_arg(text: str) -> int | str | None:
+    """``--prior-rank``: ``auto``, ``exact`` (None: the exact prior) or a number."""
+    if text in ("auto", "exact"):
+        return None if text == "exact" else "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected auto, exact or a positive integer, got {text!r}"
+        ) from None
+
+
+def _positive_rank(value: Any) -> str | None:
+    return None if value == "auto" else positive(value)
+
+
 def _full_finetuning_lr(task_defaults: dict[str, Any]) -> float:
     return task_defaults.get("lr", {}).get(Full.name, Full.default_lr)
 
@@ -128,12 +145,15 @@ S2FT_OPTIONS = (
     ),
     Option(
         "prior_rank",
-        int,
-        None,
-        "sketch the prior at this rank: one pass over the calibration batches holding O((d_out + d_in) * rank) "
-        "numbers per layer, the plan made from the rank-k factors (default: the exact prior; gradient and adam "
-        "priors; clamped to min(d_out, d_in) per layer)",
-        check=positive,
+        prior_rank_arg,
+        "auto",
+        "sketch the prior: 'auto' sketches at rank 64 the layers at least 1,024 wide on both sides "
+        "and keeps the exact prior of the others (every default job's layers); a number k sketches every layer at "
+        "rank k (clamped to min(d_out, d_in)); 'exact' never sketches. A sketch takes one pass over the "
+        "calibration batches holding O((d_out + d_in) * k) numbers per layer, and the plan is made from its "
+        "rank-k factors (gradient and adam priors)",
+        check=_positive_rank,
+        metavar="{auto,exact,K}",
     ),
     Option(
         "prior_lr",

@@ -12,14 +12,14 @@ import contextlib
 import hashlib
 import itertools
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from functools import partial
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from s2ft.config import PRIORS
+from s2ft.config import AUTO_PRIOR_RANK, AUTO_SKETCH_MIN_WIDTH, PRIORS
 from s2ft.ops.sketch import LowRank, low_rank_from_sketches, sketch_matrices
 from s2ft.tuner.distributed import agree_across_processes, agreed_batches, is_partitioned, is_sharded
 from s2ft.tuner.kinds import LayerKind, kind_of, weight_matrix
@@ -183,7 +183,7 @@ def compute_prior(
     kind: str = "gradient",
     lr: float = 1e-4,
     from_activations: bool | None = None,
-    rank: int | None = None,
+    rank: int | str | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
     """The prior ``ΔŴ`` of each layer's ``base_layer.weight``, from the gradients ``g_b`` of the batches:
@@ -213,7 +213,10 @@ def compute_prior(
     :class:`s2ft.ops.sketch.LowRank` (``k`` clamped to ``min(d_out, d_in)`` per layer, where it is exact), built in
     the same one pass from randomized sketches that hold ``O((d_out + d_in)·k)`` numbers per layer (the test
     matrices seeded by ``(seed, shape, k)``, shared by the layers of one shape); the ``"adam"`` second moment is then factored as Adafactor factors it
-    (:class:`SketchedAdamPrior`). Every process must pass the same ``rank``.
+    (:class:`SketchedAdamPrior`). With ``rank="auto"`` only the layers at least :data:`AUTO_SKETCH_MIN_WIDTH` wide on
+    both sides are sketched, at :data:`AUTO_PRIOR_RANK`, and the others get their exact prior, in the same pass
+    (:func:`layer_prior_ranks`; a prior with no sketched form is then exact everywhere). Every process must pass
+    the same ``rank``.
     """
     return dict(
         iter_priors(
@@ -244,7 +247,7 @@ def iter_priors(
     lr: float = 1e-4,
     group_size: int | None = None,
     from_activations: bool | None = None,
-    rank: int | None = None,
+    rank: int | str | None = None,
     seed: int = 0,
 ) -> Iterator[tuple[str, Any]]:
     """``(name, prior)`` for every layer, as :func:`compute_prior` computes them, ``group_size`` layers at a time
@@ -260,10 +263,12 @@ def iter_priors(
         isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
     ):
         raise ValueError(f"the calibration group size must be a positive integer or None, got {group_size!r}")
-    check_prior_rank(rank, kind)
-    strategy = PRIOR_STRATEGIES[kind] if rank is None else SKETCHED_STRATEGIES[kind]
-    hooked = _activation_layers(layers, from_activations, prefer=rank is not None)
-    if strategy.steps_weights and hooked:
+    ranks = layer_prior_ranks(layers, rank, kind)
+    exact, sketched = PRIOR_STRATEGIES[kind], SKETCHED_STRATEGIES.get(kind)
+    hooked = _activation_layers(
+        layers, from_activations, prefer={n for n, k in ranks.items() if k is not None}
+    )
+    if exact.steps_weights and hooked:
         name = next(n for n in layers if n in hooked)  # the first in module order
         raise ValueError(
             f"the {kind} prior steps the weights themselves, and {name!r} ({kind_of(layers[name].base_layer).label}"
@@ -272,7 +277,7 @@ def iter_priors(
         )
     names = list(layers)
     size = len(names) if group_size is None else group_size
-    if strategy.steps_weights and size < len(names):
+    if exact.steps_weights and size < len(names):
         raise ValueError(
             f"the {kind} prior steps every layer's weights together (each layer's path depends on the "
             f"others'), so it cannot be computed in groups of {size} of {len(names)} layers: give no group size, "
@@ -282,20 +287,38 @@ def iter_priors(
     if len(groups) > 1:  # every group sees the very same batches
         batches = list(batches if max_batches is None else itertools.islice(batches, max_batches))
         max_batches = None
-    agree_across_processes(-1 if rank is None else rank, "prior_rank (-1: None, the exact prior)")
+    agree_across_processes(
+        {None: -1, "auto": -2}.get(rank, rank),  # type: ignore[arg-type]
+        "prior_rank (-1: None, the exact prior; -2: 'auto')",
+    )
     run = _Run(model, layers, batches, loss_fn, max_batches, progress, hooked)
-    label = kind if rank is None else f"{kind}, rank {rank}"
-    return _grouped(run, groups, lambda group: strategy(group, lr=lr, rank=rank, seed=seed), label)
+    sketch_rank = {k for k in ranks.values() if k is not None}
+    label = kind if not sketch_rank else f"{kind}, rank {rank}" if rank != "auto" else f"{kind}, auto rank"
+
+    def make(group: Mapping[str, nn.Module]) -> list[PriorStrategy]:
+        """The group's strategies: the exact prior of its layers without a rank, the sketch of those with one."""
+        parts: list[PriorStrategy] = []
+        plain = {n: layer for n, layer in group.items() if ranks[n] is None}
+        if plain:
+            parts.append(exact(plain, lr=lr, seed=seed))
+        for k in sorted(sketch_rank):
+            ranked = {n: layer for n, layer in group.items() if ranks[n] == k}
+            if ranked and sketched is not None:
+                parts.append(sketched(ranked, lr=lr, rank=k, seed=seed))
+        return parts
+
+    return _grouped(run, groups, make, label)
 
 
 def check_prior_rank(rank: Any, kind: str) -> None:
-    """Refuse a ``prior_rank`` that is not None or a positive integer, or one given to a prior with no sketch."""
-    if rank is None:
+    """Refuse a ``prior_rank`` that is not None, ``"auto"`` or a positive integer, or a rank given to a prior with
+    no sketch (``"auto"`` gives such a prior the exact form everywhere)."""
+    if rank is None or rank == "auto":
         return
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(
-            f"prior_rank must be a positive integer (the rank of the sketched prior) or None (the exact prior), "
-            f"got {rank!r}"
+            f"prior_rank must be a positive integer (the rank of the sketched prior), 'auto' (sketched where a "
+            f"layer is at least {AUTO_SKETCH_MIN_WIDTH} wide on both sides) or None (the exact prior), got {rank!r}"
         )
     if kind not in SKETCHED_STRATEGIES:
         raise ValueError(
@@ -305,18 +328,36 @@ def check_prior_rank(rank: Any, kind: str) -> None:
         )
 
 
+def layer_prior_ranks(
+    layers: Mapping[str, nn.Module], rank: int | str | None, kind: str
+) -> dict[str, int | None]:
+    """Each layer's sketch rank under ``prior_rank=rank`` (None: its exact prior): ``rank`` itself for every layer,
+    or with ``"auto"`` :data:`AUTO_PRIOR_RANK` for the layers with ``min(d_out, d_in) >=``
+    :data:`AUTO_SKETCH_MIN_WIDTH` (none for a prior with no sketched form) and None for the others."""
+    check_prior_rank(rank, kind)
+    if rank != "auto":
+        return dict.fromkeys(layers, rank)  # type: ignore[arg-type]
+    sketchable = kind in SKETCHED_STRATEGIES
+    return {
+        name: AUTO_PRIOR_RANK
+        if sketchable and min(layer.d_out, layer.d_in) >= AUTO_SKETCH_MIN_WIDTH
+        else None
+        for name, layer in layers.items()
+    }
+
+
 def _activation_layers(
-    layers: Mapping[str, nn.Module], from_activations: bool | None, prefer: bool = False
+    layers: Mapping[str, nn.Module], from_activations: bool | None, prefer: Collection[str] = ()
 ) -> set[str]:
     """The names of the layers whose prior is taken from activations; unsupported ones refused. None: those whose
-    weight takes no gradient, and with ``prefer`` (a sketched prior, which then never forms a dense ``g_b``) every
-    layer whose kind gives a gradient from activations."""
+    weight takes no gradient, and those in ``prefer`` (sketched, which then never form a dense ``g_b``) whose kind
+    gives a gradient from activations."""
     if from_activations is None:
         return {
             n
             for n, layer in layers.items()
             if not takes_weight_gradient(layer.base_layer)
-            or (prefer and kind_of(layer.base_layer).prior_from_activations)
+            or (n in prefer and kind_of(layer.base_layer).prior_from_activations)
         }
     if not from_activations:
         return set()
@@ -654,7 +695,10 @@ class _Run:
 
 
 def _grouped(
-    run: _Run, groups: list[list[str]], make: Callable[[Mapping[str, nn.Module]], PriorStrategy], kind: str
+    run: _Run,
+    groups: list[list[str]],
+    make: Callable[[Mapping[str, nn.Module]], list[PriorStrategy]],
+    kind: str,
 ) -> Iterator[tuple[str, Any]]:
     for index, group in enumerate(groups):
         label = f"calibrating ({kind} prior" + (
@@ -665,11 +709,12 @@ def _grouped(
             yield name, priors.pop(name)
 
 
-def _group_prior(run: _Run, strategy: PriorStrategy, label: str) -> dict[str, Any]:
-    """One pass over the batches for ``strategy``'s layers (one group), every adapter's ΔW off meanwhile: see
-    :func:`compute_prior`."""
-    layers = strategy.layers
-    weights = {n: layer.base_layer.weight for n, layer in layers.items() if n not in run.hooked}
+def _group_prior(run: _Run, parts: list[PriorStrategy], label: str) -> dict[str, Any]:
+    """One pass over the batches for one group's layers, split between the strategies ``parts`` (each its own
+    layers: exact and sketched priors side by side with ``prior_rank="auto"``), every adapter's ΔW off meanwhile:
+    see :func:`compute_prior`."""
+    owner = {name: part for part in parts for name in part.layers}
+    weights = {n: owner[n].layers[n].base_layer.weight for n in owner if n not in run.hooked}
     seen = 0
     disabled = {name: layer.disabled for name, layer in run.everyone.items()}
     # in step across ranks; one error on all if uneven
@@ -679,42 +724,50 @@ def _group_prior(run: _Run, strategy: PriorStrategy, label: str) -> dict[str, An
 
         total = run.max_batches if run.max_batches is not None else _len_or_none(run.batches)
         iterator = tqdm(iterator, total=total, desc=label, unit="batch")
-    hooks = _ActivationGradients(strategy, [n for n in layers if n in run.hooked])
+    hooks = [_ActivationGradients(part, [n for n in part.layers if n in run.hooked]) for part in parts]
     try:
         for layer in run.everyone.values():
             layer.disabled = True
-        hooks.attach()
+        for hook in hooks:
+            hook.attach()
         with _only_weights_require_grad(run.model, list(weights.values())):
             for index, batch in enumerate(iterator):
                 if run.max_batches is not None and index >= run.max_batches:
                     break
-                loss = batch_loss(run.model, _move(batch, strategy.device), run.loss_fn)
+                loss = batch_loss(run.model, _move(batch, parts[0].device), run.loss_fn)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"calibration batch {index} gave a non-finite loss ({float(loss.detach())})"
                     )
                 if loss.requires_grad:  # it does not when none of the group's layers is used
                     loss.backward()
-                hooks.end_batch()
+                for hook in hooks:
+                    hook.end_batch()
                 for name, w in weights.items():
                     if w.grad is not None:
                         _hold(w.grad)
-                        grad = weight_matrix(layers[name].base_layer, grad=True)
-                        keep = strategy.keeps_float64 and grad.dtype == torch.float64
-                        strategy.add(name, grad if keep else grad.float())
+                        part = owner[name]
+                        grad = weight_matrix(part.layers[name].base_layer, grad=True)
+                        keep = part.keeps_float64 and grad.dtype == torch.float64
+                        part.add(name, grad if keep else grad.float())
                         del grad
-                strategy.end_batch()
+                for part in parts:
+                    part.end_batch()
                 for w in weights.values():
                     w.grad = None
                 seen += 1
     finally:
-        hooks.detach()
-        strategy.restore()
+        for hook in hooks:
+            hook.detach()
+        for part in parts:
+            part.restore()
         for name, layer in run.everyone.items():
             layer.disabled = disabled[name]
         if run.progress:
             iterator.close()
-    priors = strategy.finish()
+    priors = {}
+    for part in parts:
+        priors.update(part.finish())
     _check_priors(priors, seen)
     return priors
 
