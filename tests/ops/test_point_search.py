@@ -44,14 +44,14 @@ def test_searches_from_points_equal_the_dense_searches_float64(search, small_blo
 
 
 def test_greedy_from_points_reads_whole_rows_only_when_its_lists_run_out(small_blocks, monkeypatch):
-    """Few listed neighbours: the steps fall back on the current point's row often, and the path is still the
-    dense one (the lists decide the other steps exactly)."""
+    """Few listed neighbours: the steps fall back on the nearest of all unvisited points often, and the path is
+    still the dense one (the lists decide the other steps exactly)."""
     monkeypatch.setattr(point_search, "CANDIDATES", 2)
     x = random_points(1)
     calls = []
-    original = Points.distances_to
+    original = point_search._Unvisited.nearest
     monkeypatch.setattr(
-        Points, "distances_to", lambda self, p, others: calls.append(p) or original(self, p, others)
+        point_search._Unvisited, "nearest", lambda self, p: calls.append(p) or original(self, p)
     )
     low = search_order_points(x, "greedy", torch.Generator().manual_seed(0))
     assert torch.equal(low, search_order(x, "greedy", torch.Generator().manual_seed(0)))
