@@ -8,19 +8,23 @@ neighbours per point) and one block of ``O(BLOCK_ENTRIES)`` distances:
 - **greedy** (and ``"multistart"``): each point's ``K`` nearest others, sorted by (distance, index), are found once
   block by block (:func:`nearest_neighbours`). A step takes the first unvisited point of the current point's list:
   the nearest unvisited point of all, unless every listed point is visited or the one found is as far as the last
-  listed (a tie might then hide an unlisted point of lower index); only then is the current point's whole row of
-  distances computed, as the dense search reads it. The path is the dense search's: the same start drawn from the
+  listed (a tie might then hide an unlisted point of lower index); only then are the distances to all unvisited
+  points computed, as the dense search reads its row (from a compacted copy of the unvisited points, so late steps,
+  where the lists run out most, cost little). The path is the dense search's: the same start drawn from the
   generator, the same nearest unvisited point at each step, the first (lowest index) of equal distances.
 - **2-opt** (``"2opt"``, ``"2opt-cyclic"``): the same rounds as :func:`s2ft.ops.permutation.two_opt` (shared code),
   with the candidate lists found block by block and every distance a move's gain needs computed from the two
   points' coordinates.
 - **svd** needs no distances: it is :func:`s2ft.ops.permutation.singular_vector_order` itself.
 
-Distances are computed as the dense ones (centred points, float64 up to 4M coordinates, the Gram identity
-``|a|² + |b|² - 2 a·b``), but a block's matrix product may round differently from the whole matrix's, so the two
-agree to rounding, not bit for bit: two distances within rounding of each other may then be ordered differently
-(random points never are, in the tests; exactly equal points give exactly equal distances in both and the lowest
-index wins in both).
+Distances are computed as the dense ones (centred points, the Gram identity ``|a|² + |b|² - 2 a·b``), in float64
+for float64 points (up to 4M coordinates, as the dense ones) and in float32 for float32 points (a sketched prior of
+a float32 or bfloat16 model: its factors are float32; the products then take a third less time), but a block's
+matrix product may round differently from the whole matrix's, so the two agree to rounding, not bit for bit: two
+distances within rounding of each other may then be ordered differently (random points never are, in the tests;
+exactly equal points give exactly equal distances in both and the lowest index wins in both). In float32 that
+rounding is float32's: a step then takes a point whose distance is the nearest one's to about 1e-6 of the points'
+squared norms, which is what stays guaranteed (tested against float64 distances), not the float64 path.
 """
 
 from __future__ import annotations
@@ -48,11 +52,12 @@ PAIR_CHUNK = 2**15  # point pairs whose distances are computed at once
 
 
 class Points:
-    """The rows of ``points`` ``(m, k)`` centred, in the dtype of :func:`s2ft.ops.permutation.pairwise_sq_dists`,
-    with their squared norms; distances between them on demand."""
+    """The rows of ``points`` ``(m, k)`` centred, with their squared norms; distances between them on demand. In
+    the dtype of :func:`s2ft.ops.permutation.pairwise_sq_dists` for float64 points, float32 for others (see the
+    module docstring)."""
 
     def __init__(self, points: torch.Tensor, block_entries: int | None = None) -> None:
-        dtype = torch.float64 if points.numel() <= 2**22 else torch.float32
+        dtype = torch.float64 if points.numel() <= 2**22 and points.dtype == torch.float64 else torch.float32
         x = points.detach().to(dtype)
         self.x = x - x.mean(dim=0, keepdim=True)
         self.sq = (self.x * self.x).sum(dim=1)
