@@ -231,3 +231,13 @@ def test_canonical_count_is_the_locations_not_after_their_mirror(shape):
 
     index = torch.arange(shape[0] * shape[1])
     assert _canonical_count(*shape) == int((mirror_of(*shape) >= index).sum())
+
+
+def test_factored_sampling_refuses_factors_that_are_not_finite():
+    left = torch.ones(6, 2, dtype=torch.complex128)
+    left[2, 1] = float("nan")
+    power = FactoredPower(left, torch.ones(5, 2, dtype=torch.complex128))
+    with pytest.raises(ValueError, match="finite and non-negative"):
+        sample_locations_in_blocks(power, 6, 5, 3, 1.5)
+    with pytest.raises(ValueError, match=r"\(d_out, k\) and \(d_in, k\)"):
+        FactoredPower(torch.ones(6, 2), torch.ones(5, 3))

@@ -160,12 +160,16 @@ def sample_locations_in_blocks(
     whole tensor's in its last bit), except among locations of zero power (key ``-inf``, taken only when fewer
     than ``n`` have positive power), which may be taken in another order.
 
-    Once ``n`` locations are kept, a block's location can only join them if its key beats the ``n``-th kept one,
-    ``τ``: ``E_i (max p / p_i)^γ <= |τ|`` with ``E_i = -log U_i >= 1 - U_i``, so only the draws with
-    ``1 - U_i <= |τ|`` (times a little slack for rounding) are keyed. With a :class:`FactoredPower` the power itself
-    is then computed only at those draws, whose bound ``row[u]·col[v]`` lets them win (a block's product only while
-    many do): the draws, not the products, are then most of the time. The keys against a fixed scale (the bound of
-    the largest power) order the locations as against the largest power itself, to rounding."""
+    Once ``n`` locations are kept (of each group), a block's location can only join them if its key beats the
+    ``n``-th kept one, ``τ < 0``; a key is at most ``log(U_i)`` (``p_i <= max p``), so the draws below ``exp(τ)``
+    (less a little slack for rounding) are dropped before their log and key are taken. With a
+    :class:`FactoredPower`, a key beats ``τ`` only if ``E_i = -log U_i <= |τ| (p_i / max p)^γ``, at most
+    ``|τ| (row[u]·col[v] / max)^γ``, and ``E_i >= 1 - U_i``: the power itself is computed (dot products of the
+    factors' rows) only at the draws that pass this bound, a block's whole product only while many do (the first
+    block), so the draws, not the products, are most of the time. Its keys are taken against a fixed scale (the
+    bound of the largest power, ``max row · max col``) instead of the largest power itself: the same order, to the
+    rounding of the keys (the plans of a 7B-shaped calibration were bit-for-bit those of the rows' sampling; on
+    random factors, 2 layers of 7 listed their locations in another order)."""
     check_n_frequency(n, d_out, d_in)
     if not gamma > 0:
         raise ValueError(f"gamma must be > 0, got {gamma}")
@@ -203,7 +207,8 @@ def sample_locations_in_blocks(
             raise ValueError("power must be finite and non-negative")
         uniform = torch.rand(power.shape, generator=generator)
         top = torch.maximum(top, high)
-        # a key is log(U) times (p / top)^-γ >= 1: below the n-th kept key of every group when log(U) is
+        # a key is log(U) times (p / top)^-γ >= 1, so at most log(U): draws below exp(every group's n-th kept
+        # key) cannot join
         thresholds = [keyed(k[0], k[1], top).min() if k[0].numel() >= n else None for k in kept]
         loosest = None if None in thresholds else min(float(t) for t in thresholds)  # type: ignore[arg-type]
         if loosest is None or loosest == float("-inf"):
