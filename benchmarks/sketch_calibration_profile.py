@@ -3,7 +3,8 @@
 Times (wall clock, one process) the parts of ``calibrate`` with ``S2FTConfig(prior_rank=k)``: the sketches added
 call by call, the Adam prior's squares, the factorization at the end, and planning (the greedy search from points
 with its nearest-neighbour lists, the spectrum sampled by blocks), against one plain forward and backward pass of
-a batch. Prints a small table; nothing is written.
+a batch; and the process's CPU time in each (with one thread, the less noisy figure on a shared machine). Prints a
+small table; nothing is written.
 
     OMP_NUM_THREADS=1 python benchmarks/sketch_calibration_profile.py --layers 1 --batches 2   # Llama-2-7B shape
 """
@@ -37,16 +38,18 @@ def main() -> None:
     import s2ft.tuner.planner as planner
 
     spent: collections.Counter = collections.Counter()
+    cpu: collections.Counter = collections.Counter()
 
     def timed(owner, name: str, label: str) -> None:
         original = getattr(owner, name)
 
         def wrapper(*a, **k):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             try:
                 return original(*a, **k)
             finally:
                 spent[label] += time.perf_counter() - start
+                cpu[label] += time.process_time() - start_cpu
 
         setattr(owner, name, wrapper)
 
@@ -83,20 +86,21 @@ def main() -> None:
     for _ in range(args.batches):
         ids = torch.randint(0, 32000, (1, args.seq_len), generator=g)
         batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     wrapped.calibrate(batches)
-    total = time.perf_counter() - start
+    total, total_cpu = time.perf_counter() - start, time.process_time() - start_cpu
     model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True))
     model.train()
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     model(**batches[0]).loss.backward()
-    plain = time.perf_counter() - start
-    print(f"| part | s ({args.layers} layer(s), {args.batches} batch(es), k = {args.rank}, {args.targets}) |")
-    print("|---|---|")
-    print(f"| calibration, in all | {total:.1f} |")
+    plain, plain_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+    what = f"{args.layers} layer(s), {args.batches} batch(es), k = {args.rank}, {args.targets}"
+    print(f"| part | s ({what}) | CPU s |")
+    print("|---|---|---|")
+    print(f"| calibration, in all | {total:.1f} | {total_cpu:.1f} |")
     for label, seconds in spent.most_common():
-        print(f"| {label} | {seconds:.1f} |")
-    print(f"| one plain forward and backward pass of a batch (for scale) | {plain:.1f} |")
+        print(f"| {label} | {seconds:.1f} | {cpu[label]:.1f} |")
+    print(f"| one plain forward and backward pass of a batch (for scale) | {plain:.1f} | {plain_cpu:.1f} |")
 
 
 if __name__ == "__main__":

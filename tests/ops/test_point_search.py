@@ -8,7 +8,7 @@ import torch
 
 import s2ft.ops.point_search as point_search
 from s2ft.ops import permutation
-from s2ft.ops.locations import sample_locations, sample_locations_in_blocks
+from s2ft.ops.locations import FactoredPower, mirror_of, sample_locations, sample_locations_in_blocks
 from s2ft.ops.permutation import is_permutation, search_order
 from s2ft.ops.point_search import Points, nearest_neighbours, search_order_points
 
@@ -44,14 +44,14 @@ def test_searches_from_points_equal_the_dense_searches_float64(search, small_blo
 
 
 def test_greedy_from_points_reads_whole_rows_only_when_its_lists_run_out(small_blocks, monkeypatch):
-    """Few listed neighbours: the steps fall back on the current point's row often, and the path is still the
-    dense one (the lists decide the other steps exactly)."""
+    """Few listed neighbours: the steps fall back on the nearest of all unvisited points often, and the path is
+    still the dense one (the lists decide the other steps exactly)."""
     monkeypatch.setattr(point_search, "CANDIDATES", 2)
     x = random_points(1)
     calls = []
-    original = Points.distances_to
+    original = point_search._Unvisited.nearest
     monkeypatch.setattr(
-        Points, "distances_to", lambda self, p, others: calls.append(p) or original(self, p, others)
+        point_search._Unvisited, "nearest", lambda self, p: calls.append(p) or original(self, p)
     )
     low = search_order_points(x, "greedy", torch.Generator().manual_seed(0))
     assert torch.equal(low, search_order(x, "greedy", torch.Generator().manual_seed(0)))
@@ -138,3 +138,106 @@ def test_sampling_by_blocks_refuses_bad_power():
         sample_locations_in_blocks(lambda a, b: -torch.ones(b - a, 4), 4, 4, 2, 1.5)
     with pytest.raises(ValueError, match="gamma"):
         sample_locations_in_blocks(lambda a, b: torch.ones(b - a, 4), 4, 4, 2, 0.0)
+
+
+def test_float32_points_take_the_nearest_unvisited_point_to_rounding(small_blocks):
+    """Float32 points (a float32 sketch's factors) are searched in float32: each greedy step takes a point whose
+    float64 distance is the nearest unvisited one's, to float32 rounding of the squared norms; from the same start."""
+    for seed in range(4):
+        x64 = random_points(seed)
+        x = x64.float()
+        order = search_order_points(x, "greedy", torch.Generator().manual_seed(seed))
+        assert is_permutation(order, x.shape[0])
+        assert order[0] == search_order(x64, "greedy", torch.Generator().manual_seed(seed))[0]
+        centred = x.double() - x.double().mean(dim=0)
+        scale = float(centred.square().sum(dim=1).max())
+        dists = permutation.pairwise_sq_dists(centred)
+        unvisited = torch.ones(x.shape[0], dtype=torch.bool)
+        for a, b in zip(order[:-1].tolist(), order[1:].tolist()):
+            unvisited[a] = False
+            assert dists[a, b] <= dists[a][unvisited].min() + 1e-5 * scale, (seed, a, b)
+
+
+# ---------------------------------------------------------------------------------------------- factored spectrum
+def factored(d_out: int, d_in: int, k: int, seed: int) -> FactoredPower:
+    """The transformed factors of a random rank-``k`` float64 matrix, as LowRank.permuted_power_rows makes them."""
+    g = torch.Generator().manual_seed(seed)
+    left = torch.randn(d_out, k, generator=g, dtype=torch.float64) * torch.rand(d_out, 1, generator=g)
+    right = torch.randn(d_in, k, generator=g, dtype=torch.float64)
+    return FactoredPower(torch.fft.fft(left, dim=0), torch.fft.fft(right, dim=0))
+
+
+class CountingPower(FactoredPower):
+    """A FactoredPower that counts the entries of the power it computes."""
+
+    def __init__(self, left: torch.Tensor, right: torch.Tensor) -> None:
+        super().__init__(left, right)
+        self.computed: list[int] = []
+
+    def __call__(self, start: int, stop: int) -> torch.Tensor:
+        self.computed.append((stop - start) * self.right.shape[0])
+        return super().__call__(start, stop)
+
+    def at(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        self.computed.append(rows.numel())
+        return super().at(rows, cols)
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_factored_sampling_equals_sampling_the_whole_spectrum_float64(half):
+    """The power computed only where a draw may win: the whole spectrum's locations, at a small share of the
+    products (counted)."""
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        d_out, d_in = (int(v) for v in torch.randint(40, 160, (2,), generator=g))
+        n = int(torch.randint(1, 40, (1,), generator=g))
+        power = factored(d_out, d_in, 1 + seed % 4, seed)
+        whole = sample_locations(
+            (power.left @ power.right.T).abs(), n, 1.5, torch.Generator().manual_seed(seed), half=half
+        )
+        counting = CountingPower(power.left, power.right)
+        blocks = sample_locations_in_blocks(
+            counting,
+            d_out,
+            d_in,
+            n,
+            1.5,
+            torch.Generator().manual_seed(seed),
+            half=half,
+            block_entries=4 * d_in,
+        )
+        assert torch.equal(whole[0], blocks[0]) and torch.equal(whole[1], blocks[1]), seed
+        assert sum(counting.computed) < d_out * d_in / 2, (seed, sum(counting.computed))
+
+
+def test_factored_sampling_of_a_zero_matrix_and_of_more_than_half_the_spectrum():
+    """A zero product (all power 0) still gives n distinct locations; prior-half with n above the canonical
+    locations takes the rows of the product, as sampling the whole spectrum does."""
+    zero = FactoredPower(torch.zeros(8, 2, dtype=torch.complex128), torch.zeros(6, 2, dtype=torch.complex128))
+    rows, cols = sample_locations_in_blocks(zero, 8, 6, 20, 1.5, torch.Generator().manual_seed(0))
+    assert len(set(zip(rows.tolist(), cols.tolist()))) == 20
+    power = factored(5, 6, 2, 1)
+    n = 25  # of 30 locations, 16 canonical
+    whole = sample_locations(
+        (power.left @ power.right.T).abs(), n, 1.5, torch.Generator().manual_seed(1), half=True
+    )
+    blocks = sample_locations_in_blocks(power, 5, 6, n, 1.5, torch.Generator().manual_seed(1), half=True)
+    assert torch.equal(whole[0], blocks[0]) and torch.equal(whole[1], blocks[1])
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 2), (3, 4), (5, 7), (8, 6)])
+def test_canonical_count_is_the_locations_not_after_their_mirror(shape):
+    from s2ft.ops.locations import _canonical_count
+
+    index = torch.arange(shape[0] * shape[1])
+    assert _canonical_count(*shape) == int((mirror_of(*shape) >= index).sum())
+
+
+def test_factored_sampling_refuses_factors_that_are_not_finite():
+    left = torch.ones(6, 2, dtype=torch.complex128)
+    left[2, 1] = float("nan")
+    power = FactoredPower(left, torch.ones(5, 2, dtype=torch.complex128))
+    with pytest.raises(ValueError, match="finite and non-negative"):
+        sample_locations_in_blocks(power, 6, 5, 3, 1.5)
+    with pytest.raises(ValueError, match=r"\(d_out, k\) and \(d_in, k\)"):
+        FactoredPower(torch.ones(6, 2), torch.ones(5, 3))

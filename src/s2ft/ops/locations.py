@@ -6,6 +6,7 @@ the coefficient ``c[k]`` sits there and ``ΔW̄ = scaling * Re(ifft2(F))`` (see 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -102,6 +103,41 @@ def sample_locations(
     return (flat // d_in).to(power.device), (flat % d_in).to(power.device)
 
 
+class FactoredPower:
+    """The power spectrum ``|left @ rightᵀ|`` ``(d_out, d_in)`` of a low-rank matrix, from its transformed factors
+    ``left`` ``(d_out, k)`` and ``right`` ``(d_in, k)`` (complex; :meth:`s2ft.ops.sketch.LowRank.permuted_power_rows`),
+    never held whole: by rows (``power(start, stop)``, as :func:`sample_locations_in_blocks` asks), at given
+    locations (:meth:`at`), and bounded (:meth:`bounds`: ``power[u, v] <= row[u] * col[v]`` by Cauchy-Schwarz), which
+    lets :func:`sample_locations_in_blocks` compute the power only where a draw could still win."""
+
+    def __init__(self, left: torch.Tensor, right: torch.Tensor) -> None:
+        if left.dim() != 2 or right.dim() != 2 or left.shape[1] != right.shape[1]:
+            raise ValueError(
+                f"the factors must be (d_out, k) and (d_in, k), got {tuple(left.shape)} and {tuple(right.shape)}"
+            )
+        self.left, self.right = left, right
+        self._right_t = right.T
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.left.shape[0], self.right.shape[0]
+
+    def __call__(self, start: int, stop: int) -> torch.Tensor:
+        """``power[start:stop]`` ``(stop - start, d_in)``: one block's product."""
+        return (self.left[start:stop] @ self._right_t).abs()
+
+    def at(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """``power[rows, cols]`` ``(c,)`` at the int64 index arrays ``rows`` and ``cols``: ``c`` dot products."""
+        return (self.left[rows] * self.right[cols]).sum(dim=1).abs()
+
+    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factors' row norms ``(d_out,)`` and ``(d_in,)``, float64: ``power[u, v] <= row[u] * col[v]``."""
+        return (
+            torch.linalg.vector_norm(self.left.to(torch.complex128), dim=1),
+            torch.linalg.vector_norm(self.right.to(torch.complex128), dim=1),
+        )
+
+
 def sample_locations_in_blocks(
     power_rows: Callable[[int, int], torch.Tensor],
     d_out: int,
@@ -122,10 +158,25 @@ def sample_locations_in_blocks(
     again, from their stored power and draw, against the final maximum. So the locations are those of
     :func:`sample_locations` on the whole spectrum, to the rounding of the keys (a block's key may differ from the
     whole tensor's in its last bit), except among locations of zero power (key ``-inf``, taken only when fewer
-    than ``n`` have positive power), which may be taken in another order."""
+    than ``n`` have positive power), which may be taken in another order.
+
+    Once ``n`` locations are kept (of each group), a block's location can only join them if its key beats the
+    ``n``-th kept one, ``τ < 0``; a key is at most ``log(U_i)`` (``p_i <= max p``), so the draws below ``exp(τ)``
+    (less a little slack for rounding) are dropped before their log and key are taken. With a
+    :class:`FactoredPower`, a key beats ``τ`` only if ``E_i = -log U_i <= |τ| (p_i / max p)^γ``, at most
+    ``|τ| (row[u]·col[v] / max)^γ``, and ``E_i >= 1 - U_i``: the power itself is computed (dot products of the
+    factors' rows) only at the draws that pass this bound, a block's whole product only while many do (the first
+    block), so the draws, not the products, are most of the time. Its keys are taken against a fixed scale (the
+    bound of the largest power, ``max row · max col``) instead of the largest power itself: the same order, to the
+    rounding of the keys (the plans of a 7B-shaped calibration were bit-for-bit those of the rows' sampling; on
+    random factors, 2 layers of 7 listed their locations in another order)."""
     check_n_frequency(n, d_out, d_in)
     if not gamma > 0:
         raise ValueError(f"gamma must be > 0, got {gamma}")
+    if isinstance(power_rows, FactoredPower) and power_rows.shape == (d_out, d_in):
+        canonical = _canonical_count(d_out, d_in)
+        if not half or n <= canonical:
+            return _sample_factored(power_rows, n, gamma, generator, half, block_entries)
     tiny = torch.finfo(torch.float32).tiny
     rows_per_block = max(1, block_entries // d_in)
     top = torch.zeros((), dtype=torch.float32)
@@ -134,13 +185,14 @@ def sample_locations_in_blocks(
     kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = [
         (torch.empty(0), torch.empty(0), torch.empty(0, dtype=torch.long)) for _ in range(groups)
     ]
-    counts = [0] * groups
+
+    def keyed(power: torch.Tensor, logs: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return logs * (power / scale.clamp_min(tiny)).pow_(-gamma)
 
     def best(
         power: torch.Tensor, logs: torch.Tensor, index: torch.Tensor, take: int, scale: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        keys = logs * (power / scale.clamp_min(tiny)).pow_(-gamma)
-        chosen = torch.topk(keys, min(take, keys.numel()), sorted=True).indices
+        chosen = torch.topk(keyed(power, logs, scale), min(take, power.numel()), sorted=True).indices
         return power[chosen], logs[chosen], index[chosen]
 
     for start in range(0, d_out, rows_per_block):
@@ -150,11 +202,23 @@ def sample_locations_in_blocks(
             raise ValueError(
                 f"power_rows({start}, {stop}) gave {power.numel()} entries, not {(stop - start) * d_in}"
             )
-        if not torch.isfinite(power).all() or (power < 0).any():
+        low, high = torch.aminmax(power)
+        if not (bool(torch.isfinite(high)) and float(low) >= 0):  # a NaN makes the maximum NaN
             raise ValueError("power must be finite and non-negative")
-        logs = torch.rand(power.shape, generator=generator).log_()
-        top = torch.maximum(top, power.max())
-        index = torch.arange(start * d_in, stop * d_in)
+        uniform = torch.rand(power.shape, generator=generator)
+        top = torch.maximum(top, high)
+        # a key is log(U) times (p / top)^-γ >= 1, so at most log(U): draws below exp(every group's n-th kept
+        # key) cannot join
+        thresholds = [keyed(k[0], k[1], top).min() if k[0].numel() >= n else None for k in kept]
+        loosest = None if None in thresholds else min(float(t) for t in thresholds)  # type: ignore[arg-type]
+        if loosest is None or loosest == float("-inf"):
+            index = torch.arange(start * d_in, stop * d_in)
+            logs = uniform.log_()
+        else:
+            index = torch.nonzero(uniform >= _draw_bar(loosest)).flatten()
+            logs = uniform[index].log_()
+            power = power[index]
+            index += start * d_in
         masks: list[torch.Tensor | None] = [None]
         if half:
             u, v = index // d_in, index % d_in
@@ -162,10 +226,11 @@ def sample_locations_in_blocks(
             masks = [~mirrored, mirrored]
         for g, mask in enumerate(masks):
             parts = (power, logs, index) if mask is None else (power[mask], logs[mask], index[mask])
-            counts[g] += parts[0].numel()
-            block_best = best(parts[0], parts[1], parts[2], n, top)
+            block_best = best(*parts, n, top)
             power_g, logs_g, index_g = (torch.cat([a, b]) for a, b in zip(kept[g], block_best))
             kept[g] = best(power_g, logs_g, index_g, n, top)
+    canonical = _canonical_count(d_out, d_in) if half else d_out * d_in
+    counts = [canonical, d_out * d_in - canonical]
     picked, left = [], n
     for g in range(groups):
         take = min(left, counts[g])
@@ -173,6 +238,81 @@ def sample_locations_in_blocks(
         left -= take
     flat = torch.cat(picked)
     return flat // d_in, flat % d_in
+
+
+DRAW_SLACK = 1e-3  # relative slack on a key threshold when drawing the candidates (rounding of log and keys)
+
+
+def _draw_bar(threshold: float) -> float:
+    """The least uniform draw ``U`` whose ``log(U)`` may reach the (negative) key ``threshold``, with slack."""
+    return math.exp(threshold * (1.0 + DRAW_SLACK)) - 1e-6
+
+
+def _canonical_count(d_out: int, d_in: int) -> int:
+    """How many locations are their mirror pair's first (:func:`mirror_of`): half, plus the self-mirrored ones."""
+    self_mirrored = (1 + (d_out % 2 == 0)) * (1 + (d_in % 2 == 0))
+    return (d_out * d_in + self_mirrored) // 2
+
+
+def _sample_factored(
+    power: FactoredPower,
+    n: int,
+    gamma: float,
+    generator: torch.Generator | None,
+    half: bool,
+    block_entries: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sample_locations_in_blocks` of a :class:`FactoredPower`: the power computed only where a draw may win
+    (see there). Falls back on the rows of the product for a zero matrix."""
+    d_out, d_in = power.shape
+    row, col = power.bounds()
+    if not (bool(torch.isfinite(row).all()) and bool(torch.isfinite(col).all())):
+        raise ValueError("power must be finite and non-negative")
+    row_max, col_max = float(row.max()), float(col.max())
+    if row_max == 0.0 or col_max == 0.0:  # all zero power: the draws' order, as the rows give it
+        return sample_locations_in_blocks(
+            lambda a, b: power(a, b), d_out, d_in, n, gamma, generator, half, block_entries
+        )
+    scale = torch.tensor(row_max * col_max, dtype=torch.float32)
+    # power[u, v] / scale <= row_share[u] * col_share[v], each at most 1; to the γ
+    row_share = (row / row_max).pow(gamma)
+    col_share = (col / col_max).pow(gamma)
+    rows_per_block = max(1, block_entries // d_in)
+    keys = torch.empty(0)
+    index = torch.empty(0, dtype=torch.long)
+    for start in range(0, d_out, rows_per_block):
+        stop = min(start + rows_per_block, d_out)
+        uniform = torch.rand((stop - start, d_in), generator=generator)
+        # the n-th kept key τ < 0: a location beats it only if E = -log U <= |τ| (p / scale)^γ, and E >= 1 - U
+        threshold = float(keys.min()) if keys.numel() >= n else float("-inf")
+        if threshold == float("-inf"):
+            i, j = (
+                t.flatten()
+                for t in torch.meshgrid(torch.arange(stop - start), torch.arange(d_in), indexing="ij")
+            )
+            p = power(start, stop).flatten()
+        else:
+            slack = -threshold * (1.0 + DRAW_SLACK)
+            bars = (1.0 - slack * row_share[start:stop]).sub_(1e-6).to(torch.float32)
+            i, j = torch.nonzero(uniform >= bars[:, None], as_tuple=True)
+            tight = (1.0 - slack * row_share[start + i] * col_share[j]).sub_(1e-6).to(torch.float32)
+            sure = uniform[i, j] >= tight
+            i, j = i[sure], j[sure]
+            if i.numel() > (stop - start) * d_in // 16:  # many: one product of the block is the cheaper
+                p = power(start, stop)[i, j]
+            else:
+                p = power.at(start + i, j)
+        flat = (start + i) * d_in + j
+        logs = uniform[i, j].log_()
+        block_keys = logs * (p.to(torch.float32) / scale).pow_(-gamma)
+        if half:  # one location of each mirror pair: n <= their count here
+            u, v = flat // d_in, flat % d_in
+            canonical = ((-u) % d_out) * d_in + (-v) % d_in >= flat
+            flat, block_keys = flat[canonical], block_keys[canonical]
+        keys, index = torch.cat([keys, block_keys]), torch.cat([index, flat])
+        chosen = torch.topk(keys, min(n, keys.numel()), sorted=True).indices
+        keys, index = keys[chosen], index[chosen]
+    return index // d_in, index % d_in
 
 
 def check_n_frequency(n: int, d_out: int, d_in: int) -> None:

@@ -8,19 +8,23 @@ neighbours per point) and one block of ``O(BLOCK_ENTRIES)`` distances:
 - **greedy** (and ``"multistart"``): each point's ``K`` nearest others, sorted by (distance, index), are found once
   block by block (:func:`nearest_neighbours`). A step takes the first unvisited point of the current point's list:
   the nearest unvisited point of all, unless every listed point is visited or the one found is as far as the last
-  listed (a tie might then hide an unlisted point of lower index); only then is the current point's whole row of
-  distances computed, as the dense search reads it. The path is the dense search's: the same start drawn from the
+  listed (a tie might then hide an unlisted point of lower index); only then are the distances to all unvisited
+  points computed, as the dense search reads its row (from a compacted copy of the unvisited points, so late steps,
+  where the lists run out most, cost little). The path is the dense search's: the same start drawn from the
   generator, the same nearest unvisited point at each step, the first (lowest index) of equal distances.
 - **2-opt** (``"2opt"``, ``"2opt-cyclic"``): the same rounds as :func:`s2ft.ops.permutation.two_opt` (shared code),
   with the candidate lists found block by block and every distance a move's gain needs computed from the two
   points' coordinates.
 - **svd** needs no distances: it is :func:`s2ft.ops.permutation.singular_vector_order` itself.
 
-Distances are computed as the dense ones (centred points, float64 up to 4M coordinates, the Gram identity
-``|a|² + |b|² - 2 a·b``), but a block's matrix product may round differently from the whole matrix's, so the two
-agree to rounding, not bit for bit: two distances within rounding of each other may then be ordered differently
-(random points never are, in the tests; exactly equal points give exactly equal distances in both and the lowest
-index wins in both).
+Distances are computed as the dense ones (centred points, the Gram identity ``|a|² + |b|² - 2 a·b``), in float64
+for float64 points (up to 4M coordinates, as the dense ones) and in float32 for float32 points (a sketched prior of
+a float32 or bfloat16 model: its factors are float32; the products then take a third less time), but a block's
+matrix product may round differently from the whole matrix's, so the two agree to rounding, not bit for bit: two
+distances within rounding of each other may then be ordered differently (random points never are, in the tests;
+exactly equal points give exactly equal distances in both and the lowest index wins in both). In float32 that
+rounding is float32's: a step then takes a point whose distance is the nearest one's to about 1e-6 of the points'
+squared norms, which is what stays guaranteed (tested against float64 distances), not the float64 path.
 """
 
 from __future__ import annotations
@@ -41,51 +45,60 @@ from s2ft.ops.permutation import (
 )
 
 CANDIDATES = 16  # listed nearest neighbours per point for the greedy steps
-BLOCK_ENTRIES = 2**20  # distances computed at once (8 MiB in float64)
+BLOCK_ENTRIES = (
+    2**21
+)  # distances computed at once (16 MiB in float64; 256 rows of 8,192 points: fast on one core)
 PAIR_CHUNK = 2**15  # point pairs whose distances are computed at once
 
 
 class Points:
-    """The rows of ``points`` ``(m, k)`` centred, in the dtype of :func:`s2ft.ops.permutation.pairwise_sq_dists`,
-    with their squared norms; distances between them on demand."""
+    """The rows of ``points`` ``(m, k)`` centred, with their squared norms; distances between them on demand. In
+    the dtype of :func:`s2ft.ops.permutation.pairwise_sq_dists` for float64 points, float32 for others (see the
+    module docstring)."""
 
     def __init__(self, points: torch.Tensor, block_entries: int | None = None) -> None:
-        dtype = torch.float64 if points.numel() <= 2**22 else torch.float32
+        dtype = torch.float64 if points.numel() <= 2**22 and points.dtype == torch.float64 else torch.float32
         x = points.detach().to(dtype)
         self.x = x - x.mean(dim=0, keepdim=True)
         self.sq = (self.x * self.x).sum(dim=1)
         self.m = self.x.shape[0]
         self._numpy: tuple[np.ndarray, np.ndarray] | None = None
+        self._buffer: torch.Tensor | None = None
         entries = BLOCK_ENTRIES if block_entries is None else block_entries
         self.block = max(1, entries // max(1, self.m))  # rows per block
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
-        """Squared distances from the points ``index`` ``(b,)`` to all, ``(b, m)``: rows of the dense matrix."""
+        """Squared distances from the points ``index`` ``(b,)`` to all, ``(b, m)``: rows of the dense matrix, in a
+        buffer the next call reuses."""
         x = self.x.index_select(0, index)
         sq = self.sq.index_select(0, index)
-        return torch.addmm(sq[:, None] + self.sq[None, :], x, self.x.T, alpha=-2.0).clamp_min_(0.0)
+        if self._buffer is None or self._buffer.shape[0] < index.numel():
+            self._buffer = torch.empty(max(index.numel(), self.block), self.m, dtype=self.x.dtype)
+        out = self._buffer[: index.numel()]
+        torch.add(sq[:, None], self.sq[None, :], out=out)  # the dense matrix's sum, then its product added
+        return out.addmm_(x, self.x.T, alpha=-2.0).clamp_min_(0.0)
 
-    def distances_to(self, point: int, others: np.ndarray) -> np.ndarray:
-        """Squared distances from ``point`` to the points ``others`` (an index array), as in its row."""
-        index = torch.from_numpy(others).to(self.x.device)
-        x = self.x[point : point + 1]
-        base = self.sq[point : point + 1, None] + self.sq.index_select(0, index)[None, :]
-        row = torch.addmm(base, x, self.x.index_select(0, index).T, alpha=-2.0).clamp_min_(0.0)
-        return row[0].cpu().numpy()
+    def numpy_rows(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The coordinates ``(b, k)`` and squared norms ``(b,)`` of the points ``index``, as NumPy arrays."""
+        x, sq = self._numpy_copy()
+        return x[index], sq[index]
+
+    def _numpy_copy(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._numpy is None:  # a CPU copy, (m, k): NumPy's gathers of small rows are the faster here
+            self._numpy = (self.x.cpu().numpy(), self.sq.cpu().numpy())
+        return self._numpy
 
     def symmetric_rows(self, index: torch.Tensor) -> torch.Tensor:
         """``(D + Dᵀ) / 2`` at the rows ``index``, as :func:`s2ft.ops.permutation._symmetrized` makes them."""
         x = self.x.index_select(0, index)
         sq = self.sq.index_select(0, index)
         transposed = torch.addmm(self.sq[:, None] + sq[None, :], self.x, x.T, alpha=-2.0).clamp_min_(0.0)
-        return self.rows(index).add_(transposed.T).mul_(0.5)
+        return self.rows(index).add_(transposed.T).mul_(0.5)  # (in the rows' buffer)
 
     def pairs(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Squared distances between the points ``a[i]`` and ``b[i]`` (index arrays of one shape), symmetric in
         ``a`` and ``b`` to the last bit, in NumPy."""
-        if self._numpy is None:  # a CPU copy, (m, k): NumPy's gathers of small rows are the faster here
-            self._numpy = (self.x.cpu().numpy(), self.sq.cpu().numpy())
-        x, sq = self._numpy
+        x, sq = self._numpy_copy()
         a_flat, b_flat = a.reshape(-1), b.reshape(-1)
         out = np.empty(a_flat.size, dtype=x.dtype)
         for start in range(0, a_flat.size, PAIR_CHUNK):
@@ -144,34 +157,71 @@ def greedy_paths_from_points(
     points: Points, starts: torch.Tensor, candidates: int = CANDIDATES
 ) -> torch.Tensor:
     """:func:`s2ft.ops.permutation.greedy_paths` without the distance matrix: the greedy paths from each of
-    ``starts`` ``(s,)``, side by side, int64 ``(s, m)`` on the CPU (see the module docstring)."""
+    ``starts`` ``(s,)``, one after the other on the same neighbour lists, int64 ``(s, m)`` on the CPU (see the
+    module docstring)."""
     m, s = points.m, starts.numel()
     orders = np.empty((s, m), dtype=np.int64)
-    current = starts.cpu().numpy().astype(np.int64)
-    orders[:, 0] = current
+    orders[:, 0] = starts.cpu().numpy()
     if m == 1:
         return torch.from_numpy(orders)
     k = min(candidates, m - 1)
     listed, listed_d = nearest_neighbours(points, k)
-    visited = np.zeros((s, m), dtype=bool)
-    lanes = np.arange(s)
-    for step in range(1, m):
-        visited[lanes, current] = True
-        cands = listed[current]  # (s, k)
-        free = ~visited[lanes[:, None], cands]
-        first = free.argmax(axis=1)
-        found = free[lanes, first]
-        chosen = cands[lanes, first]
-        dist = listed_d[current, first]
-        # no listed point free, or the one found is as far as the last listed: read the whole row
-        unsure = ~found | (dist == listed_d[current, k - 1])
-        for lane in lanes[unsure]:  # the distances to the unvisited points only, the first nearest
-            free_points = np.flatnonzero(~visited[lane])
-            row = points.distances_to(int(current[lane]), free_points)
-            chosen[lane] = free_points[int(row.argmin())]
-        current = chosen
-        orders[:, step] = current
+    # Python lists: a step reads a few entries of one point's list, where NumPy's per-call cost would dominate
+    lists, last = listed.tolist(), listed_d[:, k - 1].tolist()
+    first_d = listed_d.tolist()
+    for lane in range(s):
+        orders[lane] = _greedy_walk(points, int(orders[lane, 0]), lists, first_d, last)
     return torch.from_numpy(orders)
+
+
+def _greedy_walk(
+    points: Points, start: int, lists: list[list[int]], dists: list[list[float]], last: list[float]
+) -> np.ndarray:
+    """One greedy path from ``start``: each step takes the first unvisited point of the current point's list
+    ``lists[current]`` (distances ``dists[current]``, the last ``last[current]``), or, when none is left or the one
+    found is as far as the last listed, the nearest unvisited point of all (:class:`_Unvisited`)."""
+    m = points.m
+    visited = bytearray(m)
+    order = np.empty(m, dtype=np.int64)
+    unvisited = _Unvisited(points, visited)
+    current = start
+    order[0] = current
+    visited[current] = 1
+    for step in range(1, m):
+        chosen = -1
+        for position, point in enumerate(lists[current]):
+            if not visited[point]:
+                if dists[current][position] != last[current]:
+                    chosen = point
+                break
+        if chosen < 0:
+            chosen = unvisited.nearest(current)
+        visited[chosen] = 1
+        order[step] = chosen
+        current = chosen
+    return order
+
+
+class _Unvisited:
+    """The points a greedy walk has not visited, for its steps that need the nearest of all of them: their
+    coordinates copied in index order, compacted again (the visited ones dropped) once they are at most half of
+    the copy, so a step costs ``O(unvisited · k)``, not ``O(m · k)``."""
+
+    def __init__(self, points: Points, visited: bytearray) -> None:
+        self.points = points
+        self.visited = np.frombuffer(visited, dtype=np.uint8)  # the walk's flags, shared
+        self.index: np.ndarray | None = None
+
+    def nearest(self, point: int) -> int:
+        """The nearest unvisited point to ``point`` (the lowest index of equal distances), as in its row of the dense
+        matrix."""
+        if self.index is None or 2 * int(self.visited[self.index].sum()) >= self.index.size:
+            self.index = np.flatnonzero(self.visited == 0)
+            self.x, self.sq = self.points.numpy_rows(self.index)
+        x, sq = self.points.numpy_rows(np.array([point]))
+        row = np.maximum((sq[0] + self.sq) - 2.0 * (self.x @ x[0]), 0.0)
+        row[self.visited[self.index] != 0] = np.inf
+        return int(self.index[int(row.argmin())])
 
 
 def greedy_path_points(points: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

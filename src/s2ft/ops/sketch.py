@@ -21,10 +21,11 @@ transformed factors.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from s2ft.ops.locations import FactoredPower
 
 
 @dataclass
@@ -93,16 +94,11 @@ class LowRank:
 
     def permuted_power_rows(
         self, perm_rows: torch.Tensor | None = None, perm_cols: torch.Tensor | None = None
-    ) -> Callable[[int, int], torch.Tensor]:
-        """``rows(a, b)``: rows ``a:b`` of :meth:`permuted_power_spectrum`, ``(b - a, d_in)``, computed when asked
-        (for :func:`s2ft.ops.locations.sample_locations_in_blocks`)."""
-        left, right = self.permuted_spectrum_factors(perm_rows, perm_cols)
-        right_t = right.T
-
-        def rows(start: int, stop: int) -> torch.Tensor:
-            return (left[start:stop] @ right_t).abs()
-
-        return rows
+    ) -> FactoredPower:
+        """``rows(a, b)``: rows ``a:b`` of :meth:`permuted_power_spectrum`, ``(b - a, d_in)``, computed when asked;
+        a :class:`s2ft.ops.locations.FactoredPower`, which :func:`s2ft.ops.locations.sample_locations_in_blocks`
+        samples computing the power only where a draw may win."""
+        return FactoredPower(*self.permuted_spectrum_factors(perm_rows, perm_cols))
 
     def kept_energy(self, matrix: torch.Tensor) -> float:
         """The share of ``matrix``'s energy ``||M||_F²`` inside the sketch's row and column spaces,
