@@ -43,7 +43,8 @@ DIGEST_BYTES = 8  # of SHA-256, per module's W0 and for all the base-derived pla
 # A rank-k prior's rows (or columns) are ordered with their dense (m, m) float64 distance matrix up to this many
 # (8 MiB; 16 MiB for 2-opt's padded copy), from their k coordinates above: at 1,536 rows of rank 64 (1 thread)
 # the greedy search takes 0.08 s dense and 0.12 s from the points, at 4,096 rows 1.15 s and 0.52 s (134 MB dense),
-# at 11,008 rows (Llama-2-7B's MLP) 3.9 s from the points where the dense matrix would be 970 MB.
+# at 11,008 rows (Llama-2-7B's MLP) 3.9 s from the points where the dense matrix would be 970 MB (0.7-0.8 s since
+# the float32 points of a float32 sketch are searched in float32, benchmarks/results/cpu/sketch_planning_time.md).
 DENSE_SEARCH_MAX_POINTS = 1024
 # A rank-k prior's permuted spectrum is sampled whole up to this many entries (a few float32 copies of 4 MiB),
 # by blocks of rows above (s2ft.ops.locations.sample_locations_in_blocks: one block and O(n) candidates).
