@@ -4,7 +4,8 @@ beside compiled LoRA r = 8, round-robin in one process.
 One adapter branch (``bench.Branch``: S2FT's FFT path with random permutations, n = 1,000; LoRA r = 8), forward and
 backward, under ``torch.compile`` (inductor). The compiled operator calls ``s2ft.ops.apply._fft_forward`` and
 ``_fft_backward`` by name; *before* swaps in those two functions (and the helpers they call) as ``--before``'s
-``src/s2ft/ops/apply.py`` defines them, read with ``git show``; the plans are this tree's (same interface).
+``src/s2ft/ops/apply.py`` defines them, read with ``git show``; the plans are this tree's (same interface), and
+so are the chunk bounds (``_Plan.chunks``): this compares what happens inside a chunk loop, not the chunking.
 A first call of each checks that both give the same output and gradients.
 
     OMP_NUM_THREADS=1 python benchmarks/compile_layer_ab.py --before 924b40e --repeats 7

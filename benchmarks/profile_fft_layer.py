@@ -34,7 +34,7 @@ CATEGORIES = [
     ("rfft", ("aten::_fft_r2c",)),
     ("irfft", ("aten::_fft_c2r",)),
     ("sampled_addmm", ("aten::sparse_sampled_addmm",)),
-    ("sparse matmul", ("aten::addmm", "aten::mm", "aten::_sparse")),
+    ("matmul (sparse in S2FT, dense in LoRA)", ("aten::addmm", "aten::mm", "aten::_sparse")),
     ("gather/scatter", ("aten::gather", "aten::index", "aten::take", "aten::scatter")),
     ("cast/copy", ("aten::copy_", "aten::to", "aten::_to_copy", "aten::contiguous", "aten::clone")),
     (
@@ -65,7 +65,7 @@ CATEGORIES = [
         ),
     ),
     ("inductor kernels", ("graph_", "cpp_fused", "kernel_")),
-    ("plan/elementwise (O(n))", ("aten::",)),
+    ("other aten (elementwise; O(n) plan work)", ("aten::",)),
 ]
 
 
