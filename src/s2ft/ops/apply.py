@@ -194,12 +194,12 @@ def spectral_apply(
 # cache and its extra memory a few percent of the batch's activations. History: raised from (2**16, 2**18) to
 # (2**18, 2**19) in total, measured at 2 threads (one training step of the branch at 512 tokens took 0.73-0.93x
 # the time at widths 1,024-4,096 and 0.92-1.01x at 4,096 tokens; chunks of a quarter of the batch were slower at
-# 4,096 tokens, 1.2-1.3x). At one thread, 2**18-2**19 elements (1-2 MiB of float32 per buffer) fell out of
-# the core's cache: chunks of at most 2**17 took 0.74-0.86x the CPU time at width 1,024 and 4,096 tokens,
-# 0.79-1.10x at 2,048 (identical settings differed by 15% on the shared machine) and about the same at 512
-# tokens (+-5%, more chunks) and at width 4,096 (`benchmarks/chunk_size_ab.py`, two runs,
-# `benchmarks/results/cpu/bench_compile_layer.md`). So the bounds are per thread (intra-op threads split each
-# chunk's FFTs and products; at 2 threads this gives 2**17-2**18, not re-measured).
+# 4,096 tokens, 1.2-1.3x). At one thread, chunks of at most 2**17 elements (512 KiB of float32 per buffer)
+# instead took 0.74-1.01x the CPU time at 4,096 tokens and width 1,024, 0.91-0.94x at 2,048 and 0.93-1.02x at
+# 4,096, and 0.97-1.09x at 512 tokens (more chunks), three runs on the shared machine
+# (`benchmarks/chunk_size_ab.py`, `benchmarks/results/cpu/bench_compile_layer.md`); the adapted layer's peak
+# memory fell from 1.03-1.50x LoRA r = 8's to 1.01-1.12x. The bounds are per thread (intra-op threads split
+# each chunk's FFTs and products; at 2 threads this gives 2**17-2**18, not re-measured).
 _CHUNK_ELEMENTS = (1 << 16, 1 << 17)
 
 
