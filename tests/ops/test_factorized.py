@@ -119,6 +119,16 @@ def test_fft_path_chunks_tokens(monkeypatch):
         torch.testing.assert_close(ours, reference)
 
 
+def test_fft_path_chunk_bounds_are_per_thread(monkeypatch):
+    """The chunk bounds scale with the thread count (each thread's share of a chunk stays cache-sized)."""
+    _, rows, cols, perms = problem(12, 5, 20, True)
+    monkeypatch.setattr(factorized, "_CHUNK_ELEMENTS", (12 * 4, 12 * 4))
+    plan = factorized._plan(rows, cols, 12, 5, *perms)
+    assert [s.stop for s in plan.chunks(10)] == [4, 8, 12]
+    monkeypatch.setattr(factorized, "num_threads", lambda: 2)
+    assert [s.stop for s in plan.chunks(10)] == [8, 16]
+
+
 def test_fft_path_single_input_grads_and_broadcast_gradient():
     coeffs, rows, cols, perms = problem(6, 10, 9, True, dtype=torch.float32)
     x = torch.randn(4, 10)

@@ -190,12 +190,17 @@ def spectral_apply(
 
 
 # Tokens per chunk of the FFT path: a sixteenth of the batch, kept between these many elements (tokens times
-# max(d_out, d_in)). Few chunks keep the per-call overhead low; small ones keep the chunk's buffers in cache
-# and its extra memory a few percent of the batch's activations. Raised from (2**16, 2**18): one training step
-# of the branch at 512 tokens took 0.73-0.93x the time at widths 1,024-4,096 and 0.92-1.01x at 4,096 tokens
-# (2 threads, 12 round-robin steps, interleaved with the old sizes; chunks of a quarter of the batch were
-# slower at 4,096 tokens, 1.2-1.3x).
-_CHUNK_ELEMENTS = (1 << 18, 1 << 19)
+# max(d_out, d_in)) per thread. Few chunks keep the per-call overhead low; small ones keep the chunk's buffers in
+# cache and its extra memory a few percent of the batch's activations. History: raised from (2**16, 2**18) to
+# (2**18, 2**19) in total, measured at 2 threads (one training step of the branch at 512 tokens took 0.73-0.93x
+# the time at widths 1,024-4,096 and 0.92-1.01x at 4,096 tokens; chunks of a quarter of the batch were slower at
+# 4,096 tokens, 1.2-1.3x). At one thread, chunks of at most 2**17 elements (512 KiB of float32 per buffer)
+# instead took 0.74-1.01x the CPU time at 4,096 tokens and width 1,024, 0.91-0.94x at 2,048 and 0.93-1.02x at
+# 4,096, and 0.97-1.09x at 512 tokens (more chunks), three runs on the shared machine
+# (`benchmarks/chunk_size_ab.py`, `benchmarks/results/cpu/bench_compile_layer.md`); the adapted layer's peak
+# memory fell from 1.03-1.50x LoRA r = 8's to 1.01-1.12x. The bounds are per thread (intra-op threads split
+# each chunk's FFTs and products; at 2 threads this gives 2**17-2**18, not re-measured).
+_CHUNK_ELEMENTS = (1 << 16, 1 << 17)
 
 
 @dataclass(frozen=True)
@@ -288,8 +293,10 @@ class _Plan:
         )
 
     def chunks(self, num_tokens: int):
-        """Slices of ``num_tokens // 16`` tokens, clamped to :data:`_CHUNK_ELEMENTS`, covering ``num_tokens``."""
-        low, high = (max(1, elements // max(self.d_out, self.d_in)) for elements in _CHUNK_ELEMENTS)
+        """Slices of ``num_tokens // 16`` tokens, clamped to :data:`_CHUNK_ELEMENTS` times the thread count,
+        covering ``num_tokens``."""
+        width, threads = max(self.d_out, self.d_in), num_threads()
+        low, high = (max(1, elements * threads // width) for elements in _CHUNK_ELEMENTS)
         step = min(high, max(low, num_tokens // 16))
         return (slice(start, start + step) for start in range(0, num_tokens, step))
 
