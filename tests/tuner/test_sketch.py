@@ -64,8 +64,8 @@ def test_sketch_is_exact_at_rank_at_most_k_whatever_the_oversampling_float64(ove
 
 
 def test_corange_width():
-    assert corange_width(64, 10**6) == 96  # the default oversampling: k // 2
-    assert corange_width(4, 10**6) == 12  # at least 8
+    # the default oversampling: Tropp et al.'s 2k + 1 up to k = 16, then at least 17, then k // 2
+    assert [corange_width(k, 10**6) for k in (1, 4, 16, 17, 34, 64, 256)] == [3, 9, 33, 34, 51, 96, 384]
     assert corange_width(64, 10**6, oversample=65) == 129  # Tropp et al.'s 2k + 1
     assert corange_width(64, 10**6, oversample=0) == 64
     assert corange_width(64, 70) == 70  # at most the matrix's rows

@@ -116,19 +116,21 @@ class LowRank:
 
 # The co-range sketch's oversampling p (l = k + p). Tropp et al. (2017) analyse l = 2k + 1; any l >= k gives A back
 # when rank(A) <= k, and a smaller p costs only accuracy beyond rank k, through the least-squares solve against the
-# (l, k) Gaussian ΨQ (its error factor grows like k / (l - k - 1)). p = k/2 holds that factor near 2 while W
-# takes (k + k/2)·n numbers instead of (2k + 1)·n: measured in benchmarks/results/cpu/llm_scale_sketch_memory.md.
-CORANGE_OVERSAMPLE = None  # None: k // 2, at least 8
+# (l, k) Gaussian ΨQ (its error factor grows like k / (l - k - 1)). The default p = min(k + 1, max(k // 2, 17)) is
+# 2k + 1 up to k = 16 and k + k/2 from k = 34 on: W takes 1.5·k·n numbers instead of (2k + 1)·n where it is large.
+# Measured (benchmarks/results/cpu/sketch_quality_corange.md): on the text job p = k/2 at k = 64 catches what
+# 2k + 1 does within 0.003 of a full fine-tune's ΔW energy, while p = 8 loses 0.014 at k = 64 and 0.007 at k = 16.
+CORANGE_OVERSAMPLE: int | None = None  # None: min(k + 1, max(k // 2, 17))
 
 
 def corange_width(rank: int, rows: int, oversample: int | None = None) -> int:
     """``l = min(k + p, m)``: the co-range sketch's width for rank ``k`` of an ``m``-row matrix, with oversampling
-    ``p`` (None: :data:`CORANGE_OVERSAMPLE`, whose None is ``max(k // 2, 8)``). ``p = k + 1`` is Tropp et al.'s
-    ``2k + 1``. Refuses a ``p`` that is not an integer ``>= 0``."""
+    ``p`` (None: :data:`CORANGE_OVERSAMPLE`, whose None is ``min(k + 1, max(k // 2, 17))``: Tropp et al.'s
+    ``2k + 1`` up to ``k = 16``, ``k + k/2`` from ``k = 34``). Refuses a ``p`` that is not an integer ``>= 0``."""
     if oversample is None:
         oversample = CORANGE_OVERSAMPLE
     if oversample is None:
-        oversample = max(rank // 2, 8)
+        oversample = min(rank + 1, max(rank // 2, 17))
     if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
         raise ValueError(f"the co-range oversampling must be an integer >= 0, got {oversample!r}")
     return min(rank + oversample, rows)
