@@ -31,7 +31,7 @@ import time
 import torch
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--intermediate", type=int, default=11008)
@@ -51,7 +51,7 @@ def main() -> None:
         choices=["float32", "bfloat16"],
         help="default: the library's, by layer",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.memory:
         memory_profile(args)
         return
@@ -169,6 +169,27 @@ def _rss() -> int:
 def memory_profile(args) -> None:
     import s2ft.tuner.calibration as calibration
     import s2ft.tuner.planner as planner
+
+    strategies = dict(calibration.SKETCHED_STRATEGIES)
+    patched = [
+        (calibration.SketchedGradientPrior, "add_call"),
+        (calibration.SketchedAdamPrior, "add_calls"),
+        (calibration.SketchedAdamPrior, "finish"),
+        (planner, "plan_for"),
+    ]
+    saved = [(owner, name, owner.__dict__.get(name)) for owner, name in patched]
+    try:
+        _memory_profile(args, calibration, planner)
+    finally:  # as it was (for a caller in the same process)
+        calibration.SKETCHED_STRATEGIES.update(strategies)
+        for owner, name, original in saved:
+            if original is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, original)
+
+
+def _memory_profile(args, calibration, planner) -> None:
 
     libc = ctypes.CDLL("libc.so.6")
     libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: freed tensors go back at once, as in llm_scale.py
