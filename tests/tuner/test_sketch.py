@@ -533,3 +533,45 @@ def test_bfloat16_layer_sketches_are_the_float64_sums_to_bfloat16_rounding(strat
         assert sketches[None][name].dtype == torch.float32
         a, b = sketches[None][name].dense(), sketches[torch.float32][name].dense()
         assert float((a - b).norm() / b.norm()) <= 0.05
+
+
+class Rectangular(torch.nn.Module):
+    """A wide-to-narrow layer (d_out 12 < d_in 32, sketched transposed) and its reverse, float64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.down = torch.nn.Linear(32, 12)
+        self.up = torch.nn.Linear(12, 32)
+        self.head = torch.nn.Linear(32, 5)
+        self.double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x + torch.tanh(self.up(torch.tanh(self.down(x)))))
+
+
+@pytest.mark.parametrize("hooks", [False, True])
+def test_rectangular_layers_sketched_either_way_are_exact_at_full_rank_float64(hooks):
+    """A layer with d_out < d_in holds Y (d_in, k) and W (l, d_out) (the wide W along the small side), and gives
+    back the same (d_out, d_in) priors: at full rank the exact gradient prior and the factored Adam prior."""
+    config = S2FTConfig(target_modules=["down", "up"], n_frequency=30, scaling=10.0)
+    spectral = get_spectral_model(Rectangular(), config)
+    layers = spectral.spectral_layers()
+    strategy = SketchedGradientPrior(layers, rank=6)
+    assert strategy.flipped == {"down"}
+    assert strategy.y["down"].shape == (32, 6) and strategy.w["down"].shape == (corange_width(6, 32), 12)
+    assert strategy.y["up"].shape == (32, 6) and strategy.w["up"].shape == (corange_width(6, 32), 12)
+    data = batches(3)
+    exact = compute_prior(spectral.model, layers, data, loss_fn, from_activations=hooks)
+    sketch = compute_prior(spectral.model, layers, data, loss_fn, from_activations=hooks, rank=1000)
+    adam = compute_prior(
+        spectral.model, layers, data, loss_fn, kind="adam", from_activations=hooks, rank=1000
+    )
+    per_batch = [compute_prior(spectral.model, layers, [b], loss_fn, rank=1000) for b in data]
+    for name in layers:
+        assert sketch[name].shape == exact[name].shape == (layers[name].d_out, layers[name].d_in)
+        torch.testing.assert_close(sketch[name].dense(), exact[name].double(), rtol=0, atol=1e-6)
+        reference = factored_adam([p[name].dense() for p in per_batch])
+        torch.testing.assert_close(adam[name].dense(), reference, rtol=1e-9, atol=1e-9)
+    low = compute_prior(spectral.model, layers, data[:1], loss_fn, from_activations=hooks, rank=4)
+    assert low["down"].shape == (12, 32) and low["down"].rank == 4

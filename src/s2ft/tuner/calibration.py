@@ -489,7 +489,9 @@ class SketchedGradientPrior(PriorStrategy):
     co-range sketches ``-Σ_b g_b Ω`` ``(d_out, k)`` and ``-Σ_b Ψ g_b`` ``(l, d_in)``: ``O((d_out + d_in)·k)`` per
     layer. From activations, a call adds ``δᵀ(xΩ)`` and ``(Ψδᵀ)x`` without forming ``δᵀx``. ``k`` is
     ``min(rank, d_out, d_in)`` per layer (at ``min(d_out, d_in)`` the sketch is exact); ``l = min(k + p, d_out)``
-    (:func:`s2ft.ops.sketch.corange_width`, ``oversample`` ``p``, None: its default); the sketches are held in
+    (:func:`s2ft.ops.sketch.corange_width`, ``oversample`` ``p``, None: its default). A layer with
+    ``d_out < d_in`` is sketched transposed (``g_bᵀ``: ``Y`` ``(d_in, k)``, ``W`` ``(l, d_out)``, the factors
+    swapped back at the end), so that the wider ``W`` always runs along the smaller side. The sketches are held in
     ``sketch_dtype`` (None: :func:`sketch_dtype_of` per layer). The test matrices come from ``(seed, shape, k)``
     (:func:`sketch_generator`), the same on every process and shared by the layers of a shape."""
 
@@ -508,23 +510,28 @@ class SketchedGradientPrior(PriorStrategy):
         super().__init__(layers)
         self.omega, self.psi, self.y, self.w = {}, {}, {}, {}
         self.sums: dict[str, torch.dtype] = {}  # the dtype of each layer's exact sums (float32, float64)
+        self.flipped: set[str] = set()  # the layers sketched transposed (d_out < d_in)
         shared: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # one Ω, Ψ per shape, rank and dtype
         for name, layer in layers.items():
             k = min(rank, layer.d_out, layer.d_in)
             dtype = sketch_dtype if sketch_dtype is not None else sketch_dtype_of(layer)
             self.sums[name] = torch.float64 if dtype == torch.float64 else torch.float32
+            if layer.d_out < layer.d_in:
+                self.flipped.add(name)
+            rows, cols = (layer.d_in, layer.d_out) if name in self.flipped else (layer.d_out, layer.d_in)
             key = (layer.d_out, layer.d_in, k, dtype)
             if key not in shared:
                 omega, psi = sketch_matrices(
-                    layer.d_out, layer.d_in, k, sketch_generator(seed, *key[:3]), dtype, oversample
+                    rows, cols, k, sketch_generator(seed, *key[:3]), dtype, oversample
                 )
                 shared[key] = _hold(omega.to(self.device)), _hold(psi.to(self.device))
             self.omega[name], self.psi[name] = shared[key]
             psi = self.psi[name]
-            self.y[name] = _hold(torch.zeros(layer.d_out, k, device=self.device, dtype=dtype))
-            self.w[name] = _hold(torch.zeros(psi.shape[0], layer.d_in, device=self.device, dtype=dtype))
+            self.y[name] = _hold(torch.zeros(rows, k, device=self.device, dtype=dtype))
+            self.w[name] = _hold(torch.zeros(psi.shape[0], cols, device=self.device, dtype=dtype))
 
     def add(self, name: str, grad: torch.Tensor) -> None:
+        grad = grad.T if name in self.flipped else grad
         self.y[name].sub_(grad @ self.omega[name].to(grad.dtype))  # computed in grad's dtype, rounded once
         self.w[name].sub_(self.psi[name].to(grad.dtype) @ grad)
 
@@ -536,6 +543,8 @@ class SketchedGradientPrior(PriorStrategy):
         dtype = torch.promote_types(torch.promote_types(x.dtype, delta.dtype), self.sums[name])
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (tokens, d_in)
         d2 = delta.reshape(-1, delta.shape[-1]).to(dtype)  # (tokens, d_out)
+        if name in self.flipped:  # g_bᵀ = x2ᵀ d2
+            x2, d2 = d2, x2
         self.y[name].sub_(d2.T @ (x2 @ self.omega[name].to(dtype)))  # (d_out, k), rounded once into y
         self.w[name].sub_((self.psi[name].to(dtype) @ d2.T) @ x2)  # (l, d_in)
 
@@ -549,9 +558,19 @@ class SketchedGradientPrior(PriorStrategy):
                     _all_reduce((wide,))
                     sketch.copy_(wide)
 
+    def _low_rank(
+        self, name: str, row_scale: torch.Tensor | None = None, col_scale: torch.Tensor | None = None
+    ) -> LowRank:
+        """The layer's ``LowRank`` ``(d_out, d_in)`` from its sketches (dropped), scaled as given."""
+        y, w, psi = self.y.pop(name), self.w.pop(name), self.psi.pop(name)
+        if name not in self.flipped:
+            return low_rank_from_sketches(y, w, psi, row_scale, col_scale)
+        flipped = low_rank_from_sketches(y, w, psi, col_scale, row_scale)
+        return LowRank(flipped.v, flipped.s, flipped.u)
+
     def finish(self) -> dict[str, Any]:
         self._reduce()
-        return {n: low_rank_from_sketches(self.y.pop(n), self.w.pop(n), self.psi.pop(n)) for n in self.layers}
+        return {n: self._low_rank(n) for n in self.layers}
 
 
 class SketchedAdamPrior(SketchedGradientPrior):
@@ -611,9 +630,7 @@ class SketchedAdamPrior(SketchedGradientPrior):
             total = rows.sum()
             row_scale = torch.where(rows > 0, (total / torch.where(rows > 0, rows, 1.0)).sqrt(), 0.0)
             col_scale = torch.where(cols > 0, torch.where(cols > 0, cols, 1.0).rsqrt(), 0.0)
-            priors[name] = low_rank_from_sketches(
-                self.y.pop(name), self.w.pop(name), self.psi.pop(name), row_scale, col_scale
-            )
+            priors[name] = self._low_rank(name, row_scale, col_scale)
         return priors
 
 
