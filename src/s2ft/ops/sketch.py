@@ -118,8 +118,9 @@ class LowRank:
 # when rank(A) <= k, and a smaller p costs only accuracy beyond rank k, through the least-squares solve against the
 # (l, k) Gaussian ΨQ (its error factor grows like k / (l - k - 1)). The default p = min(k + 1, max(k // 2, 17)) is
 # 2k + 1 up to k = 16 and k + k/2 from k = 34 on: W takes 1.5·k·n numbers instead of (2k + 1)·n where it is large.
-# Measured (benchmarks/results/cpu/sketch_quality_corange.md): on the text job p = k/2 at k = 64 catches what
-# 2k + 1 does within 0.003 of a full fine-tune's ΔW energy, while p = 8 loses 0.014 at k = 64 and 0.007 at k = 16.
+# Measured (benchmarks/results/cpu/sketch_quality_corange.md, text job, 2 seeds): p = k/2 at k = 64 catches
+# 0.001-0.0035 less of a full fine-tune's ΔW energy than 2k + 1 (of 0.064), p = 8 0.012-0.019 less at k = 64 and
+# 0.006-0.008 at k = 16.
 CORANGE_OVERSAMPLE: int | None = None  # None: min(k + 1, max(k // 2, 17))
 
 
