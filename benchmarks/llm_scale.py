@@ -573,7 +573,20 @@ def environment(device: torch.device) -> dict:
             models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
         if models:
             name = f"{models[0]} ({len(models)} logical CPUs)"
+    try:  # how this s2ft sketches (S2FTConfig.prior_rank): the co-range width at k = 64, the sketches' dtype
+        from s2ft.ops.sketch import corange_width
+
+        sketch = f"co-range width l = {corange_width(64, 10**9)} at k = 64"
+        try:
+            from s2ft.tuner.calibration import sketch_dtype_of  # noqa: F401
+
+            sketch += ", sketches held in bfloat16 for a 16-bit layer"
+        except ImportError:
+            sketch += ", sketches held in float32"
+    except ImportError:
+        sketch = None
     return {
+        "sketch": sketch,
         "device": device.type,
         "device_name": name,
         "threads": torch.get_num_threads(),
@@ -799,7 +812,7 @@ def markdown(report: dict) -> str:
             f"{settings['calibration_batches']} batch(es), O((d_out + d_in)·k) numbers per layer), each in its own "
             f"process. Targets: peak ≤ {CALIBRATION_RATIO:g}x LoRA r = 8's step peak; time ≤ {SKETCH_TIME_RATIO:g}x "
             f"{settings['calibration_batches']} LoRA r = 8 steps (the LoRA row of the same size, base and targets, "
-            "this run).",
+            "this run)." + (f" This s2ft: {env['sketch']}." if env.get("sketch") else ""),
             "",
             "| size | base | targets | k | calibration s | ×(LoRA-8 s/step × batches) | calibration peak MiB | "
             "×LoRA-8 step peak | exact prior's calibration s | exact peak MiB | targets met |",

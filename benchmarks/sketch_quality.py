@@ -28,6 +28,7 @@ Prints a Markdown table; ``--json PATH`` also writes the per-seed figures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -88,7 +89,51 @@ def _caught(matrix: torch.Tensor, plan) -> float:
     return energy_at(permuted, plan.rows, plan.cols)
 
 
-def measure(task_name: str, seed: int, ranks: list[int], full_steps: int, prior: str | None = None) -> dict:
+def _sketch_options(k: int, oversample: str, dtype: str) -> dict:
+    """The sketched strategy's keywords for a variant: ``oversample`` "default", "2k+1" (Tropp et al.'s width, the
+    library's before issue 31's memory work) or an integer ``p``; ``dtype`` "auto" (by the layer), "float32",
+    "bfloat16"."""
+    options: dict = {}
+    if oversample == "2k+1":
+        options["oversample"] = k + 1
+    elif oversample != "default":
+        options["oversample"] = int(oversample)
+    if dtype != "auto":
+        options["sketch_dtype"] = getattr(torch, dtype)
+    return options
+
+
+@contextlib.contextmanager
+def _sketch_variant(options: dict):
+    """Calibration's sketched strategies with ``options`` (keywords of their constructors) meanwhile."""
+    import s2ft.tuner.calibration as calibration
+
+    saved = dict(calibration.SKETCHED_STRATEGIES)
+    try:
+        for kind, strategy in saved.items():
+
+            def init(self, layers, _strategy=strategy, **kw):
+                _strategy.__init__(self, layers, **{**kw, **options})
+
+            calibration.SKETCHED_STRATEGIES[kind] = type(strategy.__name__, (strategy,), {"__init__": init})
+        yield
+    finally:
+        calibration.SKETCHED_STRATEGIES.update(saved)
+
+
+def _variant_key(k: int, oversample: str, dtype: str) -> str:
+    return str(k) if (oversample, dtype) == ("default", "auto") else f"{k} p={oversample} {dtype}"
+
+
+def measure(
+    task_name: str,
+    seed: int,
+    ranks: list[int],
+    full_steps: int,
+    prior: str | None = None,
+    oversamples: tuple[str, ...] = ("default",),
+    dtypes: tuple[str, ...] = ("auto",),
+) -> dict:
     from s2ft.tuner.calibration import compute_prior
     from s2ft.tuner.planner import plan_for
 
@@ -106,10 +151,13 @@ def measure(task_name: str, seed: int, ranks: list[int], full_steps: int, prior:
     out["exact"]["loc"] = [caught(exact[n].float(), plans[n]) for n in layers]
     if deltas:
         out["exact"]["delta"] = [caught(deltas[n], plans[n]) for n in layers if n in deltas]
-    for k in ranks:
+    variants = [(k, o, d) for k in ranks for o in oversamples for d in dtypes]
+    for k, oversample, dtype in variants:
+        key = _variant_key(k, oversample, dtype)
         start = time.perf_counter()
-        sketch = compute_prior(base, layers, batches, kind=config.prior, rank=k, seed=config.seed)
-        seconds[k] = time.perf_counter() - start
+        with _sketch_variant(_sketch_options(k, oversample, dtype)):
+            sketch = compute_prior(base, layers, batches, kind=config.prior, rank=k, seed=config.seed)
+        seconds[key] = time.perf_counter() - start
         row: dict = {"kept": [], "loc": [], "same": [], "delta": []}
         for n in layers:
             plan = plan_for(sketch[n], n, config)
@@ -120,7 +168,7 @@ def measure(task_name: str, seed: int, ranks: list[int], full_steps: int, prior:
             row["same"].append(len(mine & theirs) / len(mine))
             if n in deltas:
                 row["delta"].append(caught(deltas[n], plan))
-        out["ranks"][k] = row
+        out["ranks"][key] = row
     out["seconds"] = seconds
     return out
 
@@ -311,7 +359,7 @@ def _mean(values: list[float]) -> str:
     return "–" if not values else f"{statistics.mean(values):.3f} (min {min(values):.3f})"
 
 
-def table(results: list[dict], ranks: list[int]) -> str:
+def table(results: list[dict], ranks: list) -> str:
     lines = [
         "| seed | k | kept (mean, min) | loc, sketch plan | loc, exact plan | same locations | ΔW caught, sketch "
         "plan | ΔW caught, exact plan |",
@@ -348,6 +396,20 @@ def main(argv: list[str] | None = None) -> int:
         help="with --variants: also the sketched Adam prior with its normaliser factored from the sums of |g_b| "
         "(instead of Adafactor's factored second moment) at --ranks",
     )
+    parser.add_argument(
+        "--oversamples",
+        nargs="+",
+        default=["default"],
+        help="the co-range oversampling p of each sketch (l = k + p): default (the library's), 2k+1 (Tropp et "
+        "al.'s l = 2k + 1) or an integer",
+    )
+    parser.add_argument(
+        "--sketch-dtypes",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "float32", "bfloat16"],
+        help="the dtype the sketches are held in: auto (the library's, by the layer), float32, bfloat16",
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     results = []
@@ -370,9 +432,20 @@ def main(argv: list[str] | None = None) -> int:
                 json.dump(results, f, indent=1, default=str)
         return 0
     for seed in args.seeds:
-        results.append(measure(args.task, seed, args.ranks, args.full_finetune_steps, args.prior))
+        results.append(
+            measure(
+                args.task,
+                seed,
+                args.ranks,
+                args.full_finetune_steps,
+                args.prior,
+                tuple(args.oversamples),
+                tuple(args.sketch_dtypes),
+            )
+        )
         print(f"seed {seed}: calibration seconds {results[-1]['seconds']}", file=sys.stderr)
-    print(table(results, args.ranks))
+    keys = [_variant_key(k, o, d) for k in args.ranks for o in args.oversamples for d in args.sketch_dtypes]
+    print(table(results, keys))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=1, default=str)

@@ -31,6 +31,7 @@ def test_tiny_run_measures_the_sketched_calibrations(tmp_path):
     assert "## Sketched calibration (`S2FTConfig.prior_rank`)" in text
     assert "| tiny | none | qv | 4 |" in text and "| tiny | none | qv | 1000 |" in text
     assert "| none | qv | s2ft | skipped: --skip-exact-s2ft |" in text
+    assert "This s2ft: co-range width l = 96 at k = 64, sketches held in bfloat16 for a 16-bit layer." in text
 
 
 def test_tiny_run_with_a_sketched_s2ft_row_trains_after_its_sketched_calibration(tmp_path):
@@ -48,3 +49,22 @@ def test_tiny_run_with_a_sketched_s2ft_row_trains_after_its_sketched_calibration
     assert s2ft["ratios"]["calibration_time"] == s2ft["calibration_s"] / (2 * lora["step_s"])
     assert set(s2ft["targets_met"]) >= {"calibration", "calibration time"}
     assert "the S2FT row's calibration is sketched, rank 4" in (tmp_path / "llm_scale.md").read_text()
+
+
+def test_memory_profile_reports_what_the_sketches_hold(capsys):
+    """``sketch_calibration_profile.py --memory`` on a tiny Llama: per shape the sketches' bytes, which add up to
+    the prior-sized peak, bfloat16 for bfloat16 layers and W (k + p) x d_in at the default co-range width; the
+    calibration's classes as they were afterwards."""
+    import s2ft.tuner.calibration as calibration
+    from s2ft.ops.sketch import corange_width
+
+    before = dict(calibration.SKETCHED_STRATEGIES), calibration.SketchedGradientPrior.add_call
+    script = load_benchmark("sketch_calibration_profile")
+    argv = ["--memory", "--hidden", "64", "--intermediate", "128", "--heads", "4", "--layers", "1"]
+    script.main([*argv, "--batches", "1", "--seq-len", "16", "--rank", "4"])
+    text = capsys.readouterr().out
+    width = corange_width(4, 64)
+    assert f"| Y (64 x 4, bfloat16), 64 x 64 layers | {4 * 64 * 4 * 2 / 2**20:.2f} |" in text  # q, k, v, o
+    assert f"| W ({width} x 64, bfloat16), 64 x 64 layers | {4 * width * 64 * 2 / 2**20:.2f} |" in text
+    assert "| one plain forward and backward pass |" in text and "| planning |" in text
+    assert (dict(calibration.SKETCHED_STRATEGIES), calibration.SketchedGradientPrior.add_call) == before

@@ -10,8 +10,14 @@ import torch
 from s2ft import S2FTConfig, get_spectral_model
 from s2ft.analysis.measures import analyze_model
 from s2ft.ops.locations import power_spectrum
-from s2ft.ops.sketch import LowRank, low_rank_from_sketches, sketch_matrices
-from s2ft.tuner.calibration import compute_prior, prior_memory
+from s2ft.ops.sketch import LowRank, corange_width, low_rank_from_sketches, sketch_matrices
+from s2ft.tuner.calibration import (
+    SketchedAdamPrior,
+    SketchedGradientPrior,
+    compute_prior,
+    prior_memory,
+    sketch_dtype_of,
+)
 from s2ft.tuner.planner import layer_generator, plan_layer
 from tests.helpers import Stack, make_batches, tiny_bert
 from tests.helpers import stack_loss_fn as loss_fn
@@ -26,10 +32,10 @@ def low_rank_matrix(rows: int, cols: int, rank: int, seed: int = 0) -> torch.Ten
     )
 
 
-def sketched(parts: list[torch.Tensor], k: int, row_scale=None, col_scale=None) -> LowRank:
+def sketched(parts: list[torch.Tensor], k: int, row_scale=None, col_scale=None, oversample=None) -> LowRank:
     """The sketch of ``Σ parts`` accumulated part by part, as calibration does batch by batch."""
     rows, cols = parts[0].shape
-    omega, psi = sketch_matrices(rows, cols, k, torch.Generator().manual_seed(5), torch.float64)
+    omega, psi = sketch_matrices(rows, cols, k, torch.Generator().manual_seed(5), torch.float64, oversample)
     y = sum(p @ omega for p in parts)
     w = sum(psi @ p for p in parts)
     return low_rank_from_sketches(y, w, psi, row_scale, col_scale)
@@ -46,6 +52,28 @@ def test_sketch_of_a_sum_is_exact_at_rank_at_most_k_float64(rank):
     torch.testing.assert_close(approx.u.T @ approx.u, torch.eye(8, dtype=torch.float64), atol=1e-10, rtol=0)
     torch.testing.assert_close(approx.v.T @ approx.v, torch.eye(8, dtype=torch.float64), atol=1e-10, rtol=0)
     assert bool((approx.s[:-1] >= approx.s[1:]).all())
+
+
+@pytest.mark.parametrize("oversample", [0, 3, 9])
+def test_sketch_is_exact_at_rank_at_most_k_whatever_the_oversampling_float64(oversample):
+    """The co-range width l = k + p only needs l >= k for the exact case: p = 0 too gives Σ parts back."""
+    parts = [low_rank_matrix(40, 24, 1, seed) for seed in range(6)]
+    total = sum(parts)
+    approx = sketched(parts, 8, oversample=oversample)
+    torch.testing.assert_close(approx.dense(), total, rtol=1e-9, atol=1e-9)
+
+
+def test_corange_width():
+    # the default oversampling: Tropp et al.'s 2k + 1 up to k = 16, then at least 17, then k // 2
+    assert [corange_width(k, 10**6) for k in (1, 4, 16, 17, 34, 64, 256)] == [3, 9, 33, 34, 51, 96, 384]
+    assert corange_width(64, 10**6, oversample=65) == 129  # Tropp et al.'s 2k + 1
+    assert corange_width(64, 10**6, oversample=0) == 64
+    assert corange_width(64, 70) == 70  # at most the matrix's rows
+    for bad in (-1, 1.5, True, "8"):
+        with pytest.raises(ValueError, match="oversampling must be an integer >= 0"):
+            corange_width(8, 100, bad)
+    omega, psi = sketch_matrices(50, 30, 6, torch.Generator().manual_seed(0), oversample=2)
+    assert omega.shape == (30, 6) and psi.shape == (8, 50)
 
 
 def test_scaled_sketch_is_the_scaled_matrix_float64():
@@ -250,8 +278,9 @@ def test_sketch_memory_is_of_the_factors_plus_one_layer(kind, hooks):
     gives them): the test matrices Ω, Ψ once per shape, each layer its sketches, O((d_out + d_in)·k), and one
     layer's g_b is the only transient."""
     k, width = 2, 32
-    shared = 8 * (width * k + (2 * k + 1) * width)  # Ω and Ψ, float64, one shape
-    per_layer = 8 * ((width * k + (2 * k + 1) * width) + (2 * width if kind == "adam" else 0))  # sketches
+    width_l = corange_width(k, width)
+    shared = 8 * (width * k + width_l * width)  # Ω and Ψ, float64, one shape
+    per_layer = 8 * ((width * k + width_l * width) + (2 * width if kind == "adam" else 0))  # sketches
     transient = 2 * width * width * 8  # adam: one layer's g_b and one call's δᵀx (the layer called twice)
     peaks = {}
     for depth in (3, 6):
@@ -459,3 +488,94 @@ def test_calibration_holds_no_layer_input_across_the_forward_under_checkpointing
         assert kept
     assert alive[False] > 0
     assert alive[True] == 0
+
+
+def test_sketch_dtype_by_layer():
+    """float64 kept, 16-bit layers (bfloat16, float16) sketched in bfloat16, float32 otherwise."""
+    expected = {
+        torch.float64: torch.float64,
+        torch.float32: torch.float32,
+        torch.bfloat16: torch.bfloat16,
+        torch.float16: torch.bfloat16,
+    }
+    for weight, sketch in expected.items():
+        spectral = wrapped(1)
+        spectral.model.to(weight)
+        layer = next(iter(spectral.spectral_layers().values()))
+        assert sketch_dtype_of(layer) == sketch
+
+
+@pytest.mark.parametrize("strategy", [SketchedGradientPrior, SketchedAdamPrior])
+def test_bfloat16_layer_sketches_are_the_float64_sums_to_bfloat16_rounding(strategy):
+    """A bfloat16 layer's sketches are held in bfloat16 (half float32's bytes), each batch's share computed in
+    float32 and rounded once into them: they are the float64 sketches of -Σ g_b within a rounding of bfloat16 per
+    batch (norm-wise), and the prior they give is a float32 LowRank close to the float32-held sketch's."""
+    spectral = wrapped(2)
+    spectral.model.to(torch.bfloat16)
+    layers = spectral.spectral_layers()
+    g = torch.Generator().manual_seed(3)
+    grads = {n: [torch.randn(32, 32, generator=g) for _ in range(6)] for n in layers}
+    held = {}
+    sketches = {}
+    for dtype in (None, torch.float32):
+        with prior_memory() as memory:
+            sketch = strategy(layers, rank=4, seed=0, sketch_dtype=dtype)
+            held[dtype] = memory.live
+            for name in layers:
+                for grad in grads[name]:
+                    sketch.add(name, grad)
+            for name in layers:
+                assert sketch.y[name].dtype == (dtype or torch.bfloat16)
+                omega, psi = sketch.omega[name].double(), sketch.psi[name].double()
+                total = -sum(grad.double() for grad in grads[name])
+                for got, want in ((sketch.y[name], total @ omega), (sketch.w[name], psi @ total)):
+                    error = float((got.double() - want).norm() / want.norm())
+                    assert error <= (6 * 2**-8 if dtype is None else 1e-6)
+            sketches[dtype] = sketch.finish()
+    assert held[None] < 0.55 * held[torch.float32]  # Adam's row and column sums stay float32
+    for name in layers:
+        assert sketches[None][name].dtype == torch.float32
+        a, b = sketches[None][name].dense(), sketches[torch.float32][name].dense()
+        assert float((a - b).norm() / b.norm()) <= 0.05
+
+
+class Rectangular(torch.nn.Module):
+    """A wide-to-narrow layer (d_out 12 < d_in 32, sketched transposed) and its reverse, float64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.down = torch.nn.Linear(32, 12)
+        self.up = torch.nn.Linear(12, 32)
+        self.head = torch.nn.Linear(32, 5)
+        self.double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x + torch.tanh(self.up(torch.tanh(self.down(x)))))
+
+
+@pytest.mark.parametrize("hooks", [False, True])
+def test_rectangular_layers_sketched_either_way_are_exact_at_full_rank_float64(hooks):
+    """A layer with d_out < d_in holds Y (d_in, k) and W (l, d_out) (the wide W along the small side), and gives
+    back the same (d_out, d_in) priors: at full rank the exact gradient prior and the factored Adam prior."""
+    config = S2FTConfig(target_modules=["down", "up"], n_frequency=30, scaling=10.0)
+    spectral = get_spectral_model(Rectangular(), config)
+    layers = spectral.spectral_layers()
+    strategy = SketchedGradientPrior(layers, rank=6)
+    assert strategy.flipped == {"down"}
+    assert strategy.y["down"].shape == (32, 6) and strategy.w["down"].shape == (corange_width(6, 32), 12)
+    assert strategy.y["up"].shape == (32, 6) and strategy.w["up"].shape == (corange_width(6, 32), 12)
+    data = batches(3)
+    exact = compute_prior(spectral.model, layers, data, loss_fn, from_activations=hooks)
+    sketch = compute_prior(spectral.model, layers, data, loss_fn, from_activations=hooks, rank=1000)
+    adam = compute_prior(
+        spectral.model, layers, data, loss_fn, kind="adam", from_activations=hooks, rank=1000
+    )
+    per_batch = [compute_prior(spectral.model, layers, [b], loss_fn, rank=1000) for b in data]
+    for name in layers:
+        assert sketch[name].shape == exact[name].shape == (layers[name].d_out, layers[name].d_in)
+        torch.testing.assert_close(sketch[name].dense(), exact[name].double(), rtol=0, atol=1e-6)
+        reference = factored_adam([p[name].dense() for p in per_batch])
+        torch.testing.assert_close(adam[name].dense(), reference, rtol=1e-9, atol=1e-9)
+    low = compute_prior(spectral.model, layers, data[:1], loss_fn, from_activations=hooks, rank=4)
+    assert low["down"].shape == (12, 32) and low["down"].rank == 4

@@ -4,7 +4,8 @@ A matrix ``A`` ``(m, n)`` that arrives as a sum ``A = Σ_b A_b`` is sketched by 
 up batch by batch (and across processes) in ``(m + n)·k`` numbers instead of ``m·n``:
 
 - the range sketch ``Y = A Ω`` ``(m, k)``, with a Gaussian test matrix ``Ω`` ``(n, k)``;
-- the co-range sketch ``W = Ψ A`` ``(l, n)``, with a Gaussian ``Ψ`` ``(l, m)`` and ``l = min(2k + 1, m)``.
+- the co-range sketch ``W = Ψ A`` ``(l, n)``, with a Gaussian ``Ψ`` ``(l, m)`` and ``l = min(k + p, m)``
+  (:func:`corange_width`; oversampling ``p``, :data:`CORANGE_OVERSAMPLE` by default).
 
 :func:`low_rank_from_sketches` returns ``Â = Q (ΨQ)⁺ W`` with ``Q`` an orthonormal basis of ``Y`` (Tropp, Yurtsever,
 Udell and Cevher, "Practical sketching algorithms for low-rank matrix approximation", 2017, Algorithm 3), which is
@@ -109,18 +110,43 @@ class LowRank:
         return float((u.T @ m @ v).square().sum()) / total if total > 0 else 1.0
 
 
-def corange_width(rank: int, rows: int) -> int:
-    """``l = min(2k + 1, m)``: the co-range sketch's width for rank ``k`` of an ``m``-row matrix."""
-    return min(2 * rank + 1, rows)
+# The co-range sketch's oversampling p (l = k + p). Tropp et al. (2017) analyse l = 2k + 1; any l >= k gives A back
+# when rank(A) <= k, and a smaller p costs only accuracy beyond rank k, through the least-squares solve against the
+# (l, k) Gaussian ΨQ (its error factor grows like k / (l - k - 1)). The default p = min(k + 1, max(k // 2, 17)) is
+# 2k + 1 up to k = 16 and k + k/2 from k = 34 on: W takes 1.5·k·n numbers instead of (2k + 1)·n where it is large.
+# Measured (benchmarks/results/cpu/sketch_quality_corange.md, text job, 2 seeds): p = k/2 at k = 64 catches
+# 0.001-0.0035 less of a full fine-tune's ΔW energy than 2k + 1 (of 0.064), p = 8 0.012-0.019 less at k = 64 and
+# 0.006-0.008 at k = 16.
+CORANGE_OVERSAMPLE: int | None = None  # None: min(k + 1, max(k // 2, 17))
+
+
+def corange_width(rank: int, rows: int, oversample: int | None = None) -> int:
+    """``l = min(k + p, m)``: the co-range sketch's width for rank ``k`` of an ``m``-row matrix, with oversampling
+    ``p`` (None: :data:`CORANGE_OVERSAMPLE`, whose None is ``min(k + 1, max(k // 2, 17))``: Tropp et al.'s
+    ``2k + 1`` up to ``k = 16``, ``k + k/2`` from ``k = 34``). Refuses a ``p`` that is not an integer ``>= 0``."""
+    if oversample is None:
+        oversample = CORANGE_OVERSAMPLE
+    if oversample is None:
+        oversample = min(rank + 1, max(rank // 2, 17))
+    if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
+        raise ValueError(f"the co-range oversampling must be an integer >= 0, got {oversample!r}")
+    return min(rank + oversample, rows)
 
 
 def sketch_matrices(
-    rows: int, cols: int, rank: int, generator: torch.Generator, dtype: torch.dtype = torch.float32
+    rows: int,
+    cols: int,
+    rank: int,
+    generator: torch.Generator,
+    dtype: torch.dtype = torch.float32,
+    oversample: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gaussian ``Ω`` ``(cols, rank)`` and ``Ψ`` ``(l, rows)`` (:func:`corange_width`), drawn on the CPU from
-    ``generator`` in that order: the same on every machine for one generator state."""
+    ``generator`` in that order: the same on every machine for one generator state. In ``dtype`` (rounded from
+    float64: the rounded matrices are the test matrices, as Gaussian as the sketch needs)."""
     omega = torch.randn(cols, rank, generator=generator, dtype=torch.float64).to(dtype)
-    psi = torch.randn(corange_width(rank, rows), rows, generator=generator, dtype=torch.float64).to(dtype)
+    width = corange_width(rank, rows, oversample)
+    psi = torch.randn(width, rows, generator=generator, dtype=torch.float64).to(dtype)
     return omega, psi
 
 

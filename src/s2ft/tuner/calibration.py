@@ -510,58 +510,108 @@ PRIOR_STRATEGIES: dict[str, type[PriorStrategy]] = {
 }
 
 
+def sketch_dtype_of(layer: nn.Module) -> torch.dtype:
+    """The dtype a sketched prior holds a layer's sketches and test matrices in: float64 for a float64 weight,
+    bfloat16 for a layer computing in 16 bits (bfloat16 or float16: its ``x`` and ``δ``, hence every ``g_b``, carry
+    16-bit precision already; bfloat16 for float16 too, whose range the sums could leave), float32 otherwise. Each
+    batch's share is computed in float32 and rounded once into the running sum; sums across processes are taken in
+    float32."""
+    base = layer.base_layer
+    kind = kind_of(base)
+    compute_dtype = getattr(kind, "compute_dtype", None)  # quantized kinds say it; a float weight is its own
+    dtype = compute_dtype(base) if kind.quantized and compute_dtype is not None else base.weight.dtype
+    if dtype == torch.float64:
+        return torch.float64
+    return torch.bfloat16 if dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
 class SketchedGradientPrior(PriorStrategy):
     """The gradient prior ``-Σ_b g_b`` as a rank-``k`` :class:`s2ft.ops.sketch.LowRank`, from its range and
     co-range sketches ``-Σ_b g_b Ω`` ``(d_out, k)`` and ``-Σ_b Ψ g_b`` ``(l, d_in)``: ``O((d_out + d_in)·k)`` per
     layer. From activations, a call adds ``δᵀ(xΩ)`` and ``(Ψδᵀ)x`` without forming ``δᵀx``. ``k`` is
-    ``min(rank, d_out, d_in)`` per layer (at ``min(d_out, d_in)`` the sketch is exact); the test matrices come from
-    ``(seed, shape, k)`` (:func:`sketch_generator`), the same on every process and shared by the layers of a shape."""
+    ``min(rank, d_out, d_in)`` per layer (at ``min(d_out, d_in)`` the sketch is exact); ``l = min(k + p, d_out)``
+    (:func:`s2ft.ops.sketch.corange_width`, ``oversample`` ``p``, None: its default). A layer with
+    ``d_out < d_in`` is sketched transposed (``g_bᵀ``: ``Y`` ``(d_in, k)``, ``W`` ``(l, d_out)``, the factors
+    swapped back at the end), so that the wider ``W`` always runs along the smaller side. The sketches are held in
+    ``sketch_dtype`` (None: :func:`sketch_dtype_of` per layer). The test matrices come from ``(seed, shape, k)``
+    (:func:`sketch_generator`), the same on every process and shared by the layers of a shape."""
 
     per_call = True
     keeps_float64 = True
 
     def __init__(
-        self, layers: Mapping[str, nn.Module], rank: int = 16, seed: int = 0, **options: Any
+        self,
+        layers: Mapping[str, nn.Module],
+        rank: int = 16,
+        seed: int = 0,
+        oversample: int | None = None,
+        sketch_dtype: torch.dtype | None = None,
+        **options: Any,
     ) -> None:
         super().__init__(layers)
         self.omega, self.psi, self.y, self.w = {}, {}, {}, {}
+        self.sums: dict[str, torch.dtype] = {}  # the dtype of each layer's exact sums (float32, float64)
+        self.flipped: set[str] = set()  # the layers sketched transposed (d_out < d_in)
         shared: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # one Ω, Ψ per shape, rank and dtype
         for name, layer in layers.items():
             k = min(rank, layer.d_out, layer.d_in)
-            # float32 sums, as the exact priors; float64 for a float64 layer
-            dtype = torch.float64 if layer.base_layer.weight.dtype == torch.float64 else torch.float32
+            dtype = sketch_dtype if sketch_dtype is not None else sketch_dtype_of(layer)
+            self.sums[name] = torch.float64 if dtype == torch.float64 else torch.float32
+            if layer.d_out < layer.d_in:
+                self.flipped.add(name)
+            rows, cols = (layer.d_in, layer.d_out) if name in self.flipped else (layer.d_out, layer.d_in)
             key = (layer.d_out, layer.d_in, k, dtype)
             if key not in shared:
                 omega, psi = sketch_matrices(
-                    layer.d_out, layer.d_in, k, sketch_generator(seed, *key[:3]), dtype
+                    rows, cols, k, sketch_generator(seed, *key[:3]), dtype, oversample
                 )
                 shared[key] = _hold(omega.to(self.device)), _hold(psi.to(self.device))
             self.omega[name], self.psi[name] = shared[key]
             psi = self.psi[name]
-            self.y[name] = _hold(torch.zeros(layer.d_out, k, device=self.device, dtype=dtype))
-            self.w[name] = _hold(torch.zeros(psi.shape[0], layer.d_in, device=self.device, dtype=dtype))
+            self.y[name] = _hold(torch.zeros(rows, k, device=self.device, dtype=dtype))
+            self.w[name] = _hold(torch.zeros(psi.shape[0], cols, device=self.device, dtype=dtype))
 
     def add(self, name: str, grad: torch.Tensor) -> None:
-        self.y[name] -= grad @ self.omega[name].to(grad.dtype)
-        self.w[name] -= self.psi[name].to(grad.dtype) @ grad
+        grad = grad.T if name in self.flipped else grad
+        self.y[name].sub_(grad @ self.omega[name].to(grad.dtype))  # computed in grad's dtype, rounded once
+        self.w[name].sub_(self.psi[name].to(grad.dtype) @ grad)
 
     def add_call(self, name: str, x: torch.Tensor, delta: torch.Tensor) -> None:
         base = self.layers[name].base_layer
         if type(kind_of(base)).weight_gradient is not LayerKind.weight_gradient:
             super().add_call(name, x, delta)  # a kind of its own: δᵀx formed, one call's transient
             return
-        dtype = torch.promote_types(torch.promote_types(x.dtype, delta.dtype), torch.float32)
+        dtype = torch.promote_types(torch.promote_types(x.dtype, delta.dtype), self.sums[name])
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (tokens, d_in)
         d2 = delta.reshape(-1, delta.shape[-1]).to(dtype)  # (tokens, d_out)
-        self.y[name] -= d2.T @ (x2 @ self.omega[name].to(dtype))  # (d_out, k)
-        self.w[name] -= (self.psi[name].to(dtype) @ d2.T) @ x2  # (l, d_in)
+        if name in self.flipped:  # g_bᵀ = x2ᵀ d2
+            x2, d2 = d2, x2
+        self.y[name].sub_(d2.T @ (x2 @ self.omega[name].to(dtype)))  # (d_out, k), rounded once into y
+        self.w[name].sub_((self.psi[name].to(dtype) @ d2.T) @ x2)  # (l, d_in)
 
     def _reduce(self) -> None:
-        _all_reduce((*self.y.values(), *self.w.values()))
+        for name in self.layers:  # in float32 (or float64) where held in bfloat16, a layer at a time
+            for sketch in (self.y[name], self.w[name]):
+                if sketch.dtype == self.sums[name]:
+                    _all_reduce((sketch,))
+                elif torch.distributed.is_available() and torch.distributed.is_initialized():
+                    wide = sketch.to(self.sums[name])
+                    _all_reduce((wide,))
+                    sketch.copy_(wide)
+
+    def _low_rank(
+        self, name: str, row_scale: torch.Tensor | None = None, col_scale: torch.Tensor | None = None
+    ) -> LowRank:
+        """The layer's ``LowRank`` ``(d_out, d_in)`` from its sketches (dropped), scaled as given."""
+        y, w, psi = self.y.pop(name), self.w.pop(name), self.psi.pop(name)
+        if name not in self.flipped:
+            return low_rank_from_sketches(y, w, psi, row_scale, col_scale)
+        flipped = low_rank_from_sketches(y, w, psi, col_scale, row_scale)
+        return LowRank(flipped.v, flipped.s, flipped.u)
 
     def finish(self) -> dict[str, Any]:
         self._reduce()
-        return {n: low_rank_from_sketches(self.y.pop(n), self.w.pop(n), self.psi.pop(n)) for n in self.layers}
+        return {n: self._low_rank(n) for n in self.layers}
 
 
 class SketchedAdamPrior(SketchedGradientPrior):
@@ -578,9 +628,13 @@ class SketchedAdamPrior(SketchedGradientPrior):
     def __init__(
         self, layers: Mapping[str, nn.Module], rank: int = 16, seed: int = 0, **options: Any
     ) -> None:
-        super().__init__(layers, rank=rank, seed=seed)
-        self.row_sq = {n: _hold(self.y[n].new_zeros(layer.d_out)) for n, layer in layers.items()}
-        self.col_sq = {n: _hold(self.y[n].new_zeros(layer.d_in)) for n, layer in layers.items()}
+        super().__init__(layers, rank=rank, seed=seed, **options)
+        self.row_sq = {
+            n: _hold(self.y[n].new_zeros(layer.d_out, dtype=self.sums[n])) for n, layer in layers.items()
+        }
+        self.col_sq = {
+            n: _hold(self.y[n].new_zeros(layer.d_in, dtype=self.sums[n])) for n, layer in layers.items()
+        }
 
     def add(self, name: str, grad: torch.Tensor) -> None:
         super().add(name, grad)
@@ -617,9 +671,7 @@ class SketchedAdamPrior(SketchedGradientPrior):
             total = rows.sum()
             row_scale = torch.where(rows > 0, (total / torch.where(rows > 0, rows, 1.0)).sqrt(), 0.0)
             col_scale = torch.where(cols > 0, torch.where(cols > 0, cols, 1.0).rsqrt(), 0.0)
-            priors[name] = low_rank_from_sketches(
-                self.y.pop(name), self.w.pop(name), self.psi.pop(name), row_scale, col_scale
-            )
+            priors[name] = self._low_rank(name, row_scale, col_scale)
         return priors
 
 
