@@ -35,4 +35,11 @@ def test_wavelet_models_are_the_wavelet_methods_on_each_path():
                 torch.testing.assert_close(model(input_ids=ids).logits, reference)
     # the default set is unchanged
     plain = train_step.models("text-classification", base, ["classifier"])
-    assert list(plain) == ["lora_r8", "peft_fourierft", "fourierft_auto", "s2ft_auto", "s2ft_dense", "s2ft_fft"]
+    assert list(plain) == [
+        "lora_r8",
+        "peft_fourierft",
+        "fourierft_auto",
+        "s2ft_auto",
+        "s2ft_dense",
+        "s2ft_fft",
+    ]
