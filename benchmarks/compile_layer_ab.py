@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import types
 
 import torch
@@ -26,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 import bench  # noqa: E402
-from s2ft.io import atomic_write_text  # noqa: E402
+from compile_plan_ab import write_ab_tables  # noqa: E402
 from s2ft.ops import apply  # noqa: E402
 
 
@@ -93,30 +92,12 @@ def main() -> None:
             use("after")
             rows.append({"width": width, "tokens": tokens, "ms": ms})
             print(json.dumps(rows[-1]), flush=True)
-    command = "python benchmarks/compile_layer_ab.py " + " ".join(sys.argv[1:])
-    meta = {"command": command, "threads": torch.get_num_threads(), "torch": torch.__version__}
-    meta["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    lines = [
+    write_ab_tables(
+        args,
+        rows,
+        "compile_layer_ab",
         f"# The compiled FFT branch: chunk loop of {args.before} (before) and of this tree (after)",
-        "",
-        f"`{command}`, {meta['threads']} thread(s), torch {meta['torch']}, {meta['date']}. One branch forward + "
-        f"backward under torch.compile (inductor), n = {args.n}, medians of {args.repeats} round-robin steps, ms. "
-        "Outputs and gradients of before and after checked equal (bitwise) first.",
-        "",
-        "| width | tokens | LoRA r = 8 compiled | S2FT fft before | after | after / before | before / LoRA | "
-        "after / LoRA |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        ms = r["ms"]
-        lines.append(
-            f"| {r['width']} | {r['tokens']} | {ms['lora']:.1f} | {ms['before']:.1f} | {ms['after']:.1f} | "
-            f"{ms['after'] / ms['before']:.2f} | {ms['before'] / ms['lora']:.2f} | {ms['after'] / ms['lora']:.2f} |"
-        )
-    os.makedirs(args.output, exist_ok=True)
-    atomic_write_text(os.path.join(args.output, "compile_layer_ab.md"), "\n".join(lines) + "\n")
-    atomic_write_text(
-        os.path.join(args.output, "compile_layer_ab.json"), json.dumps(meta | {"rows": rows}, indent=1) + "\n"
+        " Outputs and gradients of before and after checked equal (bitwise) first.",
     )
 
 

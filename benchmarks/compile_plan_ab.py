@@ -59,14 +59,26 @@ def main() -> None:
             apply._plan_by_content = by_content
             rows.append({"width": width, "tokens": tokens, "ms": ms})
             print(json.dumps(rows[-1]), flush=True)
-    command = "python benchmarks/compile_plan_ab.py " + " ".join(sys.argv[1:])
+    write_ab_tables(
+        args,
+        rows,
+        "compile_plan_ab",
+        "# The compiled FFT branch: plan rebuilt per call (before) and kept by content (after)",
+    )
+
+
+def write_ab_tables(args, rows: list[dict], name: str, title: str, note: str = "") -> None:
+    """``<name>.md`` and ``<name>.json`` in ``args.output``: an A/B table of compiled branch times, ms per step
+    (``row["ms"]``: ``lora``, ``before``, ``after``), with the command, threads, torch and date."""
+    command = f"python benchmarks/{name}.py " + " ".join(sys.argv[1:])
     meta = {"command": command, "threads": torch.get_num_threads(), "torch": torch.__version__}
     meta["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lines = [
-        "# The compiled FFT branch: plan rebuilt per call (before) and kept by content (after)",
+        title,
         "",
         f"`{command}`, {meta['threads']} thread(s), torch {meta['torch']}, {meta['date']}. One branch forward + "
-        f"backward under torch.compile (inductor), n = {args.n}, medians of {args.repeats} round-robin steps, ms.",
+        f"backward under torch.compile (inductor), n = {args.n}, medians of {args.repeats} round-robin steps, ms."
+        + note,
         "",
         "| width | tokens | LoRA r = 8 compiled | S2FT fft before | after | after / before | before / LoRA | "
         "after / LoRA |",
@@ -79,9 +91,9 @@ def main() -> None:
             f"{ms['after'] / ms['before']:.2f} | {ms['before'] / ms['lora']:.2f} | {ms['after'] / ms['lora']:.2f} |"
         )
     os.makedirs(args.output, exist_ok=True)
-    atomic_write_text(os.path.join(args.output, "compile_plan_ab.md"), "\n".join(lines) + "\n")
+    atomic_write_text(os.path.join(args.output, f"{name}.md"), "\n".join(lines) + "\n")
     atomic_write_text(
-        os.path.join(args.output, "compile_plan_ab.json"), json.dumps({**meta, "rows": rows}, indent=1) + "\n"
+        os.path.join(args.output, f"{name}.json"), json.dumps({**meta, "rows": rows}, indent=1) + "\n"
     )
 
 

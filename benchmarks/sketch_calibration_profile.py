@@ -57,9 +57,6 @@ def main(argv: list[str] | None = None) -> None:
         memory_profile(args)
         return
 
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    import s2ft
     import s2ft.ops.point_search as point_search
     import s2ft.tuner.calibration as calibration
     import s2ft.tuner.planner as planner
@@ -88,31 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     timed(point_search, "nearest_neighbours", "    of which nearest-neighbour lists")
     timed(planner, "sample_locations_in_blocks", "  spectrum by blocks")
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        vocab_size=32000,
-        tie_word_embeddings=False,
-        use_cache=False,
-    )
-    torch.set_default_dtype(torch.bfloat16)
-    model = LlamaForCausalLM(config)
-    torch.set_default_dtype(torch.float32)
-    model.requires_grad_(False)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
-    wrapped = s2ft.get_spectral_model(
-        model, s2ft.S2FTConfig(target_modules=targets, n_frequency=1000, prior_rank=args.rank)
-    )
-    g = torch.Generator().manual_seed(1)
-    batches = []
-    for _ in range(args.batches):
-        ids = torch.randint(0, 32000, (1, args.seq_len), generator=g)
-        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    model, wrapped, batches = _build(args)
     start, start_cpu = time.perf_counter(), time.process_time()
     wrapped.calibrate(batches)
     total, total_cpu = time.perf_counter() - start, time.process_time() - start_cpu
