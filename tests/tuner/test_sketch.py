@@ -539,6 +539,41 @@ def test_bfloat16_layer_sketches_are_the_float64_sums_to_bfloat16_rounding(strat
         assert float((a - b).norm() / b.norm()) <= 0.05
 
 
+@pytest.mark.parametrize("layer_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [3, 200])  # few and many tokens: rows of g in bfloat16 either way
+def test_sixteen_bit_products_match_the_float64_sums(layer_dtype, tokens, monkeypatch):
+    """On an accelerator a 16-bit layer's sketch products and Adam squares are multiplied in bfloat16 (forced here
+    on the CPU): the sketches ``-g Ω``, ``-Ψ g`` and the row and column sums of ``g²`` of ``g = δᵀx`` stay within a
+    few bfloat16 roundings of the float64 ones (norm-wise), and on the CPU the products stay in float32."""
+    import s2ft.tuner.calibration as calibration
+
+    spectral = wrapped(1)
+    spectral.model.to(layer_dtype)
+    layers = spectral.spectral_layers()
+    name = next(iter(layers))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(tokens, 32, generator=g).to(layer_dtype)
+    delta = (1e-3 * torch.randn(tokens, 32, generator=g)).to(layer_dtype)
+    assert calibration.product_dtype(x, delta, torch.float32) == torch.float32  # on the CPU
+    monkeypatch.setattr(calibration, "SIXTEEN_BIT_PRODUCTS_ON_CPU", True)
+    assert calibration.product_dtype(x, delta, torch.float32) == torch.bfloat16
+    strategy = SketchedAdamPrior(layers, rank=4, seed=0)
+    strategy.add_call(name, x, delta)
+    strategy.add_calls(name, [(x, delta)])
+    grad = delta.double().T @ x.double()
+    omega, psi = strategy.omega[name].double(), strategy.psi[name].double()
+    square = grad.square()
+    pairs = (
+        (strategy.y[name], -grad @ omega),
+        (strategy.w[name], -psi @ grad),
+        (strategy.row_sq[name], square.sum(dim=1)),
+        (strategy.col_sq[name], square.sum(dim=0)),
+    )
+    for got, want in pairs:
+        assert float((got.double() - want).norm() / want.norm()) <= 4 * 2**-8
+    assert strategy.row_sq[name].dtype == torch.float32
+
+
 class Rectangular(torch.nn.Module):
     """A wide-to-narrow layer (d_out 12 < d_in 32, sketched transposed) and its reverse, float64."""
 

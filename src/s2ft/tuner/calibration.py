@@ -514,8 +514,8 @@ def sketch_dtype_of(layer: nn.Module) -> torch.dtype:
     """The dtype a sketched prior holds a layer's sketches and test matrices in: float64 for a float64 weight,
     bfloat16 for a layer computing in 16 bits (bfloat16 or float16: its ``x`` and ``δ``, hence every ``g_b``, carry
     16-bit precision already; bfloat16 for float16 too, whose range the sums could leave), float32 otherwise. Each
-    batch's share is computed in float32 and rounded once into the running sum; sums across processes are taken in
-    float32."""
+    batch's share is computed in float32 (in bfloat16 on an accelerator: :func:`product_dtype`) and rounded once
+    into the running sum; sums across processes are taken in float32."""
     base = layer.base_layer
     kind = kind_of(base)
     compute_dtype = getattr(kind, "compute_dtype", None)  # quantized kinds say it; a float weight is its own
@@ -581,7 +581,7 @@ class SketchedGradientPrior(PriorStrategy):
         if type(kind_of(base)).weight_gradient is not LayerKind.weight_gradient:
             super().add_call(name, x, delta)  # a kind of its own: δᵀx formed, one call's transient
             return
-        dtype = torch.promote_types(torch.promote_types(x.dtype, delta.dtype), self.sums[name])
+        dtype = product_dtype(x, delta, self.sums[name])
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (tokens, d_in)
         d2 = delta.reshape(-1, delta.shape[-1]).to(dtype)  # (tokens, d_out)
         if name in self.flipped:  # g_bᵀ = x2ᵀ d2
@@ -655,10 +655,10 @@ class SketchedAdamPrior(SketchedGradientPrior):
             self.row_sq[name] += square.sum(dim=1).to(self.row_sq[name].dtype)
             self.col_sq[name] += square.sum(dim=0).to(self.col_sq[name].dtype)
             return
-        dtype = self.row_sq[name].dtype
+        dtype = product_dtype(calls[0][0], calls[0][1], self.row_sq[name].dtype)
         x = torch.cat([x.reshape(-1, x.shape[-1]) for x, _ in calls]).to(dtype)  # (tokens, d_in)
         d = torch.cat([d.reshape(-1, d.shape[-1]) for _, d in calls]).to(dtype)  # (tokens, d_out)
-        rows, cols = row_col_squares(d, x)
+        rows, cols = row_col_squares(d, x, self.row_sq[name].dtype)
         self.row_sq[name] += rows
         self.col_sq[name] += cols
 
@@ -677,21 +677,47 @@ class SketchedAdamPrior(SketchedGradientPrior):
 
 SQUARES_BLOCK_ENTRIES = 2**20  # entries of the (rows, d_in) or (tokens, tokens) blocks of row_col_squares
 
+# Whether a 16-bit layer's sketch products and squares are multiplied in 16 bits on the CPU too (tests set it: the
+# CPU path is then the accelerator's).
+SIXTEEN_BIT_PRODUCTS_ON_CPU = False
 
-def row_col_squares(d: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+
+def product_dtype(x: torch.Tensor, delta: torch.Tensor, sums: torch.dtype) -> torch.dtype:
+    """The dtype a sketched prior multiplies a call's ``x`` and ``δ`` in: bfloat16 for a 16-bit layer (bfloat16 or
+    float16: float16's range could not hold ``xΩ``) on an accelerator, whose 16-bit matrix units are many times
+    faster than its float32 ones (an H100's bfloat16 tensor cores: ~15x its float32 rate) and accumulate in float32
+    inside the product; otherwise ``sums`` (float32, float64) or wider. On a CPU, 16-bit products are float32
+    products (oneDNN widens them, many CPUs slowly), so float32 there. In bfloat16, each product's result is rounded
+    once to 8 significant bits before it is summed in ``sums``' dtype (the sketches of a 16-bit layer are held in
+    bfloat16 anyway)."""
+    sixteen = (torch.bfloat16, torch.float16)
+    accelerator = x.device.type != "cpu" or SIXTEEN_BIT_PRODUCTS_ON_CPU
+    if x.dtype in sixteen and delta.dtype in sixteen and accelerator:
+        return torch.bfloat16
+    return torch.promote_types(torch.promote_types(x.dtype, delta.dtype), sums)
+
+
+def row_col_squares(
+    d: torch.Tensor, x: torch.Tensor, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The row and column sums of ``g²`` for ``g = dᵀ x`` ``(d_out, d_in)``, from ``d`` ``(T, d_out)`` and ``x``
-    ``(T, d_in)``, never holding ``g``: ``(d_out,)`` and ``(d_in,)``.
+    ``(T, d_in)``, never holding ``g``: ``(d_out,)`` and ``(d_in,)`` in ``dtype`` (None: the inputs').
 
-    With few tokens (``2T(d_out + d_in) < d_out·d_in``) through the tokens' Gram matrices, ``Σ_j g_ij² = (dᵀ K
-    d)_ii`` with ``K = x xᵀ`` and ``Σ_i g_ij² = (xᵀ L x)_jj`` with ``L = d dᵀ``, ``O(T²(d_out + d_in))`` (``K``, ``L``
-    a block of token rows at a time); otherwise ``g`` a block of rows at a time, ``O(T·d_out·d_in)``. Either way
-    ``O(SQUARES_BLOCK_ENTRIES + T·(d_out + d_in))`` memory. Computed in the inputs' dtype (the Gram form sums
-    terms of both signs, so in float32 its rounding is relative to ``Σ|terms|``; clamped at 0)."""
+    With few tokens (``2T(d_out + d_in) < d_out·d_in``) and float32 or float64 inputs, through the tokens' Gram
+    matrices, ``Σ_j g_ij² = (dᵀ K d)_ii`` with ``K = x xᵀ`` and ``Σ_i g_ij² = (xᵀ L x)_jj`` with ``L = d dᵀ``,
+    ``O(T²(d_out + d_in))`` (``K``, ``L`` a block of token rows at a time; the Gram form sums terms of both signs, so
+    its rounding is relative to ``Σ|terms|``; clamped at 0); otherwise ``g`` a block of rows at a time,
+    ``O(T·d_out·d_in)``, each block multiplied in the inputs' dtype and squared and summed in ``dtype``. 16-bit
+    inputs (an accelerator's, :func:`product_dtype`) always take the second way: one product as large as the
+    layer's own, on the 16-bit units, costs less than the Gram route in float32 at ~1/15 their rate.
+    Either way ``O(SQUARES_BLOCK_ENTRIES + T·(d_out + d_in))`` memory."""
     tokens, d_out = d.shape
     d_in = x.shape[1]
-    rows = d.new_zeros(d_out)
-    cols = d.new_zeros(d_in)
-    if 2 * tokens * (d_out + d_in) < d_out * d_in:
+    dtype = d.dtype if dtype is None else dtype
+    rows = d.new_zeros(d_out, dtype=dtype)
+    cols = d.new_zeros(d_in, dtype=dtype)
+    sixteen = d.dtype in (torch.bfloat16, torch.float16)
+    if not sixteen and 2 * tokens * (d_out + d_in) < d_out * d_in:
         step = max(1, SQUARES_BLOCK_ENTRIES // max(tokens, d_out, d_in))
         for start in range(0, tokens, step):
             xb, db = x[start : start + step], d[start : start + step]
@@ -700,7 +726,7 @@ def row_col_squares(d: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, tor
         return rows.clamp_min_(0.0), cols.clamp_min_(0.0)
     step = max(1, SQUARES_BLOCK_ENTRIES // d_in)
     for start in range(0, d_out, step):
-        square = (d[:, start : start + step].T @ x).square_()  # rows of g, squared
+        square = (d[:, start : start + step].T @ x).to(dtype).square_()  # rows of g, squared
         rows[start : start + step] = square.sum(dim=1)
         cols += square.sum(dim=0)
     return rows, cols
