@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", default=None, help="a Markdown file for the table (default: print it)")
     args = parser.parse_args(argv)
     lines = [
-        "| size | targets | tokens | LoRA r = 8 step: bf16 TFLOP | calibration batch, products in float32: bf16 / "
+        "| size | targets | tokens | LoRA r = 8 step: bf16 / fp32 TFLOP | calibration batch, products in float32: bf16 / "
         "fp32 TFLOP | x LoRA step (H100 peak rates) | products in bfloat16: bf16 / fp32 TFLOP | x LoRA step "
         "(H100 peak rates) |",
         "|---|---|---|---|---|---|---|---|",
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
                 narrow = calibration_batch(size, targets, tokens, args.rank, sixteen=True)
                 base = _seconds(lora)
                 lines.append(
-                    f"| {size} | {targets} | {tokens} | {_tflop(lora, torch.bfloat16)} | "
+                    f"| {size} | {targets} | {tokens} | {_tflop(lora, torch.bfloat16)} / {_tflop(lora, torch.float32)} | "
                     f"{_tflop(wide, torch.bfloat16)} / {_tflop(wide, torch.float32)} | "
                     f"{_seconds(wide) / base:.2f} | {_tflop(narrow, torch.bfloat16)} / "
                     f"{_tflop(narrow, torch.float32)} | {_seconds(narrow) / base:.2f} |"
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}. "
         f"Random-weight bfloat16 Llama shapes on the meta device (nothing computed), batch 1, k = {args.rank}, "
         "the Adam prior from activations (every layer), gradient checkpointing. TFLOP of one LoRA step's forward "
-        "and backward, and of one calibration batch (a forward and backward pass with the sketches' and the Adam "
+        "and backward (PEFT keeps the adapters' own products in float32), and of one calibration batch (a forward and backward pass with the sketches' and the Adam "
         "squares' products), by the dtype each product runs in. `x LoRA step`: the calibration batch's time "
         "against the LoRA step's at an H100 SXM's dense peak rates (bfloat16 989 TFLOP/s, float32 67): a bound "
         "from arithmetic alone, not a timing; the target is 1.5.",
