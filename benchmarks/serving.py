@@ -22,12 +22,18 @@ merged and unloaded: a plain model, ``fullgraph=True``), one adapter active (``s
 and the mixed batch of ``max(--distinct)`` distinct adapters (compiled without ``fullgraph``: each adapted layer's
 per-example lookup runs outside the graph, by design). Prefill and generation tokens per second against the merged
 model in the same mode; the first call (which compiles) timed apart. To ``serving_compile.{md,json}``.
+``--fold-head`` adds the merged model with frozen weights (as the wrapped model's are) and one adapter and the mixed
+batch with the output head's input made contiguous (``s2ft.tuner.serving.fold_head_input``: on frozen weights
+torch's matmul runs generate's sliced head as a ``bmm`` against the weight expanded over the batch); to
+``serving_compile_gen.{md,json}``.
 
     OMP_NUM_THREADS=2 python benchmarks/serving.py      # the full run, ~13 min on 2 CPU threads
     python benchmarks/serving.py --quick                # two layers, 1 and 8 adapters: a check that it works
     python benchmarks/serving.py --device cuda
     OMP_NUM_THREADS=2 python benchmarks/serving.py --map-cache 256   # with a 256 MiB map cache: serving-map-cache.md
     OMP_NUM_THREADS=1 python benchmarks/serving.py --compile --adapters 64 --distinct 64   # serving_compile.md
+    OMP_NUM_THREADS=1 python benchmarks/serving.py --compile --fold-head --models smollm2 --layers 2 \
+        --adapters 64 --distinct 64 --repeats 3                                        # serving_compile_gen.md
 
 Without autograd no adapter keeps a dense ``ΔW`` (``s2ft.tuner.serving``): a mixed batch goes through one
 ``MixedBank`` per layer, which copies nothing and builds the maps of the batch's adapters on each call.
@@ -48,6 +54,9 @@ import torch
 
 from s2ft import S2FTConfig, get_spectral_model
 from s2ft.io import atomic_write_text
+from s2ft.tuner.serving import fold_head_input
+
+FOLDED = "head input contiguous"  # the --fold-head settings (s2ft.tuner.serving.fold_head_input)
 
 
 def build(name: str, quick: bool, depth: int | None = None) -> tuple[torch.nn.Module, list[str], int]:
@@ -97,20 +106,25 @@ def synced(device: str):
     return torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
 
+# What timed() reads: wall-clock seconds, or with --cpu-time the process's CPU seconds (on a shared machine, with
+# one thread, what the process itself spent: other jobs' time slices do not count)
+CLOCK = [time.perf_counter]
+
+
 def timed(fn, repeats: int, device: str, first: dict | None = None, key: str = "") -> float:
     """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up (its seconds into ``first[key]``)."""
-    sync = synced(device)
-    start = time.perf_counter()
+    sync, clock = synced(device), CLOCK[0]
+    start = clock()
     fn()
     sync()
     if first is not None:
-        first[key] = time.perf_counter() - start
+        first[key] = clock() - start
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         fn()
         sync()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times)
 
 
@@ -262,6 +276,24 @@ def run_compiled(name: str, args) -> list[dict]:
         "mixed": torch.compile(inner_forward),  # the per-example lookup breaks the graph, by design
     }
     settings = {"merged": (merged, None), "one adapter": (model, None), "mixed": (model, names)}
+    plain = {"merged": merged}  # the plain models, each with its own forward
+    if args.fold_head:
+        # merge_and_unload gives the weights back their requires_grad (True); the wrapped model's are frozen,
+        # which changes how torch's matmul runs the head on generate's sliced hidden states (fold_head_input)
+        frozen = copy.deepcopy(merged).requires_grad_(False)
+        plain["merged, frozen"] = frozen
+        compiled["merged, frozen"] = torch.compile(frozen.forward, fullgraph=True)
+        settings = {
+            "merged": settings["merged"],
+            "merged, frozen": (frozen, None),
+            "one adapter": settings["one adapter"],
+            "mixed": settings["mixed"],
+            f"one adapter, {FOLDED}": (model, None),
+            f"mixed, {FOLDED}": (model, names),
+        }
+        compiled[f"one adapter, {FOLDED}"] = compiled["one adapter"]
+        compiled[f"mixed, {FOLDED}"] = compiled["mixed"]
+    forwards = {key: m.forward for key, m in plain.items()}
     rows = []
     for mode in ("eager", "compiled"):
         results: dict[str, dict] = {}
@@ -270,8 +302,9 @@ def run_compiled(name: str, args) -> list[dict]:
             "merged",
         ):  # the merged model again at the end: the faster is the reference
             runner, batch_names = settings[setting]
+            fold_head_input(inner, on=setting.endswith(FOLDED))
             if mode == "compiled":
-                target = merged if setting == "merged" else inner
+                target = plain.get(setting, inner)
                 target.forward = compiled[setting]
             first: dict[str, float] = {}
             speed = speeds(runner, args, vocab, batch_names, causal, first)
@@ -287,7 +320,9 @@ def run_compiled(name: str, args) -> list[dict]:
                 ),
                 flush=True,
             )
-        inner.forward, merged.forward = inner_forward, merged_forward
+        inner.forward = inner_forward
+        for key, m in plain.items():
+            m.forward = forwards[key]
         reference = results["merged"]["speed"]
         for setting, r in results.items():
             rows.append(
@@ -296,7 +331,7 @@ def run_compiled(name: str, args) -> list[dict]:
                     "mode": mode,
                     "setting": setting,
                     "adapters": distinct,
-                    "distinct": distinct if setting == "mixed" else 1,
+                    "distinct": distinct if setting.startswith("mixed") else 1,
                     "batch": batch,
                     "tokens": args.tokens,
                     **{f"{k}_tokens_per_s": v for k, v in r["speed"].items()},
@@ -314,7 +349,7 @@ def run_compiled(name: str, args) -> list[dict]:
     return rows
 
 
-def compiled_report(rows: list[dict], args, output: str) -> None:
+def compiled_report(rows: list[dict], args, output: str, name: str = "serving_compile") -> None:
     command = "python benchmarks/serving.py " + " ".join(sys.argv[1:])
     meta = {
         "command": command,
@@ -323,12 +358,14 @@ def compiled_report(rows: list[dict], args, output: str) -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     atomic_write_text(
-        os.path.join(output, "serving_compile.json"), json.dumps({**meta, "rows": rows}, indent=2) + "\n"
+        os.path.join(output, name + ".json"), json.dumps({**meta, "rows": rows}, indent=2) + "\n"
     )
     lines = [
         f"# Serving eager and compiled (S2FT n = {args.n}, random-weight MiniLM-L6 and SmolLM2-135M shapes)",
         "",
-        f"`{command}`, {meta['threads']} thread(s), {args.device}, torch {meta['torch']}, {meta['date']}. "
+        f"`{command}`, {meta['threads']} thread(s), {args.device}, torch {meta['torch']}, {meta['date']}"
+        + (", timed in process CPU seconds" if args.cpu_time else "")
+        + ". "
         f"Prefill: B sequences of {args.tokens} tokens; generate: {args.new_tokens} new tokens after "
         f"{args.prompt}"
         + (f"; {args.layers} layers instead of the models' own" if args.layers else "")
@@ -337,7 +374,14 @@ def compiled_report(rows: list[dict], args, output: str) -> None:
         "`torch.compile` (inductor) of the inner model's forward, `fullgraph=True` but for *mixed* (its per-layer "
         "lookup runs outside the graph). Tokens per second (medians after the first call) and their ratio to the "
         "merged model in the same mode; *first call s*: the warm-up call, which compiles. The machine was shared "
-        "with other jobs: compare ratios within this table.",
+        "with other jobs: compare ratios within this table."
+        + (
+            f" *merged, frozen*: the merged model with its weights' `requires_grad` off, as the wrapped model's "
+            f"base weights are; *{FOLDED}*: with `s2ft.tuner.serving.fold_head_input` (the output head's "
+            "input made contiguous, so that torch's matmul runs the head as one `mm` on frozen weights too)."
+            if args.fold_head
+            else ""
+        ),
         "",
         "| model | mode | setting | distinct | B | prefill tok/s | vs merged | compiled / eager | first call s "
         "| generate tok/s | vs merged | compiled / eager | first call s |",
@@ -358,7 +402,7 @@ def compiled_report(rows: list[dict], args, output: str) -> None:
             f"| {r['model']} | {r['mode']} | {r['setting']} | {r['distinct']} | {r['batch']} | "
             f"{cells(r, 'prefill')} | {cells(r, 'generate')} |"
         )
-    atomic_write_text(os.path.join(output, "serving_compile.md"), "\n".join(lines) + "\n")
+    atomic_write_text(os.path.join(output, name + ".md"), "\n".join(lines) + "\n")
 
 
 def report(rows: list[dict], args, output: str, name: str) -> None:
@@ -426,18 +470,36 @@ def main() -> int:
         action="store_true",
         help="merged, one adapter and mixed batches, eager and under torch.compile (to serving_compile.*)",
     )
+    parser.add_argument(
+        "--fold-head",
+        action="store_true",
+        help="with --compile: also the merged model frozen, and one adapter and the mixed batch with the "
+        "head's input made contiguous (s2ft.tuner.serving.fold_head_input); to serving_compile_gen.*",
+    )
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time with the process's CPU seconds instead of wall-clock ones (CPU, one thread, a shared machine)",
+    )
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     if args.quick:
         args.adapters, args.distinct, args.batch, args.tokens = [1, 8], [1, 8], 8, 8
         args.new_tokens, args.repeats = 4, 1
+    if args.cpu_time:
+        if args.device != "cpu":
+            print("--cpu-time measures CPU runs only", file=sys.stderr)
+            return 1
+        CLOCK[0] = time.process_time
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 1
     default = os.path.join("benchmarks", "results", args.device + ("-quick" if args.quick else ""))
     if args.compile:
         rows = [row for name in args.models for row in run_compiled(name, args)]
-        compiled_report(rows, args, args.output or default)
+        compiled_report(
+            rows, args, args.output or default, "serving_compile_gen" if args.fold_head else "serving_compile"
+        )
         return 0
     rows = [row for name in args.models for row in run_model(name, args)]
     report(rows, args, args.output or default, "serving-map-cache" if args.map_cache else "serving")

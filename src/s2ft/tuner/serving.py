@@ -17,7 +17,9 @@ No dense ``ΔW`` is kept per adapter by default:
   change), which a mixed batch otherwise builds on each call: with short sequences
   that build costs more than serving the tokens (``benchmarks/results/cpu/serving.md``).
 
-:func:`serving_nbytes` reports every byte these hold, with the adapters' own tensors.
+:func:`serving_nbytes` reports every byte these hold, with the adapters' own tensors. :func:`fold_head_input`
+keeps ``generate``'s output head one ``mm`` on the frozen base weights
+(``benchmarks/results/cpu/serving_compile_gen.md``).
 """
 
 from __future__ import annotations
@@ -367,3 +369,38 @@ def names_per_sequence(names: list[str], model: nn.Module, kwargs: dict) -> list
     returned = kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", None) or 1
     expand = max(int(beams), int(returned))
     return [name for name in names for _ in range(expand)]
+
+
+# ------------------------------------------------------------------------------------------- the output head
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook: a 3-D or larger input that is not contiguous, made contiguous; any other left alone."""
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and x.dim() > 2 and not x.is_contiguous():
+        return (x.contiguous(), *args[1:])
+    return None
+
+
+def fold_head_input(model: nn.Module, on: bool = True) -> bool:
+    """Make the input of ``model``'s output head (``get_output_embeddings()``, an ``nn.Linear``) contiguous
+    before the head runs (``on=False``: take that hook off again); True if ``model`` has such a head.
+
+    Why: ``generate`` slices the last position of the hidden states (``hidden[:, -1:, :]``, not contiguous), and
+    torch's ``matmul`` folds a 3-D input into one ``mm`` only when that costs no copy or when an operand requires
+    gradients. The base weights of a wrapped model are frozen, so the head (``576 x 49,152`` on SmolLM2) runs as a
+    ``bmm`` against its weight expanded over the batch: on one CPU thread about 0.9 s for the prompt step of a
+    batch of 64, against about 0.1 s for the ``mm`` that the merged model (whose weights require gradients
+    again) gets. Copying the ``(B, 1, d)`` slice costs microseconds. The hook is traced into a compiled graph
+    (it looks at the input's dimensions and strides only, which Dynamo guards on) and does nothing to a
+    contiguous or 2-D input (training's full logits).
+    Installing it twice installs it once."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    if not isinstance(head, nn.Linear):
+        return False
+    hooks = head._forward_pre_hooks  # looked up there (not a kept handle): a deep copy keeps them right
+    installed = [key for key, hook in hooks.items() if hook is _contiguous_input]
+    if on and not installed:
+        head.register_forward_pre_hook(_contiguous_input)
+    for key in [] if on else installed:
+        del hooks[key]
+    return True

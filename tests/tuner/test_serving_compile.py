@@ -1,0 +1,182 @@
+"""Serving generation with the output head's input made contiguous (:func:`s2ft.tuner.serving.fold_head_input`):
+the head then runs as one ``mm`` on the wrapped model's frozen weights (not a ``bmm`` against its weight expanded
+over the batch), and everything served stays what it was: the same tokens and logits with one adapter, with a
+mixed batch (row i as the single-adapter model's row for adapter i), eager and compiled (fullgraph, no break), and
+after the adapters change under it.
+
+Tolerances: the hook only copies the head's input, but torch's mm and bmm sum the products in different orders:
+eager logits within 1e-6 relative to their largest entry (float32; measured: 1.7e-7); compiled (inductor)
+logits against eager ones within 1e-4 relative to their largest entry (float32; one compiled GEMM in place of
+another).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from s2ft import FourierFTConfig, get_spectral_model
+from s2ft.tuner.serving import _contiguous_input, fold_head_input
+from tests.helpers import tiny_llama
+
+
+def _wrapped(names=("a", "b", "c")):
+    """A tiny Llama with adapters ``names`` on q_proj and v_proj (FFT path), random coefficients, eval mode."""
+    config = {
+        name: FourierFTConfig(
+            target_modules=["q_proj", "v_proj"],
+            n_frequency=20,
+            init="normal",
+            scaling=50.0,
+            forward_path="fft",
+            seed=i,
+        )
+        for i, name in enumerate(names)
+    }
+    model = get_spectral_model(tiny_llama(), config[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.add_adapter(name, config[name])
+    return model.eval()
+
+
+def _generate(model, ids, **kwargs):
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=4,
+            do_sample=False,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **kwargs,
+        )
+    return out.sequences, torch.stack(out.logits)
+
+
+def _head_calls(model):
+    """Record (ndim, contiguous) of each call of the head: a hook that runs after ``fold_head_input``'s."""
+    calls = []
+    head = model.get_base_model().get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda m, a: calls.append((a[0].dim(), a[0].is_contiguous())))
+    return calls, handle
+
+
+IDS = torch.randint(3, 60, (4, 5), generator=torch.Generator().manual_seed(0))
+
+
+def test_fold_head_input_same_outputs_and_contiguous():
+    """One adapter and a mixed batch: the same tokens and logits (to rounding) with the hook as without; with it,
+    the head gets contiguous inputs only."""
+    model = _wrapped()
+    inner = model.get_base_model()
+    assert not inner.lm_head.weight.requires_grad  # the case the hook is for
+    names = ["a", "b", "c", "b"]
+    expected_one = _generate(model, IDS)
+    expected_mixed = _generate(model, IDS, adapter_names=names)
+    calls, handle = _head_calls(model)
+    _generate(model, IDS)
+    assert any(dim == 3 and not contiguous for dim, contiguous in calls)  # generate slices the last position
+    assert fold_head_input(inner)
+    calls.clear()
+    handle.remove()
+    calls, handle = _head_calls(model)  # after ours now
+    got_one = _generate(model, IDS)
+    got_mixed = _generate(model, IDS, adapter_names=names)
+    handle.remove()
+    assert calls and all(contiguous for _, contiguous in calls)
+    for got, expected in ((got_one, expected_one), (got_mixed, expected_mixed)):
+        assert torch.equal(got[0], expected[0])
+        error = (got[1] - expected[1]).abs().max() / expected[1].abs().max()
+        assert error <= 1e-6, error  # one mm instead of a bmm: the products summed in another order
+
+
+def test_fold_head_input_mixed_rows_match_single_adapters():
+    """With the hook, row i of a mixed batch is what the model with adapter names[i] active gives for it."""
+    model = _wrapped()
+    fold_head_input(model.get_base_model())
+    names = ["c", "a", "b", "a"]
+    tokens, logits = _generate(model, IDS, adapter_names=names)
+    for i, name in enumerate(names):
+        model.set_adapter(name)
+        one_tokens, one_logits = _generate(model, IDS[i : i + 1])
+        assert torch.equal(tokens[i], one_tokens[0])
+        scale = one_logits.abs().max()
+        assert (logits[:, i] - one_logits[:, 0]).abs().max() <= 1e-5 * scale
+
+
+def test_fold_head_input_idempotent_removable_and_copied():
+    """Installing twice installs once; ``on=False`` takes it off; a deep copy has its own; a model without a linear
+    output head is left alone (False)."""
+    inner = _wrapped(("a",)).get_base_model()
+    head = inner.get_output_embeddings()
+
+    def ours(module):
+        return [h for h in module._forward_pre_hooks.values() if h is _contiguous_input]
+
+    assert fold_head_input(inner) and fold_head_input(inner)
+    assert len(ours(head)) == 1
+    twin = copy.deepcopy(inner)
+    assert len(ours(twin.get_output_embeddings())) == 1
+    assert fold_head_input(twin, on=False)
+    assert not ours(twin.get_output_embeddings())
+    assert len(ours(head)) == 1  # the original keeps its own
+    fold_head_input(inner, on=False)
+    assert not ours(head)
+    assert not fold_head_input(torch.nn.Linear(3, 4))  # no get_output_embeddings
+    # the hook leaves a contiguous or 2-D input alone
+    x = torch.randn(2, 3, 4)
+    assert _contiguous_input(head, (x,)) is None
+    assert _contiguous_input(head, (x[:, -1],)) is None  # 2-D
+    sliced = x[:, -1:, :]
+    (out,) = _contiguous_input(head, (sliced,))
+    assert out.is_contiguous() and torch.equal(out, sliced)
+
+
+@torch._dynamo.config.patch(recompile_limit=64)  # each change below recompiles, by design
+def test_fold_head_input_compiled_one_graph_same_tokens():
+    """The inner forward compiled with the hook (fullgraph, inductor): no graph break (torch._dynamo.explain),
+    the same tokens as eager and logits within 1e-4 of the largest; a changed coefficient, a new adapter and
+    set_adapter are served at once (no stale state)."""
+    torch._dynamo.reset()
+    model = _wrapped(("a", "b"))
+    inner = model.get_base_model()
+    fold_head_input(inner)
+    ids = IDS[:2]
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        # logits_to_keep=1: the head on the last position only, sliced, as in generate
+        explained = torch._dynamo.explain(inner.forward)(
+            input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1
+        )
+    assert explained.graph_break_count == 0
+
+    def check(backend="inductor"):
+        expected = _generate(model, ids)
+        forward = inner.forward
+        inner.forward = torch.compile(forward, fullgraph=True, backend=backend)
+        try:
+            got = _generate(model, ids)
+        finally:
+            inner.forward = forward
+        assert torch.equal(got[0], expected[0])
+        assert (got[1] - expected[1]).abs().max() <= 1e-4 * expected[1].abs().max()
+        return expected
+
+    first = check()
+    with torch.no_grad():  # training then serving: a changed coefficient
+        for layer in model.spectral_layers().values():
+            layer.adapters["a"].coeffs.mul_(-3.0)
+    changed = check("eager")  # Dynamo's guards and tracing; the numerics were checked above
+    assert not torch.equal(changed[1], first[1])
+    config = FourierFTConfig(
+        target_modules=["q_proj", "v_proj"], n_frequency=20, init="normal", scaling=50.0, seed=7
+    )
+    model.add_adapter("new", config)
+    model.set_adapter("new")
+    added = check("eager")
+    assert not torch.equal(added[1], changed[1])
+    model.set_adapter("b")
+    switched = check("eager")
+    assert not torch.equal(switched[1], added[1])
