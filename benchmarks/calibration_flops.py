@@ -95,9 +95,12 @@ def lora_step(size: str, targets: str, tokens: int) -> collections.Counter:
     return counter.by_dtype
 
 
-def calibration_batch(size: str, targets: str, tokens: int, rank: int, sixteen: bool) -> collections.Counter:
+def calibration_batch(
+    size: str, targets: str, tokens: int, rank: int, sixteen: bool, squares: str | None = None
+) -> collections.Counter:
     """Flops by dtype of one sketched calibration batch (Adam prior, from activations), the sketch products in
-    bfloat16 (``sixteen``) or float32."""
+    bfloat16 (``sixteen``) or float32; ``squares``: how the Adam prior takes its squares' sums (None: the
+    library's default, ``s2ft.tuner.calibration.SKETCH_SQUARES``)."""
     import s2ft
     import s2ft.tuner.calibration as calibration
 
@@ -105,7 +108,7 @@ def calibration_batch(size: str, targets: str, tokens: int, rank: int, sixteen: 
     config = s2ft.S2FTConfig(target_modules=TARGETS[targets], n_frequency=1000, prior_rank=rank)
     spectral = s2ft.get_spectral_model(model, config)
     layers = spectral.spectral_layers()
-    strategy = calibration.SketchedAdamPrior(layers, rank=rank, seed=0)
+    strategy = calibration.SketchedAdamPrior(layers, rank=rank, seed=0, squares=squares)
     hooks = calibration._ActivationGradients(strategy, list(layers))
     original = calibration.product_dtype
 
@@ -142,6 +145,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--targets", nargs="+", default=["qv", "all-linear"], choices=sorted(TARGETS))
     parser.add_argument("--tokens", nargs="+", type=int, default=[512], help="tokens per batch (batch 1)")
     parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument(
+        "--squares",
+        default=None,
+        choices=["exact", "sketch"],
+        help="how the Adam prior takes its squares' row and column sums (default: the library's)",
+    )
     parser.add_argument("--output", default=None, help="a Markdown file for the table (default: print it)")
     args = parser.parse_args(argv)
     lines = [
@@ -154,8 +163,8 @@ def main(argv: list[str] | None = None) -> None:
         for targets in args.targets:
             for tokens in args.tokens:
                 lora = lora_step(size, targets, tokens)
-                wide = calibration_batch(size, targets, tokens, args.rank, sixteen=False)
-                narrow = calibration_batch(size, targets, tokens, args.rank, sixteen=True)
+                wide = calibration_batch(size, targets, tokens, args.rank, False, args.squares)
+                narrow = calibration_batch(size, targets, tokens, args.rank, True, args.squares)
                 base = _seconds(lora)
                 lines.append(
                     f"| {size} | {targets} | {tokens} | {_tflop(lora, torch.bfloat16)} / {_tflop(lora, torch.float32)} | "
@@ -164,6 +173,14 @@ def main(argv: list[str] | None = None) -> None:
                     f"{_tflop(narrow, torch.float32)} | {_seconds(narrow) / base:.2f} |"
                 )
                 print(lines[-1], flush=True)
+    import s2ft.tuner.calibration as calibration
+
+    squares = args.squares or calibration.SKETCH_SQUARES
+    how = {
+        "exact": "the Adam squares' products (`squares=\"exact\"`: one more product as large as the layer's per "
+        "batch)",
+        "sketch": 'the Adam squares estimated from the sketches (`squares="sketch"`: no product of their own)',
+    }[squares]
     header = [
         "# Sketched calibration's arithmetic against a LoRA r = 8 step, by dtype",
         "",
@@ -172,8 +189,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}. "
         f"Random-weight bfloat16 Llama shapes on the meta device (nothing computed), batch 1, k = {args.rank}, "
         "the Adam prior from activations (every layer), gradient checkpointing. TFLOP of one LoRA step's forward "
-        "and backward (PEFT keeps the adapters' own products in float32), and of one calibration batch (a forward and backward pass with the sketches' and the Adam "
-        "squares' products), by the dtype each product runs in. `x LoRA step`: the calibration batch's time "
+        "and backward (PEFT keeps the adapters' own products in float32), and of one calibration batch (a forward "
+        f"and backward pass with the sketches' products and {how}), by the dtype each product runs in. `x LoRA step`: the calibration batch's time "
         "against the LoRA step's at an H100 SXM's dense peak rates (bfloat16 989 TFLOP/s, float32 67): a bound "
         "from arithmetic alone, not a timing; the target is 1.5.",
         "",

@@ -194,8 +194,14 @@ def factored_adam(grads: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+@pytest.mark.parametrize("squares", ["exact", "sketch"])
 @pytest.mark.parametrize("hooks", [False, True])
-def test_sketched_priors_equal_the_exact_ones_at_rank_at_most_k_float64(hooks):
+def test_sketched_priors_equal_the_exact_ones_at_rank_at_most_k_float64(hooks, squares, monkeypatch):
+    """At rank <= k the gradient sketch is the exact prior, and the Adam sketch the factored Adam prior of the
+    exact one (its squares' sums exact, or estimated from the sketches: their naive reference)."""
+    import s2ft.tuner.calibration as calibration
+
+    monkeypatch.setattr(calibration, "SKETCH_SQUARES", squares)
     spectral = wrapped()
     layers = spectral.spectral_layers()
     exact = compute_prior(spectral.model, layers, short_batch(), loss_fn, from_activations=hooks)
@@ -203,16 +209,26 @@ def test_sketched_priors_equal_the_exact_ones_at_rank_at_most_k_float64(hooks):
     adam = compute_prior(
         spectral.model, layers, short_batch(), loss_fn, kind="adam", from_activations=hooks, rank=8
     )
+    strategy = SketchedAdamPrior(layers, rank=8, seed=0)  # the same test matrices (seeded by shape)
     for name in layers:
         assert isinstance(sketch[name], LowRank) and sketch[name].dtype == torch.float64
         torch.testing.assert_close(sketch[name].dense(), exact[name].double(), rtol=0, atol=1e-6)
-        torch.testing.assert_close(adam[name].dense(), factored_adam([exact[name]]), rtol=0, atol=1e-5)
+        if squares == "exact":
+            reference = factored_adam([exact[name]])
+        else:
+            reference = sketched_squares_adam([exact[name]], strategy.omega[name], strategy.psi[name])
+        torch.testing.assert_close(adam[name].dense(), reference, rtol=0, atol=1e-5)
 
 
-def test_sketched_adam_prior_at_full_rank_is_the_factored_second_moment_over_several_batches_float64():
-    """Over several batches (the prior's rank above one batch's), the sketched Adam prior clamped to full rank is
-    ``-Σ g_b`` divided elementwise by the square root of Adafactor's factored second moment, whose row and column
-    sums are those of ``Σ g_b²`` (of each batch's squares, not of the sum's)."""
+def test_sketched_adam_prior_at_full_rank_is_the_factored_second_moment_over_several_batches_float64(
+    monkeypatch,
+):
+    """Over several batches (the prior's rank above one batch's), the sketched Adam prior with exact squares,
+    clamped to full rank, is ``-Σ g_b`` divided elementwise by the square root of Adafactor's factored second
+    moment, whose row and column sums are those of ``Σ g_b²`` (of each batch's squares, not of the sum's)."""
+    import s2ft.tuner.calibration as calibration
+
+    monkeypatch.setattr(calibration, "SKETCH_SQUARES", "exact")
     spectral = wrapped()
     layers = spectral.spectral_layers()
     data = batches(4)
@@ -539,12 +555,14 @@ def test_bfloat16_layer_sketches_are_the_float64_sums_to_bfloat16_rounding(strat
         assert float((a - b).norm() / b.norm()) <= 0.05
 
 
+@pytest.mark.parametrize("squares", ["exact", "sketch"])
 @pytest.mark.parametrize("layer_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tokens", [3, 200])  # few and many tokens: rows of g in bfloat16 either way
-def test_sixteen_bit_products_match_the_float64_sums(layer_dtype, tokens, monkeypatch):
+def test_sixteen_bit_products_match_the_float64_sums(layer_dtype, tokens, squares, monkeypatch):
     """On an accelerator a 16-bit layer's sketch products and Adam squares are multiplied in bfloat16 (forced here
-    on the CPU): the sketches ``-g Ω``, ``-Ψ g`` and the row and column sums of ``g²`` of ``g = δᵀx`` stay within a
-    few bfloat16 roundings of the float64 ones (norm-wise), and on the CPU the products stay in float32."""
+    on the CPU): the sketches ``-g Ω``, ``-Ψ g`` and the row and column sums of ``g²`` of ``g = δᵀx`` (exact, or
+    estimated from the sketches) stay within a few bfloat16 roundings of the float64 ones (norm-wise), and on the
+    CPU the products stay in float32."""
     import s2ft.tuner.calibration as calibration
 
     spectral = wrapped(1)
@@ -557,17 +575,22 @@ def test_sixteen_bit_products_match_the_float64_sums(layer_dtype, tokens, monkey
     assert calibration.product_dtype(x, delta, torch.float32) == torch.float32  # on the CPU
     monkeypatch.setattr(calibration, "SIXTEEN_BIT_PRODUCTS_ON_CPU", True)
     assert calibration.product_dtype(x, delta, torch.float32) == torch.bfloat16
-    strategy = SketchedAdamPrior(layers, rank=4, seed=0)
+    strategy = SketchedAdamPrior(layers, rank=4, seed=0, squares=squares)
     strategy.add_call(name, x, delta)
     strategy.add_calls(name, [(x, delta)])
     grad = delta.double().T @ x.double()
     omega, psi = strategy.omega[name].double(), strategy.psi[name].double()
     square = grad.square()
+    if squares == "exact":
+        rows, cols = square.sum(dim=1), square.sum(dim=0)
+    else:
+        rows = (grad @ omega).square().sum(dim=1) / omega.shape[1]
+        cols = (psi @ grad).square().sum(dim=0) / psi.shape[0]
     pairs = (
         (strategy.y[name], -grad @ omega),
         (strategy.w[name], -psi @ grad),
-        (strategy.row_sq[name], square.sum(dim=1)),
-        (strategy.col_sq[name], square.sum(dim=0)),
+        (strategy.row_sq[name], rows),
+        (strategy.col_sq[name], cols),
     )
     for got, want in pairs:
         assert float((got.double() - want).norm() / want.norm()) <= 4 * 2**-8
@@ -590,9 +613,13 @@ class Rectangular(torch.nn.Module):
 
 
 @pytest.mark.parametrize("hooks", [False, True])
-def test_rectangular_layers_sketched_either_way_are_exact_at_full_rank_float64(hooks):
+def test_rectangular_layers_sketched_either_way_are_exact_at_full_rank_float64(hooks, monkeypatch):
     """A layer with d_out < d_in holds Y (d_in, k) and W (l, d_out) (the wide W along the small side), and gives
-    back the same (d_out, d_in) priors: at full rank the exact gradient prior and the factored Adam prior."""
+    back the same (d_out, d_in) priors: at full rank the exact gradient prior and the factored Adam prior (exact
+    squares; the sketched squares' case: test_sketched_squares_of_rectangular_layers_sketched_transposed)."""
+    import s2ft.tuner.calibration as calibration
+
+    monkeypatch.setattr(calibration, "SKETCH_SQUARES", "exact")
     config = S2FTConfig(target_modules=["down", "up"], n_frequency=30, scaling=10.0)
     spectral = get_spectral_model(Rectangular(), config)
     layers = spectral.spectral_layers()
@@ -614,3 +641,115 @@ def test_rectangular_layers_sketched_either_way_are_exact_at_full_rank_float64(h
         torch.testing.assert_close(adam[name].dense(), reference, rtol=1e-9, atol=1e-9)
     low = compute_prior(spectral.model, layers, data[:1], loss_fn, from_activations=hooks, rank=4)
     assert low["down"].shape == (12, 32) and low["down"].rank == 4
+
+
+# ------------------------------------------------------------------ the Adam squares estimated from the sketches
+def sketched_squares_adam(grads: list[torch.Tensor], omega, psi, flipped: bool = False) -> torch.Tensor:
+    """The sketched Adam prior's matrix with ``squares="sketch"``, naively in float64, from the batches' ``-g_b``:
+    Adafactor's factors ``R_i = Σ_b ‖(g_b Ω)_i‖² / k`` and ``C_j = Σ_b ‖(Ψ g_b)_{:,j}‖² / l`` (of ``g_bᵀ``,
+    roles swapped, for a layer sketched transposed), then ``-Σ g_b / sqrt(R_i C_j / ΣR)`` (0 where that is 0)."""
+    k, width = omega.shape[1], psi.shape[0]
+    rows = torch.zeros(grads[0].shape[0], dtype=torch.float64)
+    cols = torch.zeros(grads[0].shape[1], dtype=torch.float64)
+    for g in grads:
+        g = g.double()
+        m = g.T if flipped else g
+        out_sq = [float((m[i] @ omega.double()).square().sum()) / k for i in range(m.shape[0])]
+        in_sq = [float((psi.double() @ m[:, j]).square().sum()) / width for j in range(m.shape[1])]
+        r, c = (in_sq, out_sq) if flipped else (out_sq, in_sq)
+        rows += torch.tensor(r, dtype=torch.float64)
+        cols += torch.tensor(c, dtype=torch.float64)
+    total = sum(g.double() for g in grads)
+    second = torch.outer(rows, cols) / rows.sum()
+    return torch.where(second > 0, total / second.clamp_min(1e-300).sqrt(), 0.0)
+
+
+@pytest.mark.parametrize("hooks", [False, True])
+def test_sketched_squares_adam_prior_is_the_reference_over_several_batches_float64(hooks, monkeypatch):
+    """With ``squares="sketch"`` the Adam prior's row and column sums are each batch's sketches' squared row and
+    column norms over k and l: at full rank (where the sketch itself is exact) the prior is the naive reference of
+    those sums, from weight gradients and from activations alike; the first layer, called twice per batch, is
+    squared once per batch (its calls summed first)."""
+    import s2ft.tuner.calibration as calibration
+
+    spectral = wrapped()
+    layers = spectral.spectral_layers()
+    data = batches(4)
+    per_batch = [
+        {n: p.dense() for n, p in compute_prior(spectral.model, layers, [b], loss_fn, rank=1000).items()}
+        for b in data
+    ]
+    monkeypatch.setattr(calibration, "SKETCH_SQUARES", "sketch")
+    sketch = compute_prior(
+        spectral.model, layers, data, loss_fn, kind="adam", from_activations=hooks, rank=1000
+    )
+    strategy = SketchedAdamPrior(layers, rank=1000, seed=0)  # the same test matrices (seeded by shape)
+    assert strategy.squares == "sketch"
+    for name in layers:
+        reference = sketched_squares_adam(
+            [p[name] for p in per_batch], strategy.omega[name], strategy.psi[name]
+        )
+        torch.testing.assert_close(sketch[name].dense(), reference, rtol=1e-9, atol=1e-9)
+        exact_squares = factored_adam([p[name] for p in per_batch])
+        assert not torch.allclose(sketch[name].dense(), exact_squares, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("hooks", [False, True])
+def test_sketched_squares_of_rectangular_layers_sketched_transposed_float64(hooks, monkeypatch):
+    """A layer with d_out < d_in is sketched transposed: its row sums come from the co-range sketch and its column
+    sums from the range sketch, and the prior is still the reference."""
+    import s2ft.tuner.calibration as calibration
+
+    config = S2FTConfig(target_modules=["down", "up"], n_frequency=30, scaling=10.0)
+    spectral = get_spectral_model(Rectangular(), config)
+    layers = spectral.spectral_layers()
+    data = batches(3)
+    per_batch = [
+        {n: p.dense() for n, p in compute_prior(spectral.model, layers, [b], loss_fn, rank=1000).items()}
+        for b in data
+    ]
+    monkeypatch.setattr(calibration, "SKETCH_SQUARES", "sketch")
+    adam = compute_prior(
+        spectral.model, layers, data, loss_fn, kind="adam", from_activations=hooks, rank=1000
+    )
+    strategy = SketchedAdamPrior(layers, rank=1000, seed=0)
+    assert strategy.flipped == {"down"}
+    for name in layers:
+        reference = sketched_squares_adam(
+            [p[name] for p in per_batch],
+            strategy.omega[name],
+            strategy.psi[name],
+            flipped=name in strategy.flipped,
+        )
+        torch.testing.assert_close(adam[name].dense(), reference, rtol=1e-9, atol=1e-9)
+
+
+def test_sketched_squares_are_unbiased_estimates_of_the_exact_sums():
+    """Over many draws of the test matrices, the mean of the estimated row and column sums of ``g²`` is the exact
+    sum: the estimate is scaled right (``‖(g Ω)_i‖² / k`` with Gaussian ``Ω``). 400 draws at k = 8 (l = 17): the
+    mean's relative standard deviation is sqrt(2/8)/20 = 0.025 per row, sqrt(2/17)/20 = 0.017 per column; the
+    bound is 5 of those."""
+    spectral = wrapped(1)
+    layers = spectral.spectral_layers()
+    name = next(iter(layers))
+    g = torch.Generator().manual_seed(11)
+    grad = torch.randn(32, 32, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3.0, 32)[:, None]
+    rows, cols = [], []
+    for seed in range(400):
+        strategy = SketchedAdamPrior(layers, rank=8, seed=seed, squares="sketch")
+        strategy.add(name, grad)
+        rows.append(strategy.row_sq[name])
+        cols.append(strategy.col_sq[name])
+    square = grad.square()
+    mean_rows, mean_cols = torch.stack(rows).mean(0), torch.stack(cols).mean(0)
+    assert float(((mean_rows - square.sum(1)) / square.sum(1)).abs().max()) <= 5 * 0.025
+    assert float(((mean_cols - square.sum(0)) / square.sum(0)).abs().max()) <= 5 * 0.017
+    # one draw is no exact sum: the estimate has the spread the docstring says (about sqrt(2/8) per row)
+    spread = float(((torch.stack(rows) - square.sum(1)) / square.sum(1)).std())
+    assert 0.35 <= spread <= 0.65
+
+
+def test_bad_squares_option_refused():
+    spectral = wrapped(1)
+    with pytest.raises(ValueError, match="squares must be 'sketch' or 'exact'"):
+        SketchedAdamPrior(spectral.spectral_layers(), rank=4, squares="approximate")

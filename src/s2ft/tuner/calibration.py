@@ -572,22 +572,38 @@ class SketchedGradientPrior(PriorStrategy):
             self.w[name] = _hold(torch.zeros(psi.shape[0], cols, device=self.device, dtype=dtype))
 
     def add(self, name: str, grad: torch.Tensor) -> None:
-        grad = grad.T if name in self.flipped else grad
-        self.y[name].sub_(grad @ self.omega[name].to(grad.dtype))  # computed in grad's dtype, rounded once
-        self.w[name].sub_(self.psi[name].to(grad.dtype) @ grad)
+        self._take(name, *self._grad_products(name, grad))
 
     def add_call(self, name: str, x: torch.Tensor, delta: torch.Tensor) -> None:
         base = self.layers[name].base_layer
         if type(kind_of(base)).weight_gradient is not LayerKind.weight_gradient:
-            super().add_call(name, x, delta)  # a kind of its own: δᵀx formed, one call's transient
+            # a kind of its own: δᵀx formed, one call's transient
+            grad = _hold(kind_of(base).weight_gradient(base, x, delta))
+            self._take(name, *self._grad_products(name, grad))
             return
+        self._take(name, *self._call_products(name, x, delta))
+
+    def _grad_products(self, name: str, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(g Ω, Ψ g)`` of a whole ``g`` (``gᵀ`` for a layer sketched transposed), in ``grad``'s dtype."""
+        grad = grad.T if name in self.flipped else grad
+        return grad @ self.omega[name].to(grad.dtype), self.psi[name].to(grad.dtype) @ grad
+
+    def _call_products(
+        self, name: str, x: torch.Tensor, delta: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(g Ω, Ψ g)`` of a call's ``g = δᵀx``, never forming ``g``: ``δᵀ(xΩ)`` ``(d_out, k)`` and ``(Ψδᵀ)x``
+        ``(l, d_in)`` (transposed roles for a layer sketched transposed), in :func:`product_dtype`."""
         dtype = product_dtype(x, delta, self.sums[name])
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (tokens, d_in)
         d2 = delta.reshape(-1, delta.shape[-1]).to(dtype)  # (tokens, d_out)
         if name in self.flipped:  # g_bᵀ = x2ᵀ d2
             x2, d2 = d2, x2
-        self.y[name].sub_(d2.T @ (x2 @ self.omega[name].to(dtype)))  # (d_out, k), rounded once into y
-        self.w[name].sub_((self.psi[name].to(dtype) @ d2.T) @ x2)  # (l, d_in)
+        return d2.T @ (x2 @ self.omega[name].to(dtype)), (self.psi[name].to(dtype) @ d2.T) @ x2
+
+    def _take(self, name: str, y: torch.Tensor, w: torch.Tensor) -> None:
+        """Subtract a share's sketches from the running ones (the prior is ``-Σ g_b``), rounded once into them."""
+        self.y[name].sub_(y)
+        self.w[name].sub_(w)
 
     def _reduce(self) -> None:
         for name in self.layers:  # in float32 (or float64) where held in bfloat16, a layer at a time
@@ -619,16 +635,35 @@ class SketchedAdamPrior(SketchedGradientPrior):
     column sums ``R = Σ_b (g_b²) 1`` ``(d_out,)`` and ``C = Σ_b 1ᵀ(g_b²)`` ``(d_in,)``, so that
     ``ΔŴ = -Σ_b g_b / sqrt(V) = -sqrt(ΣR) · diag(R^-1/2) (Σ_b g_b) diag(C^-1/2)`` (0 on a row or column whose
     gradient was always 0) is the gradient sketch's matrix scaled on both sides: a rank-``k`` ``LowRank`` from the
-    same sketches. From activations, the sketches are added call by call and the squares of ``g_b = Dᵀ X`` (a
-    batch's calls' output gradients and inputs, tokens stacked) come from ``(d_out, d_in)``-free products
-    (:func:`row_col_squares`); from a weight's gradient, ``g_b`` is there whole anyway."""
+    same sketches.
+
+    ``squares`` says how ``R`` and ``C`` are taken (:data:`SKETCH_SQUARES`):
+
+    - ``"sketch"``: estimated from each batch's own sketches, ``R_i ≈ ‖(g_b Ω)_i‖² / k`` and
+      ``C_j ≈ ‖(Ψ g_b)_j‖² / l`` (``Ω``, ``Ψ`` Gaussian: unbiased, relative standard deviation ``sqrt(2/k)`` and
+      ``sqrt(2/l)`` per row and column), at no cost beyond the sketches: a layer's batch share ``(g_b Ω, Ψ g_b)``
+      is held until its batch ends for the layer (``O((d_out + d_in)·k)``), then folded into the sketches and the
+      sums;
+    - ``"exact"``: from activations, the squares of ``g_b = Dᵀ X`` (a batch's calls' output gradients and inputs,
+      tokens stacked) come from ``(d_out, d_in)``-free products (:func:`row_col_squares`), one more product as
+      large as the layer's own per batch; from a weight's gradient, ``g_b`` is there whole anyway."""
 
     collects_calls = True
 
     def __init__(
-        self, layers: Mapping[str, nn.Module], rank: int = 16, seed: int = 0, **options: Any
+        self,
+        layers: Mapping[str, nn.Module],
+        rank: int = 16,
+        seed: int = 0,
+        squares: str | None = None,
+        **options: Any,
     ) -> None:
+        squares = SKETCH_SQUARES if squares is None else squares
+        if squares not in ("sketch", "exact"):
+            raise ValueError(f"squares must be 'sketch' or 'exact', got {squares!r}")
         super().__init__(layers, rank=rank, seed=seed, **options)
+        self.squares = squares
+        self.batch: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # squares="sketch": this batch's shares
         self.row_sq = {
             n: _hold(self.y[n].new_zeros(layer.d_out, dtype=self.sums[n])) for n, layer in layers.items()
         }
@@ -636,14 +671,44 @@ class SketchedAdamPrior(SketchedGradientPrior):
             n: _hold(self.y[n].new_zeros(layer.d_in, dtype=self.sums[n])) for n, layer in layers.items()
         }
 
+    def _take(self, name: str, y: torch.Tensor, w: torch.Tensor) -> None:
+        if self.squares == "exact":
+            super()._take(name, y, w)
+            return
+        held = self.batch.get(name)
+        if held is None:
+            self.batch[name] = (_hold(y.to(self.sums[name])), _hold(w.to(self.sums[name])))
+        else:
+            held[0].add_(y)
+            held[1].add_(w)
+
+    def _fold(self, name: str) -> None:
+        """A layer's batch share (squares="sketch"): into the sketches, and its squares' estimates into the sums."""
+        if name not in self.batch:
+            return
+        y, w = self.batch.pop(name)
+        super()._take(name, y, w)
+        out_sq = y.square().sum(dim=1).div_(y.shape[1])  # rows of the sketched matrix: g_b's, or g_bᵀ's
+        in_sq = w.square().sum(dim=0).div_(w.shape[0])
+        rows, cols = (in_sq, out_sq) if name in self.flipped else (out_sq, in_sq)
+        self.row_sq[name] += rows
+        self.col_sq[name] += cols
+
     def add(self, name: str, grad: torch.Tensor) -> None:
+        """A batch's ``g_b`` of a layer whose weight takes a gradient (once per batch)."""
         super().add(name, grad)
+        if self.squares == "sketch":
+            self._fold(name)
+            return
         square = grad * grad
         self.row_sq[name] += square.sum(dim=1)
         self.col_sq[name] += square.sum(dim=0)
         del square
 
     def add_calls(self, name: str, calls: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        if self.squares == "sketch":
+            self._fold(name)
+            return
         base = self.layers[name].base_layer
         if (
             type(kind_of(base)).weight_gradient is not LayerKind.weight_gradient
@@ -662,7 +727,12 @@ class SketchedAdamPrior(SketchedGradientPrior):
         self.row_sq[name] += rows
         self.col_sq[name] += cols
 
+    def end_batch(self) -> None:
+        for name in list(self.batch):  # layers whose calls never reached the loss's end of the batch
+            self._fold(name)
+
     def finish(self) -> dict[str, Any]:
+        self.end_batch()
         self._reduce()
         _all_reduce((*self.row_sq.values(), *self.col_sq.values()))
         priors = {}
@@ -674,6 +744,9 @@ class SketchedAdamPrior(SketchedGradientPrior):
             priors[name] = self._low_rank(name, row_scale, col_scale)
         return priors
 
+
+# How a sketched Adam prior takes its second moment's row and column sums (SketchedAdamPrior's ``squares``).
+SKETCH_SQUARES = "sketch"
 
 SQUARES_BLOCK_ENTRIES = 2**20  # entries of the (rows, d_in) or (tokens, tokens) blocks of row_col_squares
 
