@@ -294,6 +294,10 @@ def attach(model: torch.nn.Module, spec: dict, group_size: int | None):
         import s2ft
 
         if method == "s2ft":
+            if spec.get("sketch_squares"):  # how a sketched Adam prior takes its squares' row and column sums
+                import s2ft.tuner.calibration as calibration
+
+                calibration.SKETCH_SQUARES = spec["sketch_squares"]
             extra = {} if group_size is None else {"calibration_group_size": group_size}
             # None: the exact prior (S2FTConfig's default, "auto", would sketch these wide layers)
             extra["prior_rank"] = spec.get("prior_rank", spec.get("s2ft_prior_rank"))
@@ -812,7 +816,13 @@ def markdown(report: dict) -> str:
             f"{settings['calibration_batches']} batch(es), O((d_out + d_in)·k) numbers per layer), each in its own "
             f"process. Targets: peak ≤ {CALIBRATION_RATIO:g}x LoRA r = 8's step peak; time ≤ {SKETCH_TIME_RATIO:g}x "
             f"{settings['calibration_batches']} LoRA r = 8 steps (the LoRA row of the same size, base and targets, "
-            "this run)." + (f" This s2ft: {env['sketch']}." if env.get("sketch") else ""),
+            "this run)."
+            + (f" This s2ft: {env['sketch']}." if env.get("sketch") else "")
+            + (
+                f" The Adam prior's squares: {settings['sketch_squares']} (`--sketch-squares`)."
+                if settings.get("sketch_squares")
+                else ""
+            ),
             "",
             "| size | base | targets | k | calibration s | ×(LoRA-8 s/step × batches) | calibration peak MiB | "
             "×LoRA-8 step peak | exact prior's calibration s | exact peak MiB | targets met |",
@@ -939,6 +949,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also time each training run's steps under torch.compile (to llm_scale_compile.{md,json})",
     )
+    parser.add_argument(
+        "--sketch-squares",
+        default=None,
+        choices=["exact", "sketch"],
+        help="how a sketched Adam prior takes the row and column sums of its squares (default: the library's)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default=None, help="default: benchmarks/results/<device>")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per measurement subprocess")
@@ -994,6 +1010,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "calibration_batches": args.calibration_batches,
         "seed": args.seed,
         "s2ft_prior_rank": args.s2ft_prior_rank,
+        "sketch_squares": args.sketch_squares,
         "compile": args.compile,
     }
     combos = [

@@ -1,4 +1,4 @@
-"""Where a sketched S2FT calibration's time goes, on a Llama-architecture model with random bfloat16 weights.
+"""Where a sketched S2FT calibration's time goes, on a Llama-architecture model with random weights (bfloat16, or ``--dtype``).
 
 Times (wall clock, one process) the parts of ``calibrate`` with ``S2FTConfig(prior_rank=k)``: the sketches added
 call by call, the Adam prior's squares, the factorization at the end, and planning (the greedy search from points
@@ -42,6 +42,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--targets", default="all-linear")
+    parser.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float32"],
+        help="the model's weights (float32 on a CPU without bfloat16 arithmetic)",
+    )
+    parser.add_argument(
+        "--squares",
+        default=None,
+        choices=["exact", "sketch"],
+        help="how the sketched Adam prior takes its squares' row and column sums (default: the library's)",
+    )
     parser.add_argument("--memory", action="store_true", help="where the memory goes, instead of the time")
     parser.add_argument(
         "--oversample", default=None, help="the co-range oversampling p (l = k + p; default: the library's)"
@@ -78,13 +90,19 @@ def main(argv: list[str] | None = None) -> None:
         setattr(owner, name, wrapper)
 
     timed(calibration.SketchedGradientPrior, "add_call", "sketches, call by call")
-    timed(calibration.SketchedAdamPrior, "add_calls", "Adam squares (row_col_squares)")
+    timed(
+        calibration.SketchedAdamPrior,
+        "add_calls",
+        "Adam squares (add_calls: row_col_squares, or the sketches folded)",
+    )
     timed(calibration.SketchedAdamPrior, "finish", "factorization (QR, lstsq, SVD)")
     timed(planner, "plan_for", "planning, all")
     timed(point_search, "greedy_paths_from_points", "  greedy search from points")
     timed(point_search, "nearest_neighbours", "    of which nearest-neighbour lists")
     timed(planner, "sample_locations_in_blocks", "  spectrum by blocks")
 
+    if args.squares is not None:
+        calibration.SKETCH_SQUARES = args.squares
     model, wrapped, batches = _build(args)
     start, start_cpu = time.perf_counter(), time.process_time()
     wrapped.calibrate(batches)
@@ -95,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     model(**batches[0]).loss.backward()
     plain, plain_cpu = time.perf_counter() - start, time.process_time() - start_cpu
     what = f"{args.layers} layer(s), {args.batches} batch(es), k = {args.rank}, {args.targets}"
+    what += f", squares {calibration.SKETCH_SQUARES}"
     print(f"| part | s ({what}) | CPU s |")
     print("|---|---|---|")
     print(f"| calibration, in all | {total:.1f} | {total_cpu:.1f} |")
@@ -121,7 +140,7 @@ def _build(args):
         tie_word_embeddings=False,
         use_cache=False,
     )
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(getattr(torch, getattr(args, "dtype", "bfloat16")))
     model = LlamaForCausalLM(config)
     torch.set_default_dtype(torch.float32)
     model.requires_grad_(False)

@@ -89,11 +89,13 @@ def _caught(matrix: torch.Tensor, plan) -> float:
     return energy_at(permuted, plan.rows, plan.cols)
 
 
-def _sketch_options(k: int, oversample: str, dtype: str) -> dict:
+def _sketch_options(k: int, oversample: str, dtype: str, squares: str = "default") -> dict:
     """The sketched strategy's keywords for a variant: ``oversample`` "default", "2k+1" (Tropp et al.'s width, the
     library's before issue 31's memory work) or an integer ``p``; ``dtype`` "auto" (by the layer), "float32",
-    "bfloat16"."""
+    "bfloat16"; ``squares`` (the Adam prior's row and column sums) "default", "exact" or "sketch"."""
     options: dict = {}
+    if squares != "default":
+        options["squares"] = squares
     if oversample == "2k+1":
         options["oversample"] = k + 1
     elif oversample != "default":
@@ -121,8 +123,9 @@ def _sketch_variant(options: dict):
         calibration.SKETCHED_STRATEGIES.update(saved)
 
 
-def _variant_key(k: int, oversample: str, dtype: str) -> str:
-    return str(k) if (oversample, dtype) == ("default", "auto") else f"{k} p={oversample} {dtype}"
+def _variant_key(k: int, oversample: str, dtype: str, squares: str = "default") -> str:
+    key = str(k) if (oversample, dtype) == ("default", "auto") else f"{k} p={oversample} {dtype}"
+    return key if squares == "default" else f"{key} squares={squares}"
 
 
 def measure(
@@ -133,6 +136,7 @@ def measure(
     prior: str | None = None,
     oversamples: tuple[str, ...] = ("default",),
     dtypes: tuple[str, ...] = ("auto",),
+    squares: tuple[str, ...] = ("default",),
 ) -> dict:
     from s2ft.tuner.calibration import compute_prior
     from s2ft.tuner.planner import plan_for
@@ -151,11 +155,11 @@ def measure(
     out["exact"]["loc"] = [caught(exact[n].float(), plans[n]) for n in layers]
     if deltas:
         out["exact"]["delta"] = [caught(deltas[n], plans[n]) for n in layers if n in deltas]
-    variants = [(k, o, d) for k in ranks for o in oversamples for d in dtypes]
-    for k, oversample, dtype in variants:
-        key = _variant_key(k, oversample, dtype)
+    variants = [(k, o, d, q) for k in ranks for o in oversamples for d in dtypes for q in squares]
+    for k, oversample, dtype, square in variants:
+        key = _variant_key(k, oversample, dtype, square)
         start = time.perf_counter()
-        with _sketch_variant(_sketch_options(k, oversample, dtype)):
+        with _sketch_variant(_sketch_options(k, oversample, dtype, square)):
             sketch = compute_prior(base, layers, batches, kind=config.prior, rank=k, seed=config.seed)
         seconds[key] = time.perf_counter() - start
         row: dict = {"kept": [], "loc": [], "same": [], "delta": []}
@@ -410,6 +414,14 @@ def main(argv: list[str] | None = None) -> int:
         choices=["auto", "float32", "bfloat16"],
         help="the dtype the sketches are held in: auto (the library's, by the layer), float32, bfloat16",
     )
+    parser.add_argument(
+        "--squares",
+        nargs="+",
+        default=["default"],
+        choices=["default", "exact", "sketch"],
+        help="how the sketched Adam prior takes its second moment's row and column sums: default (the "
+        "library's), exact (one more product per batch and layer) or sketch (estimated from the sketches)",
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     results = []
@@ -441,10 +453,17 @@ def main(argv: list[str] | None = None) -> int:
                 args.prior,
                 tuple(args.oversamples),
                 tuple(args.sketch_dtypes),
+                tuple(args.squares),
             )
         )
         print(f"seed {seed}: calibration seconds {results[-1]['seconds']}", file=sys.stderr)
-    keys = [_variant_key(k, o, d) for k in args.ranks for o in args.oversamples for d in args.sketch_dtypes]
+    keys = [
+        _variant_key(k, o, d, q)
+        for k in args.ranks
+        for o in args.oversamples
+        for d in args.sketch_dtypes
+        for q in args.squares
+    ]
     print(table(results, keys))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
