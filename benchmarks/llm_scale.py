@@ -294,10 +294,6 @@ def attach(model: torch.nn.Module, spec: dict, group_size: int | None):
         import s2ft
 
         if method == "s2ft":
-            if spec.get("sketch_squares"):  # how a sketched Adam prior takes its squares' row and column sums
-                import s2ft.tuner.calibration as calibration
-
-                calibration.SKETCH_SQUARES = spec["sketch_squares"]
             extra = {} if group_size is None else {"calibration_group_size": group_size}
             # None: the exact prior (S2FTConfig's default, "auto", would sketch these wide layers)
             extra["prior_rank"] = spec.get("prior_rank", spec.get("s2ft_prior_rank"))
@@ -393,10 +389,11 @@ def exercise(spec: dict, device: torch.device, memory: Memory, result: dict, tag
         batches = random_batches(spec, spec["calibration_batches"], spec["seed"] + 1, device)
         say(f"calibrating on {len(batches)} batches")
         memory.reset()
-        start = time.perf_counter()
+        clock = _clock(spec)
+        start = clock()
         wrapped.calibrate(batches)
         sync(device)
-        result["calibration_s"] = time.perf_counter() - start
+        result["calibration_s"] = clock() - start
         result["calibration_peak_bytes"] = memory.peak()
         result["calibration_batches"] = len(batches)
         if spec.get("s2ft_prior_rank") is not None and spec.get("prior_rank") is None:
@@ -423,11 +420,12 @@ def exercise(spec: dict, device: torch.device, memory: Memory, result: dict, tag
 
     memory.reset()
     times = []
+    clock = _clock(spec)
     for index in range(spec["steps"] + 1):
-        start = time.perf_counter()
+        start = clock()
         step()
         sync(device)
-        seconds = time.perf_counter() - start
+        seconds = clock() - start
         say(f"step {index}{' (warm-up)' if index == 0 else ''}: {seconds:.2f} s")
         if index:
             times.append(seconds)
@@ -482,6 +480,12 @@ def compiled_steps(wrapped, batch, optimizer, spec, device, memory, result, say)
     result["graphs"] = counters["stats"]["unique_graphs"]
 
 
+def _clock(spec: dict):
+    """The clock of the timings: the process's CPU time with ``spec["cpu_time"]`` (with one thread, what a shared
+    machine's load does not inflate), else the wall clock."""
+    return time.process_time if spec.get("cpu_time") else time.perf_counter
+
+
 def measure(spec: dict) -> dict:
     """One (size, quant, targets, method) measurement; with ``spec["group_size"]``, S2FT's calibration alone with
     that group size. First (unless ``spec["warm_up"]`` is false) the same on the tiny model (one step, one
@@ -500,6 +504,11 @@ def measure(spec: dict) -> dict:
         status="ok", memory_method=memory.method, threads=torch.get_num_threads(), malloc=spec.get("malloc")
     )
     warm = {**spec, "size": "tiny", "steps": 1, "calibration_batches": 1}
+    squares = None
+    if spec.get("sketch_squares"):  # how a sketched Adam prior takes its squares' sums, for this measurement
+        import s2ft.tuner.calibration as calibration
+
+        squares, calibration.SKETCH_SQUARES = calibration.SKETCH_SQUARES, spec["sketch_squares"]
     try:
         if spec.get("warm_up", True):
             result["stage"] = "warm-up on the tiny model"
@@ -520,6 +529,8 @@ def measure(spec: dict) -> dict:
         log(f"  [{tag}] error during {result['stage']}:\n" + traceback.format_exc())
     finally:
         memory.close()
+        if squares is not None:
+            calibration.SKETCH_SQUARES = squares
     return result
 
 
@@ -703,7 +714,13 @@ def markdown(report: dict) -> str:
         "",
         f"Llama architecture, random weights in {settings['dtype']}; batch {settings['batch_size']} x "
         f"{settings['seq_len']} tokens; gradient checkpointing (non-reentrant); AdamW over the trainable "
-        f"parameters; s/step = median of {settings['steps']} timed step(s) after one warm-up. n = "
+        f"parameters; s/step = median of {settings['steps']} timed step(s) after one warm-up"
+        + (
+            " (times in process CPU seconds, `--cpu-time`: with one thread, other jobs' load does not inflate them)"
+            if settings.get("cpu_time")
+            else ""
+        )
+        + f". n = "
         f"{settings['n_frequency']} for S2FT, FourierFT and PEFT FourierFT; LoRA alpha = 2r. `4bit`: every linear "
         f"layer but the LM head a bitsandbytes nf4 `Linear4bit` computing in {settings['dtype']}. S2FT calibration: "
         f"{settings['calibration_batches']} random batch(es) of the same shape"
@@ -950,6 +967,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also time each training run's steps under torch.compile (to llm_scale_compile.{md,json})",
     )
     parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time calibration and steps in process CPU seconds (CPU only; with one thread, robust to other "
+        "jobs' load) instead of the wall clock",
+    )
+    parser.add_argument(
         "--sketch-squares",
         default=None,
         choices=["exact", "sketch"],
@@ -976,6 +999,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--group-size must be at least 0")
     if args.device not in ("cpu", "cuda"):
         parser.error("--device must be cpu or cuda")
+    if args.cpu_time and args.device != "cpu":
+        parser.error("--cpu-time times CPU runs only")
     if args.device == "cuda" and not torch.cuda.is_available() and not args.one:
         parser.error("--device cuda: no CUDA device is available")
     return args
@@ -1011,6 +1036,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "seed": args.seed,
         "s2ft_prior_rank": args.s2ft_prior_rank,
         "sketch_squares": args.sketch_squares,
+        "cpu_time": args.cpu_time,
         "compile": args.compile,
     }
     combos = [

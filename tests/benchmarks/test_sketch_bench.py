@@ -11,8 +11,12 @@ def test_tiny_run_measures_the_sketched_calibrations(tmp_path):
     script = load_benchmark("llm_scale")
     argv = ["--sizes", "tiny", "--quant", "none", "--targets", "qv", "--methods", "s2ft", "lora-8"]
     argv += ["--seq-len", "16", "--steps", "1", "--calibration-batches", "2", "--group-size", "0"]
-    argv += ["--prior-ranks", "4", "1000", "--skip-exact-s2ft"]
+    argv += ["--prior-ranks", "4", "1000", "--skip-exact-s2ft", "--cpu-time", "--sketch-squares", "exact"]
+    import s2ft.tuner.calibration as calibration
+
+    before = calibration.SKETCH_SQUARES
     report = script.main([*argv, "--in-process", "--output-dir", str(tmp_path)])
+    assert before == calibration.SKETCH_SQUARES  # set for the measurements only
 
     with open(tmp_path / "llm_scale.json") as f:
         saved = json.load(f)
@@ -32,6 +36,8 @@ def test_tiny_run_measures_the_sketched_calibrations(tmp_path):
     assert "| tiny | none | qv | 4 |" in text and "| tiny | none | qv | 1000 |" in text
     assert "| none | qv | s2ft | skipped: --skip-exact-s2ft |" in text
     assert "This s2ft: co-range width l = 96 at k = 64, sketches held in bfloat16 for a 16-bit layer." in text
+    assert "The Adam prior's squares: exact (`--sketch-squares`)." in text
+    assert "(times in process CPU seconds, `--cpu-time`" in text
 
 
 def test_tiny_run_with_a_sketched_s2ft_row_trains_after_its_sketched_calibration(tmp_path):
