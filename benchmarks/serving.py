@@ -56,6 +56,7 @@ import torch
 
 from s2ft import S2FTConfig, get_spectral_model
 from s2ft.io import atomic_write_text
+from s2ft.tuner import serving
 from s2ft.tuner.serving import fold_head_input
 
 FOLDED = "head input contiguous"  # the --fold-head settings (s2ft.tuner.serving.fold_head_input)
@@ -274,10 +275,16 @@ def run_compiled(name: str, args) -> list[dict]:
     inner_forward, merged_forward = inner.forward, merged.forward
     # the three share the model class's forward code: each is one more compiled version of it
     torch._dynamo.config.recompile_limit = torch._dynamo.config.accumulated_recompile_limit = 256
+    # --fold-head turns a forward pre-hook of the head on and off between settings; by default Dynamo does not guard
+    # on a submodule's hooks, so a graph traced without the hook would serve the settings with it (ignoring it)
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
+    # an s2ft from before the mixed operator (s2ft.tuner.serving.mixed_apply) breaks the graph at each adapted layer
+    # under a mixed batch: compiled without fullgraph there (to measure the code before it with this script)
+    whole = hasattr(serving, "mixed_apply")
     compiled = {
         "merged": torch.compile(merged_forward, fullgraph=True),
         "one adapter": torch.compile(inner_forward, fullgraph=True),
-        "mixed": torch.compile(inner_forward, fullgraph=True),  # one operator per adapted layer, no break
+        "mixed": torch.compile(inner_forward, fullgraph=whole),  # one operator per adapted layer, no break
     }
     settings = {"merged": (merged, None), "one adapter": (model, None), "mixed": (model, names)}
     plain = {"merged": merged}  # the plain models, each with its own forward
@@ -376,9 +383,16 @@ def compiled_report(rows: list[dict], args, output: str, name: str = "serving_co
         + (f"; map cache {args.map_cache} MiB (`set_map_cache`)" if args.map_cache else "")
         + ". *merged*: one adapter merged and unloaded (a plain model); *one adapter*: `set_adapter`, "
         "unmerged; *mixed*: one adapter per sequence (`adapter_names`), as many distinct as loaded. Compiled: "
-        "`torch.compile` (inductor) of the inner model's forward, `fullgraph=True` (*mixed*: each adapted layer's "
-        "adapters one custom operator, `s2ft.tuner.serving.mixed_apply`, which runs the eager serving code). Tokens per second (medians after the first call) and their ratio to the "
-        "merged model in the same mode; *first call s*: the warm-up call, which compiles. The machine was shared "
+        "`torch.compile` (inductor) of the inner model's forward, `fullgraph=True` "
+        + (
+            "(*mixed*: each adapted layer's adapters one custom operator, `s2ft.tuner.serving.mixed_apply`, which "
+            "runs the eager serving code)"
+            if hasattr(serving, "mixed_apply")
+            else "but for *mixed* (this s2ft looks each example's adapter up outside the graph: two breaks per "
+            "adapted layer)"
+        )
+        + "; Dynamo guards on the modules' hooks (`skip_nnmodule_hook_guards = False`). Tokens per second "
+        "(medians after the first call) and their ratio to the merged model in the same mode; *first call s*: the warm-up call, which compiles. The machine was shared "
         "with other jobs: compare ratios within this table."
         + (
             f" *merged, frozen*: the merged model with its weights' `requires_grad` off, as the wrapped model's "
