@@ -37,8 +37,9 @@ _EXAMPLE_ADAPTERS: contextvars.ContextVar[list[str] | None] = contextvars.Contex
 )
 # How many example_adapters() contexts are open, in any thread: a plain module global, which torch.compile reads
 # and guards on, so a forward outside any mixed batch (training, evaluation, generate with the active adapters)
-# never calls ContextVar.get, which Dynamo cannot trace. Opening a context fails the guard: the next call
-# recompiles and looks the names up in one place, outside the graph (_example_names).
+# never calls ContextVar.get, which Dynamo cannot trace. Opening a context fails the guard (on _ANY_MIXED below):
+# the next call recompiles; in inference the names are then read inside the mixed operator, with autograd in one
+# place outside the graph (_example_names).
 _OPEN_MIXED = 0
 _OPEN_MIXED_LOCK = threading.Lock()
 # Whether any is open: what a compiled forward reads (a bool, so that Dynamo's guard on it takes two values, not one
