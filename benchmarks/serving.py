@@ -19,13 +19,13 @@ Writes ``benchmarks/results/<device>/serving.json`` and ``serving.md`` (``servin
 ``--compile``: instead, each model with ``max(--distinct)`` adapters loaded, eager and under ``torch.compile``
 (inductor, the wrapped model's inner forward compiled, as ``generate`` needs): the merged model (one adapter
 merged and unloaded: a plain model, ``fullgraph=True``), one adapter active (``set_adapter``, ``fullgraph=True``)
-and the mixed batch of ``max(--distinct)`` distinct adapters (compiled without ``fullgraph``: each adapted layer's
-per-example lookup runs outside the graph, by design). Prefill and generation tokens per second against the merged
+and the mixed batch of ``max(--distinct)`` distinct adapters (``fullgraph=True`` too: without autograd each adapted
+layer's adapters are one custom operator, ``s2ft.tuner.serving.mixed_apply``). Prefill and generation tokens per second against the merged
 model in the same mode; the first call (which compiles) timed apart. To ``serving_compile.{md,json}``.
 ``--fold-head`` adds the merged model with frozen weights (as the wrapped model's are) and one adapter and the mixed
 batch with the output head's input made contiguous (``s2ft.tuner.serving.fold_head_input``: on frozen weights
 torch's matmul runs generate's sliced head as a ``bmm`` against the weight expanded over the batch); to
-``serving_compile_gen.{md,json}``.
+``serving_compile_gen.{md,json}``. ``--name`` sets the files' name instead.
 
     OMP_NUM_THREADS=2 python benchmarks/serving.py      # the full run, ~13 min on 2 CPU threads
     python benchmarks/serving.py --quick                # two layers, 1 and 8 adapters: a check that it works
@@ -34,6 +34,8 @@ torch's matmul runs generate's sliced head as a ``bmm`` against the weight expan
     OMP_NUM_THREADS=1 python benchmarks/serving.py --compile --adapters 64 --distinct 64   # serving_compile.md
     OMP_NUM_THREADS=1 python benchmarks/serving.py --compile --fold-head --models smollm2 --layers 2 \
         --adapters 64 --distinct 64 --repeats 3                                        # serving_compile_gen.md
+    OMP_NUM_THREADS=1 python benchmarks/serving.py --compile --fold-head --cpu-time --models smollm2 minilm \
+        --layers 2 --adapters 64 --distinct 64 --repeats 6 --name serving_compile_mixed  # serving_compile_mixed.md
 
 Without autograd no adapter keeps a dense ``ΔW`` (``s2ft.tuner.serving``): a mixed batch goes through one
 ``MixedBank`` per layer, which copies nothing and builds the maps of the batch's adapters on each call.
@@ -54,6 +56,7 @@ import torch
 
 from s2ft import S2FTConfig, get_spectral_model
 from s2ft.io import atomic_write_text
+from s2ft.tuner import serving
 from s2ft.tuner.serving import fold_head_input
 
 FOLDED = "head input contiguous"  # the --fold-head settings (s2ft.tuner.serving.fold_head_input)
@@ -263,6 +266,8 @@ def run_compiled(name: str, args) -> list[dict]:
         for i in range(1, distinct):
             model.load_adapter(sources[i % len(sources)], f"a{i}")
     model.set_adapter("a0")
+    if args.map_cache:
+        model.set_map_cache(args.map_cache * 2**20)
     merged = copy.deepcopy(model).merge_and_unload(["a0"])  # a plain model: the fastest one adapter can be
     batch = max(args.batch, distinct)
     names = [f"a{i % distinct}" for i in range(batch)]
@@ -270,10 +275,16 @@ def run_compiled(name: str, args) -> list[dict]:
     inner_forward, merged_forward = inner.forward, merged.forward
     # the three share the model class's forward code: each is one more compiled version of it
     torch._dynamo.config.recompile_limit = torch._dynamo.config.accumulated_recompile_limit = 256
+    # --fold-head turns a forward pre-hook of the head on and off between settings; by default Dynamo does not guard
+    # on a submodule's hooks, so a graph traced without the hook would serve the settings with it (ignoring it)
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
+    # an s2ft from before the mixed operator (s2ft.tuner.serving.mixed_apply) breaks the graph at each adapted layer
+    # under a mixed batch: compiled without fullgraph there (to measure the code before it with this script)
+    whole = hasattr(serving, "mixed_apply")
     compiled = {
         "merged": torch.compile(merged_forward, fullgraph=True),
         "one adapter": torch.compile(inner_forward, fullgraph=True),
-        "mixed": torch.compile(inner_forward),  # the per-example lookup breaks the graph, by design
+        "mixed": torch.compile(inner_forward, fullgraph=whole),  # one operator per adapted layer, no break
     }
     settings = {"merged": (merged, None), "one adapter": (model, None), "mixed": (model, names)}
     plain = {"merged": merged}  # the plain models, each with its own forward
@@ -369,11 +380,19 @@ def compiled_report(rows: list[dict], args, output: str, name: str = "serving_co
         f"Prefill: B sequences of {args.tokens} tokens; generate: {args.new_tokens} new tokens after "
         f"{args.prompt}"
         + (f"; {args.layers} layers instead of the models' own" if args.layers else "")
+        + (f"; map cache {args.map_cache} MiB (`set_map_cache`)" if args.map_cache else "")
         + ". *merged*: one adapter merged and unloaded (a plain model); *one adapter*: `set_adapter`, "
         "unmerged; *mixed*: one adapter per sequence (`adapter_names`), as many distinct as loaded. Compiled: "
-        "`torch.compile` (inductor) of the inner model's forward, `fullgraph=True` but for *mixed* (its per-layer "
-        "lookup runs outside the graph). Tokens per second (medians after the first call) and their ratio to the "
-        "merged model in the same mode; *first call s*: the warm-up call, which compiles. The machine was shared "
+        "`torch.compile` (inductor) of the inner model's forward, `fullgraph=True` "
+        + (
+            "(*mixed*: each adapted layer's adapters one custom operator, `s2ft.tuner.serving.mixed_apply`, which "
+            "runs the eager serving code)"
+            if hasattr(serving, "mixed_apply")
+            else "but for *mixed* (this s2ft looks each example's adapter up outside the graph: two breaks per "
+            "adapted layer)"
+        )
+        + "; Dynamo guards on the modules' hooks (`skip_nnmodule_hook_guards = False`). Tokens per second "
+        "(medians after the first call) and their ratio to the merged model in the same mode; *first call s*: the warm-up call, which compiles. The machine was shared "
         "with other jobs: compare ratios within this table."
         + (
             f" *merged, frozen*: the merged model with its weights' `requires_grad` off, as the wrapped model's "
@@ -482,6 +501,7 @@ def main() -> int:
         help="time with the process's CPU seconds instead of wall-clock ones (CPU, one thread, a shared machine)",
     )
     parser.add_argument("--output", default=None)
+    parser.add_argument("--name", default=None, help="with --compile: the result files' name (no extension)")
     args = parser.parse_args()
     if args.quick:
         args.adapters, args.distinct, args.batch, args.tokens = [1, 8], [1, 8], 8, 8
@@ -497,9 +517,8 @@ def main() -> int:
     default = os.path.join("benchmarks", "results", args.device + ("-quick" if args.quick else ""))
     if args.compile:
         rows = [row for name in args.models for row in run_compiled(name, args)]
-        compiled_report(
-            rows, args, args.output or default, "serving_compile_gen" if args.fold_head else "serving_compile"
-        )
+        name = args.name or ("serving_compile_gen" if args.fold_head else "serving_compile")
+        compiled_report(rows, args, args.output or default, name)
         return 0
     rows = [row for name in args.models for row in run_model(name, args)]
     report(rows, args, args.output or default, "serving-map-cache" if args.map_cache else "serving")

@@ -28,7 +28,7 @@ from s2ft.tuner.kinds import (  # noqa: F401 (their home before kinds.py)
     quantized_merge_error,
     weight_matrix,
 )
-from s2ft.tuner.serving import serve_mixed
+from s2ft.tuner.serving import layer_handle, mixed_apply, serve_mixed
 
 BASE = "__base__"  # the reserved adapter name of a mixed batch's examples that run on the base model alone
 DEFAULT = "default"  # the name of the adapter get_spectral_model creates, as in PEFT
@@ -37,14 +37,21 @@ _EXAMPLE_ADAPTERS: contextvars.ContextVar[list[str] | None] = contextvars.Contex
 )
 # How many example_adapters() contexts are open, in any thread: a plain module global, which torch.compile reads
 # and guards on, so a forward outside any mixed batch (training, evaluation, generate with the active adapters)
-# never calls ContextVar.get, which Dynamo cannot trace. Opening a context fails the guard: the next call
-# recompiles and looks the names up in one place, outside the graph (_example_names).
+# never calls ContextVar.get, which Dynamo cannot trace. Opening a context fails the guard (on _ANY_MIXED below):
+# the next call recompiles; in inference the names are then read inside the mixed operator, with autograd in one
+# place outside the graph (_example_names).
 _OPEN_MIXED = 0
 _OPEN_MIXED_LOCK = threading.Lock()
+# Whether any is open: what a compiled forward reads (a bool, so that Dynamo's guard on it takes two values, not one
+# per count of open batches). Compiled inference under a mixed batch is then one custom operator per adapted layer
+# (s2ft.tuner.serving.mixed_apply), which looks the names up itself, in eager code: no graph break.
+_ANY_MIXED = False
 MIXED_BREAK = (
-    "a mixed batch (adapter_names) looks up each example's adapter in Python: it runs outside the compiled "
-    "graph (a graph break; torch.compile(fullgraph=True) refuses it). Compile for one set of active adapters "
-    "(set_adapter), or serve mixed batches uncompiled"
+    "a mixed batch (adapter_names) is opened in Python, and with autograd or through a trained copy "
+    "(modules_to_save) looks up each example's adapter in Python: that runs outside the compiled graph (a graph "
+    "break; torch.compile(fullgraph=True) refuses it). For mixed inference without a break, compile the wrapped "
+    "model's forward (model.get_base_model().forward) and serve under torch.no_grad(); or compile for one set of "
+    "active adapters (set_adapter)"
 )
 
 MERGED_BREAK = (
@@ -58,15 +65,17 @@ MERGED_BREAK = (
 def example_adapters(names: list[str] | None) -> Iterator[None]:
     """Inside, every adapted layer applies to example ``i`` of its input only the adapter ``names[i]`` (or none,
     for :data:`BASE`): a mixed batch, served without merging."""
-    global _OPEN_MIXED
+    global _OPEN_MIXED, _ANY_MIXED
     token = _EXAMPLE_ADAPTERS.set(list(names) if names is not None else None)
     with _OPEN_MIXED_LOCK:
         _OPEN_MIXED += 1
+        _ANY_MIXED = True
     try:
         yield
     finally:
         with _OPEN_MIXED_LOCK:
             _OPEN_MIXED -= 1
+            _ANY_MIXED = _OPEN_MIXED > 0
         _EXAMPLE_ADAPTERS.reset(token)
 
 
@@ -293,6 +302,7 @@ class SpectralLayer(nn.Module):
         # than float32, the weight as it was before any merge, so that unmerging restores it bit for bit.
         self._merged: dict[str, tuple[torch.Tensor, int]] = {}
         self._kept_weight: torch.Tensor | None = None
+        self._mixed_handle = layer_handle(self)  # names this layer to the compiled mixed operator
         self.add_adapter(adapter_name, n_frequency, scaling, init, forward_path, basis)
         self.active = [adapter_name]
         self.train(base_layer.training)  # in the mode of the layer it replaces
@@ -368,8 +378,26 @@ class SpectralLayer(nn.Module):
         """The dense ``ΔW`` ``(d_out, d_in)`` of an adapter (the current one by default), float32."""
         return (self.adapters[adapter_name] if adapter_name else self.current).delta_weight()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling and ``copy.deepcopy``: without the handle (:func:`s2ft.tuner.serving.layer_handle`), which
+        names this layer alone; :meth:`__setstate__` gives the copy its own."""
+        state = super().__getstate__()
+        state.pop("_mixed_handle", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._mixed_handle = layer_handle(self)
+
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _ANY_MIXED and torch.compiler.is_compiling() and not torch.is_grad_enabled() and not self._merged:
+            # Compiled inference while a mixed batch is open (in this thread or another): the adapters' part is one
+            # custom operator that runs the eager serving code (_served_delta), names and caches included.
+            result = self.base_layer(x)
+            if self.disabled:
+                return result
+            return result + mixed_apply(x, result, self._mixed_handle)
         names = example_names()
         if self._merged:
             self._check_merged_unchanged()
@@ -436,6 +464,24 @@ class SpectralLayer(nn.Module):
     @graph_break(MIXED_BREAK)
     def _mixed(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         """Example ``i`` of ``x`` (dimension 0) through the base layer plus adapter ``names[i]`` only."""
+        groups = self._groups(x, names)
+        result = self.base_layer(x)
+        if not torch.is_grad_enabled():
+            return self._add_served(x, groups, result)
+        result = result.clone()  # the branches add into it in place
+        for name, rows in groups.items():
+            if name == BASE:
+                continue
+            if len(rows) == x.shape[0]:  # the whole batch: no gather or scatter
+                result += self.kind.apply(self, self.adapters[name], x).to(result.dtype)
+                continue
+            index = torch.tensor(rows, device=x.device)
+            delta = self.kind.apply(self, self.adapters[name], x.index_select(0, index))
+            result.index_add_(0, index, delta.to(result.dtype))
+        return result
+
+    def _groups(self, x: torch.Tensor, names: list[str]) -> dict[str, list[int]]:
+        """The examples of each name in ``names`` (one per example of ``x``), every name checked."""
         if len(names) != x.shape[0]:
             raise ValueError(f"adapter_names has {len(names)} names for a batch of {x.shape[0]} examples")
         groups: dict[str, list[int]] = {}
@@ -446,10 +492,14 @@ class SpectralLayer(nn.Module):
             raise KeyError(
                 f"no adapter named {unknown[0]!r}; the model has {list(self.adapters)} (and {BASE!r})"
             )
-        result = self.base_layer(x)
-        if torch.is_grad_enabled():
-            result = result.clone()  # the branches add into it in place
-        elif type(self.kind).apply is LayerKind.apply:  # ΔW maps the last dimension: one banked pass
+        return groups
+
+    def _add_served(
+        self, x: torch.Tensor, groups: dict[str, list[int]], result: torch.Tensor
+    ) -> torch.Tensor:
+        """``result`` plus, for each example, its adapter's ``ΔW x`` (in ``result``'s dtype), without autograd;
+        ``result`` may be added into in place."""
+        if type(self.kind).apply is LayerKind.apply:  # ΔW maps the last dimension: one banked pass
             adapted = {name: rows for name, rows in groups.items() if name != BASE}
             if len(adapted) == 1 and len(next(iter(adapted.values()))) == x.shape[0]:
                 return result + self.kind.apply(self, self.adapters[next(iter(adapted))], x).to(result.dtype)
@@ -465,6 +515,23 @@ class SpectralLayer(nn.Module):
             delta = self.kind.apply(self, self.adapters[name], x.index_select(0, index))
             result.index_add_(0, index, delta.to(result.dtype))
         return result
+
+    @torch.no_grad()
+    def _served_delta(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """What the adapters add to the base layer's output ``result`` for ``x`` (a new tensor like ``result``),
+        without autograd, as the eager forward computes it in this thread: each example's adapter of this
+        thread's innermost mixed batch, or, with none open here (another thread's is), the active adapters'.
+        The compiled mixed operator's body (:func:`s2ft.tuner.serving.mixed_apply`)."""
+        names = example_names()
+        if names is None:
+            applied = [self.adapters[a] for a in self.active if a not in self._merged]
+            if not applied:
+                return torch.zeros_like(result)
+            delta = self.kind.apply(self, applied[0], x)
+            for adapter in applied[1:]:
+                delta = delta + self.kind.apply(self, adapter, x)
+            return delta.to(result.dtype)
+        return self._add_served(x, self._groups(x, names), torch.zeros_like(result))
 
     # ------------------------------------------------------------------ merge
     @property

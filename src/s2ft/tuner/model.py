@@ -112,7 +112,8 @@ class SpectralModel(nn.Module):
 
     @graph_break(MIXED_BREAK)
     def _mixed_forward(self, adapter_names: list[str], *args: Any, **kwargs: Any) -> Any:
-        """A mixed batch: outside any compiled graph (its per-example lookup is Python)."""
+        """A mixed batch: opened outside any compiled graph (a context manager, Python state); the wrapped model's
+        forward inside may be compiled, with no break in inference (:func:`s2ft.tuner.serving.mixed_apply`)."""
         with self._serving(adapter_names):
             return self.model(*args, **kwargs)
 

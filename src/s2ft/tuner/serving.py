@@ -27,14 +27,17 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import itertools
 import numbers
+import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
 
-from s2ft.ops.apply import _PLANS, choose_path
+from s2ft.ops.apply import _PLANS, _schema_digest, choose_path
 from s2ft.ops.mixed import MixedBank, check
 
 BANK_BASES = ("fourier",)  # the bases whose adapters a MixedBank serves
@@ -287,6 +290,56 @@ def serve_mixed(
     position = position.repeat_interleave(flat.shape[0] // x.shape[0])  # (B * L,)
     delta = LayerBank.of(layer).apply(layer, flat, banked, position)  # (B * L, d_out)
     result += delta.view(result.shape).to(result.dtype)
+
+
+# ------------------------------------------------------------------------------- compiled mixed batches
+# Under torch.compile, a mixed batch's adapters are applied by one custom operator per adapted layer,
+# ``s2ft::mixed_apply_<digest>`` (the digest as for the FFT path's operator, s2ft.ops.apply.FFT_OPERATOR). Its
+# body is the eager serving code (the layer's _served_delta: the per-example names of this thread's mixed batch,
+# read from their ContextVar, the banks, the memo of reusing_maps and the caches), so Dynamo traces no Python state
+# and the graph has no break; the names, the adapters and their coefficients are read when the operator runs, so
+# a changed names list, a new adapter or edited coefficients are served without recompiling. The layer is named
+# by an integer handle (a constant of the graph) into a registry of weak references.
+_LAYERS: dict[int, weakref.ref] = {}
+_HANDLES = itertools.count(1)
+_HANDLES_LOCK = threading.Lock()
+
+
+def layer_handle(layer: nn.Module) -> int:
+    """A new handle for ``layer`` (each layer, and each copy of one, gets its own), kept until it is freed."""
+    with _HANDLES_LOCK:
+        handle = next(_HANDLES)
+
+        def forget(_: weakref.ref) -> None:
+            _LAYERS.pop(handle, None)
+
+        _LAYERS[handle] = weakref.ref(layer, forget)
+    return handle
+
+
+def _mixed_apply_impl(x: torch.Tensor, result: torch.Tensor, handle: int) -> torch.Tensor:
+    ref = _LAYERS.get(handle)
+    layer = None if ref is None else ref()
+    if layer is None:
+        raise RuntimeError(
+            f"s2ft: the compiled graph calls layer handle {handle}, which names no live layer; compile the model again"
+        )
+    return layer._served_delta(x, result)
+
+
+MIXED_OPERATOR = f"mixed_apply_{_schema_digest(_mixed_apply_impl)}"  # in the namespace s2ft
+_mixed_apply_op = torch.library.custom_op(f"s2ft::{MIXED_OPERATOR}", mutates_args=())(_mixed_apply_impl)
+
+
+@_mixed_apply_op.register_fake
+def _(x, result, handle):
+    return torch.empty_like(result)
+
+
+def mixed_apply(x: torch.Tensor, result: torch.Tensor, handle: int) -> torch.Tensor:
+    """What layer ``handle``'s adapters add to its base output ``result`` for input ``x``, without autograd, in
+    the current mixed batch (a tensor like ``result``): one operator of a compiled graph."""
+    return _mixed_apply_op(x, result, handle)
 
 
 # ---------------------------------------------------------------------------------------------- model level
