@@ -314,6 +314,8 @@ def run_compiled(name: str, args) -> list[dict]:
         ):  # the merged model again at the end: the faster is the reference
             runner, batch_names = settings[setting]
             fold_head_input(inner, on=setting.endswith(FOLDED))
+            if args.fold_head:  # SpectralModel.generate folds by default: the other settings without it
+                model.fold_head_in_generate = setting.endswith(FOLDED)
             if mode == "compiled":
                 target = plain.get(setting, inner)
                 target.forward = compiled[setting]

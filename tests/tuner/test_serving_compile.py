@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from s2ft import FourierFTConfig, get_spectral_model
@@ -70,6 +71,7 @@ def test_fold_head_input_same_outputs_and_contiguous():
     """One adapter and a mixed batch: the same tokens and logits (to rounding) with the hook as without; with it,
     the head gets contiguous inputs only."""
     model = _wrapped()
+    model.fold_head_in_generate = False  # generate as the wrapped model's own: no hook
     inner = model.get_base_model()
     assert not inner.lm_head.weight.requires_grad  # the case the hook is for
     names = ["a", "b", "c", "b"]
@@ -180,3 +182,41 @@ def test_fold_head_input_compiled_one_graph_same_tokens():
     model.set_adapter("b")
     switched = check("eager")
     assert not torch.equal(switched[1], added[1])
+
+
+def _head_inputs(model):
+    """Record (ndim, contiguous) of each input the head computes on: a forward hook, which sees the arguments as
+    every pre-hook left them, whenever those were installed."""
+    calls = []
+    head = model.get_base_model().get_output_embeddings()
+    handle = head.register_forward_hook(lambda m, a, out: calls.append((a[0].dim(), a[0].is_contiguous())))
+    return calls, handle
+
+
+def test_generate_folds_the_head_input_for_the_call_only():
+    """``SpectralModel.generate`` makes the head's input contiguous during the call (one adapter and a mixed batch)
+    and leaves no hook behind, also when generate raises; the tokens are those without it and the logits equal to
+    rounding; a hook the user installed stays; ``fold_head_in_generate = False`` leaves the head alone."""
+    model = _wrapped()
+    head = model.get_base_model().get_output_embeddings()
+    hooks = dict(head._forward_pre_hooks)
+    names = ["a", "b", "c", "b"]
+    model.fold_head_in_generate = False
+    calls, handle = _head_inputs(model)
+    expected = [_generate(model, IDS), _generate(model, IDS, adapter_names=names)]
+    assert any(dim == 3 and not contiguous for dim, contiguous in calls)  # generate slices the last position
+    model.fold_head_in_generate = True
+    calls.clear()
+    got = [_generate(model, IDS), _generate(model, IDS, adapter_names=names)]
+    assert calls and all(contiguous for _, contiguous in calls)
+    assert dict(head._forward_pre_hooks) == hooks  # nothing left behind
+    for (tokens, logits), (want_tokens, want_logits) in zip(got, expected, strict=True):
+        assert torch.equal(tokens, want_tokens)
+        assert (logits - want_logits).abs().max() <= 1e-6 * want_logits.abs().max()
+    with pytest.raises(ValueError):
+        _generate(model, IDS, adapter_names=["a", "b", "nope", "a"])  # refused inside the call
+    assert dict(head._forward_pre_hooks) == hooks
+    fold_head_input(model.get_base_model())  # the user's own: kept after a call
+    _generate(model, IDS)
+    assert [h for h in head._forward_pre_hooks.values() if h is _contiguous_input] == [_contiguous_input]
+    handle.remove()

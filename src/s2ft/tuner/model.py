@@ -40,6 +40,7 @@ from s2ft.tuner.saving import (
     write_adapters,
 )
 from s2ft.tuner.serving import (
+    head_input_folded,
     names_per_sequence,
     reusing_maps,
     serving_nbytes,
@@ -72,6 +73,10 @@ class SpectralModel(nn.Module):
     (their ``ΔW`` add), and ``forward``/``generate`` take ``adapter_names`` (one per example, :data:`BASE` for the
     base model alone) to serve a mixed batch without merging.
     """
+
+    # generate() makes the output head's input contiguous for the call (s2ft.tuner.serving.head_input_folded);
+    # set False on a model to leave the head as it is
+    fold_head_in_generate = True
 
     def __init__(self, model: nn.Module, config: FourierFTConfig, adapter_name: str = DEFAULT) -> None:
         super().__init__()
@@ -119,10 +124,14 @@ class SpectralModel(nn.Module):
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The wrapped model's ``generate``; ``adapter_names`` as in ``forward`` (one per prompt: with ``num_beams``
-        or ``num_return_sequences``, each name serves all of its prompt's sequences)."""
+        or ``num_return_sequences``, each name serves all of its prompt's sequences). With
+        :attr:`fold_head_in_generate` (the default), the output head's input is made contiguous during the call
+        (:func:`s2ft.tuner.serving.head_input_folded`): the frozen head then runs as one matrix product instead of
+        a batched one, with the same tokens (the logits to rounding); nothing of it stays after the call."""
         if adapter_names is not None and not isinstance(adapter_names, str):
             adapter_names = names_per_sequence(adapter_names, self.model, kwargs)
-        with self._serving(adapter_names), reusing_maps():
+        folded = head_input_folded(self.model) if self.fold_head_in_generate else contextlib.nullcontext()
+        with folded, self._serving(adapter_names), reusing_maps():
             return self.model.generate(*args, **kwargs)
 
     def set_serving_cache(self, max_bytes: int | None) -> None:

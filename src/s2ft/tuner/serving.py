@@ -433,6 +433,23 @@ def _contiguous_input(module: nn.Module, args: tuple) -> tuple | None:
     return None
 
 
+@contextlib.contextmanager
+def head_input_folded(model: nn.Module) -> Iterator[None]:
+    """:func:`fold_head_input` on ``model`` for the duration (what :meth:`SpectralModel.generate
+    <s2ft.tuner.model.SpectralModel.generate>` does), taken off again at the end unless it was on before."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    was_on = isinstance(head, nn.Module) and any(
+        hook is _contiguous_input for hook in head._forward_pre_hooks.values()
+    )
+    fold_head_input(model)
+    try:
+        yield
+    finally:
+        if not was_on:
+            fold_head_input(model, on=False)
+
+
 def fold_head_input(model: nn.Module, on: bool = True) -> bool:
     """Make the input of ``model``'s output head (``get_output_embeddings()``, an ``nn.Linear``) contiguous
     before the head runs (``on=False``: take that hook off again); True if ``model`` has such a head.
@@ -444,8 +461,9 @@ def fold_head_input(model: nn.Module, on: bool = True) -> bool:
     batch of 64, against about 0.1 s for the ``mm`` that the merged model (whose weights require gradients
     again) gets. Copying the ``(B, 1, d)`` slice costs microseconds. The hook is traced into a compiled graph
     (it looks at the input's dimensions and strides only, which Dynamo guards on) and does nothing to a
-    contiguous or 2-D input (training's full logits).
-    Installing it twice installs it once."""
+    contiguous or 2-D input (training's full logits). :meth:`SpectralModel.generate
+    <s2ft.tuner.model.SpectralModel.generate>` installs it for each call (:func:`head_input_folded`); call this
+    for the wrapped model's own ``generate`` or forward. Installing it twice installs it once."""
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if callable(getter) else None
     if not isinstance(head, nn.Linear):
