@@ -266,7 +266,8 @@ def test_python_blocks_run(page, tmp_path, monkeypatch):
     with open(os.path.join(ROOT, page), encoding="utf-8") as f:
         text = f.read()
     prepare_folder(text)
-    if "torch.compile" in text:  # the page's graphs alone: Dynamo counts recompiles per code object, across tests
+    # the page's graphs alone: Dynamo counts recompiles per code object, across tests
+    if "torch.compile" in text:
         torch._dynamo.reset()
     names = given(page in CAUSAL_PAGES)
     namespace: dict[str, Any] = {"__name__": "__docs__"}
