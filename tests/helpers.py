@@ -287,3 +287,19 @@ class Stack(nn.Module):
 def stack_loss_fn(outputs: torch.Tensor, batch) -> torch.Tensor:
     """The loss of :class:`Stack` on ``(x, labels)`` batches."""
     return nn.functional.cross_entropy(outputs.reshape(-1, 5), batch[1].reshape(-1))
+
+
+def generate_with_logits(model, ids: torch.Tensor, **kwargs):
+    """Greedy ``generate`` of 4 new tokens without autograd: ``(sequences, logits stacked over the new tokens)``."""
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=4,
+            do_sample=False,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **kwargs,
+        )
+    return out.sequences, torch.stack(out.logits)

@@ -22,7 +22,7 @@ from torch import nn
 
 from s2ft import DCTConfig, FourierFTConfig, S2FTConfig, get_spectral_model
 from s2ft.tuner.layers import BASE, MIXED_BREAK, SpectralLayer
-from tests.helpers import tiny_llama
+from tests.helpers import generate_with_logits, tiny_llama
 
 IDS = torch.randint(3, 60, (4, 5), generator=torch.Generator().manual_seed(0))
 MASK = torch.ones_like(IDS)
@@ -260,32 +260,18 @@ def test_compiled_mixed_generate_inductor():
     model = _wrapped()
     names = ["b", "a", BASE, "c"]
 
-    def generate(m, ids, **kwargs):
-        with torch.no_grad():
-            out = m.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=4,
-                do_sample=False,
-                pad_token_id=0,
-                output_logits=True,
-                return_dict_in_generate=True,
-                **kwargs,
-            )
-        return out.sequences, torch.stack(out.logits)
-
-    expected = generate(model, IDS, adapter_names=names)
+    expected = generate_with_logits(model, IDS, adapter_names=names)
     with _Compiled(model, "inductor"):
-        got = generate(model, IDS, adapter_names=names)
+        got = generate_with_logits(model, IDS, adapter_names=names)
     assert torch.equal(got[0], expected[0])
     _close(got[1], expected[1], 1e-4)
     for i, name in enumerate(names):
         if name == BASE:
             with model.disable_adapter():
-                single = generate(model, IDS[i : i + 1])
+                single = generate_with_logits(model, IDS[i : i + 1])
         else:
             model.set_adapter(name)
-            single = generate(model, IDS[i : i + 1])
+            single = generate_with_logits(model, IDS[i : i + 1])
         length = single[0].shape[1]  # shorter where that sequence ended (its end token): padded in the batch
         assert torch.equal(got[0][i, :length], single[0][0])
         assert not got[0][i, length:].any()  # pad_token_id

@@ -19,7 +19,7 @@ import torch
 
 from s2ft import FourierFTConfig, get_spectral_model
 from s2ft.tuner.serving import _contiguous_input, fold_head_input
-from tests.helpers import tiny_llama
+from tests.helpers import generate_with_logits, tiny_llama
 
 
 def _wrapped(names=("a", "b", "c")):
@@ -41,21 +41,6 @@ def _wrapped(names=("a", "b", "c")):
     return model.eval()
 
 
-def _generate(model, ids, **kwargs):
-    with torch.no_grad():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=4,
-            do_sample=False,
-            pad_token_id=0,
-            output_logits=True,
-            return_dict_in_generate=True,
-            **kwargs,
-        )
-    return out.sequences, torch.stack(out.logits)
-
-
 def _head_calls(model):
     """Record (ndim, contiguous) of each call of the head: a hook that runs after ``fold_head_input``'s."""
     calls = []
@@ -75,17 +60,17 @@ def test_fold_head_input_same_outputs_and_contiguous():
     inner = model.get_base_model()
     assert not inner.lm_head.weight.requires_grad  # the case the hook is for
     names = ["a", "b", "c", "b"]
-    expected_one = _generate(model, IDS)
-    expected_mixed = _generate(model, IDS, adapter_names=names)
+    expected_one = generate_with_logits(model, IDS)
+    expected_mixed = generate_with_logits(model, IDS, adapter_names=names)
     calls, handle = _head_calls(model)
-    _generate(model, IDS)
+    generate_with_logits(model, IDS)
     assert any(dim == 3 and not contiguous for dim, contiguous in calls)  # generate slices the last position
     assert fold_head_input(inner)
     calls.clear()
     handle.remove()
     calls, handle = _head_calls(model)  # after ours now
-    got_one = _generate(model, IDS)
-    got_mixed = _generate(model, IDS, adapter_names=names)
+    got_one = generate_with_logits(model, IDS)
+    got_mixed = generate_with_logits(model, IDS, adapter_names=names)
     handle.remove()
     assert calls and all(contiguous for _, contiguous in calls)
     for got, expected in ((got_one, expected_one), (got_mixed, expected_mixed)):
@@ -99,10 +84,10 @@ def test_fold_head_input_mixed_rows_match_single_adapters():
     model = _wrapped()
     fold_head_input(model.get_base_model())
     names = ["c", "a", "b", "a"]
-    tokens, logits = _generate(model, IDS, adapter_names=names)
+    tokens, logits = generate_with_logits(model, IDS, adapter_names=names)
     for i, name in enumerate(names):
         model.set_adapter(name)
-        one_tokens, one_logits = _generate(model, IDS[i : i + 1])
+        one_tokens, one_logits = generate_with_logits(model, IDS[i : i + 1])
         assert torch.equal(tokens[i], one_tokens[0])
         scale = one_logits.abs().max()
         assert (logits[:, i] - one_logits[:, 0]).abs().max() <= 1e-5 * scale
@@ -155,11 +140,11 @@ def test_fold_head_input_compiled_one_graph_same_tokens():
     assert explained.graph_break_count == 0
 
     def check(backend="inductor"):
-        expected = _generate(model, ids)
+        expected = generate_with_logits(model, ids)
         forward = inner.forward
         inner.forward = torch.compile(forward, fullgraph=True, backend=backend)
         try:
-            got = _generate(model, ids)
+            got = generate_with_logits(model, ids)
         finally:
             inner.forward = forward
         assert torch.equal(got[0], expected[0])
@@ -203,20 +188,20 @@ def test_generate_folds_the_head_input_for_the_call_only():
     names = ["a", "b", "c", "b"]
     model.fold_head_in_generate = False
     calls, handle = _head_inputs(model)
-    expected = [_generate(model, IDS), _generate(model, IDS, adapter_names=names)]
+    expected = [generate_with_logits(model, IDS), generate_with_logits(model, IDS, adapter_names=names)]
     assert any(dim == 3 and not contiguous for dim, contiguous in calls)  # generate slices the last position
     model.fold_head_in_generate = True
     calls.clear()
-    got = [_generate(model, IDS), _generate(model, IDS, adapter_names=names)]
+    got = [generate_with_logits(model, IDS), generate_with_logits(model, IDS, adapter_names=names)]
     assert calls and all(contiguous for _, contiguous in calls)
     assert dict(head._forward_pre_hooks) == hooks  # nothing left behind
     for (tokens, logits), (want_tokens, want_logits) in zip(got, expected, strict=True):
         assert torch.equal(tokens, want_tokens)
         assert (logits - want_logits).abs().max() <= 1e-6 * want_logits.abs().max()
     with pytest.raises(ValueError):
-        _generate(model, IDS, adapter_names=["a", "b", "nope", "a"])  # refused inside the call
+        generate_with_logits(model, IDS, adapter_names=["a", "b", "nope", "a"])  # refused inside the call
     assert dict(head._forward_pre_hooks) == hooks
     fold_head_input(model.get_base_model())  # the user's own: kept after a call
-    _generate(model, IDS)
+    generate_with_logits(model, IDS)
     assert [h for h in head._forward_pre_hooks.values() if h is _contiguous_input] == [_contiguous_input]
     handle.remove()

@@ -664,46 +664,13 @@ def sketched_squares_adam(grads: list[torch.Tensor], omega, psi, flipped: bool =
     return torch.where(second > 0, total / second.clamp_min(1e-300).sqrt(), 0.0)
 
 
-@pytest.mark.parametrize("hooks", [False, True])
-def test_sketched_squares_adam_prior_is_the_reference_over_several_batches_float64(hooks, monkeypatch):
-    """With ``squares="sketch"`` the Adam prior's row and column sums are each batch's sketches' squared row and
-    column norms over k and l: at full rank (where the sketch itself is exact) the prior is the naive reference of
-    those sums, from weight gradients and from activations alike; the first layer, called twice per batch, is
-    squared once per batch (its calls summed first)."""
+def _sketched_squares_priors(spectral, data, hooks, monkeypatch):
+    """The sketched Adam priors at full rank with ``squares="sketch"``, each checked against the naive reference
+    of the batches' ``-g_b`` (full-rank gradient sketches, exact); returns the priors, the per-batch ``-g_b`` and
+    a strategy holding the same test matrices (seeded by shape)."""
     import s2ft.tuner.calibration as calibration
 
-    spectral = wrapped()
     layers = spectral.spectral_layers()
-    data = batches(4)
-    per_batch = [
-        {n: p.dense() for n, p in compute_prior(spectral.model, layers, [b], loss_fn, rank=1000).items()}
-        for b in data
-    ]
-    monkeypatch.setattr(calibration, "SKETCH_SQUARES", "sketch")
-    sketch = compute_prior(
-        spectral.model, layers, data, loss_fn, kind="adam", from_activations=hooks, rank=1000
-    )
-    strategy = SketchedAdamPrior(layers, rank=1000, seed=0)  # the same test matrices (seeded by shape)
-    assert strategy.squares == "sketch"
-    for name in layers:
-        reference = sketched_squares_adam(
-            [p[name] for p in per_batch], strategy.omega[name], strategy.psi[name]
-        )
-        torch.testing.assert_close(sketch[name].dense(), reference, rtol=1e-9, atol=1e-9)
-        exact_squares = factored_adam([p[name] for p in per_batch])
-        assert not torch.allclose(sketch[name].dense(), exact_squares, rtol=1e-3, atol=1e-3)
-
-
-@pytest.mark.parametrize("hooks", [False, True])
-def test_sketched_squares_of_rectangular_layers_sketched_transposed_float64(hooks, monkeypatch):
-    """A layer with d_out < d_in is sketched transposed: its row sums come from the co-range sketch and its column
-    sums from the range sketch, and the prior is still the reference."""
-    import s2ft.tuner.calibration as calibration
-
-    config = S2FTConfig(target_modules=["down", "up"], n_frequency=30, scaling=10.0)
-    spectral = get_spectral_model(Rectangular(), config)
-    layers = spectral.spectral_layers()
-    data = batches(3)
     per_batch = [
         {n: p.dense() for n, p in compute_prior(spectral.model, layers, [b], loss_fn, rank=1000).items()}
         for b in data
@@ -713,7 +680,7 @@ def test_sketched_squares_of_rectangular_layers_sketched_transposed_float64(hook
         spectral.model, layers, data, loss_fn, kind="adam", from_activations=hooks, rank=1000
     )
     strategy = SketchedAdamPrior(layers, rank=1000, seed=0)
-    assert strategy.flipped == {"down"}
+    assert strategy.squares == "sketch"
     for name in layers:
         reference = sketched_squares_adam(
             [p[name] for p in per_batch],
@@ -722,6 +689,30 @@ def test_sketched_squares_of_rectangular_layers_sketched_transposed_float64(hook
             flipped=name in strategy.flipped,
         )
         torch.testing.assert_close(adam[name].dense(), reference, rtol=1e-9, atol=1e-9)
+    return adam, per_batch, strategy
+
+
+@pytest.mark.parametrize("hooks", [False, True])
+def test_sketched_squares_adam_prior_is_the_reference_over_several_batches_float64(hooks, monkeypatch):
+    """With ``squares="sketch"`` the Adam prior's row and column sums are each batch's sketches' squared row and
+    column norms over k and l: at full rank (where the sketch itself is exact) the prior is the naive reference of
+    those sums, from weight gradients and from activations alike; the first layer, called twice per batch, is
+    squared once per batch (its calls summed first). It is not the prior with the exact sums."""
+    sketch, per_batch, strategy = _sketched_squares_priors(wrapped(), batches(4), hooks, monkeypatch)
+    assert not strategy.flipped
+    for name, prior in sketch.items():
+        exact_squares = factored_adam([p[name] for p in per_batch])
+        assert not torch.allclose(prior.dense(), exact_squares, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("hooks", [False, True])
+def test_sketched_squares_of_rectangular_layers_sketched_transposed_float64(hooks, monkeypatch):
+    """A layer with d_out < d_in is sketched transposed: its row sums come from the co-range sketch and its column
+    sums from the range sketch, and the prior is still the reference."""
+    config = S2FTConfig(target_modules=["down", "up"], n_frequency=30, scaling=10.0)
+    spectral = get_spectral_model(Rectangular(), config)
+    _, _, strategy = _sketched_squares_priors(spectral, batches(3), hooks, monkeypatch)
+    assert strategy.flipped == {"down"}
 
 
 def test_sketched_squares_are_unbiased_estimates_of_the_exact_sums():

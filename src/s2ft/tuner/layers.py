@@ -468,17 +468,7 @@ class SpectralLayer(nn.Module):
         result = self.base_layer(x)
         if not torch.is_grad_enabled():
             return self._add_served(x, groups, result)
-        result = result.clone()  # the branches add into it in place
-        for name, rows in groups.items():
-            if name == BASE:
-                continue
-            if len(rows) == x.shape[0]:  # the whole batch: no gather or scatter
-                result += self.kind.apply(self, self.adapters[name], x).to(result.dtype)
-                continue
-            index = torch.tensor(rows, device=x.device)
-            delta = self.kind.apply(self, self.adapters[name], x.index_select(0, index))
-            result.index_add_(0, index, delta.to(result.dtype))
-        return result
+        return self._add_groups(x, groups, result.clone())  # the branches add into it in place
 
     def _groups(self, x: torch.Tensor, names: list[str]) -> dict[str, list[int]]:
         """The examples of each name in ``names`` (one per example of ``x``), every name checked."""
@@ -505,6 +495,12 @@ class SpectralLayer(nn.Module):
                 return result + self.kind.apply(self, self.adapters[next(iter(adapted))], x).to(result.dtype)
             serve_mixed(self, x, adapted, result)
             return result
+        return self._add_groups(x, groups, result)
+
+    def _add_groups(
+        self, x: torch.Tensor, groups: dict[str, list[int]], result: torch.Tensor
+    ) -> torch.Tensor:
+        """``result`` plus, group by group, each adapter's ``ΔW`` on its examples (added in place)."""
         for name, rows in groups.items():
             if name == BASE:
                 continue

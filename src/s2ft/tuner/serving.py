@@ -433,15 +433,19 @@ def _contiguous_input(module: nn.Module, args: tuple) -> tuple | None:
     return None
 
 
+def _output_head(model: nn.Module) -> nn.Linear | None:
+    """``model.get_output_embeddings()`` where that is an ``nn.Linear``, else None."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    return head if isinstance(head, nn.Linear) else None
+
+
 @contextlib.contextmanager
 def head_input_folded(model: nn.Module) -> Iterator[None]:
     """:func:`fold_head_input` on ``model`` for the duration (what :meth:`SpectralModel.generate
     <s2ft.tuner.model.SpectralModel.generate>` does), taken off again at the end unless it was on before."""
-    getter = getattr(model, "get_output_embeddings", None)
-    head = getter() if callable(getter) else None
-    was_on = isinstance(head, nn.Module) and any(
-        hook is _contiguous_input for hook in head._forward_pre_hooks.values()
-    )
+    head = _output_head(model)
+    was_on = head is not None and any(hook is _contiguous_input for hook in head._forward_pre_hooks.values())
     fold_head_input(model)
     try:
         yield
@@ -464,9 +468,8 @@ def fold_head_input(model: nn.Module, on: bool = True) -> bool:
     contiguous or 2-D input (training's full logits). :meth:`SpectralModel.generate
     <s2ft.tuner.model.SpectralModel.generate>` installs it for each call (:func:`head_input_folded`); call this
     for the wrapped model's own ``generate`` or forward. Installing it twice installs it once."""
-    getter = getattr(model, "get_output_embeddings", None)
-    head = getter() if callable(getter) else None
-    if not isinstance(head, nn.Linear):
+    head = _output_head(model)
+    if head is None:
         return False
     hooks = head._forward_pre_hooks  # looked up there (not a kept handle): a deep copy keeps them right
     installed = [key for key, hook in hooks.items() if hook is _contiguous_input]
