@@ -5,9 +5,10 @@ from the code.
   the paths the pages name. The names a page leaves to the reader (``base``, ``batches``, ...: :data:`GIVEN`) are
   given fresh before each block that uses them: a text classifier, or a causal LM on :data:`CAUSAL_PAGES`.
 - ``bash`` blocks: each ``s2ft ...`` command is parsed by the real parser (the subcommand and every option must
-  exist and take those values); each ``python benchmarks/NAME.py`` must name a script; other commands must be
-  known (:data:`KNOWN_COMMANDS`) and are not run. A block marked ``<!-- docs-test: run -->`` runs its ``s2ft``
-  commands too, in a folder holding the tiny models and data files the page names.
+  exist and take those values); each ``python benchmarks/NAME.py`` (or ``bash benchmarks/NAME.sh``) must name a
+  script; other commands must be known (:data:`KNOWN_COMMANDS`) and are not run. A block marked
+  ``<!-- docs-test: run -->`` runs its ``s2ft`` commands too, in a folder holding the tiny models and data files
+  the page names.
 - ``<!-- docs-test: skip: REASON -->`` on the line before a block skips it (CONTRIBUTING.md, Documentation).
 """
 
@@ -327,7 +328,7 @@ def test_shell_commands_exist_and_parse(block, capsys, tmp_path, monkeypatch):
                 raise AssertionError(
                     f"{block}: `{shlex.join(command)}` does not parse: {capsys.readouterr().err.strip()}"
                 ) from None
-        elif command[0] == "python" and command[1].startswith("benchmarks/"):
+        elif command[0] in ("python", "bash") and command[1].startswith("benchmarks/"):
             assert os.path.isfile(os.path.join(ROOT, command[1])), f"{block}: no script {command[1]}"
         else:
             assert any(tuple(command[: len(k)]) == k for k in KNOWN_COMMANDS), (
